@@ -1,0 +1,115 @@
+"""The ``grpo`` command line: train, eval and list recipes, configured with Hydra overrides.
+
+    grpo train recipe=sft_arithmetic trainer.steps=200 output_dir=runs/sft
+    grpo train recipe=sft_arithmetic --print-config
+    grpo eval run=runs/sft
+    grpo eval samples=outputs.jsonl
+    grpo recipes
+
+A mistake in the input (recipe, key, type, file) prints one ``error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+from omegaconf import OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from grpo_cli.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune language models with the DeepSeekMath methods (SFT, RFT, DPO, PPO, GRPO) from YAML recipes.",
+)
+out = Console()
+err = Console(stderr=True, soft_wrap=True)
+EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
+OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides key=value (e.g. trainer.lr=1e-4 lora.enabled=true)")
+
+
+@app.command(context_settings=EXTRA)
+def train(
+    overrides: Optional[List[str]] = OVERRIDES,
+    print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
+) -> None:
+    """Train with a recipe: grpo train recipe=NAME key=value ..."""
+    from grpo_cli.config.compose import compose_run, split_recipe
+
+    recipe, rest = split_recipe(overrides or [])
+    cfg = compose_run(recipe, rest)
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+        return
+    from grpo_cli.trainer.loop import train as run_training
+
+    run_training(cfg)
+
+
+@app.command(name="eval", context_settings=EXTRA)
+def evaluate(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="run=<run dir|model dir|hub name> or samples=<file.jsonl>, then overrides (data=gsm8k eval.limit=100)"
+    ),
+    print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
+) -> None:
+    """Evaluate a run or model (greedy pass@1), or score a JSONL of completions made elsewhere."""
+    from grpo_cli.config.compose import PACKAGE_CONF, compose_file
+    from grpo_cli.evaluate import evaluate_model, inherit_run_config, results_table, score_samples
+
+    args = [_shorthand(a) for a in (overrides or [])]
+    cfg = inherit_run_config(compose_file(PACKAGE_CONF / "eval.yaml", args), args)
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+        return
+    result = score_samples(cfg) if cfg.eval.samples else evaluate_model(cfg)
+    out.print(results_table(result))
+    out.print(f"wrote {result['output_dir']}/eval.json and samples.jsonl")
+
+
+def _shorthand(arg: str) -> str:
+    """``run=X`` and ``samples=X`` are short for ``eval.run=X`` and ``eval.samples=X``."""
+    for key in ("run", "samples", "split", "limit"):
+        if arg.startswith(key + "="):
+            return "eval." + arg
+    return arg
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes found (./recipes, $GRPO_RECIPE_PATH, the packaged ones)."""
+    from grpo_cli.config.compose import list_recipes, recipe_description
+
+    table = Table(title="recipes")
+    table.add_column("recipe", style="bold")
+    table.add_column("description")
+    table.add_column("file", style="dim")
+    for name, path in list_recipes().items():
+        table.add_row(name, recipe_description(path), str(path))
+    out.print(table)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as e:  # the command-line parser's own usage errors (typer vendors click)
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

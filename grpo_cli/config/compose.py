@@ -1,0 +1,146 @@
+"""Compose a run config from a recipe and Hydra overrides, turning Hydra's errors into one line.
+
+Recipes are searched, in order, in ``./recipes``, the directories of ``$GRPO_RECIPE_PATH``
+(colon-separated) and the recipes shipped with the package. Config groups (``model``, ``data``,
+``reward``, ``source``, ``algorithm``) and ``base.yaml`` ship inside the package (``grpo_cli/conf``
+and the structured configs registered in :mod:`grpo_cli.config.store`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from grpo_cli.config import store
+from grpo_cli.errors import UserError, nearest
+
+PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def recipe_dirs() -> List[Path]:
+    """Directories searched for recipes, first match wins."""
+    dirs = [Path.cwd() / "recipes"]
+    dirs += [Path(p) for p in os.environ.get("GRPO_RECIPE_PATH", "").split(":") if p]
+    dirs.append(_packaged_recipes())
+    seen, out = set(), []
+    for d in dirs:
+        if d.is_dir() and d.resolve() not in seen:
+            seen.add(d.resolve())
+            out.append(d)
+    return out
+
+
+def _packaged_recipes() -> Path:
+    try:
+        import grpo_cli.recipes as pkg  # installed wheel: recipes/ is mapped to this package
+
+        return Path(list(pkg.__path__)[0])
+    except ImportError:  # source checkout without install
+        return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def list_recipes() -> Dict[str, Path]:
+    """Recipe name -> file, first directory wins."""
+    found: Dict[str, Path] = {}
+    for d in recipe_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            found.setdefault(f.stem, f)
+    return found
+
+
+def recipe_description(path: Path) -> str:
+    """The recipe's ``description:`` field, read without composing."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        return f"(unreadable: {str(e).splitlines()[0]})"
+    return str(data.get("description", "")) if isinstance(data, dict) else ""
+
+
+def split_recipe(args: Sequence[str], default: Optional[str] = None) -> tuple[str, List[str]]:
+    """Separate ``recipe=NAME`` from the other overrides."""
+    recipe, rest = default, []
+    for a in args:
+        if a.startswith("recipe="):
+            recipe = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if not recipe:
+        raise UserError("missing recipe: pass recipe=NAME (see `grpo recipes`)")
+    return recipe, rest
+
+
+def compose_run(recipe: str, overrides: Sequence[str]) -> DictConfig:
+    """The composed, validated config of ``recipe`` with ``overrides`` applied."""
+    recipes = list_recipes()
+    if recipe not in recipes:
+        raise UserError(f"unknown recipe '{recipe}': {nearest(recipe, recipes)}")
+    cfg = compose_file(recipes[recipe], overrides)
+    cfg.recipe = recipe
+    return cfg
+
+
+def compose_file(path: Path, overrides: Sequence[str]) -> DictConfig:
+    """Compose the primary config at ``path`` (a recipe, or a packaged config) with ``overrides``."""
+    _check_yaml(path)
+    store.register()
+    GlobalHydra.instance().clear()
+    search = f"hydra.searchpath=[file://{PACKAGE_CONF}]"
+    try:
+        with initialize_config_dir(config_dir=str(path.parent.resolve()), version_base=None):
+            cfg = compose(config_name=path.stem, overrides=[search, *overrides])
+    except Exception as e:  # Hydra/OmegaConf raise many types; all are the user's input here
+        raise UserError(explain(e, overrides, path)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def _check_yaml(path: Path) -> None:
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML: {problem}") from None
+
+
+def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
+    """One line for a composition error: which key, what was expected, the nearest valid names."""
+    chain = [err]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    root = chain[-1]
+    msg, key = str(root), getattr(root, "full_key", None)
+    if key and re.search(r"Key '[^']+' not in", msg):
+        return f"unknown config key '{key}': {nearest(key.split('.')[-1], _siblings(key))}"
+    m = re.search(r"Value '([^']*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (\w+))", msg)
+    if key and m:
+        expected = (m.group(2) or m.group(3)).lower()
+        return f"config key '{key}': expected {expected}, got '{m.group(1)}'"
+    m = re.search(r"Could not find '([^']+)/([^']+)'", str(err))
+    if m:
+        group, option = m.group(1), m.group(2)
+        return f"unknown {group} '{option}': {nearest(option, store.group_options(group))}"
+    m = re.search(r"Could not override '([^']+)'", str(err))
+    if m:
+        return f"unknown config key '{m.group(1)}': {nearest(m.group(1).split('.')[-1], _siblings(m.group(1)))}"
+    if type(root).__name__ == "OverrideParseException":
+        return f"cannot parse override ({msg.splitlines()[0]}): expected key=value in Hydra's override grammar"
+    first = msg.strip().splitlines()[0] if msg.strip() else type(root).__name__
+    return f"{path.name}: {first}"
+
+
+def _siblings(key: str) -> List[str]:
+    """Valid field names next to ``key`` in the schema (best effort, for suggestions)."""
+    return store.field_names(key.rsplit(".", 1)[0] if "." in key else "")

@@ -1,0 +1,272 @@
+"""Structured configs: the one place where every config field is documented.
+
+A run is composed by Hydra from a recipe (``recipes/NAME.yaml``) on top of these dataclasses, so an
+unknown key or a wrong type is caught before anything runs. Config groups whose options carry
+different fields (``algorithm``, ``source``, ``reward``) have one dataclass per option; the option is
+picked by the group's name (``algorithm=grpo``) and the dataclass's ``name`` field selects the
+implementation in the matching registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TinyModelConfig:
+    """Architecture of the embedded default model (a randomly initialised Qwen2)."""
+
+    hidden_size: int = 128
+    """Width of the residual stream (H)."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads (query and key/value)."""
+    intermediate_size: int = 512
+    """Width of the MLP."""
+    max_position_embeddings: int = 256
+    """Longest sequence, prompt plus completion, in characters."""
+    seed: int = 0
+    """Seed of the random initialisation, so ``model=tiny`` is the same model on every machine."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy's starting point."""
+
+    name_or_path: str = "tiny"
+    """``tiny`` (the embedded model), a hub name, a local model directory, or a grpo run directory
+    (its latest checkpoint is loaded)."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Architecture used when ``name_or_path=tiny``."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Allow a hub model to run its own Python code. Off: turn on only for repositories you trust."""
+    logprob_backend: str = "fused"
+    """How per-token log-probs are computed: ``fused`` (chunked kernels, never the full [N, V]
+    logits) or ``naive`` (log_softmax over full logits, the reference)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft. Off means full fine-tuning."""
+
+    enabled: bool = False
+    """Train low-rank adapters instead of every weight; the reference is then the adapter disabled."""
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: int = 32
+    """Scaling numerator: the update is ``alpha / r * B @ A``."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that receive adapters."""
+
+
+@dataclass
+class ArithmeticConfig:
+    """The embedded synthetic task: chains of +, -, x with one checkable step per line."""
+
+    num_train: int = 20000
+    """Training problems."""
+    num_test: int = 500
+    """Held-out problems, disjoint from the training ones."""
+    seed: int = 1234
+    """Generator seed: the same seed gives the same problems everywhere."""
+    min_ops: int = 1
+    """Fewest operations in a problem."""
+    max_ops: int = 3
+    """Most operations in a problem (the difficulty knob, with ``digits``)."""
+    digits: int = 2
+    """Operands have up to this many digits."""
+    ops: str = "+-"
+    """Operators drawn from: any of ``+-*``."""
+
+
+@dataclass
+class DataConfig:
+    """Where questions (and reference solutions, for SFT) come from."""
+
+    name: str = "arithmetic"
+    """Loader: ``arithmetic`` (embedded), ``gsm8k`` or ``jsonl`` (any hub dataset or local JSONL/Parquet)."""
+    path: Optional[str] = None
+    """Hub dataset name or local file/directory; unused by ``arithmetic``."""
+    train_split: str = "train"
+    """Split (or file stem) used for training."""
+    test_split: str = "test"
+    """Split (or file stem) used for evaluation."""
+    question_field: str = "question"
+    """Field holding the question."""
+    solution_field: Optional[str] = "answer"
+    """Field holding the reference solution (its last line carries the final answer); None if absent."""
+    answer_field: Optional[str] = None
+    """Field holding the bare final answer; None means: extract it from the solution."""
+    prompt_template: str = "{question}\n"
+    """How a question becomes the prompt; ``{question}`` is replaced."""
+    max_examples: Optional[int] = None
+    """Use only the first N examples of each split."""
+    arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
+    """Settings of the embedded task."""
+
+
+@dataclass
+class RewardConfig:
+    """The reward function (the paper's pi_rf)."""
+
+    name: str = "none"
+    """``none`` (SFT), ``outcome`` (rule: the final answer is right), later learned reward models."""
+    correct: float = 1.0
+    """Reward of a correct final answer."""
+    incorrect: float = 0.0
+    """Reward of a wrong or missing final answer."""
+    timeout_s: float = 2.0
+    """A reward call that takes longer scores ``incorrect`` and is counted."""
+
+
+@dataclass
+class SourceConfig:
+    """The data source (the paper's D): which questions and outputs are trained on."""
+
+    name: str = MISSING
+    """Registered source: ``dataset`` (reference solutions) or ``online`` (sampled from the policy)."""
+
+
+@dataclass
+class DatasetSourceConfig(SourceConfig):
+    name: str = "dataset"
+    shuffle: bool = True
+    """Reshuffle the training set every epoch."""
+
+
+@dataclass
+class OnlineSourceConfig(SourceConfig):
+    name: str = "online"
+    prompts_per_step: int = 8
+    """Questions sampled per step (P); the batch holds P * G completions."""
+    group_size: int = 8
+    """Completions sampled per question (G)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    """The algorithm: turns a batch, its rewards and its log-probs into a loss (the paper's GC)."""
+
+    name: str = MISSING
+    """Registered algorithm name."""
+
+
+@dataclass
+class SFTConfig(AlgorithmConfig):
+    name: str = "sft"
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of completions, shared by online sources and ``grpo eval``."""
+
+    temperature: float = 1.0
+    """Softmax temperature of sampling; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    max_new_tokens: int = 64
+    """Longest completion; longer ones are cut (and usually score incorrect)."""
+    batch_size: int = 64
+    """Sequences generated at once."""
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation, shared by every method."""
+
+    steps: int = 100
+    """Optimiser steps of the whole run (times ``updates_per_batch`` of the algorithm, if any)."""
+    batch_size: int = 32
+    """Sequences per step for offline sources; online sources set P * G themselves."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; each holds batch / grad_accum sequences."""
+    optimizer: str = "adamw"
+    """``adamw`` or ``sgd``."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of AdamW."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW's beta1, beta2."""
+    schedule: str = "cosine"
+    """``constant``, ``linear`` (decay to 0) or ``cosine`` (decay to 10%), after warmup."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to ``lr``."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm; 0 disables clipping."""
+    seed: int = 0
+    """Seed of data order, sampling and initialisation."""
+    device: str = "auto"
+    """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
+    threads: int = 0
+    """CPU threads for torch; 0 keeps torch's default."""
+    save_every: int = 0
+    """Save a checkpoint every N steps; 0 saves only at the end."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (the final one is always kept)."""
+
+
+@dataclass
+class LoggingConfig:
+    """What a run reports."""
+
+    log_every: int = 1
+    """Write a metrics line every N steps."""
+    progress: bool = True
+    """Show the rich progress bar (off in non-interactive runs)."""
+    plot: bool = True
+    """Draw ``curves.png`` at the end."""
+    main_metric: Optional[str] = None
+    """Metric drawn beside the loss; None lets the algorithm choose."""
+
+
+@dataclass
+class EvalConfig:
+    """``grpo eval``: what to evaluate and how."""
+
+    run: Optional[str] = None
+    """A run directory, a checkpoint, a model directory or a hub name to evaluate."""
+    samples: Optional[str] = None
+    """A JSONL file of completions made elsewhere, scored instead of generating."""
+    completion_field: str = "completion"
+    """Field of ``samples`` rows holding the completion."""
+    answer_field: str = "answer"
+    """Field of ``samples`` rows holding the reference answer."""
+    split: str = "test"
+    """``test`` or ``train``: which split of the task to evaluate on."""
+    limit: Optional[int] = None
+    """Evaluate only the first N questions."""
+    output_dir: Optional[str] = None
+    """Where ``eval.json`` and ``samples.jsonl`` go; default: ``<run>/eval`` or ``runs/eval/<timestamp>``."""
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the method triple (source, reward, algorithm) plus model, data and optimisation."""
+
+    recipe: str = ""
+    """Name of the recipe this config came from (set by the CLI)."""
+    description: str = ""
+    """One line shown by ``grpo recipes``."""
+    output_dir: Optional[str] = None
+    """Run directory; default ``runs/<recipe>/<timestamp>``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    source: Any = MISSING
+    algorithm: Any = MISSING
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,18 @@
+"""The unit of every data source: a question with its prompt, reference solution and final answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str
+    """The question as written in the data."""
+    prompt: str
+    """The text given to the model; the completion starts right after it."""
+    solution: Optional[str]
+    """Reference completion (SFT target), one step per line, last line ``#### <answer>``; None if absent."""
+    answer: str
+    """The final answer, as text (compared numerically by the outcome reward)."""

@@ -1,0 +1,127 @@
+"""``grpo eval``: greedy pass@1 of a run or model on a task's split, or scoring of a samples file.
+
+Writes ``eval.json`` (``accuracy`` and counts) and ``samples.jsonl`` (one row per question:
+prompt, completion, extracted answer, reference answer, correct).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from rich.table import Table
+
+from grpo_cli.data import load_examples
+from grpo_cli.errors import UserError
+from grpo_cli.generation import generate
+from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
+from grpo_cli.rewards.answer import answers_match, extract_answer
+from grpo_cli.trainer.loop import pick_device
+from grpo_cli.trainer.run import console
+
+INHERITED = ("data", "rollout")
+"""Sections of a run's config.yaml that ``grpo eval run=<dir>`` reuses unless overridden."""
+
+
+def inherit_run_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Take the task and sampling settings of the run being evaluated, except those overridden."""
+    run = Path(cfg.eval.run) if cfg.eval.run else None
+    saved = run / "config.yaml" if run is not None else None
+    if saved is None or not saved.is_file():
+        return cfg
+    prior = OmegaConf.load(saved)
+    touched = {o.split("=", 1)[0].lstrip("+~").split(".")[0] for o in overrides}
+    for section in INHERITED:
+        if section not in touched and section in prior:
+            cfg[section] = OmegaConf.merge(cfg[section], prior[section])
+    return cfg
+
+
+def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
+    """Greedy pass@1 of ``cfg.eval.run`` on ``cfg.data``'s ``cfg.eval.split``."""
+    if not cfg.eval.run:
+        raise UserError("eval: pass run=<run dir, checkpoint, model dir or hub name> or samples=<file.jsonl>")
+    with open_dict(cfg):
+        cfg.model.name_or_path = cfg.eval.run
+    model, tok, _ = load_model_and_tokenizer(cfg.model)
+    model.to(pick_device(cfg.trainer.device)).eval()
+    examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
+    t0 = time.perf_counter()
+    gens = generate(
+        model, tok, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=0.0, batch_size=cfg.rollout.batch_size,
+    )
+    rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
+    out_dir = eval_output_dir(cfg)
+    result = summarise(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    write_results(out_dir, result, rows)
+    return result
+
+
+def score_row(prompt: str, completion: str, answer: str) -> Dict[str, object]:
+    pred = extract_answer(completion)
+    return {"prompt": prompt, "completion": completion, "extracted": pred, "answer": answer,
+            "correct": bool(answers_match(pred, answer))}
+
+
+def score_samples(cfg: DictConfig) -> Dict[str, object]:
+    """Score a JSONL of completions produced elsewhere with the same verifier."""
+    path = Path(cfg.eval.samples)
+    if not path.is_file():
+        raise UserError(f"eval.samples: no such file '{path}'")
+    rows: List[Dict[str, object]] = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: malformed JSON: {e.msg}") from None
+        for key, field in (("completion_field", cfg.eval.completion_field), ("answer_field", cfg.eval.answer_field)):
+            if not isinstance(obj, dict) or field not in obj:
+                raise UserError(f"{path}:{n}: missing field '{field}' (eval.{key})")
+        rows.append(score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field])))
+    if not rows:
+        raise UserError(f"{path}: no samples")
+    result = summarise(rows, samples=str(path))
+    write_results(eval_output_dir(cfg), result, rows)
+    return result
+
+
+def summarise(rows: List[Dict[str, object]], **info) -> Dict[str, object]:
+    correct = sum(bool(r["correct"]) for r in rows)
+    no_answer = sum(r["extracted"] is None for r in rows)
+    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "no_answer": no_answer, **info}
+
+
+def eval_output_dir(cfg: DictConfig) -> Path:
+    if cfg.eval.output_dir:
+        return Path(cfg.eval.output_dir)
+    if cfg.eval.run and Path(cfg.eval.run).is_dir():
+        return Path(cfg.eval.run) / "eval"
+    return Path("runs") / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def write_results(out: Path, result: Dict[str, object], rows: List[Dict[str, object]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "samples.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["output_dir"] = str(out)
+
+
+def results_table(result: Dict[str, object], title: str = "evaluation") -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key == "output_dir":
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    return table

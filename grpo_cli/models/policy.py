@@ -1,0 +1,117 @@
+"""The policy and its reference, and per-token log-probs of a batch.
+
+Log-probs run the model without its output projection (the decoder gives hidden states [B, T, H])
+and hand the projection to the fused kernel, so the [N, V] logits are never materialised.
+The reference policy pi_ref is the same network with the LoRA adapter disabled (no second copy in
+memory) or, for full fine-tuning, a frozen copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from grpo_cli.models.load import is_peft
+from grpo_cli.trainer.batch import Batch, position_ids
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if is_peft(model) else model
+
+
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply)."""
+    decoder = _unwrap(model).get_decoder()
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+    return out.last_hidden_state
+
+
+def naive_token_logprobs(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
+    """Reference: full logits [N, V], log_softmax, gather. hidden [N, H] -> logp [N] (entropy [N])."""
+    logits = F.linear(hidden, weight, bias).float() / temperature  # [N, V]
+    logp_all = logits.log_softmax(-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    batch: Batch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    backend: str = "fused",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """log pi(o_t | q, o_<t) for every next-token target: logp [B, T-1] (and entropy [B, T-1]).
+
+    Position t of the result scores token t+1 of ``batch.input_ids``; mask with ``batch.target_mask``.
+    """
+    B, T = batch.input_ids.shape
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [B, T-1, H]
+    head = _unwrap(model).get_output_embeddings()
+    flat_h = hidden.reshape(-1, hidden.shape[-1])  # [N, H], N = B * (T-1)
+    targets = batch.input_ids[:, 1:].reshape(-1)  # [N]
+    if backend == "naive":
+        logp, ent = naive_token_logprobs(flat_h, head.weight, head.bias, targets, temperature, with_entropy)
+    else:
+        from grpo_cli.kernels import selected_logprobs
+
+        out = selected_logprobs(
+            flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy
+        )
+        logp, ent = out if with_entropy else (out, None)
+    logp = logp.view(B, T - 1)
+    return logp, None if ent is None else ent.view(B, T - 1)
+
+
+@dataclass
+class Policy:
+    """The model being trained, its tokenizer and its reference."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    frozen_reference: Optional[torch.nn.Module] = None
+    logprob_backend: str = "fused"
+    base_ref: Optional[str] = None
+    """Where the base weights can be reloaded from (adapters of LoRA checkpoints point at it)."""
+
+    @classmethod
+    def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None) -> "Policy":
+        """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked."""
+        ref = None
+        if keep_reference and not is_peft(model):
+            ref = copy.deepcopy(model).eval()
+            ref.requires_grad_(False)
+        return cls(model, tokenizer, ref, logprob_backend, base_ref)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def logprobs(self, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False):
+        return token_logprobs(
+            self.model, batch, temperature=temperature, with_entropy=with_entropy, backend=self.logprob_backend
+        )
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """Yields the module that computes pi_ref: the adapter-disabled policy or the frozen copy."""
+        if is_peft(self.model):
+            with self.model.disable_adapter():
+                yield self.model
+        elif self.frozen_reference is not None:
+            yield self.frozen_reference
+        else:
+            raise RuntimeError("this algorithm needs a reference model, but none was kept")
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
+        with self.reference() as ref:
+            return token_logprobs(ref, batch, temperature=temperature, backend=self.logprob_backend)[0]

@@ -1,0 +1,1 @@
+"""The shared trainer: batches, data sources, the loop, the run directory."""

@@ -1,0 +1,98 @@
+"""The batch every stage of the loop passes on: token tensors, texts, rewards, algorithm tensors.
+
+Sequences are left-padded: ``input_ids[b] = [pad.., prompt.., completion.., (eos)]``. Position ids
+come from the attention mask, so left padding never shifts a position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens
+    completion_mask: torch.Tensor  # [B, T] 1 on completion tokens (the ones trained on)
+    prompts: List[str]
+    completions: List[str]
+    answers: List[str]
+    group: torch.Tensor  # [B] long: sequences with the same id answer the same prompt
+    rewards: Optional[torch.Tensor] = None  # [B] outcome reward of each completion
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-sequence tensors added by the algorithm's ``prepare`` (old/ref log-probs, advantages...),
+    each with B as its first dimension so they split with the batch."""
+    totals: Dict[str, float] = field(default_factory=dict)
+    """Whole-batch counts (sequences, completion tokens) so a micro-batch loss normalises like the
+    full batch: the micro-batch losses then simply add up."""
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """[B, T-1] mask of the targets of next-token log-probs (position t predicts token t+1)."""
+        return self.completion_mask[:, 1:].to(torch.float32)
+
+    def select(self, idx: Sequence[int]) -> "Batch":
+        index = torch.as_tensor(list(idx), dtype=torch.long)
+        pick = lambda xs: [xs[i] for i in index.tolist()]  # noqa: E731
+        return replace(
+            self,
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            completion_mask=self.completion_mask[index],
+            prompts=pick(self.prompts),
+            completions=pick(self.completions),
+            answers=pick(self.answers),
+            group=self.group[index],
+            rewards=None if self.rewards is None else self.rewards[index],
+            tensors={k: v[index] for k, v in self.tensors.items()},
+            totals=dict(self.totals),
+        )
+
+    def micro_batches(self, n: int) -> List["Batch"]:
+        """Split into ``n`` contiguous micro-batches (groups stay together when B is a multiple of n*G)."""
+        size = -(-len(self) // n)
+        return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
+
+    def with_totals(self) -> "Batch":
+        self.totals = {"sequences": float(len(self)), "tokens": float(self.target_mask.sum().clamp(min=1))}
+        return self
+
+    def to(self, device: torch.device) -> "Batch":
+        return replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            completion_mask=self.completion_mask.to(device),
+            group=self.group.to(device),
+            rewards=None if self.rewards is None else self.rewards.to(device),
+            tensors={k: v.to(device) for k, v in self.tensors.items()},
+        )
+
+
+def pack(
+    prompt_ids: List[List[int]], completion_ids: List[List[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompt+completion pairs into ``input_ids, attention_mask, completion_mask`` [B, T]."""
+    lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    T = max(lengths)
+    B = len(lengths)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    comp = torch.zeros((B, T), dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        start = T - len(p) - len(c)
+        ids[b, start:] = torch.tensor(p + c, dtype=torch.long)
+        attn[b, start:] = 1
+        comp[b, start + len(p):] = 1
+    return ids, attn, comp
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions counted from each row's first real token (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -1,0 +1,39 @@
+"""Optimiser and learning-rate schedule (linear warmup, then constant, linear or cosine decay)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from grpo_cli.errors import UserError
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimiser step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "constant":
+        return 1.0
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":  # decays to 10% of the peak
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise UserError(f"trainer.schedule: expected constant, linear or cosine, got '{schedule}'")
+
+
+def build_optimizer(model: torch.nn.Module, cfg, updates_per_batch: int):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        raise UserError(f"trainer.optimizer: expected adamw or sgd, got '{cfg.optimizer}'")
+    total = cfg.steps * updates_per_batch
+    lr_factor(0, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule)  # validate the name now
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=total, schedule=cfg.schedule)
+    )
+    return opt, sched

@@ -1,0 +1,86 @@
+"""Data sources (the paper's D): what each step trains on.
+
+``dataset``: reference solutions from the data (SFT). Online sources that sample from the live
+policy register here too. Every source returns a :class:`Batch` from ``next_batch(policy)``.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Dict, List, Type
+
+import torch
+
+from grpo_cli.data.types import Example
+from grpo_cli.errors import UserError, nearest
+from grpo_cli.trainer.batch import Batch, pack
+
+SOURCES: Dict[str, Type] = {}
+
+
+def register_source(name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        SOURCES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_source(cfg: Any, **kwargs) -> Any:
+    if cfg.name not in SOURCES:
+        raise UserError(f"source.name: unknown source '{cfg.name}': {nearest(cfg.name, SOURCES)}")
+    return SOURCES[cfg.name](cfg, **kwargs)
+
+
+def context_length(policy) -> int:
+    return int(getattr(policy.model.config, "max_position_embeddings", 10**9))
+
+
+@register_source("dataset")
+class DatasetSource:
+    """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step."""
+
+    provides_rewards = False
+
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int):
+        tok = policy.tokenizer
+        limit = context_length(policy)
+        self.rows = []
+        for ex in examples:
+            if ex.solution is None:
+                continue
+            p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+            c = tok(ex.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            if len(p) + len(c) <= limit:
+                self.rows.append((ex, p, c))
+        if not self.rows:
+            raise UserError(
+                f"data: no training example has a solution that fits the model's context of {limit} tokens"
+            )
+        self.skipped = len(examples) - len(self.rows)
+        self.pad_id, self.batch_size, self.shuffle = tok.pad_token_id, batch_size, cfg.shuffle
+        self.rng = random.Random(seed)
+        self.order: List[int] = []
+
+    def _next_indices(self) -> List[int]:
+        out = []
+        while len(out) < self.batch_size:
+            if not self.order:
+                self.order = list(range(len(self.rows)))
+                if self.shuffle:
+                    self.rng.shuffle(self.order)
+            out.append(self.order.pop())
+        return out
+
+    def next_batch(self, policy) -> Batch:
+        rows = [self.rows[i] for i in self._next_indices()]
+        ids, attn, comp = pack([r[1] for r in rows], [r[2] for r in rows], self.pad_id)
+        return Batch(
+            input_ids=ids,
+            attention_mask=attn,
+            completion_mask=comp,
+            prompts=[r[0].prompt for r in rows],
+            completions=[r[0].solution for r in rows],
+            answers=[r[0].answer for r in rows],
+            group=torch.arange(len(rows)),
+        )
