@@ -7,6 +7,7 @@ is greedy decoding.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -37,6 +38,11 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _cache_kwarg(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.x); pass whichever forward takes."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
     device = next(model.parameters()).device
@@ -47,6 +53,7 @@ def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temper
         ids[b, T0 - len(p):] = torch.tensor(p, device=device)
         attn[b, T0 - len(p):] = 1
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
+    cache_arg = _cache_kwarg(model)
     past, logits = out.past_key_values, out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     new_tokens = []
@@ -59,7 +66,7 @@ def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temper
             break
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = attn.sum(-1, keepdim=True) - 1  # [B, 1] position of the token fed now
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
         past, logits = out.past_key_values, out.logits[:, -1]
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 

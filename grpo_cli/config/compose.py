@@ -102,6 +102,9 @@ def compose_file(path: Path, overrides: Sequence[str]) -> DictConfig:
         GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.pop("hydra", None)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{path.name}: config key '{missing[0]}' is required (it is ???): pass {missing[0]}=...")
     return cfg
 
 

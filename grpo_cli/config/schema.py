@@ -79,13 +79,13 @@ class ArithmeticConfig:
     """Held-out problems, disjoint from the training ones."""
     seed: int = 1234
     """Generator seed: the same seed gives the same problems everywhere."""
-    min_ops: int = 1
+    min_ops: int = 2
     """Fewest operations in a problem."""
-    max_ops: int = 3
-    """Most operations in a problem (the difficulty knob, with ``digits``)."""
-    digits: int = 2
-    """Operands have up to this many digits."""
-    ops: str = "+-"
+    max_ops: int = 4
+    """Most operations in a problem (the difficulty knob, with ``digits`` and ``ops``)."""
+    digits: int = 1
+    """Operands have up to this many digits (intermediate results grow past it: 7*8=56, 56*9=504)."""
+    ops: str = "+-*"
     """Operators drawn from: any of ``+-*``."""
 
 
@@ -164,6 +164,26 @@ class AlgorithmConfig:
 @dataclass
 class SFTConfig(AlgorithmConfig):
     name: str = "sft"
+
+
+@dataclass
+class GRPOConfig(AlgorithmConfig):
+    """Group Relative Policy Optimisation (DeepSeekMath eq. 3); defaults are the paper's form."""
+
+    name: str = "grpo"
+    beta: float = 0.04
+    """Weight of the k3 KL penalty against pi_ref, in the loss (not the reward)."""
+    eps: float = 0.2
+    """Clip range of the ratio pi_theta / pi_old: [1 - eps, 1 + eps_high]."""
+    eps_high: Optional[float] = None
+    """Upper clip (DAPO's clip-higher); None means eps."""
+    mu: int = 1
+    """Policy updates per batch of rollouts; with 1, pi_old is pi_theta and the ratio is exactly 1."""
+    aggregation: str = "sequence"
+    """``sequence`` (paper: 1/G sum_i 1/|o_i| sum_t), ``token`` (DAPO: token mean over the batch),
+    ``constant`` (Dr. GRPO: divide by sequences x rollout.max_new_tokens)."""
+    scale_rewards: bool = True
+    """Divide by the group's reward std (paper); False is Dr. GRPO's mean-centering only."""
 
 
 @dataclass

@@ -31,8 +31,6 @@ import triton.language as tl
 
 # Bytes of one backward dL/dz chunk [rows, V] on the GPU.
 GRAD_CHUNK_BYTES = 256 * 1024 * 1024
-# Large negative start for the running max: -inf would make (m_old - m_new) * 0 a NaN.
-_NEG_BIG = -1.0e30
 
 
 @triton.jit
@@ -46,7 +44,8 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_
         mask_k = offs_k < H
         h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_k[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_ptr + offs_v[None, :] * stride_w + offs_k[:, None],
+        # int64 row offsets: V * H can exceed 2**31 elements for large vocabularies.
+        wt = tl.load(w_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_k[:, None],
                      mask=mask_v[None, :] & mask_k[:, None], other=0.0)
         acc = tl.dot(h, wt, acc, input_precision=DOT_PRECISION)
     acc = acc * inv_temp
@@ -69,6 +68,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, m_ptr, s_ptr, s2_ptr, zt_ptr, N, V
     ids = tl.load(ids_ptr + offs_n, mask=mask_n, other=-1)
     v_start = pid_s * cols_per_split
     v_stop = tl.minimum(v_start + cols_per_split, V)
+    # Finite start for the running max: with -inf, (m - m_new) * s would be -inf * 0 = NaN.
     m = tl.full([BLOCK_N], -1.0e30, dtype=tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     s2 = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -121,7 +121,7 @@ def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, lse_ptr, ent_ptr, glp_ptr,
         g_ent = tl.load(gent_ptr + offs_n, mask=mask_n, other=0.0)
         ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
         g -= g_ent[:, None] * p * (logp + ent[:, None])
-    ptrs = out_ptr + offs_n[:, None] * V + offs_v[None, :]
+    ptrs = out_ptr + offs_n[:, None].to(tl.int64) * V + offs_v[None, :]
     tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
@@ -218,10 +218,14 @@ def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, 
         if grad_h is not None:
             torch.mm(g, weight, out=grad_h[r0:r1])
             grad_h[r0:r1] *= inv_temp
-        if grad_w is not None:
+        if grad_w is None:
+            pass
+        elif g.dtype == torch.float32:
+            grad_w.addmm_(g.T, hidden[r0:r1])
+        else:  # half-precision GEMM, then accumulate across chunks in fp32
             grad_w += (g.T @ hidden[r0:r1]).float()
         if grad_b is not None:
-            grad_b += g.float().sum(0)
+            grad_b += g.sum(0, dtype=torch.float32)
     if grad_w is not None:
         grad_w = (grad_w * inv_temp).to(weight.dtype)
     if grad_b is not None:

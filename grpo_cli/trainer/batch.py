@@ -27,7 +27,10 @@ class Batch:
     each with B as its first dimension so they split with the batch."""
     totals: Dict[str, float] = field(default_factory=dict)
     """Whole-batch counts (sequences, completion tokens) so a micro-batch loss normalises like the
-    full batch: the micro-batch losses then simply add up."""
+    full batch: the micro-batch losses then simply add up. Sources may add settings the loss needs
+    (``temperature`` of sampling, ``max_tokens`` of a completion)."""
+    stats: Dict[str, float] = field(default_factory=dict)
+    """Batch-level metrics (source: accuracy, lengths; prepare: rewards, advantages) for the log."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -60,7 +63,7 @@ class Batch:
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
     def with_totals(self) -> "Batch":
-        self.totals = {"sequences": float(len(self)), "tokens": float(self.target_mask.sum().clamp(min=1))}
+        self.totals.update(sequences=float(len(self)), tokens=float(self.target_mask.sum().clamp(min=1)))
         return self
 
     def to(self, device: torch.device) -> "Batch":

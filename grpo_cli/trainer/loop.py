@@ -138,7 +138,7 @@ def train(cfg: DictConfig) -> Path:
                 metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm)
             tokens += int(batch.attention_mask.sum())
             row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": tokens,
-                   "seconds": round(time.perf_counter() - t_start, 3), **metrics, **timers.seconds}
+                   "seconds": round(time.perf_counter() - t_start, 3), **batch.stats, **metrics, **timers.seconds}
             if step % cfg.logging.log_every == 0 or step == cfg.trainer.steps:
                 log.write(row)
             bar.update(step, row)

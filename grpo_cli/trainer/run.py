@@ -4,6 +4,9 @@
     <run>/metrics.jsonl         one JSON object per logged step
     <run>/checkpoints/step_N/   periodic checkpoints (last K kept); checkpoints/final/ at the end
     <run>/curves.png            loss and the method's main metric
+
+Runs without an ``output_dir`` go to ``runs/<recipe>/<timestamp>``, and ``runs/<recipe>/latest``
+points at the newest, so a recipe can start from another's latest run.
 """
 
 from __future__ import annotations
@@ -30,8 +33,15 @@ def default_run_dir(recipe: str) -> Path:
 
 
 def create_run_dir(cfg: DictConfig) -> Path:
+    """Make the run directory; a default one is also linked as ``runs/<recipe>/latest``."""
     run = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(cfg.recipe)
     run.mkdir(parents=True, exist_ok=True)
+    if not cfg.output_dir:
+        latest = run.parent / "latest"
+        if latest.is_symlink():
+            latest.unlink()
+        if not latest.exists():
+            latest.symlink_to(run.name, target_is_directory=True)
     with open_dict(cfg):
         cfg.output_dir = str(run)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

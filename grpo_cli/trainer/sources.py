@@ -84,3 +84,61 @@ class DatasetSource:
             answers=[r[0].answer for r in rows],
             group=torch.arange(len(rows)),
         )
+
+
+@register_source("online")
+class OnlineSource:
+    """P questions per step, G completions each, sampled from the live policy (pi_old = pi_theta now).
+
+    Token ids go straight from the sampler into the batch (never re-tokenised), so the trained
+    tokens are exactly the sampled ones. Logs ``accuracy`` (the answer rule, whatever the reward)
+    and ``completion_length``.
+    """
+
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int):
+        limit = context_length(policy) - rollout.max_new_tokens
+        tok = policy.tokenizer
+        self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+        if not self.examples:
+            raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
+        self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
+        if self.G < 2:
+            raise UserError(f"source.group_size: a group needs at least 2 completions, got {self.G}")
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order: List[int] = []
+
+    def _next_examples(self) -> List[Example]:
+        out = []
+        while len(out) < self.P:
+            if not self.order:
+                self.order = list(range(len(self.examples)))
+                self.rng.shuffle(self.order)
+            out.append(self.examples[self.order.pop()])
+        return out
+
+    def next_batch(self, policy) -> Batch:
+        from grpo_cli.generation import generate
+        from grpo_cli.rewards.answer import answers_match, extract_answer
+
+        questions = self._next_examples()
+        chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
+        r = self.rollout
+        gens = generate(
+            policy.model, policy.tokenizer, [ex.prompt for ex in chosen], max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size, generator=self.generator,
+        )
+        ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
+        correct = [answers_match(extract_answer(g.text), ex.answer) for g, ex in zip(gens, chosen)]
+        batch = Batch(
+            input_ids=ids, attention_mask=attn, completion_mask=comp,
+            prompts=[ex.prompt for ex in chosen], completions=[g.text for g in gens],
+            answers=[ex.answer for ex in chosen], group=torch.arange(self.P).repeat_interleave(self.G),
+        )
+        batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
+        batch.stats.update(
+            accuracy=sum(correct) / len(correct),
+            completion_length=sum(len(g.completion_ids) for g in gens) / len(gens),
+            truncated=sum(not g.finished for g in gens) / len(gens),
+        )
+        return batch

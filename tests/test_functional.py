@@ -1,0 +1,114 @@
+"""The algorithms' math against hand-computed values (arithmetic in the comments)."""
+
+import math
+
+import pytest
+import torch
+
+from grpo_cli.algorithms import functional as F
+from grpo_cli.algorithms.sft import sft_loss
+
+
+def test_sft_loss_hand_value():
+    # completion tokens have log-probs -1 and -3 (the prompt's -5 is masked out):
+    # loss = -(-1 + -3) / 2 = 2
+    logp = torch.tensor([[-5.0, -1.0, -3.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    assert sft_loss(logp, mask, total_tokens=2.0).item() == pytest.approx(2.0)
+
+
+def test_group_advantages_hand_values():
+    # group 0: rewards [1, 0, 0, 1]: mean 0.5, sample std sqrt((4 * 0.25) / 3) = 0.57735
+    #          -> advantages [+0.8660, -0.8660, -0.8660, +0.8660]
+    # group 1: rewards [1, 1, 1, 1]: std 0 -> no signal, advantages 0 (not NaN)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    group = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    adv = F.group_advantages(rewards, group)
+    a = 0.5 / math.sqrt(1.0 / 3.0)
+    assert torch.allclose(adv, torch.tensor([a, -a, -a, a, 0, 0, 0, 0]), atol=1e-5)
+    assert not torch.isnan(adv).any()
+
+
+def test_group_advantages_interleaved_groups_and_no_scaling():
+    # groups need not be contiguous; scale=False (Dr. GRPO) only centres:
+    # group 7: [2, 0] mean 1 -> [1, -1];  group 3: [3, 1, 2] mean 2 -> [1, -1, 0]
+    rewards = torch.tensor([2.0, 3.0, 0.0, 1.0, 2.0])
+    group = torch.tensor([7, 3, 7, 3, 3])
+    adv = F.group_advantages(rewards, group, scale=False)
+    assert torch.allclose(adv, torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0]))
+
+
+def test_k3_kl_hand_values():
+    # log(pi_ref/pi) = log 2: 2 - log 2 - 1 = 0.30685;  equal probabilities: 1 - 0 - 1 = 0
+    logp = torch.tensor([math.log(0.25), math.log(0.5)])
+    ref = torch.tensor([math.log(0.5), math.log(0.5)])
+    kl = F.k3_kl(logp, ref)
+    assert torch.allclose(kl, torch.tensor([2 - math.log(2) - 1, 0.0]), atol=1e-6)
+    assert (F.k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()  # always non-negative
+
+
+def test_clipped_surrogate_positive_and_negative_advantages():
+    # ratio = e^(logp - old): [e^0.5 = 1.6487, e^-0.5 = 0.6065, 1.1052]; eps = 0.2
+    # A = +1, ratio 1.6487: min(1.6487, 1.2)  = 1.2     (clipped: no gradient beyond 1 + eps)
+    # A = -1, ratio 0.6065: min(-0.6065, -0.8) = -0.8   (clipped at 1 - eps)
+    # A = +2, ratio 1.1052: min(2.2103, 2.2103) = 2.2103 (inside the range)
+    logp = torch.tensor([0.5, -0.5, 0.1])
+    old = torch.zeros(3)
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    obj, clipped = F.clipped_surrogate(logp, old, adv, eps_low=0.2, eps_high=0.2)
+    assert torch.allclose(obj, torch.tensor([1.2, -0.8, 2 * math.exp(0.1)]), atol=1e-5)
+    assert clipped.tolist() == [True, True, False]
+
+
+def test_clip_higher_only_widens_the_upper_side():
+    # ratio e^0.22 = 1.2461 with A = 1: eps_high 0.28 leaves it unclipped, eps 0.2 clips to 1.2
+    logp, old, adv = torch.tensor([0.22]), torch.zeros(1), torch.ones(1)
+    assert F.clipped_surrogate(logp, old, adv, eps_low=0.2, eps_high=0.28)[0].item() == pytest.approx(math.exp(0.22))
+    assert F.clipped_surrogate(logp, old, adv, eps_low=0.2, eps_high=0.2)[0].item() == pytest.approx(1.2)
+
+
+def test_grpo_loss_gradient_wrt_logprobs():
+    # Unclipped token, ratio 1 (mu = 1: old = logp), A = 0.5, beta = 0.1, pi_ref/pi = e^-1:
+    # d/dlogp of -(ratio * A - beta * (e^(ref-logp) - (ref-logp) - 1))
+    #   = -(A) + beta * (-e^(ref-logp) + 1) = -0.5 + 0.1 * (1 - 0.36788) = -0.43679
+    # i.e. -GC with GC = A + beta * (pi_ref/pi - 1) = 0.5 + 0.1 * (0.36788 - 1) = 0.43679
+    logp = torch.tensor([[-1.0]], requires_grad=True)
+    ref = torch.tensor([[-2.0]])
+    loss, parts = F.grpo_token_loss(logp, logp.detach(), ref, torch.tensor([[0.5]]), beta=0.1, eps_low=0.2, eps_high=0.2)
+    loss.sum().backward()
+    gc = 0.5 + 0.1 * (math.exp(-1.0) - 1)
+    assert logp.grad.item() == pytest.approx(-gc, abs=1e-6)
+    assert parts["gc"].item() == pytest.approx(gc, abs=1e-6)
+
+
+def test_clipped_token_passes_only_the_kl_gradient():
+    # ratio e^0.5 > 1.2 with A = 1: the surrogate is the constant 1.2; only the KL term's
+    # gradient remains: beta * (1 - pi_ref/pi) = 0.1 * (1 - e^0) = 0 with ref = logp.
+    logp = torch.tensor([[0.5]], requires_grad=True)
+    loss, _ = F.grpo_token_loss(logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1), beta=0.1, eps_low=0.2, eps_high=0.2)
+    loss.sum().backward()
+    assert logp.grad.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_aggregation_modes_with_ragged_lengths():
+    # sequence 0 has 1 token (loss 4), sequence 1 has 3 tokens (losses 1, 2, 3)
+    # sequence (paper): (4/1 + 6/3) / 2 = 3
+    # token (DAPO):     (4 + 6) / 4 = 2.5
+    # constant (Dr. GRPO, max 5 tokens): 10 / (2 * 5) = 1
+    x = torch.tensor([[4.0, 9.0, 9.0], [1.0, 2.0, 3.0]])
+    m = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    kw = dict(total_sequences=2.0, total_tokens=4.0, max_tokens=5.0)
+    assert F.aggregate(x, m, mode="sequence", **kw).item() == pytest.approx(3.0)
+    assert F.aggregate(x, m, mode="token", **kw).item() == pytest.approx(2.5)
+    assert F.aggregate(x, m, mode="constant", **kw).item() == pytest.approx(1.0)
+
+
+def test_micro_batch_losses_add_up_to_the_full_batch():
+    # Normalising by whole-batch totals makes the split exact for every aggregation.
+    torch.manual_seed(0)
+    x, m = torch.rand(6, 5), (torch.rand(6, 5) > 0.3).float()
+    kw = dict(total_sequences=6.0, total_tokens=float(m.sum()), max_tokens=5.0)
+    for mode in ("sequence", "token", "constant"):
+        full = F.aggregate(x, m, mode=mode, **kw)
+        parts = F.aggregate(x[:2], m[:2], mode=mode, **kw) + F.aggregate(x[2:], m[2:], mode=mode, **kw)
+        assert torch.allclose(full, parts)

@@ -1,0 +1,315 @@
+"""Selected-token log-prob kernels against the float64 materialising oracle.
+
+Shapes: N tokens, H hidden size, V vocabulary size. Shapes are deliberately odd (N not a multiple
+of the row chunk, V not a multiple of the vocabulary tile) so the tile edges are exercised.
+The Triton backend runs under TRITON_INTERPRET=1 on CPU; it is skipped when triton is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from grpo_cli.kernels import reference_selected_logprobs, selected_logprobs
+from grpo_cli.kernels import fused
+from grpo_cli.kernels.dispatch import resolve_backend
+
+ATOL = RTOL = 1e-5
+IGNORE = -100
+
+
+def make_inputs(n=37, h=24, v=101, *, seed=0, bias=True, masked=(3, 10), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g)
+    weight = torch.randn(v, h, generator=g) * 0.3
+    b = torch.randn(v, generator=g) if bias else None
+    ids = torch.randint(0, v, (n,), generator=g)
+    ids[list(masked)] = IGNORE
+    g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), ids=ids, g_lp=g_lp,
+                g_ent=g_ent)
+
+
+def run(fn, inp, *, dtype=None, train_w=True, with_entropy=True, use_ent_grad=True, **kw):
+    """Forward + backward of sum(g_lp * logp) (+ sum(g_ent * entropy)); returns values and grads."""
+    leaves = {k: inp[k].detach().to(dtype or inp[k].dtype) for k in ("hidden", "weight")}
+    leaves["bias"] = None if inp["bias"] is None else inp["bias"].detach().to(
+        dtype or inp["bias"].dtype)
+    leaves["hidden"].requires_grad_()
+    leaves["weight"].requires_grad_(train_w)
+    if leaves["bias"] is not None:
+        leaves["bias"].requires_grad_(train_w)
+    out = fn(leaves["hidden"], leaves["weight"], inp["ids"], bias=leaves["bias"],
+             temperature=0.7, with_entropy=with_entropy, **kw)
+    logp, ent = out if with_entropy else (out, None)
+    loss = (logp * inp["g_lp"].to(logp.dtype)).sum()
+    if ent is not None and use_ent_grad:
+        loss = loss + (ent * inp["g_ent"].to(ent.dtype)).sum()
+    loss.backward()
+    grads = {k: (None if t is None or t.grad is None else t.grad) for k, t in leaves.items()}
+    return logp.detach(), (None if ent is None else ent.detach()), grads
+
+
+def assert_matches(actual, expected, atol=ATOL, rtol=RTOL):
+    a_lp, a_ent, a_gr = actual
+    e_lp, e_ent, e_gr = expected
+    assert a_lp.dtype == torch.float32
+    torch.testing.assert_close(a_lp.double(), e_lp.double(), atol=atol, rtol=rtol)
+    if e_ent is not None:
+        assert a_ent.dtype == torch.float32
+        torch.testing.assert_close(a_ent.double(), e_ent.double(), atol=atol, rtol=rtol)
+    for name, e in e_gr.items():
+        if e is None:
+            assert a_gr[name] is None, f"{name} must get no gradient"
+        else:
+            torch.testing.assert_close(a_gr[name].double(), e.double(), atol=atol, rtol=rtol,
+                                       msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def oracle(inp, **kw):
+    return run(reference_selected_logprobs, inp, dtype=torch.float64, **kw)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Vocabulary tiles of 17 columns: V=101 is not a multiple, so the ragged last tile runs."""
+    monkeypatch.setattr(fused, "DEFAULT_COLS", 17)
+
+
+def test_reference_agrees_with_cross_entropy():
+    inp = make_inputs(bias=False)
+    logits = inp["hidden"].double() @ inp["weight"].double().T / 0.7
+    expected = -torch.nn.functional.cross_entropy(logits, inp["ids"], reduction="none",
+                                                  ignore_index=IGNORE)
+    logp = reference_selected_logprobs(inp["hidden"].double(), inp["weight"].double(), inp["ids"],
+                                       temperature=0.7)
+    torch.testing.assert_close(logp, expected)
+    assert (logp[[3, 10]] == 0).all()
+
+
+@pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("chunk_size", [8, None], ids=["chunk8", "chunk-default"])
+def test_torch_matches_oracle(small_tiles, train_w, bias, chunk_size):
+    inp = make_inputs(bias=bias)
+    expected = oracle(inp, train_w=train_w)
+    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=chunk_size)
+    assert_matches(actual, expected)
+
+
+@pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])
+def test_torch_entropy_unused_or_absent(small_tiles, train_w):
+    """Entropy returned but detached (metric only), and no entropy at all: logp grads unchanged."""
+    inp = make_inputs()
+    expected = oracle(inp, train_w=train_w, use_ent_grad=False)
+    actual = run(selected_logprobs, inp, train_w=train_w, use_ent_grad=False, backend="torch",
+                 chunk_size=8)
+    assert_matches(actual, expected)
+    lp_only = run(selected_logprobs, inp, train_w=train_w, with_entropy=False, backend="torch")
+    assert_matches(lp_only, (expected[0], None, expected[2]))
+
+
+def test_torch_entropy_gradient_alone(small_tiles):
+    """Only the entropy reaches the loss: the backward runs with no log-prob gradient."""
+    inp = make_inputs()
+    inp["g_lp"] = torch.zeros_like(inp["g_lp"])
+    h = inp["hidden"].clone().requires_grad_()
+    _, ent = selected_logprobs(h, inp["weight"], inp["ids"], bias=inp["bias"], temperature=0.7,
+                               with_entropy=True, backend="torch", chunk_size=8)
+    (ent * inp["g_ent"]).sum().backward()
+    expected = oracle(inp, train_w=False)
+    torch.testing.assert_close(h.grad.double(), expected[2]["hidden"], atol=ATOL, rtol=RTOL)
+
+
+def test_ignore_index_rows_are_zero_and_get_no_gradient():
+    inp = make_inputs(masked=(0, 5, 36))
+    logp, ent, grads = run(selected_logprobs, inp, backend="torch", chunk_size=8)
+    masked = torch.tensor([0, 5, 36])
+    assert (logp[masked] == 0).all() and (ent[masked] == 0).all()
+    assert (grads["hidden"][masked] == 0).all()
+    assert (grads["hidden"].abs().sum(1) > 0).sum() == 37 - 3
+
+
+def test_all_rows_masked():
+    inp = make_inputs(masked=tuple(range(37)))
+    logp, ent, grads = run(selected_logprobs, inp, backend="torch")
+    assert (logp == 0).all() and (ent == 0).all()
+    assert (grads["hidden"] == 0).all() and (grads["weight"] == 0).all()
+
+
+def test_bfloat16_inputs():
+    inp = make_inputs(bias=False)
+    expected = oracle(inp)
+    logp, ent, grads = run(selected_logprobs, inp, dtype=torch.bfloat16, backend="torch")
+    assert grads["hidden"].dtype == grads["weight"].dtype == torch.bfloat16
+    # Inputs were rounded to bf16, so compare loosely; the maths itself stays fp32.
+    assert_matches((logp, ent, grads), expected, atol=0.05, rtol=0.02)
+
+
+def test_no_grad_path_and_leading_dims():
+    inp = make_inputs(n=36)
+    expected = oracle(inp)
+    with torch.no_grad():
+        logp, ent = selected_logprobs(inp["hidden"].view(4, 9, -1), inp["weight"],
+                                      inp["ids"].view(4, 9), bias=inp["bias"], temperature=0.7,
+                                      with_entropy=True, backend="torch")
+    assert logp.shape == (4, 9) and not logp.requires_grad
+    torch.testing.assert_close(logp.reshape(-1).double(), expected[0], atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(ent.reshape(-1).double(), expected[1], atol=ATOL, rtol=RTOL)
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest tensor any aten op returns (forward and backward alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backend,materialises", [("reference", True), ("torch", False)])
+def test_full_logits_never_materialised(monkeypatch, backend, materialises):
+    monkeypatch.setattr(fused, "TILE_ELEMENTS", 64 * 128)
+    monkeypatch.setattr(fused, "DEFAULT_COLS", 128)
+    n, v = 256, 1000
+    inp = make_inputs(n=n, h=16, v=v, masked=())
+    with _LargestOutput() as probe:
+        run(selected_logprobs, inp, backend=backend)
+    assert (probe.largest >= n * v) == materialises, probe.largest
+
+
+def test_input_errors_and_backend_resolution():
+    inp = make_inputs()
+    with pytest.raises(ValueError, match="backend"):
+        selected_logprobs(inp["hidden"], inp["weight"], inp["ids"], backend="cuda")
+    bad = inp["ids"].clone()
+    bad[0] = 101
+    with pytest.raises(IndexError):
+        selected_logprobs(inp["hidden"], inp["weight"], bad, backend="torch")
+    with pytest.raises(ValueError, match="token_ids"):
+        selected_logprobs(inp["hidden"], inp["weight"], inp["ids"][:5])
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    lp = selected_logprobs(inp["hidden"], inp["weight"], inp["ids"], backend="reference")
+    assert lp.dtype == torch.float32 and lp.shape == (37,)
+
+
+@pytest.fixture(scope="module")
+def triton_device():
+    """Device for the in-process Triton tests: CUDA, or the CPU interpreter when this process
+    started with TRITON_INTERPRET=1 (it must be set before triton is first imported, and torch
+    imports triton whenever torch._dynamo loads, so on CPU the parent run delegates these tests
+    to a child process: see test_triton_backend_under_interpreter)."""
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)")
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU: runs in the TRITON_INTERPRET=1 child of "
+                    "test_triton_backend_under_interpreter")
+    return "cpu"
+
+
+def _on(device, inp):
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in inp.items()}
+
+
+def _cpu(result):
+    lp, ent, grads = result
+    return (lp.cpu(), None if ent is None else ent.cpu(),
+            {k: None if g is None else g.cpu() for k, g in grads.items()})
+
+
+@pytest.mark.parametrize("train_w,bias", [(True, True), (False, False)],
+                         ids=["head-trainable-bias", "head-frozen"])
+def test_triton_matches_oracle(triton_device, train_w, bias):
+    inp = make_inputs(bias=bias)
+    expected = oracle(inp, train_w=train_w)
+    actual = run(selected_logprobs, _on(triton_device, inp), train_w=train_w, backend="triton",
+                 chunk_size=20)
+    assert_matches(_cpu(actual), expected)
+
+
+def test_triton_half_precision_entropy_unused(triton_device):
+    # The interpreter cannot do bf16 tl.dot (triton-lang/triton#11584), so fp16 stands in for
+    # half precision on CPU; the bf16 build is checked by test_triton_kernels_compile_for_hopper.
+    dtype = torch.bfloat16 if triton_device == "cuda" else torch.float16
+    inp = make_inputs(bias=False)
+    expected = oracle(inp, use_ent_grad=False)
+    actual = run(selected_logprobs, _on(triton_device, inp), dtype=dtype, use_ent_grad=False,
+                 backend="triton")
+    assert actual[2]["weight"].dtype == dtype
+    assert_matches(_cpu(actual), expected, atol=0.05, rtol=0.02)
+
+
+def test_triton_backend_under_interpreter():
+    """CPU: rerun the Triton tests above in a child started with TRITON_INTERPRET=1."""
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)")
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the Triton tests run in this process")
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
+         "test_triton_matches_oracle or test_triton_half_precision"],
+        env=_child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert "3 passed" in res.stdout and "skipped" not in res.stdout, res.stdout[-2000:]
+
+
+def _child_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.update(extra)
+    return env
+
+
+_AOT_SCRIPT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from grpo_cli.kernels import triton_logprob as tk
+
+def sig_of(kernel, consts, ptr_types):
+    names = kernel.arg_names
+    sig = {n: consts and n in consts and "constexpr" or ptr_types.get(n) or
+           ("fp32" if n == "inv_temp" else "i32") for n in names}
+    return ASTSource(fn=kernel, signature=sig,
+                     constexprs={(names.index(k),): v for k, v in consts.items()})
+
+blocks = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, DOT_PRECISION="tf32")
+io = {n: "*bf16" for n in ("h_ptr", "w_ptr", "b_ptr", "out_ptr")}
+io.update({n: "*fp32" for n in ("m_ptr", "s_ptr", "s2_ptr", "zt_ptr", "lse_ptr", "ent_ptr",
+                                "glp_ptr", "gent_ptr")}, ids_ptr="*i64")
+fwd = sig_of(tk._fwd_kernel, dict(HAS_BIAS=True, WITH_ENT=True, **blocks), io)
+bwd = sig_of(tk._grad_logits_kernel,
+             dict(HAS_BIAS=True, HAS_GLP=True, HAS_GENT=True, **blocks), io)
+for src in (fwd, bwd):
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert k.asm.get("cubin"), "no cubin"
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_hopper():
+    """Real codegen down to an sm_90 cubin (ptxas), which the interpreter never exercises.
+
+    Runs in a subprocess because this process imported the kernels in interpreter mode.
+    """
+    pytest.importorskip("triton", reason="triton not installed: `pip install triton`")
+    nvidia = pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend")
+    ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
+    if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
+        pytest.skip("no ptxas bundled with triton")
+    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=_child_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

@@ -1,0 +1,149 @@
+"""Tiny-model integration tests of the shared trainer: SFT, GRPO (LoRA on and off), eval, loading."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from grpo_cli.cli import main
+from grpo_cli.config.schema import ModelConfig
+from grpo_cli.generation import generate
+from grpo_cli.models.load import load_model_and_tokenizer, load_tokenizer
+from grpo_cli.trainer.loop import train
+
+from conftest import compose
+
+GRPO_METRICS = [
+    "reward_mean", "reward_std", "accuracy", "zero_std_groups", "kl", "clip_fraction", "entropy",
+    "completion_length", "gc_mean", "gc_std", "time_generate", "time_reward", "time_logprob", "time_train",
+]
+
+
+def metrics(run: Path):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_run_learns_and_writes_its_run_directory(sft_run):
+    rows = metrics(sft_run)
+    assert len(rows) == 30
+    for key in ("step", "loss", "lr", "tokens", "seconds", "target_prob"):
+        assert key in rows[0]
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    assert (sft_run / "config.yaml").exists()
+    assert (sft_run / "checkpoints" / "final" / "model.safetensors").exists()
+
+
+def test_sft_changes_parameters_and_checkpoint_reloads_identically(sft_run):
+    cfg = compose("sft_arithmetic").model
+    initial, _, _ = load_model_and_tokenizer(cfg)
+    trained = AutoModelForCausalLM.from_pretrained(sft_run / "checkpoints" / "final")
+    changed = [not torch.equal(a, b) for a, b in zip(initial.state_dict().values(), trained.state_dict().values())]
+    assert all(changed)
+    # the same greedy outputs from the run directory as from the checkpoint directory
+    a, tok_a, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
+    tok_b = load_tokenizer(str(sft_run / "checkpoints" / "final"))
+    prompts = ["3+4*2\n", "9-2-5+1\n"]
+    out_a = [g.text for g in generate(a, tok_a, prompts, max_new_tokens=20, temperature=0)]
+    out_b = [g.text for g in generate(trained, tok_b, prompts, max_new_tokens=20, temperature=0)]
+    assert out_a == out_b
+
+
+def test_our_greedy_generation_equals_hf_generate(sft_run):
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
+    prompts = ["3+4*2\n", "9-2-5+1-3\n", "7*7\n"]  # different lengths: left padding is exercised
+    ours = generate(model, tok, prompts, max_new_tokens=16, temperature=0)
+    for prompt, g in zip(prompts, ours):
+        ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+        ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert g.completion_ids == ref[0, ids.shape[1]:].tolist()
+
+
+def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, capsys):
+    main(["eval", f"run={sft_run}", "eval.limit=8", "trainer.threads=1"])
+    result = json.loads((sft_run / "eval" / "eval.json").read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["total"] == 8
+    rows = [json.loads(x) for x in (sft_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and {"prompt", "completion", "answer", "correct"} <= set(rows[0])
+    assert result["correct"] == sum(r["correct"] for r in rows)
+
+
+def test_eval_scores_a_samples_file(tmp_path, capsys):
+    f = tmp_path / "s.jsonl"
+    rows = [{"completion": "2+2=4\n#### 4", "answer": "4"}, {"completion": "The answer is 5.", "answer": "4"},
+            {"completion": "no idea", "answer": "1"}, {"completion": "A: 1,000", "answer": "1000"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    main(["eval", f"samples={f}", f"eval.output_dir={tmp_path / 'out'}"])
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["accuracy"] == 0.5 and result["total"] == 4
+
+
+@pytest.mark.parametrize("line, expected", [('{"completion": "x"}', "s.jsonl:2: missing field 'answer' (eval.answer_field)"),
+                                           ("{not json", "s.jsonl:2: malformed JSON")])
+def test_eval_bad_samples_file_names_the_line(tmp_path, capsys, line, expected):
+    f = tmp_path / "s.jsonl"
+    f.write_text('{"completion": "1", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", f"samples={f}"])
+    assert e.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_a_locally_saved_model_loads_by_path(tmp_path):
+    cfg = compose("sft_arithmetic").model
+    model, tok, _ = load_model_and_tokenizer(cfg)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    again, tok2, base_ref = load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m")))
+    assert base_ref == str(tmp_path / "m")
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    assert tok2("12+3\n", add_special_tokens=False)["input_ids"] == tok("12+3\n", add_special_tokens=False)["input_ids"]
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch):
+    """A few GRPO steps: trainable parameters move, pi_ref's log-probs do not, every metric is logged."""
+    import grpo_cli.trainer.loop as loop
+
+    seen = {}
+    original = loop.build_policy
+
+    def spy(cfg, algorithm, run, device):
+        policy = original(cfg, algorithm, run, device)
+        seen["policy"], seen["before"] = policy, _trainable(policy.model)
+        return policy
+
+    monkeypatch.setattr(loop, "build_policy", spy)
+
+    cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'g'}", f"lora.enabled={lora}",
+                  "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
+    run = train(cfg)
+    policy = seen["policy"]
+    after = _trainable(policy.model)
+    assert any(not torch.equal(seen["before"][n], after[n]) for n in after), "no trainable parameter changed"
+    if lora:
+        assert all("lora_" in n for n in after)
+    rows = metrics(run)
+    assert len(rows) == 3
+    for key in GRPO_METRICS:
+        assert key in rows[-1], key
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # first update: pi_theta == pi_ref
+    # the reference is still the starting model: its log-probs equal a fresh load's
+    start, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
+    from grpo_cli.models.policy import token_logprobs
+    from grpo_cli.trainer.batch import Batch, pack
+
+    ids, attn, comp = pack([tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id)
+    batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long))
+    with torch.no_grad():
+        expected = token_logprobs(start, batch)[0]
+        ref = policy.reference_logprobs(batch)
+        moved = policy.logprobs(batch)[0]
+    assert torch.allclose(ref, expected, atol=1e-5)
+    assert not torch.allclose(moved, expected, atol=1e-5)
