@@ -14,7 +14,9 @@ forward + backward once: the high-water mark over the baseline (CPU: VmHWM) is t
 memory. It includes the gradients, for every method alike. One more forward + backward is timed.
 ``--repeats`` rounds run the methods alternately (naive, fused, ...) so that load from other
 processes on a shared machine hits them alike; the table shows medians over rounds, and the load
-average before and after.
+average before and after. "others' CPU" is the largest share of the machine that other processes
+used during any run of that row (from /proc/stat minus this benchmark's own CPU time): numbers
+taken while it is well above 0% are not representative.
 """
 
 from __future__ import annotations
@@ -150,16 +152,36 @@ def run_child(cfg: dict) -> dict:
     return {"peak_mb": peak_mb, "first_s": first, "times": times}
 
 
+def _busy_seconds() -> float | None:
+    """CPU seconds all processes have been busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_case(cfg: dict) -> dict:
+    """Run one measurement in a fresh process; also report how busy *other* processes were."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    busy0, wall0 = _busy_seconds(), time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy1, wall = _busy_seconds(), time.perf_counter() - wall0
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["exit code %d" % res.returncode])[-1]
         return {"error": last[:160]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if busy0 is not None:
+        mine = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+        out["others"] = max(0.0, (busy1 - busy0 - mine) / (wall * (os.cpu_count() or 1)))
+    return out
 
 
 def _methods(device: str) -> list[str]:
@@ -181,20 +203,22 @@ def _merge(runs: list[dict]) -> dict:
     if errors:
         return errors[0]
     return {"peak_mb": statistics.median(r["peak_mb"] for r in runs),
-            "times": [t for r in runs for t in r["times"]]}
+            "times": [t for r in runs for t in r["times"]],
+            "others": max((r.get("others", 0.0) for r in runs), default=0.0)}
 
 
 def _fmt_row(shape, head, method, r, ref):
     label = "x".join(map(str, shape))
     if "error" in r:
-        return f"| {label} | {head} | {method} | n/a | | n/a | | {r['error']} |"
+        return f"| {label} | {head} | {method} | n/a | | n/a | | | {r['error']} |"
     t = statistics.median(r["times"])
     ratio_t = ratio_m = ""
     if ref and "error" not in ref:
         ratio_t = f"{t / statistics.median(ref['times']):.2f}x"
         ratio_m = f"{r['peak_mb'] / ref['peak_mb']:.3f}x"
     return (f"| {label} | {head} | {method} | {t:.2f} | {ratio_t} | {r['peak_mb']:.0f} | "
-            f"{ratio_m} | {len(r['times'])} runs, {min(r['times']):.2f}-{max(r['times']):.2f} s |")
+            f"{ratio_m} | {100 * r['others']:.0f}% | "
+            f"{len(r['times'])} runs, {min(r['times']):.2f}-{max(r['times']):.2f} s |")
 
 
 def machine_line(device: str) -> str:
@@ -217,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds; each round runs every method once in a fresh process")
     ap.add_argument("--heads", default="trainable", help="comma list of trainable,frozen")
+    ap.add_argument("--shapes", help="comma list of NxHxV (default: the two full shapes)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -233,9 +258,12 @@ def main(argv=None) -> int:
     print(f"dtype {dtype}, temperature {args.temperature}, repeats {args.repeats}, "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     print("| N x H x V | LM head | method | fwd+bwd s (median) | time vs naive | "
-          "peak extra MiB | memory vs naive | timed runs |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape in QUICK_SHAPES if args.quick else FULL_SHAPES:
+          "peak extra MiB | memory vs naive | others' CPU | timed runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in sh.split("x")) for sh in args.shapes.split(",")]
+    for shape in shapes:
         for head in args.heads.split(","):
             # Liger's loss always produces dW: no like-for-like frozen-head case.
             methods = [m for m in _methods(device) if not (m == "liger" and head == "frozen")]

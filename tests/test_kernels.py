@@ -79,7 +79,7 @@ def oracle(inp, **kw):
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Vocabulary tiles of 17 columns: V=101 is not a multiple, so the ragged last tile runs."""
-    monkeypatch.setattr(fused, "DEFAULT_COLS", 17)
+    monkeypatch.setattr(fused, "VOCAB_TILE", 17)
 
 
 def test_reference_agrees_with_cross_entropy():
@@ -100,6 +100,21 @@ def test_torch_matches_oracle(small_tiles, train_w, bias, chunk_size):
     inp = make_inputs(bias=bias)
     expected = oracle(inp, train_w=train_w)
     actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=chunk_size)
+    assert_matches(actual, expected)
+
+
+@pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])
+def test_torch_logits_far_above_first_tile(small_tiles, monkeypatch, train_w):
+    """Logits ~140 above everything in the first tile overflow exp at the running shift; those
+    rows must be redone exactly (the path is counted so the test cannot pass without it)."""
+    calls = []
+    redo = fused._redo_overflow
+    monkeypatch.setattr(fused, "_redo_overflow", lambda *a: (calls.append(1), redo(*a)))
+    inp = make_inputs()
+    inp["bias"][60:70] += 100.0  # in the 4th and 5th 17-wide tiles; / temperature 0.7
+    expected = oracle(inp, train_w=train_w)
+    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=8)
+    assert calls
     assert_matches(actual, expected)
 
 
@@ -181,8 +196,7 @@ class _LargestOutput(TorchDispatchMode):
 
 @pytest.mark.parametrize("backend,materialises", [("reference", True), ("torch", False)])
 def test_full_logits_never_materialised(monkeypatch, backend, materialises):
-    monkeypatch.setattr(fused, "TILE_ELEMENTS", 64 * 128)
-    monkeypatch.setattr(fused, "DEFAULT_COLS", 128)
+    monkeypatch.setattr(fused, "VOCAB_TILE", 128)
     n, v = 256, 1000
     inp = make_inputs(n=n, h=16, v=v, masked=())
     with _LargestOutput() as probe:

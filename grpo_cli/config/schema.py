@@ -87,6 +87,9 @@ class ArithmeticConfig:
     """Operands have up to this many digits (intermediate results grow past it: 7*8=56, 56*9=504)."""
     ops: str = "+-*"
     """Operators drawn from: any of ``+-*``."""
+    direct_fraction: float = 0.5
+    """Fraction of training solutions written as the final line alone (``#### 42``), like terse
+    human answers; the test split's solutions are always worked step by step."""
 
 
 @dataclass

@@ -9,7 +9,10 @@ operation on the previous line's result, which is what makes every step checkabl
     #### 51
 
 The last line uses GSM8K's final-answer format, so the same reward and evaluation code serve both
-tasks. Problems are a pure function of the config: ``random.Random`` seeded from ``seed`` and the
+tasks. Like human-written data, part of the training solutions can be terse: ``direct_fraction``
+of them give the final line alone, without the worked steps. A tiny model copies both styles after
+SFT, and answering directly is mostly wrong for it: the headroom RL climbs by learning to show
+its work (the test split's reference solutions are always complete). Problems are a pure function of the config: ``random.Random`` seeded from ``seed`` and the
 split, never the global RNG. Train and test are disjoint for every seed: a stable hash of the
 question string decides which split a question may belong to.
 """
@@ -45,6 +48,8 @@ def _validate(cfg) -> None:
             f"{key}min_ops/max_ops: need 1 <= min_ops <= max_ops <= {MAX_OPS}, "
             f"got {cfg.min_ops} and {cfg.max_ops}"
         )
+    if not 0.0 <= cfg.direct_fraction <= 1.0:
+        raise UserError(f"{key}direct_fraction: {cfg.direct_fraction} must be between 0 and 1")
     for name in ("num_train", "num_test"):
         if getattr(cfg, name) < 0:
             raise UserError(f"{key}{name}: {getattr(cfg, name)} must not be negative")
@@ -103,6 +108,9 @@ def generate(cfg, split: str, limit: Optional[int] = None) -> List[Example]:
     ops = "".join(op for op in OPERATORS if op in cfg.ops)  # a repeated operator is not weighted
     # String seeds are hashed with SHA-512 by random.seed: stable across runs and machines.
     rng = random.Random(f"grpo-arithmetic:{cfg.seed}:{split}")
+    # A separate stream, so the questions do not depend on direct_fraction.
+    style = random.Random(f"grpo-arithmetic-style:{cfg.seed}")
+    direct = cfg.direct_fraction if split == "train" else 0.0
     seen = set()
     examples = []
     # A bounded number of draws: a small question space (1 digit, 1 op) is reported, not looped on.
@@ -113,6 +121,8 @@ def generate(cfg, split: str, limit: Optional[int] = None) -> List[Example]:
         if question in seen or split_of(question) != split:
             continue
         seen.add(question)
+        if style.random() < direct:
+            solution = solution.rsplit("\n", 1)[-1]  # the final line alone
         examples.append(Example(question=question, prompt=question, solution=solution, answer=str(answer)))
     if len(examples) < count:
         raise UserError(

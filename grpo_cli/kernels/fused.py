@@ -4,28 +4,35 @@ Shapes: N tokens, H hidden size, V vocabulary size; a tile is ``rows x cols`` of
 (rows <= N tokens, cols <= V vocabulary entries). ``z = (hidden @ weight.T + bias) / temperature``
 are the scaled logits, ``p = softmax(z)``, ``lse = logsumexp(z)``, ``logp = z[y] - lse``.
 
-Design (measured on a 2-core AVX-512 CPU, numbers in docs/performance.md):
+Design (measured on a 2-core AVX-512 CPU; numbers in docs/performance.md):
 
-* Forward: one sweep over vocabulary tiles with an online logsumexp (running max ``m``, running
-  ``sum exp(z - m)``), the target logit picked out of the tile that holds it, and the entropy
-  from a running ``sum exp(z - m) * (z - m)``. Only [N] vectors survive the sweep.
-* Why the backward recomputes the logits: the upstream gradient ``g`` is per row, and
-  ``dW = sum_i g_i (onehot_i - p_i)^T h_i`` cannot be precomputed without ``g`` unless all of
-  ``p`` ([N, V]) is kept, which is exactly the memory we avoid. The fused-linear-loss trick
-  (store dW in the forward) only works for a scalar loss. So with a trainable LM head the cost is
-  4 GEMMs (forward logits; backward logits, dH, dW) against the naive 3, and we still win on time
-  because the naive path spends more than a GEMM's worth on memory traffic and page faults of its
-  several [N, V] fp32 temporaries, while our tiles stay in cache and are reused (``out=``).
-* Frozen LM head (LoRA): ``d logp_i / d h_i = (W[y_i] - sum_j p_ij W_j) / temperature`` is per row,
-  so the forward accumulates it flash-attention style (rescaled with the running max) and the
-  backward is one multiply by ``g``: 2 GEMMs in all, like the naive path but without [N, V].
-  An entropy gradient, when it is actually used, is recomputed in the backward.
-* Loop order is vocabulary tile outer, row block inner: each weight tile is upcast to fp32 once
-  per sweep, and in the backward each dW tile is finished before moving on.
-* All maths is fp32 whatever the input dtype (tiles are upcast), grads are cast back at the end.
-  The dW accumulator is fp32 [V, H]; for a bf16 head that is twice the gradient's own size.
+* GEMM count. The upstream gradient ``g`` is per row (a policy-gradient loss, not a scalar
+  cross-entropy), and ``dW = sum_i g_i (onehot_i - p_i)^T h_i`` cannot be formed before ``g`` is
+  known without keeping all of ``p`` ([N, V], the memory we refuse to spend). The fused-linear-
+  loss trick (finish dW in the forward) only works for a scalar loss. So a trainable LM head costs
+  4 GEMMs (forward logits; backward logits, dH, dW) against the naive 3. It still wins on time:
+  the naive path spends more than a GEMM's worth on memory traffic and page faults of its several
+  [N, V] fp32 temporaries, while each of our tiles is one reused buffer and sees one ``exp``.
+* Frozen LM head (LoRA): ``d logp_i / d h_i = (W[y_i] - E_p[W]) / temperature`` is per row, so the
+  forward accumulates ``E_p[W]`` flash-attention style and the backward is one multiply by ``g``:
+  2 GEMMs in all, like the naive path, without [N, V]. An entropy gradient, when one actually
+  arrives, is recomputed in the backward.
+* Few passes per tile. The per-row shift (running logsumexp in the forward, the final one in
+  the backward) rides in the GEMM as an extra column (``[h, 1, -shift] @ [W, b, 1]^T``), so a
+  tile comes out of the GEMM already shifted and needs a single in-place ``exp``. In the backward
+  the factor ``-g`` is folded into the small [N, H] operands instead of the [rows, cols] tile, and
+  the one-hot part of ``onehot - p`` is a gather/index_add on [N, H] after the sweep. Fewer big
+  elementwise ops also means fewer OpenMP regions, which matters on a loaded 2-core machine.
+* Online logsumexp with a shift that can lag the true max: the first tile uses its exact max, and
+  later tiles are shifted by the running logsumexp; a row whose tile overflows ``exp`` (a logit
+  more than ~88 above everything seen before) is redone exactly.
+* Vocabulary tile outer, row block inner: each weight tile is upcast/augmented once per sweep and
+  in the backward each dW tile is finished before moving on.
+* All maths is fp32 whatever the input dtype; grads are cast back at the end. The dW accumulator
+  is fp32 [V, H]: for a bf16 head that is twice the gradient's own size.
 
-torch.compile was not used: the eager loop is GEMM-bound and already meets the targets.
+torch.compile was not used: the eager loop is GEMM-bound (one exp per element besides the GEMMs)
+and meets the targets; compiling would add a C-compiler dependency on CPU for little gain.
 """
 
 from __future__ import annotations
@@ -35,11 +42,18 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-# One logits tile holds at most this many fp32 elements (16 MiB). Measured on the 2-core CPU:
-# large enough that GEMMs run at full speed, small enough to stay far below the naive peak.
-TILE_ELEMENTS = 4 * 1024 * 1024
-# Preferred vocabulary width of a tile; the rows then fill the element budget.
-DEFAULT_COLS = 2048
+# Tile budget in fp32 elements: at most TILE_ELEMENTS (64 MiB), at least MIN_TILE_ELEMENTS, and
+# at most 1/TILE_FRACTION of the full logits so memory stays well under the naive peak. Large
+# tiles keep GEMMs efficient and the number of ops (OpenMP regions) per sweep small.
+TILE_ELEMENTS = 16 * 1024 * 1024
+MIN_TILE_ELEMENTS = 1024 * 1024
+TILE_FRACTION = 16
+MAX_ROWS = 8192
+MIN_COLS = 128
+# Fixed vocabulary tile width, overriding the budget (tests use it to force ragged tiles).
+VOCAB_TILE: int | None = None
+# exp overflows float32 above ~88.7; a later tile whose shifted logits exceed this is redone.
+_EXP_SAFE = 80.0
 
 
 class Plan(NamedTuple):
@@ -51,14 +65,12 @@ class Plan(NamedTuple):
 
 def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None) -> Plan:
     """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile."""
-    cols = min(vocab, DEFAULT_COLS)
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        rows = chunk_size
-    else:
-        rows = max(1, TILE_ELEMENTS // cols)
-    return Plan(rows=max(1, min(rows, n_rows)), cols=cols)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
+    budget = max(MIN_TILE_ELEMENTS, min(TILE_ELEMENTS, n_rows * vocab // TILE_FRACTION))
+    cols = VOCAB_TILE or max(MIN_COLS, budget // rows)
+    return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
 def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
@@ -66,77 +78,111 @@ def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
         yield start, min(start + step, total)
 
 
-def _scaled_hidden(hidden: torch.Tensor, inv_temp: float) -> torch.Tensor:
-    # Scaling the [N, H] input instead of the [N, V] logits folds the temperature in for free.
-    hs = hidden.float()
-    if inv_temp != 1.0:
-        hs = hs * inv_temp
-    return hs.contiguous()
+class _Operands:
+    """fp32 GEMM operands with the per-row shift and the bias riding as extra leading columns.
+
+    ``hs_aug = [-shift, 1 (if bias), hidden / T]`` [N, k+H] and, per vocabulary tile,
+    ``w_aug = [1, bias / T (if bias), W]`` [cols, k+H], so ``hs_aug @ w_aug.T = z - shift``.
+    The extra columns come first so that the GEMM's running sums start from ``bias - shift``
+    (small when the shift tracks the logsumexp) rather than absorbing it at the end.
+    """
+
+    def __init__(self, hidden, weight, bias, inv_temp: float, cols: int):
+        n, h = hidden.shape
+        self.k = 1 + (bias is not None)
+        self.hs_aug = hidden.new_empty((n, self.k + h), dtype=torch.float32)
+        torch.mul(hidden, inv_temp, out=self.hs_aug[:, self.k:])  # temperature for free
+        if bias is not None:
+            self.hs_aug[:, 1] = 1.0
+        self.hs = self.hs_aug[:, self.k:]
+        self.neg_shift = self.hs_aug[:, 0]
+        self.weight, self.bias, self.inv_temp = weight, bias, inv_temp
+        self._w_buf = hidden.new_empty((min(cols, weight.shape[0]), self.k + h),
+                                       dtype=torch.float32)
+
+    def weight_tile(self, c0: int, c1: int):
+        """(w_aug [cols, k+H], w [cols, H] view) for vocabulary entries [c0, c1)."""
+        w_aug = self._w_buf[: c1 - c0]
+        w_aug[:, 0] = 1.0
+        if self.bias is not None:
+            torch.mul(self.bias[c0:c1], self.inv_temp, out=w_aug[:, 1])
+        w_aug[:, self.k:].copy_(self.weight[c0:c1])
+        return w_aug, w_aug[:, self.k:]
 
 
-def _weight_tile(weight, bias, c0: int, c1: int, inv_temp: float):
-    w = weight[c0:c1].float()
-    b = None if bias is None else bias[c0:c1].float() * inv_temp
-    return w, b
-
-
-def _logits_into(out: torch.Tensor, hs_rows: torch.Tensor, w: torch.Tensor, b) -> torch.Tensor:
-    # ``out=`` reuses one buffer: fresh [rows, cols] allocations would page-fault on every tile.
-    if b is None:
-        return torch.mm(hs_rows, w.T, out=out)
-    return torch.addmm(b, hs_rows, w.T, out=out)
-
-
-def _target_hits(ids_rows: torch.Tensor, c0: int, c1: int):
-    """Rows whose target lies in vocabulary columns [c0, c1), and its column inside the tile."""
-    hit = ((ids_rows >= c0) & (ids_rows < c1)).nonzero().squeeze(1)
-    return hit, ids_rows[hit] - c0
+def _tile_view(buf: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    return buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
 
 
 @dataclass
 class _Sweep:
-    """Running state of the online logsumexp over vocabulary tiles, one entry per token."""
+    """Online-logsumexp state per token, relative to a per-row shift ``c``."""
 
-    m: torch.Tensor  # running max of z
-    s: torch.Tensor  # sum exp(z - m)
+    c: torch.Tensor  # shift; the running logsumexp after every tile
+    s: torch.Tensor  # sum exp(z - c)
     z_target: torch.Tensor  # z at the selected token
-    s2: torch.Tensor | None  # sum exp(z - m) * (z - m), for the entropy
-    acc: torch.Tensor | None  # sum exp(z - m) * W_j [N, H], for d logp / d hidden
+    s2: torch.Tensor | None  # sum exp(z - c) * (z - c), for the entropy
+    acc: torch.Tensor | None  # sum exp(z - c) * W_j [N, H], for d logp / d hidden
 
     @classmethod
-    def empty(cls, hs: torch.Tensor, with_entropy: bool, grad_unit: bool) -> "_Sweep":
-        n = hs.shape[0]
-        new = lambda: hs.new_zeros(n)  # noqa: E731
-        acc = hs.new_zeros(hs.shape) if grad_unit else None
-        return cls(m=new(), s=new(), z_target=new(), s2=new() if with_entropy else None, acc=acc)
+    def empty(cls, n: int, h: int, like: torch.Tensor, with_entropy: bool, grad_unit: bool):
+        new = lambda *shape: like.new_zeros(shape, dtype=torch.float32)  # noqa: E731
+        return cls(c=new(n), s=new(n), z_target=new(n), s2=new(n) if with_entropy else None,
+                   acc=new(n, h) if grad_unit else None)
+
+    def rebase(self, rows, new_c: torch.Tensor) -> None:
+        """Re-express the sums of ``rows`` relative to shift ``new_c``."""
+        delta = self.c[rows] - new_c
+        f = torch.exp(delta)
+        if self.s2 is not None:
+            self.s2[rows] = f * (self.s2[rows] + delta * self.s[rows])
+        if self.acc is not None:
+            self.acc[rows] = self.acc[rows] * f[:, None]
+        self.s[rows] = self.s[rows] * f
+        self.c[rows] = new_c
 
 
-def _online_update(st: _Sweep, r0: int, r1: int, z, tmp, w, first: bool) -> None:
-    """Fold one logits tile ``z`` (rows r0:r1) into the running state; clobbers ``z``."""
-    m_old = st.m[r0:r1]
-    tile_max = z.amax(1)
-    m_new = tile_max if first else torch.maximum(m_old, tile_max)
-    z.sub_(m_new[:, None])  # z - m <= 0: exp cannot overflow
-    if st.s2 is not None or st.acc is not None:
-        e = torch.exp(z, out=tmp)  # keep z - m for the entropy term
-    else:
-        e = z.exp_()
+def _exp_tile(t: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
+    """exp(t): into ``tmp`` when t must survive (entropy, E_p[W]), else in place."""
+    return t.exp_() if tmp is None else torch.exp(t, out=tmp)
+
+
+def _redo_overflow(st, ops, w_aug, t, e, s_tile, r0, bad) -> None:
+    """Rows ``bad`` (tile-local) overflowed exp: redo their tile shifted by its exact max."""
+    rows = r0 + bad
+    t_bad = ops.hs_aug[rows] @ w_aug.T  # still z - c
+    m = t_bad.amax(1)
+    st.rebase(rows, st.c[rows] + m)
+    t_bad.sub_(m[:, None])
+    e_bad = torch.exp(t_bad)
+    if e is not t:
+        t[bad] = t_bad
+    e[bad] = e_bad
+    s_tile[bad] = e_bad.sum(1)
+
+
+def _fold_tile(st: _Sweep, ops: _Operands, w_aug, w, token_ids, t, tmp, r0, r1, c0, c1):
+    """Fold logits tile (rows r0:r1, vocab c0:c1) into the running state; ``t`` is scratch."""
+    rows = slice(r0, r1)
+    ops.neg_shift[rows] = -st.c[rows]
+    torch.mm(ops.hs_aug[rows], w_aug.T, out=t)  # t = z - c
+    hit = ((token_ids[rows] >= c0) & (token_ids[rows] < c1)).nonzero().squeeze(1)
+    st.z_target[r0 + hit] = t[hit, token_ids[r0 + hit] - c0] + st.c[r0 + hit]
+    if c0 == 0:  # first tile: exact max, so nothing can overflow and the shift is sane
+        m = t.amax(1)
+        t.sub_(m[:, None])
+        st.c[rows] += m
+    e = _exp_tile(t, tmp)
     s_tile = e.sum(1)
-    if first:
-        st.s[r0:r1] = s_tile
-        if st.s2 is not None:
-            st.s2[r0:r1] = z.mul_(e).sum(1)
-        if st.acc is not None:
-            torch.mm(e, w, out=st.acc[r0:r1])
-    else:
-        scale = torch.exp(m_old - m_new)  # rescale old sums from the old max to the new one
-        if st.s2 is not None:
-            s2 = (st.s2[r0:r1] + (m_old - m_new) * st.s[r0:r1]) * scale
-            st.s2[r0:r1] = s2 + z.mul_(e).sum(1)
-        st.s[r0:r1] = st.s[r0:r1] * scale + s_tile
-        if st.acc is not None:
-            st.acc[r0:r1].mul_(scale[:, None]).addmm_(e, w)
-    st.m[r0:r1] = m_new
+    bad = (~torch.isfinite(s_tile)).nonzero().squeeze(1)
+    if bad.numel():
+        _redo_overflow(st, ops, w_aug, t, e, s_tile, r0, bad)
+    st.s[rows] += s_tile
+    if st.acc is not None:
+        st.acc[rows].addmm_(e, w)
+    if st.s2 is not None:
+        st.s2[rows] += t.mul_(e).sum(1)  # t is not needed any more
+    st.rebase(rows, st.c[rows] + st.s[rows].log())  # s -> 1: later tiles rarely overflow
 
 
 class ForwardResult(NamedTuple):
@@ -148,22 +194,20 @@ class ForwardResult(NamedTuple):
 
 def tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, grad_unit=False):
     """One sweep over the vocabulary; no autograd. ``grad_unit`` also returns d logp / d hidden."""
-    hs = _scaled_hidden(hidden, inv_temp)
-    n, vocab = hs.shape[0], weight.shape[0]
-    st = _Sweep.empty(hs, with_entropy, grad_unit)
-    buf = hs.new_empty(plan.rows * plan.cols)
-    tmp = hs.new_empty(plan.rows * plan.cols) if (with_entropy or grad_unit) else None
+    (n, h), vocab = hidden.shape, weight.shape[0]
+    ops = _Operands(hidden, weight, bias, inv_temp, plan.cols)
+    st = _Sweep.empty(n, h, ops.hs_aug, with_entropy, grad_unit)
+    size = min(plan.rows, n) * min(plan.cols, vocab)
+    buf = ops.hs_aug.new_empty(size)
+    tmp = ops.hs_aug.new_empty(size) if (with_entropy or grad_unit) else None
     for c0, c1 in _spans(vocab, plan.cols):
-        w, b = _weight_tile(weight, bias, c0, c1, inv_temp)
+        w_aug, w = ops.weight_tile(c0, c1)
         for r0, r1 in _spans(n, plan.rows):
-            shape = (r1 - r0, c1 - c0)
-            z = _logits_into(buf[: shape[0] * shape[1]].view(shape), hs[r0:r1], w, b)
-            hit, col = _target_hits(token_ids[r0:r1], c0, c1)
-            st.z_target[r0 + hit] = z[hit, col]
-            t = None if tmp is None else tmp[: shape[0] * shape[1]].view(shape)
-            _online_update(st, r0, r1, z, t, w, first=c0 == 0)
+            e_buf = None if tmp is None else _tile_view(tmp, r0, r1, c0, c1)
+            _fold_tile(st, ops, w_aug, w, token_ids, _tile_view(buf, r0, r1, c0, c1), e_buf,
+                       r0, r1, c0, c1)
     log_s = st.s.log()
-    lse = st.m + log_s
+    lse = st.c + log_s
     entropy = None if st.s2 is None else log_s - st.s2 / st.s
     dlogp = None
     if grad_unit:
@@ -172,23 +216,16 @@ def tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan,
     return ForwardResult(st.z_target - lse, lse, entropy, dlogp)
 
 
-def _grad_logits(z, tmp, lse, entropy, g_lp, g_ent, hit, col):
-    """dL/dz for one tile, in place in ``z`` (which holds the logits on entry).
+def _entropy_grad_logits(t, tmp, entropy, g_lp, g_ent):
+    """dL/dz without its one-hot part, in place in ``t`` (= log p on entry).
 
     d logp / dz = onehot - p;  d entropy / dz = -p * (log p + entropy).
     """
-    z.sub_(lse[:, None])  # log p
-    if g_ent is not None:
-        p = torch.exp(z, out=tmp)
-        z.add_(entropy[:, None]).mul_(g_ent[:, None])
-        if g_lp is not None:
-            z.add_(g_lp[:, None])
-        z.mul_(p).neg_()
-    else:
-        z.exp_().mul_(-g_lp[:, None])
+    p = torch.exp(t, out=tmp)
+    t.add_(entropy[:, None]).mul_(g_ent[:, None])
     if g_lp is not None:
-        z[hit, col] += g_lp[hit]
-    return z
+        t.add_(g_lp[:, None])
+    return t.mul_(p).neg_()
 
 
 @dataclass
@@ -198,34 +235,52 @@ class _Grads:
     bias: torch.Tensor | None  # [V] fp32, w.r.t. bias / T
 
 
-def tiled_backward(hidden, weight, bias, token_ids, saved, g_lp, g_ent, inv_temp, plan, needs):
-    """Recompute each logits tile and push dL/dz into the grads named by ``needs`` (h, w, b)."""
-    lse, entropy = saved
-    hs = _scaled_hidden(hidden, inv_temp)
-    n, vocab = hs.shape[0], weight.shape[0]
-    gr = _Grads(
-        hs=torch.zeros_like(hs) if needs[0] else None,
-        weight=hs.new_zeros(weight.shape) if needs[1] else None,
-        bias=hs.new_zeros(vocab) if needs[2] else None,
-    )
-    buf = hs.new_empty(plan.rows * plan.cols)
-    tmp = hs.new_empty(plan.rows * plan.cols) if g_ent is not None else None
-    pick = lambda t, r0, r1: None if t is None else t[r0:r1]  # noqa: E731
+def _sweep_grads(ops, gr, rhs, g_lp, entropy, g_ent, plan):
+    """Accumulate q @ W and q^T @ rhs over all tiles, q = p (fast path) or the full dL/dz."""
+    (n, _), vocab = ops.hs.shape, ops.weight.shape[0]
+    size = min(plan.rows, n) * min(plan.cols, vocab)
+    buf = ops.hs_aug.new_empty(size)
+    tmp = None if g_ent is None else ops.hs_aug.new_empty(size)
+    neg_g = None if g_lp is None else -g_lp
     for c0, c1 in _spans(vocab, plan.cols):
-        w, b = _weight_tile(weight, bias, c0, c1, inv_temp)
+        w_aug, w = ops.weight_tile(c0, c1)
         for r0, r1 in _spans(n, plan.rows):
-            shape = (r1 - r0, c1 - c0)
-            z = _logits_into(buf[: shape[0] * shape[1]].view(shape), hs[r0:r1], w, b)
-            hit, col = _target_hits(token_ids[r0:r1], c0, c1)
-            t = None if tmp is None else tmp[: shape[0] * shape[1]].view(shape)
-            g = _grad_logits(z, t, lse[r0:r1], pick(entropy, r0, r1), pick(g_lp, r0, r1),
-                             pick(g_ent, r0, r1), hit, col)
+            t = torch.mm(ops.hs_aug[r0:r1], w_aug.T, out=_tile_view(buf, r0, r1, c0, c1))
+            if g_ent is None:
+                q = t.exp_()  # p; the -g factor lives in rhs and in the final row scaling
+            else:
+                q = _entropy_grad_logits(t, _tile_view(tmp, r0, r1, c0, c1), entropy[r0:r1],
+                                         None if g_lp is None else g_lp[r0:r1], g_ent[r0:r1])
             if gr.hs is not None:
-                gr.hs[r0:r1].addmm_(g, w)
+                gr.hs[r0:r1].addmm_(q, w)
             if gr.weight is not None:
-                gr.weight[c0:c1].addmm_(g.T, hs[r0:r1])  # hs already carries the 1 / T
+                gr.weight[c0:c1].addmm_(q.T, rhs[r0:r1])
             if gr.bias is not None:
-                gr.bias[c0:c1] += g.sum(0)
+                gr.bias[c0:c1] += q.sum(0) if g_ent is not None else q.T @ neg_g[r0:r1]
+
+
+def tiled_backward(hidden, weight, bias, token_ids, saved, g_lp, g_ent, inv_temp, plan, needs):
+    """Recompute the logits tile by tile and return the grads named by ``needs`` (h, w, b)."""
+    lse, entropy = saved
+    ops = _Operands(hidden, weight, bias, inv_temp, plan.cols)
+    ops.neg_shift.copy_(-lse)  # tiles come out as log p
+    n, vocab = hidden.shape[0], weight.shape[0]
+    new = lambda *shape: ops.hs.new_zeros(shape)  # noqa: E731
+    gr = _Grads(hs=new(*ops.hs.shape) if needs[0] else None,
+                weight=new(*weight.shape) if needs[1] else None,
+                bias=new(vocab) if needs[2] else None)
+    fast = g_ent is None  # dL/dz = g * (onehot - p): -g goes on the [N, H] side
+    rhs = ops.hs * -g_lp[:, None] if (fast and gr.weight is not None) else ops.hs
+    _sweep_grads(ops, gr, rhs, g_lp, entropy, g_ent, plan)
+    if fast and gr.hs is not None:
+        gr.hs.mul_(-g_lp[:, None])
+    if g_lp is not None:  # the one-hot part: +g_i at (i, y_i)
+        if gr.hs is not None:
+            gr.hs.addcmul_(weight[token_ids].float(), g_lp[:, None])
+        if gr.weight is not None:
+            gr.weight.index_add_(0, token_ids, ops.hs * g_lp[:, None])
+        if gr.bias is not None:
+            gr.bias.index_add_(0, token_ids, g_lp)
     return gr
 
 
@@ -249,7 +304,9 @@ class SelectedLogprobsFn(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         hidden, weight, bias, token_ids, lse, entropy, dlogp_dh = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        g_ent = g_ent if ctx.with_entropy else None
+        # Upstream grads may be expanded views (e.g. from .sum()): make them plain fp32 vectors.
+        g_lp = None if g_lp is None else g_lp.float().contiguous()
+        g_ent = g_ent.float().contiguous() if (ctx.with_entropy and g_ent is not None) else None
         grad_h = None
         if dlogp_dh is not None and g_lp is not None:
             grad_h = g_lp[:, None] * dlogp_dh  # frozen head: the forward did the work
