@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
 from grpo_cli.data import load_examples
+from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
 from grpo_cli.generation import generate
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
@@ -75,16 +76,10 @@ def score_samples(cfg: DictConfig) -> Dict[str, object]:
     if not path.is_file():
         raise UserError(f"eval.samples: no such file '{path}'")
     rows: List[Dict[str, object]] = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: malformed JSON: {e.msg}") from None
+    for where, obj in read_jsonl(path):
         for key, field in (("completion_field", cfg.eval.completion_field), ("answer_field", cfg.eval.answer_field)):
-            if not isinstance(obj, dict) or field not in obj:
-                raise UserError(f"{path}:{n}: missing field '{field}' (eval.{key})")
+            if field not in obj:
+                raise UserError(f"{where}: missing field '{field}' (eval.{key})")
         rows.append(score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field])))
     if not rows:
         raise UserError(f"{path}: no samples")

@@ -13,7 +13,11 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 stamp=.venv/.grpo_cli-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  pip install -q -e ".[dev]"
+  # pip's build warnings are noise on success; show them only if the install fails.
+  if ! pip install -q -e ".[dev]" >.venv/install.log 2>&1; then
+    cat .venv/install.log >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}

@@ -115,7 +115,9 @@ def test_torch_logits_far_above_first_tile(small_tiles, monkeypatch, train_w):
     expected = oracle(inp, train_w=train_w)
     actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=8)
     assert calls
-    assert_matches(actual, expected)
+    # At |z| ~ 143 one float32 ulp is 1.5e-5: the naive fp32 path itself is off by 2e-5 on
+    # log-probs and 1.5e-5 on dW here, so 1e-5 is out of reach; a broken rescale is off by >0.1.
+    assert_matches(actual, expected, atol=2e-4)
 
 
 @pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])

@@ -120,8 +120,14 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
         return policy
 
     monkeypatch.setattr(loop, "build_policy", spy)
+    # A barely trained model gets every answer wrong: all advantages would be 0. A reward that
+    # varies within groups (completion length mod 3) makes every step carry a gradient.
+    from grpo_cli.rewards.registry import REWARDS
+
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
 
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'g'}", f"lora.enabled={lora}",
+                  "reward.name=length_mod_3",
                   "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
     run = train(cfg)
     policy = seen["policy"]

@@ -29,7 +29,7 @@ def _split_name(cfg, split: str) -> str:
     return cfg.train_split if split == "train" else cfg.test_split
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
+def read_jsonl(path: Path) -> Iterator[Row]:
     """Rows of a JSONL file; blank lines are skipped, a malformed line is a UserError."""
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
@@ -94,7 +94,7 @@ def _split_files(directory: Path, split_name: str) -> List[Path]:
 def _read_file(path: Path) -> Iterator[Row]:
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    return _read_jsonl(path)
+    return read_jsonl(path)
 
 
 def _looks_local(path: str) -> bool:

@@ -43,17 +43,16 @@ from typing import Iterator, NamedTuple
 import torch
 
 # Tile budget in fp32 elements: at most TILE_ELEMENTS (64 MiB), at least MIN_TILE_ELEMENTS, and
-# at most 1/TILE_FRACTION of the full logits so memory stays well under the naive peak. Large
-# tiles keep GEMMs efficient and the number of ops (OpenMP regions) per sweep small.
+# at most 1/TILE_FRACTION of the full [N, V] logits, so that even with the entropy gradient's
+# second tile buffer the peak stays far below the naive one. Large tiles keep the GEMMs
+# efficient and the number of ops (OpenMP regions) per sweep small.
 TILE_ELEMENTS = 16 * 1024 * 1024
 MIN_TILE_ELEMENTS = 1024 * 1024
-TILE_FRACTION = 16
+TILE_FRACTION = 32
 MAX_ROWS = 8192
-MIN_COLS = 128
+COL_MULTIPLE = 64  # vocabulary tile widths are multiples of this (aligned GEMM panels)
 # Fixed vocabulary tile width, overriding the budget (tests use it to force ragged tiles).
 VOCAB_TILE: int | None = None
-# exp overflows float32 above ~88.7; a later tile whose shifted logits exceed this is redone.
-_EXP_SAFE = 80.0
 
 
 class Plan(NamedTuple):
@@ -69,7 +68,7 @@ def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None) -> Plan:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
     budget = max(MIN_TILE_ELEMENTS, min(TILE_ELEMENTS, n_rows * vocab // TILE_FRACTION))
-    cols = VOCAB_TILE or max(MIN_COLS, budget // rows)
+    cols = VOCAB_TILE or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
     return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
@@ -79,35 +78,35 @@ def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
 
 
 class _Operands:
-    """fp32 GEMM operands with the per-row shift and the bias riding as extra leading columns.
+    """fp32 GEMM operands with the bias and the per-row shift riding as trailing columns.
 
-    ``hs_aug = [-shift, 1 (if bias), hidden / T]`` [N, k+H] and, per vocabulary tile,
-    ``w_aug = [1, bias / T (if bias), W]`` [cols, k+H], so ``hs_aug @ w_aug.T = z - shift``.
-    The extra columns come first so that the GEMM's running sums start from ``bias - shift``
-    (small when the shift tracks the logsumexp) rather than absorbing it at the end.
+    ``hs_aug = [hidden / T, 1 (if bias), -m, -d]`` [N, H+k] and, per vocabulary tile,
+    ``w_aug = [W, bias / T (if bias), 1, 1]`` [cols, H+k], so ``hs_aug @ w_aug.T = z - m - d``.
+    The shift is kept in two parts, ``m`` (a max, a logit value itself) and ``d`` (small), so
+    ``z - m`` cancels exactly and ``- d`` is added at small scale: as accurate as naive
+    ``z - max - log(sum)``. The columns trail because the GEMM sums along H first.
     """
 
     def __init__(self, hidden, weight, bias, inv_temp: float, cols: int):
         n, h = hidden.shape
-        self.k = 1 + (bias is not None)
-        self.hs_aug = hidden.new_empty((n, self.k + h), dtype=torch.float32)
-        torch.mul(hidden, inv_temp, out=self.hs_aug[:, self.k:])  # temperature for free
+        k = 2 + (bias is not None)
+        self.hs_aug = hidden.new_empty((n, h + k), dtype=torch.float32)
+        torch.mul(hidden, inv_temp, out=self.hs_aug[:, :h])  # temperature folded in for free
         if bias is not None:
-            self.hs_aug[:, 1] = 1.0
-        self.hs = self.hs_aug[:, self.k:]
-        self.neg_shift = self.hs_aug[:, 0]
-        self.weight, self.bias, self.inv_temp = weight, bias, inv_temp
-        self._w_buf = hidden.new_empty((min(cols, weight.shape[0]), self.k + h),
-                                       dtype=torch.float32)
+            self.hs_aug[:, h] = 1.0
+        self.hs = self.hs_aug[:, :h]
+        self.neg_m, self.neg_d = self.hs_aug[:, -2], self.hs_aug[:, -1]
+        self.weight, self.bias, self.inv_temp, self.h = weight, bias, inv_temp, h
+        self._w_buf = hidden.new_empty((min(cols, weight.shape[0]), h + k), dtype=torch.float32)
 
     def weight_tile(self, c0: int, c1: int):
-        """(w_aug [cols, k+H], w [cols, H] view) for vocabulary entries [c0, c1)."""
+        """(w_aug [cols, H+k], w [cols, H] view) for vocabulary entries [c0, c1)."""
         w_aug = self._w_buf[: c1 - c0]
-        w_aug[:, 0] = 1.0
+        w_aug[:, : self.h].copy_(self.weight[c0:c1])
         if self.bias is not None:
-            torch.mul(self.bias[c0:c1], self.inv_temp, out=w_aug[:, 1])
-        w_aug[:, self.k:].copy_(self.weight[c0:c1])
-        return w_aug, w_aug[:, self.k:]
+            torch.mul(self.bias[c0:c1], self.inv_temp, out=w_aug[:, self.h])
+        w_aug[:, -2:] = 1.0
+        return w_aug, w_aug[:, : self.h]
 
 
 def _tile_view(buf: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
@@ -116,30 +115,35 @@ def _tile_view(buf: torch.Tensor, r0: int, r1: int, c0: int, c1: int) -> torch.T
 
 @dataclass
 class _Sweep:
-    """Online-logsumexp state per token, relative to a per-row shift ``c``."""
+    """Online-logsumexp state per token, relative to the shift ``m + d``."""
 
-    c: torch.Tensor  # shift; the running logsumexp after every tile
-    s: torch.Tensor  # sum exp(z - c)
-    z_target: torch.Tensor  # z at the selected token
-    s2: torch.Tensor | None  # sum exp(z - c) * (z - c), for the entropy
-    acc: torch.Tensor | None  # sum exp(z - c) * W_j [N, H], for d logp / d hidden
+    m: torch.Tensor  # max of the first tile (exact)
+    d: torch.Tensor  # small correction: the running logsumexp is m + d + log(s)
+    s: torch.Tensor  # sum exp(z - m - d)
+    z_target: torch.Tensor  # z - m at the selected token
+    s2: torch.Tensor | None  # sum exp(z - m - d) * (z - m - d), for the entropy
+    acc: torch.Tensor | None  # sum exp(z - m - d) * W_j [N, H], for d logp / d hidden
 
     @classmethod
     def empty(cls, n: int, h: int, like: torch.Tensor, with_entropy: bool, grad_unit: bool):
         new = lambda *shape: like.new_zeros(shape, dtype=torch.float32)  # noqa: E731
-        return cls(c=new(n), s=new(n), z_target=new(n), s2=new(n) if with_entropy else None,
-                   acc=new(n, h) if grad_unit else None)
+        return cls(m=new(n), d=new(n), s=new(n), z_target=new(n),
+                   s2=new(n) if with_entropy else None, acc=new(n, h) if grad_unit else None)
 
-    def rebase(self, rows, new_c: torch.Tensor) -> None:
-        """Re-express the sums of ``rows`` relative to shift ``new_c``."""
-        delta = self.c[rows] - new_c
+    def rebase(self, rows, new_d: torch.Tensor, raise_m: torch.Tensor | None = None) -> None:
+        """Re-express the sums of ``rows`` relative to the shift ``m + raise_m + new_d``."""
+        delta = self.d[rows] - new_d
+        if raise_m is not None:  # the big part of a shift goes to m, keeping d small
+            delta = delta - raise_m
+            self.m[rows] = self.m[rows] + raise_m
+            self.z_target[rows] = self.z_target[rows] - raise_m
         f = torch.exp(delta)
         if self.s2 is not None:
             self.s2[rows] = f * (self.s2[rows] + delta * self.s[rows])
         if self.acc is not None:
             self.acc[rows] = self.acc[rows] * f[:, None]
         self.s[rows] = self.s[rows] * f
-        self.c[rows] = new_c
+        self.d[rows] = new_d
 
 
 def _exp_tile(t: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
@@ -150,10 +154,10 @@ def _exp_tile(t: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
 def _redo_overflow(st, ops, w_aug, t, e, s_tile, r0, bad) -> None:
     """Rows ``bad`` (tile-local) overflowed exp: redo their tile shifted by its exact max."""
     rows = r0 + bad
-    t_bad = ops.hs_aug[rows] @ w_aug.T  # still z - c
-    m = t_bad.amax(1)
-    st.rebase(rows, st.c[rows] + m)
-    t_bad.sub_(m[:, None])
+    t_bad = ops.hs_aug[rows] @ w_aug.T  # still z - m - d
+    top = t_bad.amax(1)
+    st.rebase(rows, st.d[rows], raise_m=top)
+    t_bad.sub_(top[:, None])
     e_bad = torch.exp(t_bad)
     if e is not t:
         t[bad] = t_bad
@@ -164,14 +168,13 @@ def _redo_overflow(st, ops, w_aug, t, e, s_tile, r0, bad) -> None:
 def _fold_tile(st: _Sweep, ops: _Operands, w_aug, w, token_ids, t, tmp, r0, r1, c0, c1):
     """Fold logits tile (rows r0:r1, vocab c0:c1) into the running state; ``t`` is scratch."""
     rows = slice(r0, r1)
-    ops.neg_shift[rows] = -st.c[rows]
-    torch.mm(ops.hs_aug[rows], w_aug.T, out=t)  # t = z - c
+    ops.neg_m[rows], ops.neg_d[rows] = -st.m[rows], -st.d[rows]
+    torch.mm(ops.hs_aug[rows], w_aug.T, out=t)  # t = z - m - d
+    if c0 == 0:  # first tile: m is its exact max, so nothing here can overflow
+        st.m[rows] = t.amax(1)
+        t.sub_(st.m[rows, None])
     hit = ((token_ids[rows] >= c0) & (token_ids[rows] < c1)).nonzero().squeeze(1)
-    st.z_target[r0 + hit] = t[hit, token_ids[r0 + hit] - c0] + st.c[r0 + hit]
-    if c0 == 0:  # first tile: exact max, so nothing can overflow and the shift is sane
-        m = t.amax(1)
-        t.sub_(m[:, None])
-        st.c[rows] += m
+    st.z_target[r0 + hit] = t[hit, token_ids[r0 + hit] - c0] + st.d[r0 + hit]
     e = _exp_tile(t, tmp)
     s_tile = e.sum(1)
     bad = (~torch.isfinite(s_tile)).nonzero().squeeze(1)
@@ -182,12 +185,12 @@ def _fold_tile(st: _Sweep, ops: _Operands, w_aug, w, token_ids, t, tmp, r0, r1, 
         st.acc[rows].addmm_(e, w)
     if st.s2 is not None:
         st.s2[rows] += t.mul_(e).sum(1)  # t is not needed any more
-    st.rebase(rows, st.c[rows] + st.s[rows].log())  # s -> 1: later tiles rarely overflow
+    st.rebase(rows, st.d[rows] + st.s[rows].log())  # s -> 1: later tiles rarely overflow
 
 
 class ForwardResult(NamedTuple):
     logp: torch.Tensor  # [N] fp32
-    lse: torch.Tensor  # [N] fp32
+    shift: tuple[torch.Tensor, torch.Tensor]  # (m, r): logsumexp = m + r, kept in two parts
     entropy: torch.Tensor | None  # [N] fp32
     dlogp_dhidden: torch.Tensor | None  # [N, H] fp32, only for the frozen-head path
 
@@ -207,13 +210,13 @@ def tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan,
             _fold_tile(st, ops, w_aug, w, token_ids, _tile_view(buf, r0, r1, c0, c1), e_buf,
                        r0, r1, c0, c1)
     log_s = st.s.log()
-    lse = st.c + log_s
+    r = st.d + log_s
     entropy = None if st.s2 is None else log_s - st.s2 / st.s
     dlogp = None
     if grad_unit:
         # d logp_i / d hs_i = W[y_i] - E_p[W]; the chain rule through hs = hidden / T adds 1 / T.
         dlogp = (weight[token_ids].float() - st.acc / st.s[:, None]) * inv_temp
-    return ForwardResult(st.z_target - lse, lse, entropy, dlogp)
+    return ForwardResult(st.z_target - r, (st.m, r), entropy, dlogp)
 
 
 def _entropy_grad_logits(t, tmp, entropy, g_lp, g_ent):
@@ -260,10 +263,14 @@ def _sweep_grads(ops, gr, rhs, g_lp, entropy, g_ent, plan):
 
 
 def tiled_backward(hidden, weight, bias, token_ids, saved, g_lp, g_ent, inv_temp, plan, needs):
-    """Recompute the logits tile by tile and return the grads named by ``needs`` (h, w, b)."""
-    lse, entropy = saved
+    """Recompute the logits tile by tile and return the grads named by ``needs`` (h, w, b).
+
+    ``saved`` = (m, r, entropy) from the forward, logsumexp = m + r.
+    """
+    m, r, entropy = saved
     ops = _Operands(hidden, weight, bias, inv_temp, plan.cols)
-    ops.neg_shift.copy_(-lse)  # tiles come out as log p
+    torch.neg(m, out=ops.neg_m)  # tiles come out as z - m - r = log p
+    torch.neg(r, out=ops.neg_d)
     n, vocab = hidden.shape[0], weight.shape[0]
     new = lambda *shape: ops.hs.new_zeros(shape)  # noqa: E731
     gr = _Grads(hs=new(*ops.hs.shape) if needs[0] else None,
@@ -292,7 +299,7 @@ class SelectedLogprobsFn(torch.autograd.Function):
         res = tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan,
                             grad_unit=store_grad_h)
         ctx.set_materialize_grads(False)  # unused outputs (e.g. a metric-only entropy) give None
-        ctx.save_for_backward(hidden, weight, bias, token_ids, res.lse, res.entropy,
+        ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy,
                               res.dlogp_dhidden)
         ctx.inv_temp, ctx.plan, ctx.with_entropy = inv_temp, plan, with_entropy
         entropy = res.entropy if with_entropy else res.logp.new_empty(0)
@@ -302,7 +309,7 @@ class SelectedLogprobsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, bias, token_ids, lse, entropy, dlogp_dh = ctx.saved_tensors
+        hidden, weight, bias, token_ids, m, r, entropy, dlogp_dh = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         # Upstream grads may be expanded views (e.g. from .sum()): make them plain fp32 vectors.
         g_lp = None if g_lp is None else g_lp.float().contiguous()
@@ -312,7 +319,7 @@ class SelectedLogprobsFn(torch.autograd.Function):
             grad_h = g_lp[:, None] * dlogp_dh  # frozen head: the forward did the work
             g_lp = None
         if g_lp is not None or g_ent is not None:
-            gr = tiled_backward(hidden, weight, bias, token_ids, (lse, entropy), g_lp, g_ent,
+            gr = tiled_backward(hidden, weight, bias, token_ids, (m, r, entropy), g_lp, g_ent,
                                 ctx.inv_temp, ctx.plan, needs)
             if gr.hs is not None:
                 extra = gr.hs * ctx.inv_temp

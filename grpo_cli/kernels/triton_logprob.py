@@ -164,6 +164,9 @@ def _merge_splits(m, s, s2, zt):
 def triton_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy):
     """-> (logp [N], lse [N], entropy [N] or None), all fp32."""
     n, hdim, vocab = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    if n == 0:  # every row masked: nothing to launch
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return empty, empty, (empty if with_entropy else None)
     cfg = _config(hidden.device, hidden.dtype)
     splits, cols = _vocab_splits(n, vocab, cfg, hidden.device)
     part = torch.empty((4 if with_entropy else 3, splits, n), device=hidden.device,

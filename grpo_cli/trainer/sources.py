@@ -32,6 +32,24 @@ def build_source(cfg: Any, **kwargs) -> Any:
     return SOURCES[cfg.name](cfg, **kwargs)
 
 
+class EpochSampler:
+    """Indices 0..n-1 in epochs, reshuffled each epoch by its own seeded RNG."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.shuffle, self.rng = n, shuffle, random.Random(seed)
+        self.order: List[int] = []
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        while len(out) < k:
+            if not self.order:
+                self.order = list(range(self.n))
+                if self.shuffle:
+                    self.rng.shuffle(self.order)
+            out.append(self.order.pop())
+        return out
+
+
 def context_length(policy) -> int:
     return int(getattr(policy.model.config, "max_position_embeddings", 10**9))
 
@@ -58,22 +76,11 @@ class DatasetSource:
                 f"data: no training example has a solution that fits the model's context of {limit} tokens"
             )
         self.skipped = len(examples) - len(self.rows)
-        self.pad_id, self.batch_size, self.shuffle = tok.pad_token_id, batch_size, cfg.shuffle
-        self.rng = random.Random(seed)
-        self.order: List[int] = []
-
-    def _next_indices(self) -> List[int]:
-        out = []
-        while len(out) < self.batch_size:
-            if not self.order:
-                self.order = list(range(len(self.rows)))
-                if self.shuffle:
-                    self.rng.shuffle(self.order)
-            out.append(self.order.pop())
-        return out
+        self.pad_id, self.batch_size = tok.pad_token_id, batch_size
+        self.sampler = EpochSampler(len(self.rows), seed, cfg.shuffle)
 
     def next_batch(self, policy) -> Batch:
-        rows = [self.rows[i] for i in self._next_indices()]
+        rows = [self.rows[i] for i in self.sampler.take(self.batch_size)]
         ids, attn, comp = pack([r[1] for r in rows], [r[2] for r in rows], self.pad_id)
         return Batch(
             input_ids=ids,
@@ -104,24 +111,14 @@ class OnlineSource:
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
         if self.G < 2:
             raise UserError(f"source.group_size: a group needs at least 2 completions, got {self.G}")
-        self.rng = random.Random(seed)
+        self.sampler = EpochSampler(len(self.examples), seed)
         self.generator = torch.Generator().manual_seed(seed)
-        self.order: List[int] = []
-
-    def _next_examples(self) -> List[Example]:
-        out = []
-        while len(out) < self.P:
-            if not self.order:
-                self.order = list(range(len(self.examples)))
-                self.rng.shuffle(self.order)
-            out.append(self.examples[self.order.pop()])
-        return out
 
     def next_batch(self, policy) -> Batch:
         from grpo_cli.generation import generate
         from grpo_cli.rewards.answer import answers_match, extract_answer
 
-        questions = self._next_examples()
+        questions = [self.examples[i] for i in self.sampler.take(self.P)]
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
         gens = generate(
