@@ -94,8 +94,17 @@ def recipes() -> None:
     out.print(table)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bar and tables say what is happening; silence the libraries' bars and notices."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Console entry point: user errors become one line and exit code 2."""
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except UserError as e:

@@ -39,7 +39,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 def _cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` (5.x); pass whichever forward takes."""
+    """transformers renamed ``past_key_values`` to ``cache`` (5.x), in and out; use the model's name."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -54,7 +54,7 @@ def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temper
         attn[b, T0 - len(p):] = 1
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
     cache_arg = _cache_kwarg(model)
-    past, logits = out.past_key_values, out.logits[:, -1]
+    past, logits = out[cache_arg], out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     new_tokens = []
     for _ in range(max_new_tokens):
@@ -67,7 +67,7 @@ def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temper
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
         pos = attn.sum(-1, keepdim=True) - 1  # [B, 1] position of the token fed now
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
-        past, logits = out.past_key_values, out.logits[:, -1]
+        past, logits = out[cache_arg], out.logits[:, -1]
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 
 

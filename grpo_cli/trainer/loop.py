@@ -118,6 +118,8 @@ def train(cfg: DictConfig) -> Path:
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
         rollout=cfg.rollout, seed=cfg.trainer.seed,
     )
+    if getattr(source, "skipped", 0):
+        console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
     opt, sched = build_optimizer(policy.model, cfg.trainer, algorithm.updates_per_batch)
     log = MetricsLog(run)
     main_metric = cfg.logging.main_metric or algorithm.main_metric

@@ -106,6 +106,7 @@ class OnlineSource:
         limit = context_length(policy) - rollout.max_new_tokens
         tok = policy.tokenizer
         self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+        self.skipped = len(examples) - len(self.examples)
         if not self.examples:
             raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
