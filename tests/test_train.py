@@ -153,3 +153,17 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
         moved = policy.logprobs(batch)[0]
     assert torch.allclose(ref, expected, atol=1e-5)
     assert not torch.allclose(moved, expected, atol=1e-5)
+
+
+def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch):
+    """mu = 2: two optimiser steps per batch, the second one against the stored pi_old."""
+    from grpo_cli.rewards.registry import REWARDS
+
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+    cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'mu'}", "algorithm.mu=2",
+                  "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4",
+                  "trainer.lr=1e-2", "trainer.schedule=linear")
+    rows = metrics(train(cfg))
+    # linear decay over steps * mu = 4 optimiser steps: after 2 batches (4 updates) the lr is 0
+    assert rows[-1]["lr"] == pytest.approx(0.0)
+    assert rows[0]["lr"] == pytest.approx(1e-2 * (1 - 2 / 4))
