@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Peak memory and time of one GRPO update (reference log-probs + loss + backward), naive vs fused.
+
+The update is the trainer's own code path (GRPO.prepare and GRPO.loss on a Policy); only
+``model.logprob_backend`` differs. Each measurement runs in a fresh subprocess and reports the
+growth of its peak RSS over the RSS after the model and batch are built, so the two backends are
+compared side by side on the same machine in one run.
+
+    python scripts/bench_grpo_memory.py                  # V=32000 and V=151936, H=512, 4 layers
+    python scripts/bench_grpo_memory.py --quick          # small shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so the peak counts from here."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: int) -> dict:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from grpo_cli.algorithms.grpo import GRPO
+    from grpo_cli.models.policy import Policy
+    from grpo_cli.trainer.batch import Batch
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=tokens, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg)
+    policy = Policy.create(model, tokenizer=None, keep_reference=True, logprob_backend=backend)
+    ids = torch.randint(0, vocab, (batch, tokens))
+    comp = torch.zeros_like(ids)
+    comp[:, tokens // 4:] = 1  # the first quarter is the prompt
+    b = Batch(ids, torch.ones_like(ids), comp, [""] * batch, [""] * batch, [""] * batch,
+              torch.arange(batch) // 8, rewards=torch.rand(batch)).with_totals()
+    algo = GRPO(beta=0.04, eps=0.2, eps_high=None, mu=1, aggregation="sequence", scale_rewards=True)
+    base = rss_mb()
+    reset_peak()
+    t0 = time.perf_counter()
+    b = algo.prepare(b, policy)
+    loss, _ = algo.loss(b, policy)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    return {"backend": backend, "vocab": vocab, "seconds": seconds, "peak_mb": peak_mb() - base, "loss": float(loss)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small shapes")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(**json.loads(args.child))))
+        return
+    shape = dict(hidden=128, layers=2, batch=8, tokens=64) if args.quick else dict(hidden=512, layers=4, batch=32, tokens=160)
+    vocabs = [4096] if args.quick else [32000, 151936]
+    rows = []
+    for vocab in vocabs:
+        for backend in ("naive", "fused"):
+            spec = json.dumps(dict(backend=backend, vocab=vocab, **shape))
+            out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"GRPO update (ref log-probs + loss + backward), B={shape['batch']} T={shape['tokens']} "
+          f"H={shape['hidden']} layers={shape['layers']}, fp32, {__import__('os').cpu_count()} CPU cores")
+    print(f"{'V':>7} {'backend':>8} {'time s':>8} {'peak +MB':>9} {'time x':>7} {'mem x':>7} {'loss':>10}")
+    for r in rows:
+        naive = next(x for x in rows if x["vocab"] == r["vocab"] and x["backend"] == "naive")
+        print(f"{r['vocab']:>7} {r['backend']:>8} {r['seconds']:>8.2f} {r['peak_mb']:>9.0f} "
+              f"{r['seconds'] / naive['seconds']:>7.2f} {r['peak_mb'] / max(naive['peak_mb'], 1e-9):>7.2f} {r['loss']:>10.6f}")
+
+
+if __name__ == "__main__":
+    main()
