@@ -79,3 +79,13 @@ def test_packaged_recipes_are_the_repository_ones():
 
     assert (_packaged_recipes() / "sft_arithmetic.yaml").exists()
     assert (REPO / "recipes" / "sft_arithmetic.yaml").exists()
+
+
+def test_missing_model_directory_is_one_line_and_creates_no_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "recipe=grpo_arithmetic", "model.name_or_path=./no/such/run"])
+    assert e.value.code == 2
+    assert "model.name_or_path: no such directory './no/such/run'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -114,8 +114,8 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     seen = {}
     original = loop.build_policy
 
-    def spy(cfg, algorithm, run, device):
-        policy = original(cfg, algorithm, run, device)
+    def spy(*args):
+        policy = original(*args)
         seen["policy"], seen["before"] = policy, _trainable(policy.model)
         return policy
 

@@ -27,9 +27,16 @@ from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def looks_local(name_or_path: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything with a leading ``/ . ~`` or more parts is a path."""
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+
+
 def resolve_model_dir(name_or_path: str) -> str:
     """A run directory resolves to its final (or latest) checkpoint; anything else is returned as is."""
-    p = Path(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not p.exists():
+        raise UserError(f"model.name_or_path: no such directory '{name_or_path}'")
     if not p.is_dir() or (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return name_or_path
     ckpts = p / "checkpoints"

@@ -62,8 +62,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch.device) -> Policy:
-    model, tok, base_ref = load_model_and_tokenizer(cfg.model)
+def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch.device, loaded) -> Policy:
+    """The policy from an already ``loaded`` (model, tokenizer, base_ref), with LoRA and a reference."""
+    model, tok, base_ref = loaded
     if cfg.lora.enabled and base_ref is None:
         # The base exists only in memory (tiny model, merged adapter): save it once so the
         # adapter checkpoints of this run reload on top of it.
@@ -112,8 +113,9 @@ def train(cfg: DictConfig) -> Path:
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     examples = load_examples(cfg.data, "train")
+    loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
     run = create_run_dir(cfg)
-    policy = build_policy(cfg, algorithm, run, device)
+    policy = build_policy(cfg, algorithm, run, device, loaded)
     source = build_source(
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
         rollout=cfg.rollout, seed=cfg.trainer.seed,
