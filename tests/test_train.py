@@ -167,3 +167,24 @@ def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkey
     # linear decay over steps * mu = 4 optimiser steps: after 2 batches (4 updates) the lr is 0
     assert rows[-1]["lr"] == pytest.approx(0.0)
     assert rows[0]["lr"] == pytest.approx(1e-2 * (1 - 2 / 4))
+
+
+def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
+    """The trainer's fused path (no [N, V] logits) against the naive one: values and gradients."""
+    from grpo_cli.models.policy import token_logprobs
+    from grpo_cli.trainer.batch import Batch, pack
+
+    model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
+    prompts, comps = ["3+4*2\n", "9-2\n"], ["3+4=7\n7*2=14\n#### 14", "#### 7"]
+    enc = lambda xs: [tok(x, add_special_tokens=False)["input_ids"] for x in xs]  # noqa: E731
+    ids, attn, comp = pack(enc(prompts), [c + [tok.eos_token_id] for c in enc(comps)], tok.pad_token_id)
+    batch = Batch(ids, attn, comp, prompts, comps, ["14", "7"], torch.arange(2))
+    grads = {}
+    for backend in ("naive", "fused"):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, batch, temperature=0.7, with_entropy=True, backend=backend)
+        mask = batch.target_mask
+        ((logp * mask).sum() + (ent * mask).sum()).backward()
+        grads[backend] = (logp * mask, ent * mask, model.get_output_embeddings().weight.grad.clone())
+    for a, b in zip(grads["naive"], grads["fused"]):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -20,6 +20,10 @@ from grpo_cli.models.load import is_peft
 from grpo_cli.trainer.batch import Batch, position_ids
 
 
+IGNORE = -100
+"""Target id the fused kernel skips."""
+
+
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_peft(model) else model
 
@@ -51,7 +55,8 @@ def token_logprobs(
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(o_t | q, o_<t) for every next-token target: logp [B, T-1] (and entropy [B, T-1]).
 
-    Position t of the result scores token t+1 of ``batch.input_ids``; mask with ``batch.target_mask``.
+    Position t of the result scores token t+1 of ``batch.input_ids``; only completion targets are
+    meaningful (``batch.target_mask``): the fused backend returns 0 elsewhere.
     """
     B, T = batch.input_ids.shape
     hidden = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [B, T-1, H]
@@ -63,8 +68,11 @@ def token_logprobs(
     else:
         from grpo_cli.kernels import selected_logprobs
 
+        # Prompt and padding targets are never trained on: the kernel skips them (log-prob 0).
+        targets = torch.where(batch.completion_mask[:, 1:].reshape(-1).bool(), targets, IGNORE)
         out = selected_logprobs(
-            flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy
+            flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy,
+            ignore_index=IGNORE,
         )
         logp, ent = out if with_entropy else (out, None)
     logp = logp.view(B, T - 1)
