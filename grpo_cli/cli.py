@@ -3,7 +3,9 @@
     grpo train recipe=sft_arithmetic trainer.steps=200 output_dir=runs/sft
     grpo train recipe=sft_arithmetic --print-config
     grpo eval run=runs/sft
+    grpo eval run=runs/sft eval.n=16 eval.ks=[1,4,16]
     grpo eval samples=outputs.jsonl
+    grpo sweep recipe=sft_arithmetic 'trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)' sweep.parallel=2
     grpo recipes
 
 A mistake in the input (recipe, key, type, file) prints one ``error:`` line and exits with code 2.
@@ -58,7 +60,7 @@ def evaluate(
     ),
     print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
 ) -> None:
-    """Evaluate a run or model (greedy pass@1), or score a JSONL of completions made elsewhere."""
+    """Evaluate a run or model (greedy pass@1; maj@K and pass@K with eval.n=N samples), or score a JSONL of completions."""
     from grpo_cli.config.compose import PACKAGE_CONF, compose_file
     from grpo_cli.evaluate import evaluate_model, inherit_run_config, results_table, score_samples
 
@@ -70,6 +72,32 @@ def evaluate(
     result = score_samples(cfg) if cfg.eval.samples else evaluate_model(cfg)
     out.print(results_table(result))
     out.print(f"wrote {result['output_dir']}/eval.json and samples.jsonl")
+
+
+@app.command(context_settings=EXTRA)
+def sweep(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="recipe=NAME, overrides, swept ones in Hydra's grammar ('trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)'), sweep.* settings"
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs of the grid and exit."),
+) -> None:
+    """Train a grid of runs (resumable, crashes isolated) and summarise them: grpo sweep recipe=NAME 'a=1,2' ..."""
+    from grpo_cli.config.compose import split_recipe
+    from grpo_cli.sweep import run_sweep, summarise
+
+    recipe, rest = split_recipe(overrides or [])
+    sweep_dir, cfg, outcomes = run_sweep(recipe, rest, dry_run=dry_run)
+    if dry_run:
+        for o in outcomes:
+            typer.echo(f"{o.run.name}: grpo train recipe={recipe} {' '.join(o.run.overrides)}")  # unwrapped: copy-pasteable
+        return
+    for table in summarise(sweep_dir, cfg, outcomes):
+        out.print(table)
+    failed = [o for o in outcomes if o.status == "failed"]
+    out.print(f"wrote {sweep_dir}/summary.csv" + (" and summary.png" if (sweep_dir / "summary.png").exists() else "")
+              + (f"; {len(failed)} of {len(outcomes)} runs failed (see their train.log)" if failed else ""))
+    if failed:
+        sys.exit(1)  # a script running the sweep sees that some runs failed
 
 
 def _shorthand(arg: str) -> str:

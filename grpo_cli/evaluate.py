@@ -1,7 +1,8 @@
 """``grpo eval``: greedy pass@1 of a run or model on a task's split, or scoring of a samples file.
 
-Writes ``eval.json`` (``accuracy`` and counts) and ``samples.jsonl`` (one row per question:
-prompt, completion, extracted answer, reference answer, correct).
+Writes ``eval.json`` (``accuracy`` and counts; with ``eval.n > 0`` also ``maj@K`` and ``pass@K`` for
+each K of ``eval.ks``, see :mod:`grpo_cli.metrics`) and ``samples.jsonl`` (one row per question:
+prompt, greedy completion, extracted answer, reference answer, correct, and the sampled answers).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
@@ -19,6 +21,7 @@ from grpo_cli.data import load_examples
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
 from grpo_cli.generation import generate
+from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.rewards.answer import answers_match, extract_answer
 from grpo_cli.trainer.loop import pick_device
@@ -43,9 +46,13 @@ def inherit_run_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
 
 def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
-    """Greedy pass@1 of ``cfg.eval.run`` on ``cfg.data``'s ``cfg.eval.split``."""
+    """Greedy pass@1 of ``cfg.eval.run`` on ``cfg.data``'s ``cfg.eval.split``, plus the sampling
+    metrics when ``cfg.eval.n > 0``."""
     if not cfg.eval.run:
         raise UserError("eval: pass run=<run dir, checkpoint, model dir or hub name> or samples=<file.jsonl>")
+    check_sampling(cfg)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
     with open_dict(cfg):
         cfg.model.name_or_path = cfg.eval.run
     model, tok, _ = load_model_and_tokenizer(cfg.model)
@@ -57,11 +64,45 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
         temperature=0.0, batch_size=cfg.rollout.batch_size,
     )
     rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
+    sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
     result = summarise(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
+    result = {"accuracy": result.pop("accuracy"), **sampled, **result}  # the metrics first, then counts
+    if sampled:
+        result.update(n=cfg.eval.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     write_results(out_dir, result, rows)
     return result
+
+
+def check_sampling(cfg: DictConfig) -> None:
+    """The sampling settings make sense together (checked before the model loads)."""
+    n, ks = cfg.eval.n, list(cfg.eval.ks)
+    if n < 0:
+        raise UserError(f"eval.n: expected 0 (greedy only) or a number of samples per question, got {n}")
+    if n == 0:
+        return
+    if not ks or any(k < 1 or k > n for k in ks):
+        raise UserError(f"eval.ks: each K must be in 1..eval.n={n}, got {ks}")
+    if cfg.rollout.temperature <= 0:
+        # n greedy samples are n copies: maj@K and pass@K would silently equal the greedy accuracy.
+        raise UserError("eval.n > 0 samples at rollout.temperature, which is 0 (greedy): set rollout.temperature=1.0")
+
+
+def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: DictConfig) -> Dict[str, float]:
+    """Sample ``eval.n`` completions per question; add their answers to ``rows``; maj@K and pass@K."""
+    n = cfg.eval.n
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed)
+    gens = generate(
+        model, tok, [e.prompt for e in examples for _ in range(n)], max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size,
+        generator=generator,
+    )
+    answers = [[extract_answer(g.text) for g in gens[i * n:(i + 1) * n]] for i in range(len(examples))]
+    for row, found in zip(rows, answers):
+        row["sampled"] = found
+        row["sampled_correct"] = sum(answers_match(a, str(row["answer"])) for a in found)
+    return sampling_metrics(answers, [e.answer for e in examples], list(cfg.eval.ks))
 
 
 def score_row(prompt: str, completion: str, answer: str) -> Dict[str, object]:
@@ -73,6 +114,8 @@ def score_row(prompt: str, completion: str, answer: str) -> Dict[str, object]:
 def score_samples(cfg: DictConfig) -> Dict[str, object]:
     """Score a JSONL of completions produced elsewhere with the same verifier."""
     path = Path(cfg.eval.samples)
+    if cfg.eval.n:
+        raise UserError("eval.n samples a model (run=...); a samples file is scored as it is: drop eval.n")
     if not path.is_file():
         raise UserError(f"eval.samples: no such file '{path}'")
     rows: List[Dict[str, object]] = []

@@ -271,6 +271,34 @@ class EvalConfig:
     """Evaluate only the first N questions."""
     output_dir: Optional[str] = None
     """Where ``eval.json`` and ``samples.jsonl`` go; default: ``<run>/eval`` or ``runs/eval/<timestamp>``."""
+    n: int = 0
+    """Completions sampled per question (at ``rollout.temperature`` and ``rollout.top_p``) for the
+    sampling metrics; 0 evaluates greedy pass@1 (``accuracy``) only."""
+    ks: List[int] = field(default_factory=lambda: [1, 4])
+    """The K of ``maj@K`` (majority vote over K samples) and ``pass@K`` (unbiased estimator over the n
+    samples) reported when ``n > 0``; each K must be at most n."""
+    seed: int = 0
+    """Seed of the sampling, so the same model gives the same sampling metrics."""
+
+
+@dataclass
+class SweepConfig:
+    """``grpo sweep``: how the grid of runs is run and summarised (these keys are not swept)."""
+
+    dir: Optional[str] = None
+    """Directory of the sweep, one sub-directory per run; default ``runs/sweeps/<recipe>-<hash>``, the
+    hash of the overrides, so the same command finds (and resumes) the same sweep."""
+    parallel: int = 1
+    """Runs at once, each in its own process; mind ``trainer.threads`` x parallel <= cores."""
+    eval: bool = False
+    """Evaluate each finished run with ``grpo eval`` (held-out split); the sweep's ``eval.*`` overrides
+    (``eval.limit=200 eval.n=8``) go to that evaluation."""
+    metric: Optional[str] = None
+    """The number summarised: ``eval.<key>`` of eval.json (``eval.accuracy``, ``eval.pass@4``) or a
+    key of the run's last metrics line (``loss``, ``reward_mean``); default ``eval.accuracy`` with
+    ``sweep.eval``, else ``loss``."""
+    plot: bool = True
+    """Draw ``summary.png``: the metric across the grid, mean and std over ``trainer.seed``."""
 
 
 @dataclass
@@ -293,3 +321,4 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
