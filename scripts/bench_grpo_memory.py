@@ -20,18 +20,11 @@ import sys
 import time
 
 
-def rss_mb() -> float:
+def status_mb(key: str) -> float:
+    """A /proc/self/status memory line in MB: ``VmRSS`` now, ``VmHWM`` the peak."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -64,14 +57,14 @@ def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: 
     b = Batch(ids, torch.ones_like(ids), comp, [""] * batch, [""] * batch, [""] * batch,
               torch.arange(batch) // 8, rewards=torch.rand(batch)).with_totals()
     algo = GRPO(beta=0.04, eps=0.2, eps_high=None, mu=1, aggregation="sequence", scale_rewards=True)
-    base = rss_mb()
+    base = status_mb("VmRSS")
     reset_peak()
     t0 = time.perf_counter()
     b = algo.prepare(b, policy)
     loss, _ = algo.loss(b, policy)
     loss.backward()
     seconds = time.perf_counter() - t0
-    return {"backend": backend, "vocab": vocab, "seconds": seconds, "peak_mb": peak_mb() - base, "loss": float(loss)}
+    return {"backend": backend, "vocab": vocab, "seconds": seconds, "peak_mb": status_mb("VmHWM") - base, "loss": float(loss)}
 
 
 def main() -> None:
