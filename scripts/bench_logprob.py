@@ -6,6 +6,9 @@ per-token ``adv``, i.e. a per-row upstream gradient as in every policy-gradient 
     python scripts/bench_logprob.py                 # N,H,V = 8192,512,32000 and 4096,896,151936
     python scripts/bench_logprob.py --quick         # small shapes, seconds
     python scripts/bench_logprob.py --repeats 5 --heads trainable,frozen
+    python scripts/bench_logprob.py --shapes 8192x512x32000 --heads frozen
+
+CPU: fp32, methods naive / fused-torch / liger. CUDA: bf16, plus fused-triton.
 
 Method: every measurement runs in a fresh subprocess. It allocates the inputs, warms the
 libraries up on a tiny problem, records a baseline (CPU: resets the kernel's RSS high-water mark
@@ -185,16 +188,9 @@ def run_case(cfg: dict) -> dict:
 
 
 def _methods(device: str) -> list[str]:
-    methods = ["naive", "fused-torch"]
-    if device == "cuda":
-        methods.append("fused-triton")
-    try:
-        import liger_kernel  # noqa: F401
-
-        methods.append("liger")
-    except ImportError:
-        pass
-    return methods
+    """Methods to compare. Liger is always tried: when it is not installed, or cannot run here
+    (its kernels are Triton-only, so not on CPU), its row says why instead of a number."""
+    return ["naive", "fused-torch"] + (["fused-triton"] if device == "cuda" else []) + ["liger"]
 
 
 def _merge(runs: list[dict]) -> dict:

@@ -227,7 +227,8 @@ def triton_device():
     started with TRITON_INTERPRET=1 (it must be set before triton is first imported, and torch
     imports triton whenever torch._dynamo loads, so on CPU the parent run delegates these tests
     to a child process: see test_triton_backend_under_interpreter)."""
-    pytest.importorskip("triton", reason="triton not installed (pip install triton)")
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
+                        exc_type=ImportError)
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -270,7 +271,8 @@ def test_triton_half_precision_entropy_unused(triton_device):
 
 def test_triton_backend_under_interpreter():
     """CPU: rerun the Triton tests above in a child started with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton", reason="triton not installed (pip install triton)")
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
+                        exc_type=ImportError)
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the Triton tests run in this process")
     res = subprocess.run(
@@ -321,8 +323,10 @@ def test_triton_kernels_compile_for_hopper():
 
     Runs in a subprocess because this process imported the kernels in interpreter mode.
     """
-    pytest.importorskip("triton", reason="triton not installed: `pip install triton`")
-    nvidia = pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend")
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
+                        exc_type=ImportError)
+    nvidia = pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend",
+                                 exc_type=ImportError)
     ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
     if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip("no ptxas bundled with triton")

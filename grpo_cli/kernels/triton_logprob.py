@@ -17,8 +17,9 @@ Import this module only through ``grpo_cli.kernels.dispatch`` (it imports triton
   [chunk, V] block. Recompute (rather than storing p) is forced by the per-row upstream gradient;
   see grpo_cli/kernels/fused.py for the argument.
 
-Block sizes are fixed, not autotuned: no GPU was available when this was written (tested under
-``TRITON_INTERPRET=1`` only; see docs/performance.md).
+Block sizes are fixed, not autotuned: no GPU was available when this was written. The kernels
+are tested under ``TRITON_INTERPRET=1`` (fp32, fp16) and compiled for sm_90 (bf16) in
+tests/test_kernels.py, but have not run on a GPU yet; see docs/performance.md.
 """
 
 from __future__ import annotations
