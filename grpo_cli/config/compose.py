@@ -126,7 +126,7 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
     root = chain[-1]
     msg, key = str(root), getattr(root, "full_key", None)
     if key and re.search(r"Key '[^']+' not in", msg):
-        return f"unknown config key '{key}': {nearest(key.split('.')[-1], _siblings(key))}"
+        return unknown_key(key)
     m = re.search(r"Value '([^']*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (\w+))", msg)
     if key and m:
         expected = (m.group(2) or m.group(3)).lower()
@@ -137,11 +137,21 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
         return f"unknown {group} '{option}': {nearest(option, store.group_options(group))}"
     m = re.search(r"Could not override '([^']+)'", str(err))
     if m:
-        return f"unknown config key '{m.group(1)}': {nearest(m.group(1).split('.')[-1], _siblings(m.group(1)))}"
+        return unknown_key(m.group(1))
     if type(root).__name__ == "OverrideParseException":
         return f"cannot parse override ({msg.splitlines()[0]}): expected key=value in Hydra's override grammar"
     first = msg.strip().splitlines()[0] if msg.strip() else type(root).__name__
     return f"{path.name}: {first}"
+
+
+def unknown_key(key: str) -> str:
+    """Name the options of a group that do have the key (``source.group_size`` -> source=online),
+    else the nearest valid names."""
+    head, _, field = key.partition(".")
+    owners = [name for name, node in store.options().get(head, {}).items() if field in store.node_fields(node)]
+    if owners and "." not in field:
+        return f"unknown config key '{key}' for the chosen {head}; it belongs to {head}={'|'.join(owners)}"
+    return f"unknown config key '{key}': {nearest(key.split('.')[-1], _siblings(key))}"
 
 
 def _siblings(key: str) -> List[str]:

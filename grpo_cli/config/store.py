@@ -53,6 +53,11 @@ def group_options(group: str) -> List[str]:
     return sorted(options().get(group, {}))
 
 
+def node_fields(node: object) -> List[str]:
+    """Top-level field names of a group option (a dataclass type or instance)."""
+    return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+
+
 def field_names(prefix: str) -> List[str]:
     """Field names of the schema node at ``prefix`` ("" is the top level); union over group options."""
     if not prefix:
