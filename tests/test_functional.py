@@ -112,3 +112,10 @@ def test_micro_batch_losses_add_up_to_the_full_batch():
         full = F.aggregate(x, m, mode=mode, **kw)
         parts = F.aggregate(x[:2], m[:2], mode=mode, **kw) + F.aggregate(x[2:], m[2:], mode=mode, **kw)
         assert torch.allclose(full, parts)
+
+
+def test_online_rft_gc_is_the_correctness_indicator():
+    # rule rewards [1, 0, 1, 0.0]: kept (GC 1) exactly where correct
+    from grpo_cli.algorithms.rft import rft_coefficients
+
+    assert rft_coefficients(torch.tensor([1.0, 0.0, 1.0, 0.0]), 0.5).tolist() == [1.0, 0.0, 1.0, 0.0]

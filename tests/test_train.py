@@ -188,3 +188,17 @@ def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
         grads[backend] = (logp * mask, ent * mask, model.get_output_embeddings().weight.grad.clone())
     for a, b in zip(grads["naive"], grads["fused"]):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, monkeypatch):
+    from grpo_cli.rewards.registry import REWARDS
+
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+    cfg = compose("online_rft_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'rft'}",
+                  "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-3")
+    run = train(cfg)
+    rows = metrics(run)
+    assert 0.0 < rows[0]["kept"] <= 1.0 and rows[0]["gc_negative"] == 0.0
+    before, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
+    after = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "final")
+    assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))

@@ -170,6 +170,15 @@ class SFTConfig(AlgorithmConfig):
 
 
 @dataclass
+class OnlineRFTConfig(AlgorithmConfig):
+    """Online rejection-sampling fine-tuning: SFT on the live policy's correct samples (GC = 1 or 0)."""
+
+    name: str = "online_rft"
+    threshold: float = 0.5
+    """A completion is kept (GC = 1) when its reward exceeds this; the rule reward gives 1 or 0."""
+
+
+@dataclass
 class GRPOConfig(AlgorithmConfig):
     """Group Relative Policy Optimisation (DeepSeekMath eq. 3); defaults are the paper's form."""
 
