@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Benchmark selected-token log-probs: naive vs fused (vs Liger-Kernel), forward + backward.
 
 Shapes: N tokens, H hidden size, V vocabulary size. The loss is ``sum(logp * adv)`` with a random
