@@ -11,7 +11,7 @@ import json
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -25,7 +25,6 @@ from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.rewards.answer import answers_match, extract_answer
 from grpo_cli.trainer.loop import pick_device
-from grpo_cli.trainer.run import console
 
 INHERITED = ("data", "rollout")
 """Sections of a run's config.yaml that ``grpo eval run=<dir>`` reuses unless overridden."""

@@ -277,7 +277,7 @@ def tiled_backward(hidden, weight, bias, token_ids, saved, g_lp, g_ent, inv_temp
     ops = _Operands(hidden, weight, bias, inv_temp, plan.cols)
     torch.neg(m, out=ops.neg_m)  # tiles come out as z - m - r = log p
     torch.neg(r, out=ops.neg_d)
-    n, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     new = lambda *shape: ops.hs.new_zeros(shape)  # noqa: E731
     gr = _Grads(hs=new(*ops.hs.shape) if needs[0] else None,
                 weight=new(*weight.shape) if needs[1] else None,
