@@ -118,7 +118,7 @@ def train(cfg: DictConfig) -> Path:
     policy = build_policy(cfg, algorithm, run, device, loaded)
     source = build_source(
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
-        rollout=cfg.rollout, seed=cfg.trainer.seed,
+        rollout=cfg.rollout, seed=cfg.trainer.seed, reward=reward, run=run,
     )
     if getattr(source, "skipped", 0):
         console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
@@ -133,7 +133,7 @@ def train(cfg: DictConfig) -> Path:
             with timers("generate"):
                 batch = source.next_batch(policy).with_totals()
             with timers("reward"):
-                if reward is not None:
+                if reward is not None and batch.rewards is None:  # offline sources bring stored labels
                     batch.rewards = reward(batch)
             batch = batch.to(device)
             with timers("logprob"):

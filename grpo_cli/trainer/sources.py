@@ -60,7 +60,7 @@ class DatasetSource:
 
     provides_rewards = False
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int):
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, **_):
         tok = policy.tokenizer
         limit = context_length(policy)
         self.rows = []
@@ -102,7 +102,7 @@ class OnlineSource:
     and ``completion_length``.
     """
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int):
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, **_):
         limit = context_length(policy) - rollout.max_new_tokens
         tok = policy.tokenizer
         self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
