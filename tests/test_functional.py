@@ -119,3 +119,36 @@ def test_online_rft_gc_is_the_correctness_indicator():
     from grpo_cli.algorithms.rft import rft_coefficients
 
     assert rft_coefficients(torch.tensor([1.0, 0.0, 1.0, 0.0]), 0.5).tolist() == [1.0, 0.0, 1.0, 0.0]
+
+
+def test_sequence_log_ratio_sum_and_length_normalised():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -1.0, -9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # row 0: (0.5 + 0 - 1) = -0.5 over 3 tokens; row 1: (0.5 + 0.5) = 1.0 over 2 (third masked)
+    total = F.sequence_log_ratio(logp, ref, mask, length_normalise=False)
+    mean = F.sequence_log_ratio(logp, ref, mask, length_normalise=True)
+    assert torch.allclose(total, torch.tensor([-0.5, 1.0]))
+    assert torch.allclose(mean, torch.tensor([-0.5 / 3, 0.5]))
+
+
+def test_dpo_pair_loss_and_gc_hand_values():
+    import math
+
+    chosen, rejected = torch.tensor([0.0, 1.0]), torch.tensor([0.0, -1.0])
+    loss, parts = F.dpo_pair_loss(chosen, rejected, beta=0.5)
+    # pair 0: margin 0 -> loss log 2 = 0.6931, GC = sigmoid(0) = 0.5
+    # pair 1: margin 0.5 * (1 - (-1)) = 1 -> loss log(1 + e^-1) = 0.3133, GC = sigmoid(-1) = 0.2689
+    assert torch.allclose(parts["margin"], torch.tensor([0.0, 1.0]))
+    assert torch.allclose(loss, torch.tensor([math.log(2), math.log(1 + math.exp(-1))]), atol=1e-6)
+    assert torch.allclose(parts["gc"], torch.tensor([0.5, 1 / (1 + math.e)]), atol=1e-6)
+
+
+def test_dpo_gradient_is_beta_times_gc_on_chosen_and_minus_on_rejected():
+    chosen = torch.tensor([0.3, -0.2], requires_grad=True)
+    rejected = torch.tensor([0.1, 0.4], requires_grad=True)
+    loss, parts = F.dpo_pair_loss(chosen, rejected, beta=0.1)
+    loss.sum().backward()
+    # d(-log sigmoid(m))/d chosen = -beta * sigmoid(-m) = -beta * GC;  d/d rejected = +beta * GC
+    assert torch.allclose(chosen.grad, -0.1 * parts["gc"], atol=1e-7)
+    assert torch.allclose(rejected.grad, 0.1 * parts["gc"], atol=1e-7)

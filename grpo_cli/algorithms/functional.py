@@ -95,3 +95,25 @@ def masked_mean_std(x: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
     mean = (x * mask).sum() / n
     var = (((x - mean) ** 2) * mask).sum() / n
     return float(mean), float(var.sqrt())
+
+
+def sequence_log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, length_normalise: bool) -> torch.Tensor:
+    """log(pi_theta(o) / pi_ref(o)) per sequence [B] from per-token log-probs [B, T]: the sum over
+    the completion's tokens, or its mean with ``length_normalise`` (DeepSeekMath's 1/|o|)."""
+    total = ((logp - ref_logp) * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalise else total
+
+
+def dpo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Pairwise DPO loss [P] from the sequence log-ratios of o+ (``chosen``) and o- (``rejected``) [P]:
+
+        margin = beta * (log pi_theta(o+)/pi_ref(o+) - log pi_theta(o-)/pi_ref(o-))
+        loss   = -log sigmoid(margin)
+
+    Also returns the ``margin`` (the implicit reward difference) and the paradigm's gradient
+    coefficient of o+, GC = sigmoid(-margin) (section 5.2.1; o- gets -GC), both detached. The
+    loss's gradient with respect to the log-ratio of o+ is -beta * GC.
+    """
+    margin = beta * (chosen - rejected)
+    loss = -torch.nn.functional.logsigmoid(margin)
+    return loss, {"margin": margin.detach(), "gc": torch.sigmoid(-margin).detach()}

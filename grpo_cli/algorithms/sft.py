@@ -36,6 +36,8 @@ class SFT(Algorithm):
         metrics = {
             "gc_mean": 1.0,
             "gc_std": 0.0,
+            "gc_positive": 1.0,
+            "gc_negative": 0.0,
             "target_prob": float(((logp.exp() * mask).sum() / n).detach()),
         }
         return loss, metrics

@@ -157,6 +157,35 @@ class OnlineSourceConfig(SourceConfig):
 
 
 @dataclass
+class RFTSourceConfig(SourceConfig):
+    """Offline samples of the start (SFT) model, drawn once and kept when correct (RFT's D).
+
+    Before step 1, ``questions`` training questions get ``samples_per_question`` completions each
+    (with ``rollout.*`` settings), scored by the configured reward; all of them are written to
+    ``<run>/samples.jsonl`` and the correct ones, deduplicated, are the training set.
+    """
+
+    name: str = "rft"
+    questions: int = 1024
+    """Training questions to sample (the first of a seeded shuffle); 0 means all of them."""
+    samples_per_question: int = 8
+    """Completions sampled per question (k)."""
+    threshold: float = 0.5
+    """A completion is correct when its reward exceeds this (the rule reward gives 1 or 0)."""
+    samples: Optional[str] = None
+    """Reuse a ``samples.jsonl`` written by an earlier run instead of sampling again."""
+
+
+@dataclass
+class PairsSourceConfig(RFTSourceConfig):
+    """Preference pairs (o+, o-) of the same question from the start model's samples (DPO's D)."""
+
+    name: str = "pairs"
+    pairs_per_question: int = 2
+    """Most (correct, incorrect) pairs kept per question; each completion is used once at most."""
+
+
+@dataclass
 class AlgorithmConfig:
     """The algorithm: turns a batch, its rewards and its log-probs into a loss (the paper's GC)."""
 
@@ -176,6 +205,31 @@ class OnlineRFTConfig(AlgorithmConfig):
     name: str = "online_rft"
     threshold: float = 0.5
     """A completion is kept (GC = 1) when its reward exceeds this; the rule reward gives 1 or 0."""
+    aggregation: str = "token"
+    """``token``: mean over all completion tokens of the batch, like SFT's loss (default); ``sequence``:
+    the paradigm's literal 1/|o| per output, which weights a short output's tokens more (measured on
+    the arithmetic task: it pushed the SFT model toward terse direct answers and lowered accuracy)."""
+
+
+@dataclass
+class RFTConfig(OnlineRFTConfig):
+    """Rejection-sampling fine-tuning on the start model's correct samples (use with source=rft)."""
+
+    name: str = "rft"
+
+
+@dataclass
+class DPOConfig(AlgorithmConfig):
+    """Direct Preference Optimisation on (o+, o-) pairs (DeepSeekMath appendix A.1.4; source=pairs)."""
+
+    name: str = "dpo"
+    beta: float = 0.1
+    """Scale of the implicit reward beta * log(pi_theta / pi_ref) in the pairwise logistic loss."""
+    length_normalise: bool = True
+    """Average the log-ratio over each output's tokens (the paper's 1/|o|); False sums them (original DPO)."""
+    sft_weight: float = 0.0
+    """Weight of an added NLL loss on o+ (token mean over the batch's o+ tokens), as in iterative RPO
+    (Pang et al., 2024); 0 is the paper's pure DPO. DPO alone tends to lower the likelihood of o+ too."""
 
 
 @dataclass

@@ -33,6 +33,7 @@ from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
+from grpo_cli.trainer import offline  # noqa: F401  (registers the rft and pairs sources)
 from grpo_cli.trainer.sources import build_source
 
 

@@ -1,0 +1,188 @@
+"""Offline data sources: outputs sampled once from the start (SFT) model, before training.
+
+``rft``:   the correct samples, deduplicated (RFT's D in the unified paradigm).
+``pairs``: (o+, o-) pairs of the same question, one correct and one not (DPO's D).
+
+Both sample ``questions x samples_per_question`` completions with the ``rollout`` settings, score
+them with the configured reward and write every sample with its reward to ``<run>/samples.jsonl``
+(token ids included, so the trained tokens are exactly the sampled ones). ``source.samples=PATH``
+reuses such a file instead of sampling again. Batches carry the stored rewards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from grpo_cli.data.loaders import read_jsonl
+from grpo_cli.data.types import Example
+from grpo_cli.errors import UserError
+from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.trainer.sources import EpochSampler, context_length, register_source
+
+Sample = Dict[str, object]
+"""One stored sample: question (index), prompt, answer, completion, prompt_ids, completion_ids, reward."""
+
+
+def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, reward,
+                     generator: torch.Generator) -> List[Sample]:
+    """k completions per question from the policy, scored by ``reward``, in chunks of rollout.batch_size."""
+    from grpo_cli.generation import generate
+
+    out: List[Sample] = []
+    chunk = max(1, rollout.batch_size // k)
+    for start in range(0, len(questions), chunk):
+        idx = [q for q in questions[start:start + chunk] for _ in range(k)]
+        gens = generate(
+            policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
+            temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
+        )
+        ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
+        batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
+                      [examples[q].answer for q in idx], torch.as_tensor(idx))
+        rewards = reward(batch).tolist()
+        out += [
+            {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
+             "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
+            for q, g, r in zip(idx, gens, rewards)
+        ]
+    return out
+
+
+def write_samples(samples: List[Sample], path: Path) -> None:
+    """Write JSONL atomically: a crash mid-write never leaves a truncated file to be reused."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_samples(path: Path) -> List[Sample]:
+    if not path.is_file():
+        raise UserError(f"source.samples: no samples file at '{path}'")
+    rows = []
+    for where, row in read_jsonl(path):
+        missing = [k for k in ("question", "prompt_ids", "completion_ids", "reward") if k not in row]
+        if missing:
+            raise UserError(f"{where}: sample row is missing {missing}")
+        rows.append(row)
+    return rows
+
+
+def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Optional[Path]) -> List[Sample]:
+    """Stored samples (``cfg.samples`` or ``<run>/samples.jsonl`` from an earlier attempt), else sample now."""
+    if reward is None:
+        raise UserError(f"reward: source '{cfg.name}' labels its samples with a reward; set reward=outcome (or another)")
+    own = run / "samples.jsonl" if run is not None else None
+    path = Path(cfg.samples) if cfg.samples else own if own is not None and own.is_file() else None
+    if path is not None:
+        return read_samples(path)
+    limit = context_length(policy) - rollout.max_new_tokens
+    tok = policy.tokenizer
+    fits = [i for i, e in enumerate(examples) if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+    random.Random(seed).shuffle(fits)
+    chosen = fits[: cfg.questions] if cfg.questions > 0 else fits
+    if not chosen:
+        raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
+    generator = torch.Generator().manual_seed(seed)
+    samples = sample_questions(policy, examples, chosen, k=cfg.samples_per_question, rollout=rollout,
+                               reward=reward, generator=generator)
+    if own is not None:
+        write_samples(samples, own)
+    return samples
+
+
+def keep_correct(samples: List[Sample], threshold: float) -> List[Sample]:
+    """RFT's filter: samples whose reward exceeds ``threshold``, one per distinct (question, output)."""
+    seen, kept = set(), []
+    for s in samples:
+        key = (s["question"], tuple(s["completion_ids"]))
+        if s["reward"] > threshold and key not in seen:
+            seen.add(key)
+            kept.append(s)
+    return kept
+
+
+def make_pairs(samples: List[Sample], threshold: float, per_question: int) -> List[tuple]:
+    """Up to ``per_question`` (correct, incorrect) pairs per question, distinct outputs, each used once."""
+    by_question: Dict[int, List[List[Sample]]] = defaultdict(lambda: [[], []])
+    seen = set()
+    for s in samples:
+        key = (s["question"], tuple(s["completion_ids"]))
+        if key not in seen:
+            seen.add(key)
+            by_question[s["question"]][0 if s["reward"] > threshold else 1].append(s)
+    pairs = []
+    for q in sorted(by_question):
+        good, bad = by_question[q]
+        pairs += list(zip(good, bad))[:per_question]
+    return pairs
+
+
+def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int) -> Batch:
+    ids, attn, comp = pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+    return Batch(
+        input_ids=ids, attention_mask=attn, completion_mask=comp, prompts=[r["prompt"] for r in rows],
+        completions=[r["completion"] for r in rows], answers=[r["answer"] for r in rows], group=group,
+        rewards=torch.tensor([float(r["reward"]) for r in rows]),
+    )
+
+
+def sample_stats(samples: List[Sample], threshold: float, kept: int) -> Dict[str, float]:
+    return {
+        "sampled_accuracy": sum(s["reward"] > threshold for s in samples) / max(1, len(samples)),
+        "train_samples": float(kept),
+    }
+
+
+@register_source("rft")
+class RFTSource:
+    """The start model's correct samples, deduplicated, in shuffled epochs of ``batch_size``."""
+
+    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
+        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
+        self.rows = keep_correct(samples, cfg.threshold)
+        if not self.rows:
+            raise UserError(f"source: none of the {len(samples)} samples is correct (reward > {cfg.threshold}); nothing to fine-tune on")
+        self.stats = sample_stats(samples, cfg.threshold, len(self.rows))
+        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
+        self.sampler = EpochSampler(len(self.rows), seed)
+
+    def next_batch(self, policy) -> Batch:
+        rows = [self.rows[i] for i in self.sampler.take(self.batch_size)]
+        batch = samples_batch(rows, torch.arange(len(rows)), self.pad_id)
+        batch.stats.update(self.stats)
+        return batch
+
+
+@register_source("pairs")
+class PairSource:
+    """``batch_size`` pairs per step as 2 x batch_size rows: o+ then o- of each pair, adjacent, one group each."""
+
+    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
+        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
+        self.pairs = make_pairs(samples, cfg.threshold, cfg.pairs_per_question)
+        if not self.pairs:
+            raise UserError(
+                f"source: no question has both a correct and an incorrect sample among {len(samples)}; "
+                "raise source.samples_per_question or rollout.temperature"
+            )
+        self.stats = sample_stats(samples, cfg.threshold, len(self.pairs))
+        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
+        self.sampler = EpochSampler(len(self.pairs), seed)
+
+    def next_batch(self, policy) -> Batch:
+        pairs = [self.pairs[i] for i in self.sampler.take(self.batch_size)]
+        rows = [s for pair in pairs for s in pair]
+        batch = samples_batch(rows, torch.arange(len(pairs)).repeat_interleave(2), self.pad_id)
+        batch.stats.update(self.stats)
+        return batch
