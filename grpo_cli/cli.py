@@ -2,6 +2,7 @@
 
     grpo train recipe=sft_arithmetic trainer.steps=200 output_dir=runs/sft
     grpo train recipe=sft_arithmetic --print-config
+    grpo train recipe=sft_arithmetic output_dir=runs/sft resume=true     # continue after an interruption
     grpo eval run=runs/sft
     grpo eval run=runs/sft eval.n=16 eval.ks=[1,4,16]
     grpo eval samples=outputs.jsonl
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from grpo_cli.errors import UserError
+from grpo_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -135,6 +136,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
+    except Interrupted as e:  # SIGINT/SIGTERM: a checkpoint was saved, the message says where
+        err.print(str(e), highlight=False)
+        sys.exit(e.exit_code)
     except UserError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False)
         sys.exit(2)

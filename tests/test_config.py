@@ -35,7 +35,7 @@ def test_overrides_apply_with_types():
         (["recipe=sft_arithmetic", "trainer.stepz=3"], "unknown config key 'trainer.stepz': did you mean: steps?"),
         (["recipe=sft_arithmetic", "trainer.steps=abc"], "config key 'trainer.steps': expected integer, got 'abc'"),
         (["recipe=sft_arithmetic", "lora.enabled=maybe"], "config key 'lora.enabled': expected bool, got 'maybe'"),
-        (["recipe=sft_arithmetic", "algorithm=grpp"], "unknown algorithm 'grpp': did you mean: grpo?"),
+        (["recipe=sft_arithmetic", "algorithm=grpp"], "unknown algorithm 'grpp': did you mean: grpo, ppo?"),
         (["recipe=sft_arithmetic", "data=gsm9k"], "unknown data 'gsm9k': did you mean: gsm8k?"),
         (["recipe=sft_arithmetic", "source.group_size=4"], "'source.group_size' for the chosen source; it belongs to source=online"),
         (["recipe=sft_arithmetic", "algorithm.beta=0.1"], "it belongs to algorithm=grpo"),

@@ -152,3 +152,62 @@ def test_dpo_gradient_is_beta_times_gc_on_chosen_and_minus_on_rejected():
     # d(-log sigmoid(m))/d chosen = -beta * sigmoid(-m) = -beta * GC;  d/d rejected = +beta * GC
     assert torch.allclose(chosen.grad, -0.1 * parts["gc"], atol=1e-7)
     assert torch.allclose(rejected.grad, 0.1 * parts["gc"], atol=1e-7)
+
+
+def test_kl_shaped_rewards_hand_values():
+    logp = torch.tensor([[0.0, -1.0, -2.0]])
+    ref = torch.tensor([[0.0, -1.5, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])  # first position is the prompt
+    r = F.kl_shaped_rewards(torch.tensor([1.0]), logp, ref, mask, beta=0.1)
+    # t=1: -0.1 * (-1 - -1.5) = -0.05;  t=2: -0.1 * (-2 - -1) = +0.1, plus the outcome 1 -> 1.1
+    assert torch.allclose(r, torch.tensor([[0.0, -0.05, 1.1]]))
+
+
+def test_gae_hand_values():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    values = torch.tensor([[9.0, 0.5, 0.8]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    adv, ret = F.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # delta_2 = 1 + 0 - 0.8 = 0.2;  delta_1 = 0 + 0.8 - 0.5 = 0.3
+    # A_2 = 0.2;  A_1 = 0.3 + 0.5 * 0.2 = 0.4;  R = A + V: 1.0, 0.9; the prompt position stays 0
+    assert torch.allclose(adv, torch.tensor([[0.0, 0.4, 0.2]]))
+    assert torch.allclose(ret, torch.tensor([[0.0, 0.9, 1.0]]))
+
+
+def test_gae_vectorised_equals_the_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 9
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    lengths = torch.tensor([9, 4, 1, 6, 7])
+    mask = (torch.arange(T)[None, :] >= T - lengths[:, None]).float()  # right-aligned outputs
+    for gamma, lam in [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)]:
+        fast = F.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        slow = F.gae_reference(rewards, values, mask, gamma=gamma, lam=lam)
+        for a, b in zip(fast, slow):
+            assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_value_loss_with_and_without_clipping():
+    v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 0.1])
+    # unclipped: 0.5 * (1 - 2)^2 = 0.5;  0.5 * (0 - 0.1)^2 = 0.005
+    assert torch.allclose(F.value_loss(v, old, ret, clip=0.0), torch.tensor([0.5, 0.005]))
+    # clip 0.2: V clipped to 0.5 + 0.2 = 0.7 -> 0.5 * (0.7 - 2)^2 = 0.845 > 0.5: the max is taken
+    assert torch.allclose(F.value_loss(v, old, ret, clip=0.2), torch.tensor([0.845, 0.005]))
+
+
+def test_whiten_and_explained_variance():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    w = F.whiten(x, mask)
+    # mean 2, population std sqrt(2/3) = 0.8165: (-1.2247, 0, 1.2247), masked position 0
+    assert torch.allclose(w, torch.tensor([[-1.2247, 0.0, 1.2247, 0.0]]), atol=1e-4)
+    assert F.explained_variance(x, x, mask) == pytest.approx(1.0)
+    assert F.explained_variance(torch.full_like(x, 2.0), x, mask) == pytest.approx(0.0)
+
+
+def test_bradley_terry_loss_hand_values():
+    import math
+
+    # r+ - r- = 0 -> log 2;  = 2 -> log(1 + e^-2) = 0.1269
+    loss = F.bradley_terry_loss(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(loss, torch.tensor([math.log(2), math.log(1 + math.exp(-2))]), atol=1e-6)

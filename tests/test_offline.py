@@ -72,7 +72,7 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
     monkeypatch.setattr(loop, "build_policy", spy)
     cfg = compose("dpo_arithmetic", f"model.name_or_path={sft_run}", "reward.name=length_mod_3", "source.questions=8",
                   "source.samples_per_question=6", "trainer.steps=4", "trainer.batch_size=2", "trainer.grad_accum=2",
-                  "trainer.lr=1e-2", f"lora.enabled={lora}", f"output_dir={tmp_path / 'dpo'}")
+                  "trainer.lr=1e-2", "algorithm.sft_weight=0", f"lora.enabled={lora}", f"output_dir={tmp_path / 'dpo'}")
     run = loop.train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]

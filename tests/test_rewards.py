@@ -277,6 +277,23 @@ def test_gsm8k_reference_annotations_check_correct():
     assert len(verdicts) > 5000 and all(verdicts)
 
 
+def test_gsm8k_train_annotations_hold_and_corrupted_ones_are_caught():
+    """The train file's reference solutions: their annotations hold (measured: 23,716 of 23,716), and
+    the same annotations with a digit appended to the claimed value (``<<48/2=241>>``) do not."""
+    path = gsm8k_dir() / "train.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} not found (set GRPO_GSM8K_DIR)")
+    solutions = [json.loads(line)["answer"] for line in path.read_text(encoding="utf-8").splitlines()]
+    annotations = [a for s in solutions for a in steps_module._ANNOTATION.findall(s)]
+    held = sum(map(steps_module.annotation_is_correct, annotations)) / len(annotations)
+    all_steps = sum(all(check_calculator_annotations(s)) for s in solutions) / len(solutions)
+    corrupted = [f"{a}1" for a in annotations]
+    caught = sum(not steps_module.annotation_is_correct(a) for a in corrupted) / len(corrupted)
+    print(f"GSM8K train: {len(annotations)} annotations, {held:.4f} hold; solutions all correct {all_steps:.4f}; "
+          f"corrupted caught {caught:.4f}")
+    assert len(annotations) > 20000 and held >= 0.99 and all_steps >= 0.99 and caught >= 0.99
+
+
 # ----------------------------------------------------------------------------- steps -> tokens
 
 def test_step_end_token_indices():

@@ -44,6 +44,15 @@ class Algorithm:
     main_metric: str = "loss"
     """Metric drawn beside the loss in curves.png."""
 
+    def setup(self, policy: Policy) -> Policy:
+        """Called once, after the data source is built and before the optimiser: an algorithm may
+        add trainable modules (PPO's value model) or change what is trained (a reward model's head)."""
+        return policy
+
+    def evaluate(self, batch: Batch, policy: Policy) -> Dict[str, float]:
+        """Metrics on a held-out batch (no gradient); logged as ``heldout_<name>``. Default: none."""
+        return {}
+
     def prepare(self, batch: Batch, policy: Policy) -> Batch:
         """Everything computed once per batch, without gradient. Default: nothing."""
         return batch

@@ -117,3 +117,116 @@ def dpo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float) 
     margin = beta * (chosen - rejected)
     loss = -torch.nn.functional.logsigmoid(margin)
     return loss, {"margin": margin.detach(), "gc": torch.sigmoid(-margin).detach()}
+
+
+def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Pairwise reward-model loss [P]: -log sigmoid(r(o+) - r(o-)) from scalar scores [P] each."""
+    return -torch.nn.functional.logsigmoid(chosen - rejected)
+
+
+# --- PPO (section 4.1, eq. 1-2): KL-shaped token rewards, GAE, value loss -------------------------
+
+
+def kl_shaped_rewards(outcome: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      *, beta: float) -> torch.Tensor:
+    """Per-token rewards [B, T] (eq. 2): r_t = r_phi(q, o_<=t) - beta * log(pi_theta(o_t) / pi_ref(o_t)).
+
+    outcome [B] is the outcome reward, given at each output's last token; logp, ref_logp: the sampling
+    policy's and the reference's log-probs [B, T]; mask [B, T] 1 on output tokens. Rows are
+    left-padded, so every output's last token is at T - 1.
+    """
+    rewards = -beta * (logp - ref_logp) * mask
+    rewards[:, -1] += outcome
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Generalized Advantage Estimation over output tokens, vectorised (no loop over T).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t      (V after the last token is 0: the episode ends)
+        A_t     = sum_{j >= t} (gamma * lam)^(j - t) * delta_j        returns R_t = A_t + V_t
+
+    rewards, values, mask: [B, T], outputs right-aligned (left padding); masked positions neither
+    contribute nor receive. Returns (advantages [B, T], returns [B, T]), 0 off the mask.
+    """
+    T = rewards.shape[1]
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
+    delta = (rewards + gamma * next_values - values) * mask
+    t = torch.arange(T, device=rewards.device, dtype=rewards.dtype)
+    power = t[None, :] - t[:, None]  # [T, T]: j - t
+    discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
+    advantages = (delta @ discount.T) * mask  # A[b, t] = sum_j delta[b, j] * discount[t, j]
+    return advantages, (advantages + values) * mask
+
+
+def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float):
+    """The textbook backward loop over t for one row at a time: the test oracle of :func:`gae`."""
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    for b in range(B):
+        running, next_value = 0.0, 0.0
+        for t in reversed(range(T)):
+            if not mask[b, t]:
+                continue
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t], next_value = running, values[b, t]
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions of the whole batch; 0 off the mask."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) ** 2) * mask).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, *, clip: float) -> torch.Tensor:
+    """Per-token value loss [B, T]: 0.5 * (V - R)^2, or with ``clip`` > 0 PPO's pessimistic
+    0.5 * max((V - R)^2, (clip(V, V_old - clip, V_old + clip) - R)^2)."""
+    loss = (values - returns) ** 2
+    if clip > 0:
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = torch.maximum(loss, (clipped - returns) ** 2)
+    return 0.5 * loss
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked positions: 1 is a perfect value model, 0 a constant."""
+    n = mask.sum().clamp(min=1)
+
+    def var(x):
+        mean = (x * mask).sum() / n
+        return (((x - mean) ** 2) * mask).sum() / n
+
+    v = var(returns)
+    return float(1 - var(returns - values) / v) if v > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- process supervision
+
+
+def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group: torch.Tensor, *,
+                       scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Process supervision (4.1.3): Ahat_{i,t} = sum over steps j of output i with index(j) >= t of
+    rtilde_i^index(j) = (r_i^index(j) - mean(R)) / std(R), R = all step rewards of i's group.
+
+    step_rewards, step_mask [B, T]: a step's reward at the position of its last token, 1 there in
+    the mask. group [B] ids (members need not be contiguous) -> advantages [B, T]. std is the sample
+    std over the group's steps, as in ``group_advantages``; a group whose step rewards are all equal
+    (or that has fewer than 2 steps) gets 0. Tokens after an output's last step end, and outputs
+    without steps, get 0. ``scale=False`` skips the std division.
+    """
+    _, inverse = torch.unique(group, return_inverse=True)
+    mask = step_mask.to(step_rewards.dtype)
+    n = torch.zeros(int(inverse.max()) + 1, dtype=mask.dtype).index_add_(0, inverse, mask.sum(-1))  # steps per group
+    sums = torch.zeros_like(n).index_add_(0, inverse, (step_rewards * mask).sum(-1))
+    mean = (sums / n.clamp(min=1))[inverse, None]  # [B, 1]
+    centred = (step_rewards - mean) * mask
+    sq = torch.zeros_like(n).index_add_(0, inverse, (centred**2).sum(-1))
+    std = (sq / (n - 1).clamp(min=1)).sqrt()[inverse, None]  # [B, 1]
+    normalised = centred / std.clamp(min=eps) if scale else centred
+    normalised = torch.where(std < eps, torch.zeros_like(normalised), normalised)
+    return normalised.flip(-1).cumsum(-1).flip(-1)  # reverse cumulative sum: steps ending at or after t

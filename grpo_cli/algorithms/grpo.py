@@ -1,7 +1,7 @@
 """GRPO: Group Relative Policy Optimisation (DeepSeekMath, section 4.1).
 
     data source D: groups of G outputs per question sampled from the live policy (source=online)
-    reward:        a rule or a reward model, outcome supervision
+    reward:        a rule or a reward model; outcome or process supervision (algorithm.supervision)
     GC:            Ahat_{i,t} + beta * (pi_ref(o_{i,t}) / pi_theta(o_{i,t}) - 1)
 
 No value model: the baseline is the group's mean reward. The KL to pi_ref is in the loss (k3
@@ -22,6 +22,7 @@ from grpo_cli.models.policy import Policy
 from grpo_cli.trainer.batch import Batch
 
 AGGREGATIONS = ("sequence", "token", "constant")
+SUPERVISIONS = ("outcome", "process")
 
 
 @register_algorithm("grpo")
@@ -29,21 +30,25 @@ class GRPO(Algorithm):
     needs_rewards = True
     main_metric = "reward_mean"
 
-    def __init__(self, *, beta: float, eps: float, eps_high: Optional[float], mu: int, aggregation: str, scale_rewards: bool):
+    def __init__(self, *, beta: float, eps: float, eps_high: Optional[float], mu: int, aggregation: str, scale_rewards: bool,
+                 supervision: str = "outcome"):
         if aggregation not in AGGREGATIONS:
             raise UserError(f"algorithm.aggregation: expected one of {AGGREGATIONS}, got '{aggregation}'")
         if mu < 1:
             raise UserError(f"algorithm.mu: expected an integer >= 1, got {mu}")
+        if supervision not in SUPERVISIONS:
+            raise UserError(f"algorithm.supervision: expected one of {SUPERVISIONS}, got '{supervision}'")
         self.beta, self.eps_low = beta, eps
         self.eps_high = eps if eps_high is None else eps_high
-        self.aggregation, self.scale_rewards = aggregation, scale_rewards
+        self.aggregation, self.scale_rewards, self.supervision = aggregation, scale_rewards, supervision
         self.updates_per_batch = mu
         self.needs_reference = beta > 0
 
     def prepare(self, batch: Batch, policy: Policy) -> Batch:
         """Group-normalised advantages, and (no grad) pi_old and pi_ref log-probs when needed."""
-        adv = F.group_advantages(batch.rewards, batch.group, scale=self.scale_rewards)  # [B]
-        batch.tensors["advantages"] = adv[:, None].expand(-1, batch.input_ids.shape[1] - 1).contiguous()
+        if bool((torch.unique(batch.group, return_counts=True)[1] < 2).any()):
+            raise UserError("source.group_size: GRPO compares the outputs of a group; it needs at least 2")
+        batch.tensors["advantages"] = self.advantages(batch)
         temperature = batch.totals.get("temperature", 1.0)
         with torch.no_grad():
             if self.updates_per_batch > 1:
@@ -52,6 +57,18 @@ class GRPO(Algorithm):
                 batch.tensors["ref_logp"] = policy.reference_logprobs(batch, temperature=temperature)
         batch.stats.update(reward_stats(batch.rewards, batch.group))
         return batch
+
+    def advantages(self, batch: Batch) -> torch.Tensor:
+        """Ahat [B, T-1]: outcome, the output's normalised reward on every token (4.1.2); process, the
+        sum of the normalised rewards of the steps ending at or after the token (4.1.3)."""
+        if self.supervision == "outcome":
+            adv = F.group_advantages(batch.rewards, batch.group, scale=self.scale_rewards)  # [B]
+            return adv[:, None].expand(-1, batch.input_ids.shape[1] - 1).contiguous()
+        if "step_rewards" not in batch.tensors:
+            raise UserError("algorithm.supervision=process needs a process reward (reward=steps or reward=process_rm)")
+        adv = F.process_advantages(batch.tensors["step_rewards"], batch.tensors["step_mask"], batch.group,
+                                   scale=self.scale_rewards)
+        return adv * batch.target_mask  # the reverse sum reaches prompt positions too: not trained
 
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         logp, entropy = policy.logprobs(batch, temperature=batch.totals.get("temperature", 1.0), with_entropy=True)

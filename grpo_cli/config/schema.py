@@ -123,13 +123,38 @@ class RewardConfig:
     """The reward function (the paper's pi_rf)."""
 
     name: str = "none"
-    """``none`` (SFT), ``outcome`` (rule: the final answer is right), later learned reward models."""
+    """``none`` (SFT), ``outcome`` (rule: the final answer is right), ``custom`` (``function``),
+    ``steps`` (rule process reward: every step checked), later learned reward models."""
+    function: Optional[str] = None
+    """``name=custom``: ``module:function`` (importable from the working directory) or
+    ``path/to/file.py:function``, called as ``f(completions, answers, prompts) -> list[float]``.
+    Trusted code: it is imported and run inside the trainer, with your permissions."""
+    path: Optional[str] = None
+    """``name=outcome_rm``: a reward model trained with ``recipe=rm_arithmetic`` (its run or checkpoint
+    directory). It must share the policy's tokenizer: it scores the sampled token ids as they are."""
     correct: float = 1.0
     """Reward of a correct final answer."""
     incorrect: float = 0.0
     """Reward of a wrong or missing final answer."""
     timeout_s: float = 2.0
-    """A reward call that takes longer scores ``incorrect`` and is counted."""
+    """Time limit of one reward call (a call scores a whole batch): a later call scores ``incorrect``
+    for its completions, counted in ``reward_timeouts`` (one that raises: ``reward_errors``); 0 means
+    no limit. The call runs in a thread that is abandoned, not killed, when late (Python cannot kill
+    a thread). See docs/reliability.md."""
+    delimiter: str = "\n"
+    """Process rewards (``steps``): an output's steps are its non-blank pieces between delimiters
+    (text after the last delimiter is the final step); each step's reward sits on its last token."""
+    checker: str = "auto"
+    """``name=steps``: the rule judging each step: ``arithmetic`` (the embedded task's checker),
+    ``calculator`` (GSM8K's ``<<48/2=24>>`` annotations hold; a step without one is correct) or
+    ``auto`` (arithmetic when the prompt is an arithmetic chain, else calculator)."""
+    step_correct: float = 1.0
+    """``name=steps``: reward of a correct step."""
+    step_incorrect: float = 0.0
+    """``name=steps``: reward of an incorrect step (an output with no step at all is one incorrect step)."""
+    last_step_outcome: bool = True
+    """``name=steps``: the last step is judged by the outcome rule (the final answer is right) instead
+    of the checker, so an output that stops early or ends on a wrong answer is charged at its end."""
 
 
 @dataclass
@@ -174,6 +199,18 @@ class RFTSourceConfig(SourceConfig):
     """A completion is correct when its reward exceeds this (the rule reward gives 1 or 0)."""
     samples: Optional[str] = None
     """Reuse a ``samples.jsonl`` written by an earlier run instead of sampling again."""
+    heldout: float = 0.0
+    """Share of the sampled questions kept out of training, for ``heldout_*`` metrics (reward models)."""
+    pairs_per_question: int = 2
+    """``source=pairs``: most (correct, incorrect) pairs kept per question; each output is used once at most.
+    (The sampled sources share their fields so a recipe can switch between them.)"""
+
+
+@dataclass
+class LabelledSourceConfig(RFTSourceConfig):
+    """Every sample of the start model with its reward, deduplicated (a pointwise reward model's D)."""
+
+    name: str = "labelled"
 
 
 @dataclass
@@ -181,8 +218,6 @@ class PairsSourceConfig(RFTSourceConfig):
     """Preference pairs (o+, o-) of the same question from the start model's samples (DPO's D)."""
 
     name: str = "pairs"
-    pairs_per_question: int = 2
-    """Most (correct, incorrect) pairs kept per question; each completion is used once at most."""
 
 
 @dataclass
@@ -233,6 +268,46 @@ class DPOConfig(AlgorithmConfig):
 
 
 @dataclass
+class RewardModelConfig(AlgorithmConfig):
+    """Train an outcome reward model (the LM + a scalar head) on rule-labelled samples."""
+
+    name: str = "reward_model"
+    objective: str = "pairwise"
+    """``pairwise``: Bradley-Terry on (o+, o-) pairs (source=pairs); ``pointwise``: binary
+    cross-entropy of the score against correct / incorrect (source=labelled)."""
+    threshold: float = 0.5
+    """A sample is correct when its reward exceeds this (pointwise labels)."""
+
+
+@dataclass
+class PPOConfig(AlgorithmConfig):
+    """PPO with a value model, GAE and the per-token KL penalty in the reward (DeepSeekMath eq. 1-2)."""
+
+    name: str = "ppo"
+    beta: float = 0.04
+    """Weight of the per-token KL penalty -beta * log(pi_theta / pi_ref) added to the reward."""
+    eps: float = 0.2
+    """Clip range of the ratio pi_theta / pi_old."""
+    mu: int = 1
+    """Policy (and value) updates per batch of rollouts."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten_advantages: bool = True
+    """Normalise the advantages over the batch's output tokens (mean 0, std 1)."""
+    value_model: str = "separate"
+    """``separate``: a full copy of the start model with a scalar head (the paper's setting, as large as
+    the policy); ``lora``: a second LoRA adapter and a head on the policy's frozen base (needs lora.enabled)."""
+    value_clip: float = 0.2
+    """Clip the value update to V_old +- value_clip in the value loss; 0 disables it."""
+    vf_coef: float = 0.5
+    """Weight of the value loss in the total loss."""
+    value_lr_scale: float = 10.0
+    """The value model's learning rate is trainer.lr times this (a fresh head needs to move faster)."""
+
+
+@dataclass
 class GRPOConfig(AlgorithmConfig):
     """Group Relative Policy Optimisation (DeepSeekMath eq. 3); defaults are the paper's form."""
 
@@ -250,6 +325,10 @@ class GRPOConfig(AlgorithmConfig):
     ``constant`` (Dr. GRPO: divide by sequences x rollout.max_new_tokens)."""
     scale_rewards: bool = True
     """Divide by the group's reward std (paper); False is Dr. GRPO's mean-centering only."""
+    supervision: str = "outcome"
+    """``outcome``: every token of an output gets its normalised reward (4.1.2); ``process``: each
+    step's reward is normalised over all step rewards of the group and a token gets the sum over the
+    steps ending at or after it (4.1.3). ``process`` needs a process reward (``reward=steps``)."""
 
 
 @dataclass
@@ -297,9 +376,15 @@ class TrainerConfig:
     threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
     save_every: int = 0
-    """Save a checkpoint every N steps; 0 saves only at the end."""
+    """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2
     """How many step checkpoints to keep (the final one is always kept)."""
+    max_bad_steps: int = 5
+    """Stop the run after this many steps in a row whose update was skipped for a non-finite loss
+    or gradient (each skip is counted in ``skipped_steps``); 0 never stops."""
+    eval_every: int = 0
+    """Score the source's held-out batches (e.g. ``source.heldout``) every N steps and at the end;
+    0 only at the end. Logged with a ``heldout_`` prefix."""
 
 
 @dataclass
@@ -373,7 +458,13 @@ class RunConfig:
     description: str = ""
     """One line shown by ``grpo recipes``."""
     output_dir: Optional[str] = None
-    """Run directory; default ``runs/<recipe>/<timestamp>``."""
+    """Run directory; default ``runs/<recipe>/<timestamp>``. Without ``resume``, an earlier run's
+    checkpoints and metrics found there are moved to ``<output_dir>/previous-<time>/``."""
+    resume: Any = False
+    """``false``; ``true``: continue the run in ``output_dir`` (else the recipe's latest run) from its
+    newest checkpoint; or a run or checkpoint directory to continue from. Weights, optimiser,
+    scheduler, RNGs and data position are restored; pass the run's settings (a differing key is
+    warned about), ``trainer.steps`` may grow."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -43,7 +43,7 @@ def resolve_model_dir(name_or_path: str) -> str:
     if ckpts.is_dir():
         if (ckpts / "final").is_dir():
             return str(ckpts / "final")
-        steps = sorted(d for d in ckpts.iterdir() if d.name.startswith("step_"))
+        steps = sorted(d for d in ckpts.iterdir() if d.name.startswith("step_") and d.name[5:].isdigit())
         if steps:
             return str(steps[-1])
     raise UserError(f"model.name_or_path: '{name_or_path}' is a directory with no model, adapter or checkpoint")
@@ -118,6 +118,8 @@ def is_peft(model: torch.nn.Module) -> bool:
 def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str]) -> None:
     """Write ``model`` (or only its adapter, pointing at ``base_ref``) and the tokenizer to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_checkpoint"):  # a Scorer (reward model): its LM, then its head
+        return model.save_checkpoint(tok, out, base_ref)
     if is_peft(model):
         # peft records this path so the adapter reloads on top of the right base.
         model.peft_config["default"].base_model_name_or_path = base_ref

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -89,6 +89,12 @@ class Policy:
     logprob_backend: str = "fused"
     base_ref: Optional[str] = None
     """Where the base weights can be reloaded from (adapters of LoRA checkpoints point at it)."""
+    extra: List[torch.nn.Module] = field(default_factory=list)
+    """Modules an algorithm trains beside the model (PPO's value model), added by its ``setup``."""
+
+    def trainable(self) -> torch.nn.ModuleList:
+        """Everything the optimiser updates (the parameters with requires_grad)."""
+        return torch.nn.ModuleList([self.model, *self.extra])
 
     @classmethod
     def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None) -> "Policy":

@@ -1,21 +1,31 @@
-"""Reward functions (the paper's pi_rf) chosen by ``reward.name``; each maps a batch to rewards [B]."""
+"""Reward functions (the paper's pi_rf) chosen by ``reward.name``; each maps a batch to rewards [B].
+
+Every one is built wrapped in :class:`grpo_cli.rewards.guard.GuardedReward` (time limit
+``reward.timeout_s``, errors scored ``reward.incorrect`` and counted) unless its factory is
+registered with ``guard=False`` (a learned reward model whose calls may be slow and must not fail
+silently).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional
+import functools
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.rewards.answer import outcome_rewards
+from grpo_cli.rewards.guard import GuardedReward, import_function
+from grpo_cli.rewards.process import CHECKERS, process_reward, rule_process_rewards
 from grpo_cli.trainer.batch import Batch
 
 RewardFn = Callable[[Batch], torch.Tensor]
 REWARDS: Dict[str, Callable[[Any], Optional[RewardFn]]] = {}
 
 
-def register_reward(name: str):
+def register_reward(name: str, guard: bool = True):
     def deco(factory):
+        factory.guard = guard
         REWARDS[name] = factory
         return factory
 
@@ -38,7 +48,60 @@ def _outcome(cfg) -> RewardFn:
     return score
 
 
+@register_reward("custom")
+def _custom(cfg) -> RewardFn:
+    """``reward.function``: the user's ``f(completions, answers, prompts) -> list[float]`` (trusted code)."""
+    fn = import_function(cfg.function)
+
+    def score(batch: Batch) -> List[float]:
+        return fn(list(batch.completions), list(batch.answers), list(batch.prompts))
+
+    return score
+
+
+# Not guarded: the rule is total and bounded (it never raises on model output), and the guard's
+# fallbacks (one call per completion, a constant on timeout) would drop the step rewards.
+@register_reward("steps", guard=False)
+def _steps(cfg) -> RewardFn:
+    """Rule process reward: ``reward.step_correct`` / ``step_incorrect`` for each step by ``reward.checker``
+    (sets ``step_rewards`` / ``step_mask``, returns the mean step reward; see rewards/process.py)."""
+    if cfg.checker not in CHECKERS:
+        raise UserError(f"reward.checker: expected one of {CHECKERS}, got '{cfg.checker}'")
+    if not cfg.delimiter:
+        raise UserError("reward.delimiter: the step delimiter must be a non-empty string")
+    return process_reward(functools.partial(
+        rule_process_rewards, delimiter=cfg.delimiter, checker=cfg.checker, correct=cfg.step_correct,
+        incorrect=cfg.step_incorrect, last_step_outcome=cfg.last_step_outcome,
+    ))
+
+
 def build_reward(cfg) -> Optional[RewardFn]:
     if cfg.name not in REWARDS:
         raise UserError(f"reward.name: unknown reward '{cfg.name}': {nearest(cfg.name, REWARDS)}")
-    return REWARDS[cfg.name](cfg)
+    factory = REWARDS[cfg.name]
+    fn = factory(cfg)
+    if fn is None or not getattr(factory, "guard", True):
+        return fn
+    return GuardedReward(fn, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect, name=cfg.name)
+
+
+@register_reward("outcome_rm", guard=False)  # a model's calls may be slow, and must not fail silently
+def _outcome_rm(cfg) -> RewardFn:
+    """A learned outcome reward model (``reward.path``): its score at the last token of each output."""
+    if not cfg.path:
+        raise UserError("reward.path: reward=outcome_rm needs the directory of a trained reward model")
+    from grpo_cli.models.scorer import load_scorer, outcome_scores
+
+    scorer, _ = load_scorer(cfg.path, kind="outcome")
+    scorer.eval().requires_grad_(False)
+    vocab = scorer.config.vocab_size
+
+    @torch.no_grad()
+    def score(batch: Batch) -> torch.Tensor:
+        if int(batch.input_ids.max()) >= vocab:
+            raise UserError(f"reward.path: the reward model's vocabulary ({vocab}) does not cover the policy's tokens")
+        device = next(scorer.parameters()).device
+        out = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))
+        return outcome_scores(out).cpu()
+
+    return score

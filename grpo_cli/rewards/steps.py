@@ -12,6 +12,7 @@ import ast
 import bisect
 import math
 import operator
+import os
 import re
 from typing import List, Optional, Sequence, Tuple
 
@@ -69,8 +70,9 @@ def parse_arithmetic_question(question: str) -> Tuple[int, List[Tuple[str, int]]
     return int(head.group()), terms
 
 
-def check_arithmetic_steps(question: str, completion: str) -> List[bool]:
-    """One verdict per step (line) of ``completion`` for an arithmetic-chain ``question``.
+def check_arithmetic_steps(question: str, completion: str, *, delimiter: str = "\n") -> List[bool]:
+    """One verdict per step (line; a piece between ``delimiter``s) of ``completion`` for an
+    arithmetic-chain ``question``.
 
     The k-th non-final line must read ``a op b=c`` where ``op b`` is the question's k-th operation,
     ``a`` continues the chain (the question's first operand for the first line, afterwards the
@@ -88,7 +90,7 @@ def check_arithmetic_steps(question: str, completion: str) -> List[bool]:
     verdicts = []
     k = 0  # index of the question operation the next arithmetic line must perform
     expected_left: Optional[int] = first
-    for start, end in split_steps(completion):
+    for start, end in split_steps(completion, delimiter):
         line = completion[start:end]
         final = _FINAL_STEP.fullmatch(line)
         if final:
@@ -169,7 +171,7 @@ def annotation_is_correct(annotation: str) -> bool:
     return math.isclose(value, target, rel_tol=1e-6, abs_tol=1e-9)
 
 
-def check_calculator_annotations(completion: str) -> List[bool]:
+def check_calculator_annotations(completion: str, *, delimiter: str = "\n") -> List[bool]:
     """One verdict per step (line) of a GSM8K-style ``completion``: correct when every ``<<expr=value>>``
     annotation in it holds; a step without annotations counts as correct (nothing to check).
 
@@ -178,7 +180,7 @@ def check_calculator_annotations(completion: str) -> List[bool]:
     """
     return [
         all(annotation_is_correct(a) for a in _ANNOTATION.findall(completion, start, end))
-        for start, end in split_steps(completion)
+        for start, end in split_steps(completion, delimiter)
     ]
 
 
@@ -214,3 +216,33 @@ def step_end_token_indices(step_spans: Sequence[Span], token_offsets: Sequence[S
         else:  # position -1: the step ends before the first token starts, so that token it is
             indices.append(held[max(position, 0)][2])
     return indices
+
+
+def token_char_offsets(tokenizer, completion_ids: Sequence[int], text: str) -> List[Span]:
+    """Character span ``(start, end)`` in ``text`` of each sampled completion token.
+
+    ``text`` is the decoded completion (``decode(completion_ids, skip_special_tokens=True)``), so the
+    spans come from the ids that were sampled, never from re-tokenising the text (which may split it
+    differently). Special tokens (EOS) and the leading bytes of a character split across tokens are
+    zero-width. Fast path: decode each token alone, exact when the pieces join into ``text``
+    (character-level and most byte-level BPE tokenizers). Otherwise (SentencePiece drops a lone
+    token's leading space) token k ends where ``decode(completion_ids[:k+1])`` stops agreeing with
+    ``text``: exact, but quadratic in the completion length.
+
+    >>> from grpo_cli.models.tiny import build_tokenizer
+    >>> tok = build_tokenizer()
+    >>> token_char_offsets(tok, tok("1+2")["input_ids"] + [tok.eos_token_id], "1+2")
+    [(0, 1), (1, 2), (2, 3), (3, 3)]
+    """
+    ids = list(completion_ids)
+    pieces = tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=True)
+    ends: List[int] = []
+    if "".join(pieces) == text:
+        for piece in pieces:
+            ends.append((ends[-1] if ends else 0) + len(piece))
+    else:
+        for k in range(len(ids)):
+            prefix = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+            agreed = len(os.path.commonprefix([prefix, text]))
+            ends.append(max(agreed, ends[-1] if ends else 0))  # a split character: no progress yet
+    return list(zip([0] + ends[:-1], ends))

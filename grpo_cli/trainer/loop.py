@@ -6,8 +6,11 @@
         batch   = algorithm.prepare(batch, policy)  # no grad: old/ref log-probs, advantages
         repeat algorithm.updates_per_batch times:   # GRPO's mu
             sum of algorithm.loss over micro-batches -> backward -> clip -> optimiser step
+        every trainer.save_every steps, and on SIGINT/SIGTERM: checkpoint (checkpoint.py)
 
 The loop never names a method: the (source, reward, algorithm) triple comes from the config.
+An update whose loss or gradient is not finite is skipped and counted (``skipped_steps``);
+``trainer.max_bad_steps`` such steps in a row stop the run. ``resume`` continues a run exactly.
 """
 
 from __future__ import annotations
@@ -17,20 +20,24 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, Tuple
 
 import torch
 from omegaconf import DictConfig
 
 from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.data import load_examples
-from grpo_cli.errors import UserError
+from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import apply_lora, load_model_and_tokenizer, save_checkpoint_model
 from grpo_cli.models.policy import Policy
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
+from grpo_cli.trainer.checkpoint import (
+    Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, resolve_resume,
+)
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
 from grpo_cli.trainer import offline  # noqa: F401  (registers the rft and pairs sources)
@@ -68,9 +75,14 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     model, tok, base_ref = loaded
     if cfg.lora.enabled and base_ref is None:
         # The base exists only in memory (tiny model, merged adapter): save it once so the
-        # adapter checkpoints of this run reload on top of it.
+        # adapter checkpoints of this run reload on top of it (atomically: they all depend on it).
         base_ref = str(run / "base_model")
-        save_checkpoint_model(model, tok, Path(base_ref), None)
+        if not (cfg.get("resume") and (run / "base_model" / "config.json").exists()):
+            tmp = run / ".tmp-base_model"
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            save_checkpoint_model(model, tok, tmp, None)
+            atomic_replace_dir(tmp, Path(base_ref))
     model = apply_lora(model, cfg.lora).to(device)
     model.train()
     return Policy.create(
@@ -80,27 +92,81 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
 
 
 def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float) -> Dict[str, float]:
-    """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses."""
+    """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses.
+
+    An update whose loss or gradient norm is not finite is skipped: its gradients are dropped, the
+    weights and optimiser state stay as they were, the schedule still advances; ``skipped`` counts them.
+    """
     sums: Dict[str, float] = defaultdict(float)
-    params = [p for p in policy.model.parameters() if p.requires_grad]
-    n, norms = 0, []
+    params = [p for p in policy.trainable().parameters() if p.requires_grad]
+    n, norms, skipped = 0, [], 0
     for _ in range(algorithm.updates_per_batch):
         opt.zero_grad(set_to_none=True)
+        update_loss = 0.0
         for mb in batch.micro_batches(micro):
             loss, metrics = algorithm.loss(mb, policy)
             loss.backward()
-            sums["loss"] += float(loss.detach())
+            update_loss += float(loss.detach())
             for k, v in metrics.items():
                 sums[k] += v
             n += 1
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
-        norms.append(float(norm))
-        opt.step()
-        sched.step()
+        sums["loss"] += update_loss
+        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        norms.append(norm)
+        if math.isfinite(update_loss) and math.isfinite(norm):
+            opt.step()
+            sched.step()
+            continue
+        skipped += 1
+        opt.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns when the schedule steps before any optimiser step
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
     out = {k: v / n for k, v in sums.items()}
     out["loss"] = sums["loss"] / algorithm.updates_per_batch  # micro-batch losses add up to the batch loss
     out["grad_norm"] = sum(norms) / len(norms)
+    out["skipped"] = skipped
     return out
+
+
+def stop_if_diverging(progress: Progress, metrics: Dict[str, float], step: int, max_bad: int, run: Path) -> None:
+    """``max_bad`` steps in a row with a skipped (non-finite) update stop the run with a clear message."""
+    if not max_bad or progress.bad_in_row < max_bad:
+        return
+    latest = latest_checkpoint(run)
+    raise UserError(
+        f"stopping at step {step}: {max_bad} non-finite losses/gradients in a row (last: loss={metrics['loss']:.4g}, "
+        f"grad_norm={metrics['grad_norm']:.4g}); lower trainer.lr, check the data or use model.dtype=float32; "
+        + (f"the latest checkpoint is {latest}" if latest else "no checkpoint was saved")
+    )
+
+
+@torch.no_grad()
+def evaluate_heldout(source, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
+    """The algorithm's metrics on the source's held-out batches (if any), averaged, ``heldout_`` prefixed."""
+    sums: Dict[str, float] = defaultdict(float)
+    batches = source.heldout_batches() if hasattr(source, "heldout_batches") else []
+    for batch in batches:
+        for k, v in algorithm.evaluate(batch.with_totals().to(device), policy).items():
+            sums[k] += v / len(batches)
+    return {f"heldout_{k}": v for k, v in sums.items()}
+
+
+def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
+               device: torch.device) -> Tuple[Batch, Dict[str, float], Timers]:
+    """One step of the loop: batch, rewards, prepare, optimise."""
+    timers = Timers()
+    with timers("generate"):
+        batch = source.next_batch(policy).with_totals()
+    with timers("reward"):
+        if reward is not None and batch.rewards is None:  # offline sources bring stored labels
+            batch.rewards = reward(batch)
+    batch = batch.to(device)
+    with timers("logprob"):
+        batch = algorithm.prepare(batch, policy)
+    with timers("train"):
+        metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm)
+    return batch, metrics, timers
 
 
 def train(cfg: DictConfig) -> Path:
@@ -114,6 +180,7 @@ def train(cfg: DictConfig) -> Path:
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     examples = load_examples(cfg.data, "train")
+    resume_from = resolve_resume(cfg)  # the checkpoint to continue from; output_dir becomes its run
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
     run = create_run_dir(cfg)
     policy = build_policy(cfg, algorithm, run, device, loaded)
@@ -123,48 +190,37 @@ def train(cfg: DictConfig) -> Path:
     )
     if getattr(source, "skipped", 0):
         console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
-    opt, sched = build_optimizer(policy.model, cfg.trainer, algorithm.updates_per_batch)
-    log = MetricsLog(run)
+    policy = algorithm.setup(policy)  # after sampling: a reward model's head, PPO's value model
+    opt, sched = build_optimizer(policy.trainable(), cfg.trainer, algorithm.updates_per_batch)
+    ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints)
+    progress = ckpt.restore(resume_from) if resume_from else Progress()  # RNG states last: nothing may draw after
+    log = MetricsLog(run, resume_step=progress.step if resume_from else None)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
-    t_start, tokens = time.perf_counter(), 0
-    with ProgressBar(cfg.trainer.steps, cfg.logging.progress, ["loss", main_metric]) as bar:
-        for step in range(1, cfg.trainer.steps + 1):
-            timers = Timers()
-            with timers("generate"):
-                batch = source.next_batch(policy).with_totals()
-            with timers("reward"):
-                if reward is not None and batch.rewards is None:  # offline sources bring stored labels
-                    batch.rewards = reward(batch)
-            batch = batch.to(device)
-            with timers("logprob"):
-                batch = algorithm.prepare(batch, policy)
-            with timers("train"):
-                metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm)
-            tokens += int(batch.attention_mask.sum())
-            row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": tokens,
-                   "seconds": round(time.perf_counter() - t_start, 3), **batch.stats, **metrics, **timers.seconds}
+    t_start = time.perf_counter() - progress.seconds
+    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, cfg.logging.progress, ["loss", main_metric]) as bar:
+        for step in range(progress.step + 1, cfg.trainer.steps + 1):
+            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device)
+            skipped = metrics.pop("skipped")
+            progress.skipped_steps += skipped
+            progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0
+            progress.step, progress.tokens = step, progress.tokens + int(batch.attention_mask.sum())
+            progress.seconds = time.perf_counter() - t_start
+            row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": progress.tokens, "seconds": round(progress.seconds, 3),
+                   "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds}
+            if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
+                row.update(evaluate_heldout(source, algorithm, policy, device))
             if step % cfg.logging.log_every == 0 or step == cfg.trainer.steps:
                 log.write(row)
             bar.update(step, row)
+            stop_if_diverging(progress, metrics, step, cfg.trainer.max_bad_steps, run)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                save(policy, run, f"step_{step:06d}", cfg.trainer.keep_checkpoints)
-    save(policy, run, "final", cfg.trainer.keep_checkpoints)
+                ckpt.save(f"step_{step:06d}", progress)
+            if stop.signum:  # a checkpoint already saved at this step is not written twice
+                path = ckpt.save(f"step_{step:06d}", progress)
+                raise Interrupted(interrupted_message(step, path, run), stop.signum)
+        ckpt.save("final", progress)
     if cfg.logging.plot:
         plot_curves(log.history, main_metric, run / "curves.png")
     console.print(f"[green]done[/green] {cfg.trainer.steps} steps in {time.perf_counter() - t_start:.1f}s -> {run}")
     return run
-
-
-def save(policy: Policy, run: Path, name: str, keep: int) -> Path:
-    """Write a checkpoint to a temp dir, fsync, rename into place; keep the last ``keep`` step ones."""
-    root = run / "checkpoints"
-    tmp = root / f".tmp-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_checkpoint_model(policy.model, policy.tokenizer, tmp, policy.base_ref)
-    atomic_replace_dir(tmp, root / name)
-    steps: List[Path] = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old)
-    return root / name

@@ -1,7 +1,8 @@
 """Offline data sources: outputs sampled once from the start (SFT) model, before training.
 
 ``rft``:   the correct samples, deduplicated (RFT's D in the unified paradigm).
-``pairs``: (o+, o-) pairs of the same question, one correct and one not (DPO's D).
+``pairs``: (o+, o-) pairs of the same question, one correct and one not (DPO's D, reward models).
+``labelled``: every distinct sample with its reward (pointwise reward models).
 
 Both sample ``questions x samples_per_question`` completions with the ``rollout`` settings, score
 them with the configured reward and write every sample with its reward to ``<run>/samples.jsonl``
@@ -16,7 +17,7 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -137,52 +138,76 @@ def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int) -> Batch
     )
 
 
-def sample_stats(samples: List[Sample], threshold: float, kept: int) -> Dict[str, float]:
-    return {
-        "sampled_accuracy": sum(s["reward"] > threshold for s in samples) / max(1, len(samples)),
-        "train_samples": float(kept),
-    }
+def split_heldout(samples: List[Sample], share: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
+    """(train, heldout): a seeded ``share`` of the questions, with all their samples, is held out."""
+    questions = sorted({s["question"] for s in samples})
+    random.Random(seed + 1).shuffle(questions)
+    held = set(questions[: int(round(share * len(questions)))])
+    return [s for s in samples if s["question"] not in held], [s for s in samples if s["question"] in held]
+
+
+class OfflineSource:
+    """Shared by the offline sources: sample (or load), hold out questions, serve ``units`` in epochs.
+
+    A unit is a list of samples served together (one sample, or an (o+, o-) pair); subclasses say
+    how units are made (``make_units``) and grouped (``group_of``).
+    """
+
+    unit_name = "samples"
+
+    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
+        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
+        train, held = split_heldout(samples, cfg.heldout, seed)
+        self.units, self.heldout = self.make_units(train, cfg), self.make_units(held, cfg)
+        if not self.units:
+            raise UserError(f"source: no training {self.unit_name} among {len(train)} samples; {self.hint}")
+        self.stats = {
+            "sampled_accuracy": sum(s["reward"] > cfg.threshold for s in samples) / len(samples),
+            f"train_{self.unit_name}": float(len(self.units)),
+        }
+        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
+        self.sampler = EpochSampler(len(self.units), seed)
+
+    def batch_of(self, units: List[List[Sample]]) -> Batch:
+        rows = [s for unit in units for s in unit]
+        group = torch.arange(len(units)).repeat_interleave(len(units[0]))
+        return samples_batch(rows, group, self.pad_id)
+
+    def next_batch(self, policy) -> Batch:
+        batch = self.batch_of([self.units[i] for i in self.sampler.take(self.batch_size)])
+        batch.stats.update(self.stats)
+        return batch
+
+    def heldout_batches(self) -> List[Batch]:
+        return [self.batch_of(self.heldout[i:i + self.batch_size]) for i in range(0, len(self.heldout), self.batch_size)]
 
 
 @register_source("rft")
-class RFTSource:
+class RFTSource(OfflineSource):
     """The start model's correct samples, deduplicated, in shuffled epochs of ``batch_size``."""
 
-    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
-        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
-        self.rows = keep_correct(samples, cfg.threshold)
-        if not self.rows:
-            raise UserError(f"source: none of the {len(samples)} samples is correct (reward > {cfg.threshold}); nothing to fine-tune on")
-        self.stats = sample_stats(samples, cfg.threshold, len(self.rows))
-        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
-        self.sampler = EpochSampler(len(self.rows), seed)
+    hint = "none is correct (reward > source.threshold); nothing to fine-tune on"
 
-    def next_batch(self, policy) -> Batch:
-        rows = [self.rows[i] for i in self.sampler.take(self.batch_size)]
-        batch = samples_batch(rows, torch.arange(len(rows)), self.pad_id)
-        batch.stats.update(self.stats)
-        return batch
+    def make_units(self, samples, cfg):
+        return [[s] for s in keep_correct(samples, cfg.threshold)]
+
+
+@register_source("labelled")
+class LabelledSource(OfflineSource):
+    """Every distinct sample with its reward (a pointwise reward model's data)."""
+
+    hint = "sample more questions"
+
+    def make_units(self, samples, cfg):
+        return [[s] for s in keep_correct(samples, -float("inf"))]
 
 
 @register_source("pairs")
-class PairSource:
+class PairSource(OfflineSource):
     """``batch_size`` pairs per step as 2 x batch_size rows: o+ then o- of each pair, adjacent, one group each."""
 
-    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
-        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
-        self.pairs = make_pairs(samples, cfg.threshold, cfg.pairs_per_question)
-        if not self.pairs:
-            raise UserError(
-                f"source: no question has both a correct and an incorrect sample among {len(samples)}; "
-                "raise source.samples_per_question or rollout.temperature"
-            )
-        self.stats = sample_stats(samples, cfg.threshold, len(self.pairs))
-        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
-        self.sampler = EpochSampler(len(self.pairs), seed)
+    unit_name = "pairs"
+    hint = "no question has both a correct and an incorrect sample; raise source.samples_per_question or rollout.temperature"
 
-    def next_batch(self, policy) -> Batch:
-        pairs = [self.pairs[i] for i in self.sampler.take(self.batch_size)]
-        rows = [s for pair in pairs for s in pair]
-        batch = samples_batch(rows, torch.arange(len(pairs)).repeat_interleave(2), self.pad_id)
-        batch.stats.update(self.stats)
-        return batch
+    def make_units(self, samples, cfg):
+        return [list(p) for p in make_pairs(samples, cfg.threshold, cfg.pairs_per_question)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Dict, List
 
 import torch
 
@@ -23,8 +24,20 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     raise UserError(f"trainer.schedule: expected constant, linear or cosine, got '{schedule}'")
 
 
+def param_groups(modules: torch.nn.ModuleList, lr: float) -> List[Dict]:
+    """One parameter group per module, at ``lr * module.lr_scale`` (1 when unset); a parameter shared
+    by several modules belongs to the last one (an algorithm's extra module claims its own share)."""
+    seen, groups = set(), []
+    for module in reversed(list(modules)):
+        params = [p for p in module.parameters() if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if params:
+            groups.append({"params": params, "lr": lr * getattr(module, "lr_scale", 1.0)})
+    return groups[::-1]
+
+
 def build_optimizer(model: torch.nn.Module, cfg, updates_per_batch: int):
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = param_groups(model, cfg.lr) if isinstance(model, torch.nn.ModuleList) else [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     elif cfg.optimizer == "sgd":

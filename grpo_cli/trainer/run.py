@@ -49,17 +49,39 @@ def create_run_dir(cfg: DictConfig) -> Path:
 
 
 class MetricsLog:
-    """Appends one JSON line per step and keeps the history for the final plot."""
+    """Appends one JSON line per step and keeps the history for the final plot.
 
-    def __init__(self, run: Path):
+    Resuming from step N (``resume_step=N``) keeps the rows up to N and drops the later ones, which
+    the resumed run writes again; the file is rewritten atomically.
+    """
+
+    def __init__(self, run: Path, resume_step: Optional[int] = None):
         self.path = run / "metrics.jsonl"
         self.history: List[Dict[str, float]] = []
+        if resume_step is not None and self.path.exists():
+            self.history = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(".tmp-metrics.jsonl")
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
+            os.replace(tmp, self.path)
 
     def write(self, row: Dict[str, float]) -> None:
         clean = {k: (v if isinstance(v, (int, str)) or math.isfinite(v) else None) for k, v in row.items()}
         self.history.append(clean)
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: Path) -> List[Dict[str, float]]:
+    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def plot_curves(history: List[Dict[str, float]], main_metric: str, out: Path) -> Optional[Path]:
@@ -116,14 +138,46 @@ class ProgressBar:
 
 
 def atomic_replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written directory into place; an older one at ``final`` goes only afterwards."""
+    """Move a fully written directory into place; an older one at ``final`` goes only afterwards.
+
+    Files are fsynced before the rename and the parent directory after it, so ``final`` is complete
+    whenever it exists, whatever moment the process is killed at. Between the two renames only
+    ``<final>.old`` (complete) exists; readers may fall back to it.
+    """
     for root, _, files in os.walk(tmp):
         for name in files:
             with open(Path(root) / name, "rb") as f:
                 os.fsync(f.fileno())
     old = final.with_name(final.name + ".old")
     if final.exists():
+        if old.exists():  # left by an earlier kill; ``final`` is the newer complete copy
+            remove_dir(old)
         final.rename(old)
     tmp.rename(final)
+    fsync_dir(final.parent)
     if old.exists():
-        shutil.rmtree(old)
+        remove_dir(old)
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory without ever leaving a half-deleted one under its name: it is first
+    renamed to a dot name (which readers ignore), then removed."""
+    doomed = path.with_name(f".tmp-del-{path.name}-{os.getpid()}")
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    path.rename(doomed)
+    shutil.rmtree(doomed)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the renames inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -2,6 +2,11 @@
 
 ``dataset``: reference solutions from the data (SFT). Online sources that sample from the live
 policy register here too. Every source returns a :class:`Batch` from ``next_batch(policy)``.
+
+Resume: a checkpoint stores every :class:`EpochSampler`, ``torch.Generator`` and ``random.Random``
+attribute of the source (``source_state``), so a source that keeps its data position and sampling
+randomness in those resumes exactly with no code of its own; a source with other state defines
+``state_dict()`` / ``load_state_dict(state)`` (tensors and plain containers only).
 """
 
 from __future__ import annotations
@@ -48,6 +53,49 @@ class EpochSampler:
                     self.rng.shuffle(self.order)
             out.append(self.order.pop())
         return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The data position: the RNG state and what is left of the current epoch."""
+        return {"rng": self.rng.getstate(), "order": list(self.order), "n": self.n}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["n"] != self.n:
+            raise UserError(f"resume: the checkpoint's data has {state['n']} examples, this config gives {self.n}")
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
+
+
+def source_state(source: Any) -> Dict[str, Any]:
+    """Everything a source needs to continue exactly: its samplers, generators and RNGs (found by
+    type among its attributes) and its own ``state_dict()`` if it has one."""
+    state: Dict[str, Any] = {}
+    for name, value in vars(source).items():
+        if isinstance(value, EpochSampler):
+            state[name] = value.state_dict()
+        elif isinstance(value, torch.Generator):
+            state[name] = value.get_state()
+        elif isinstance(value, random.Random):
+            state[name] = value.getstate()
+    if callable(getattr(source, "state_dict", None)):
+        state["state_dict()"] = source.state_dict()
+    return state
+
+
+def load_source_state(source: Any, state: Dict[str, Any]) -> None:
+    """Restore what :func:`source_state` captured."""
+    for name, value in state.items():
+        if name == "state_dict()":
+            source.load_state_dict(value)
+            continue
+        target = getattr(source, name, None)
+        if isinstance(target, EpochSampler):
+            target.load_state_dict(value)
+        elif isinstance(target, torch.Generator):
+            target.set_state(value)
+        elif isinstance(target, random.Random):
+            target.setstate(value)
+        else:
+            raise UserError(f"resume: the checkpoint's data source has '{name}', this source does not (another source.name?)")
 
 
 def context_length(policy) -> int:
@@ -99,10 +147,11 @@ class OnlineSource:
 
     Token ids go straight from the sampler into the batch (never re-tokenised), so the trained
     tokens are exactly the sampled ones. Logs ``accuracy`` (the answer rule, whatever the reward)
-    and ``completion_length``.
+    and ``completion_length``. For a process reward it also records each token's character offset
+    in its completion, ``tensors["char_ends"]`` (see grpo_cli/rewards/process.py).
     """
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, **_):
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None, **_):
         limit = context_length(policy) - rollout.max_new_tokens
         tok = policy.tokenizer
         self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
@@ -110,10 +159,11 @@ class OnlineSource:
         if not self.examples:
             raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
-        if self.G < 2:
-            raise UserError(f"source.group_size: a group needs at least 2 completions, got {self.G}")
+        if self.G < 1:
+            raise UserError(f"source.group_size: expected at least 1 completion per question, got {self.G}")
         self.sampler = EpochSampler(len(self.examples), seed)
         self.generator = torch.Generator().manual_seed(seed)
+        self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:
         from grpo_cli.generation import generate
@@ -134,6 +184,10 @@ class OnlineSource:
             answers=[ex.answer for ex in chosen], group=torch.arange(self.P).repeat_interleave(self.G),
         )
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
+        if self.token_offsets:
+            from grpo_cli.rewards.process import char_ends
+
+            batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
         batch.stats.update(
             accuracy=sum(correct) / len(correct),
             completion_length=sum(len(g.completion_ids) for g in gens) / len(gens),

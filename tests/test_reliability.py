@@ -1,0 +1,414 @@
+"""Reliability (docs/reliability.md): exact resume, signals, kill -9 during saves, NaN guards, rewards
+that raise or hang, bad input, and the security rules. Tiny models on CPU, a few seconds each."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grpo_cli.algorithms import build_algorithm
+from grpo_cli.algorithms.sft import SFT
+from grpo_cli.cli import main
+from grpo_cli.data import load_examples
+from grpo_cli.errors import Interrupted, UserError
+from grpo_cli.models.load import load_model_and_tokenizer
+from grpo_cli.rewards.registry import build_reward
+from grpo_cli.trainer import loop
+from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.trainer.checkpoint import (
+    STATE_FILE, Checkpointer, Progress, latest_checkpoint, list_checkpoints, load_weights, recover,
+)
+from grpo_cli.trainer.optim import build_optimizer
+from grpo_cli.trainer.sources import build_source
+
+from conftest import REPO, TINY, compose
+
+WALL_CLOCK = re.compile(r"^(seconds|time_.*)$")
+
+
+def rows(run: Path):
+    """metrics.jsonl without the wall-clock fields (the only ones a resumed run may change)."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not WALL_CLOCK.match(k)} for line in lines]
+
+
+def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
+    """The pieces of a tiny SFT run, without training: a Checkpointer over them."""
+    cfg = compose("sft_arithmetic", "trainer.batch_size=4", f"output_dir={run}", *overrides)
+    algorithm = build_algorithm(cfg.algorithm)
+    policy = loop.build_policy(cfg, algorithm, run, torch.device("cpu"), load_model_and_tokenizer(cfg.model))
+    source = build_source(cfg.source, examples=load_examples(cfg.data, "train"), policy=policy, batch_size=4,
+                          rollout=cfg.rollout, seed=0, reward=None, run=run)
+    opt, sched = build_optimizer(policy.model, cfg.trainer, 1)
+    return Checkpointer(run, policy, opt, sched, source, algorithm, keep=2)
+
+
+# ----------------------------------------------------------------------------- 1. exact resume
+
+def test_sft_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    common = ["trainer.steps=6", "trainer.batch_size=8", "trainer.save_every=3", "trainer.keep_checkpoints=5"]
+    full = loop.train(compose("sft_arithmetic", *common, f"output_dir={tmp_path / 'full'}"))
+    # The same run "interrupted" after step 3: its later checkpoints and metrics rows must go.
+    shutil.copytree(full, tmp_path / "cut")
+    resumed = loop.train(compose("sft_arithmetic", *common, f"resume={tmp_path / 'cut/checkpoints/step_000003'}"))
+    assert resumed == (tmp_path / "cut").resolve()
+    assert len(rows(resumed)) == 6 and rows(resumed) == rows(full)
+    assert sorted(p.name for _, p in list_checkpoints(resumed / "checkpoints")) == ["final", "step_000003", "step_000006"]
+    for a, b in zip(_weights(full), _weights(resumed)):
+        assert torch.equal(a, b)
+
+
+def _weights(run: Path):
+    from safetensors.torch import load_file
+
+    return list(load_file(run / "checkpoints" / "final" / "model.safetensors").values())
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, monkeypatch):
+    """Online sampling (temperature 1), a reward that varies within groups, the reference model (KL)."""
+    from grpo_cli.rewards.registry import REWARDS
+
+    length_mod_3 = lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32)  # noqa: E731
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: length_mod_3)
+    common = [f"model.name_or_path={sft_run}", f"lora.enabled={lora}", "reward.name=length_mod_3", "trainer.steps=4",
+              "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "trainer.save_every=2",
+              "trainer.keep_checkpoints=4"]
+    full = loop.train(compose("grpo_arithmetic", *common, f"output_dir={tmp_path / 'full'}"))
+    shutil.copytree(full, tmp_path / "cut")
+    for name in ("final", "step_000004"):  # as if killed after the step-2 checkpoint
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / name)
+    resumed = loop.train(compose("grpo_arithmetic", *common, f"output_dir={tmp_path / 'cut'}", "resume=true"))
+    assert rows(resumed) == rows(full)
+    assert rows(full)[-1]["kl"] > 0  # the resumed steps are measured against the start model
+
+
+def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
+    first = loop.train(compose("sft_arithmetic", "trainer.steps=2", "trainer.batch_size=4", "trainer.save_every=1"))
+    again = loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", "trainer.lr=0.01", "resume=true"))
+    assert again == first.resolve() and [r["step"] for r in rows(again)] == [1, 2, 3]
+    err = capsys.readouterr().err
+    assert re.search(r"resume from \S+ \(step 2\)", err), err
+    assert re.search(r"resuming with a config that differs from .*: trainer\.lr=0\.01 \(was 0\.003\)", err), err
+
+
+def test_a_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path):
+    common = ["trainer.batch_size=4", "trainer.save_every=1", f"output_dir={tmp_path}"]
+    loop.train(compose("sft_arithmetic", "trainer.steps=3", *common))
+    loop.train(compose("sft_arithmetic", "trainer.steps=1", *common))  # no resume: a new run
+    (previous,) = tmp_path.glob("previous-*")
+    assert [r["step"] for r in rows(previous)] == [1, 2, 3] and latest_checkpoint(previous).name == "step_000003"
+    assert [r["step"] for r in rows(tmp_path)] == [1] and list_checkpoints(tmp_path / "checkpoints")[-1][0] == 1
+
+
+def test_resume_errors_are_one_line(tmp_path, capsys):
+    for resume, expected in [(tmp_path / "nothing", "resume: no run or checkpoint directory"),
+                             (tmp_path, "resume: no complete checkpoint in")]:
+        with pytest.raises(SystemExit) as e:
+            main(["train", "recipe=sft_arithmetic", *TINY, f"resume={resume}"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- 2. signals and kill -9
+
+def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_path):
+    common = [*TINY, "trainer.batch_size=4", "trainer.schedule=constant", "trainer.threads=1"]
+    run = tmp_path / "run"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "grpo_cli.cli", "train", "recipe=sft_arithmetic", *common, "trainer.steps=100000",
+         f"output_dir={run}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 120
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"interrupted at step (\d+): checkpoint saved to (\S+); resume with resume=true \(or resume=\S+\)", last)
+    assert m and "Traceback" not in err, err
+    step = int(m.group(1))
+    assert Path(m.group(2)) == run / "checkpoints" / f"step_{step:06d}" and latest_checkpoint(run) == Path(m.group(2))
+    resumed = loop.train(compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={run}", "resume=true"))
+    full = loop.train(compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={tmp_path / 'full'}"))
+    assert len(rows(resumed)) == step + 2 and rows(resumed) == rows(full)
+
+
+def test_sigint_finishes_the_step_saves_and_restores_the_handlers(tmp_path, monkeypatch):
+    original, calls = loop.optimise, []
+
+    def optimise(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step: the step still completes
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "optimise", optimise)
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted, match=r"^interrupted at step 2: checkpoint saved to .*step_000002") as e:
+        loop.train(compose("sft_arithmetic", "trainer.steps=50", "trainer.batch_size=4", f"output_dir={tmp_path}"))
+    assert e.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is before
+    assert len(rows(tmp_path)) == 2 and latest_checkpoint(tmp_path).name == "step_000002"
+
+
+def _save_forever(ckpt: Checkpointer, start: int, done) -> None:
+    """The writer killed by the test: a restarted run that saves step and final checkpoints non-stop."""
+    recover(ckpt.root)
+    step = start
+    while True:
+        step += 1
+        ckpt.save(f"step_{step:06d}", Progress(step=step))
+        if step % 3 == 0:
+            ckpt.save("final", Progress(step=step))  # replaces an existing directory: the .old path
+        done.value = step
+
+
+def test_kill_9_during_saves_never_corrupts_the_latest_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    ckpt = tiny_checkpointer(tmp_path)
+    ctx = multiprocessing.get_context("fork")
+    done, last = ctx.RawValue("i", 0), 0  # no lock: a killed writer must not hold one
+    for seed in range(10):
+        writer = ctx.Process(target=_save_forever, args=(ckpt, last, done), daemon=True)
+        writer.start()
+        deadline = time.time() + 30
+        while done.value <= last:  # at least one save of this writer completed
+            assert writer.is_alive() and time.time() < deadline, "the writer died or never saved"
+            time.sleep(0.005)
+        time.sleep(random.Random(seed).uniform(0.0, 0.25))
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.join()
+        last = done.value
+        latest = latest_checkpoint(tmp_path)
+        assert latest is not None and list_checkpoints(latest.parent)[-1][0] >= last
+        load_weights(ckpt.policy.model, latest)  # complete and loadable, whatever the kill interrupted
+        state = torch.load(latest / STATE_FILE, map_location="cpu", weights_only=True)
+        assert state["progress"]["step"] >= last and (latest / "tokenizer.json").is_file()
+        last = state["progress"]["step"]
+
+
+# ----------------------------------------------------------------------------- 3. NaN / inf guard
+
+def _batch(policy):
+    tok = policy.tokenizer
+    ids, attn, comp = pack([tok("3+4\n")["input_ids"]], [tok("3+4=7\n#### 7")["input_ids"]], tok.pad_token_id)
+    return Batch(ids, attn, comp, ["3+4\n"], ["3+4=7\n#### 7"], ["7"], torch.zeros(1, dtype=torch.long)).with_totals()
+
+
+class _Broken(SFT):
+    """SFT whose loss is NaN, or finite with a NaN gradient (sqrt of a negative in a dead branch)."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def loss(self, batch, policy):
+        loss, metrics = super().loss(batch, policy)
+        if self.mode == "loss":
+            return loss * float("nan"), metrics
+        w = next(policy.model.parameters())
+        return loss + torch.where(torch.tensor(True), torch.zeros(()), torch.sqrt(-(w.sum() ** 2) - 1)), metrics
+
+
+@pytest.mark.parametrize("mode", ["loss", "gradient"])
+def test_a_non_finite_update_is_skipped(tmp_path, mode):
+    ckpt = tiny_checkpointer(tmp_path)
+    policy, opt, sched = ckpt.policy, ckpt.opt, ckpt.sched
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    out = loop.optimise(_batch(policy), _Broken(mode), policy, opt, sched, 1, 1.0)
+    assert out["skipped"] == 1 and not (out["loss"] == out["loss"] and out["grad_norm"] == out["grad_norm"])
+    assert all(torch.equal(before[n], p) for n, p in policy.model.named_parameters())
+    assert not opt.state and sched.last_epoch == 1  # no optimiser state touched; the schedule advanced
+    assert ckpt.save("step_000001", Progress(step=1)).is_dir()  # the weights stayed finite
+
+
+def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
+    original, calls = SFT.loss, []
+
+    def loss(self, batch, policy):
+        calls.append(1)
+        value, metrics = original(self, batch, policy)
+        return (value * float("nan") if len(calls) in bad else value), metrics
+
+    monkeypatch.setattr(SFT, "loss", loss)
+    bad = {2, 3}
+    run = loop.train(compose("sft_arithmetic", "trainer.steps=5", "trainer.batch_size=4", f"output_dir={tmp_path / 'a'}"))
+    got = rows(run)
+    assert [r["skipped_steps"] for r in got] == [0, 1, 2, 2, 2]
+    assert got[1]["loss"] is None and got[3]["loss"] is not None
+    calls.clear()
+    bad = set(range(3, 100))
+    with pytest.raises(UserError, match=r"^stopping at step 5: 3 non-finite losses/gradients in a row \(last: loss=nan"):
+        loop.train(compose("sft_arithmetic", "trainer.steps=20", "trainer.batch_size=4", "trainer.max_bad_steps=3",
+                           "trainer.save_every=1", f"output_dir={tmp_path / 'b'}"))
+    assert latest_checkpoint(tmp_path / "b").name == "step_000004"  # every checkpoint is of finite weights
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    ckpt = tiny_checkpointer(tmp_path)
+    ckpt.save("step_000001", Progress(step=1))
+    with torch.no_grad():
+        next(ckpt.policy.model.parameters())[0, 0] = float("inf")
+    with pytest.raises(UserError, match="refusing to save checkpoint step_000002: weight '.*' is not finite"):
+        ckpt.save("step_000002", Progress(step=2))
+    assert latest_checkpoint(tmp_path).name == "step_000001"
+
+
+# ----------------------------------------------------------------------------- 4. rewards that raise or hang
+
+def _reward(tmp_path, body: str, *overrides: str):
+    (tmp_path / "user_reward.py").write_text(body)
+    cfg = compose("grpo_arithmetic", "reward=custom", f"reward.function={tmp_path / 'user_reward.py'}:score", *overrides)
+    return build_reward(cfg.reward)
+
+
+def _texts(completions, answers=None):
+    n = len(completions)
+    return Batch(torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
+                 ["q"] * n, completions, answers or ["1"] * n, torch.arange(n))
+
+
+def test_custom_reward_function_from_a_config(tmp_path):
+    reward = _reward(tmp_path, "def score(completions, answers, prompts):\n    return [float(len(c)) for c in completions]\n")
+    batch = _texts(["a", "bbb"])
+    assert reward(batch).tolist() == [1.0, 3.0]
+    assert batch.stats == {"reward_errors": 0, "reward_timeouts": 0}
+
+
+def test_a_reward_that_raises_scores_incorrect_for_its_completions_and_is_counted(tmp_path):
+    body = "def score(completions, answers, prompts):\n    return [1.0 / (len(c) - 3) for c in completions]\n"
+    reward = _reward(tmp_path, body, "reward.incorrect=-1")
+    batch = _texts(["ab", "abc", "abcd", "abcde"])  # len 3 divides by zero: only that completion fails
+    assert reward(batch).tolist() == [-1.0, -1.0, 1.0, 0.5]
+    assert batch.stats == {"reward_errors": 1, "reward_timeouts": 0}
+    nan = _reward(tmp_path, "def score(completions, answers, prompts):\n    return [float('nan'), 1.0]\n")
+    batch = _texts(["a", "b"])
+    assert nan(batch).tolist() == [0.0, 1.0] and batch.stats["reward_errors"] == 1
+    short = _reward(tmp_path, "def score(completions, answers, prompts):\n    return [1.0]\n")
+    batch = _texts(["a", "b"])  # a wrong length: retried one by one, where it is right
+    assert short(batch).tolist() == [1.0, 1.0] and batch.stats["reward_errors"] == 0
+
+
+def test_a_reward_that_hangs_is_timed_out_scored_incorrect_and_counted(tmp_path, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setitem(sys.modules, "hang_release", release)
+    body = ("import sys\ndef score(completions, answers, prompts):\n"
+            "    sys.modules['hang_release'].wait(30)\n    return [1.0] * len(completions)\n")
+    reward = _reward(tmp_path, body, "reward.timeout_s=0.2")
+    try:
+        start = time.perf_counter()
+        batch = _texts(["a", "b", "c"])
+        assert reward(batch).tolist() == [0.0, 0.0, 0.0]
+        assert time.perf_counter() - start < 2.0
+        assert batch.stats == {"reward_errors": 0, "reward_timeouts": 3}
+        monkeypatch.setattr("grpo_cli.rewards.guard.MAX_ABANDONED", 2)
+        reward(_texts(["a"]))
+        with pytest.raises(UserError, match="calls are still running long past reward.timeout_s=0.2s: the function hangs"):
+            reward(_texts(["a"]))
+    finally:
+        release.set()  # let the abandoned threads finish
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("no_colon", "expected module:function"),
+    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+    ("json:no_such_function", "'json' has no function 'no_such_function'"),
+    ("/no/such/file.py:f", "no such file '/no/such/file.py'"),
+])
+def test_custom_reward_config_errors_are_one_line(spec, expected, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "recipe=grpo_arithmetic", *TINY, "reward=custom", f"reward.function={spec}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and f"reward.function: {expected}" in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("text", ["1e99999", "#### 1e99999", "9" * 10_000, "#### " + "9" * 10_000, "9" * 100_000,
+                                  "The answer is " + "9" * 100_000], ids=range(6))
+def test_pathological_answers_score_fast_through_the_reward(text):
+    reward = build_reward(compose("grpo_arithmetic").reward)
+    start = time.perf_counter()
+    batch = _texts([text], ["9" * 10_000])
+    assert reward(batch).tolist()[0] in (0.0, 1.0) and batch.stats["reward_errors"] == 0
+    assert time.perf_counter() - start < 1.0
+
+
+# ----------------------------------------------------------------------------- 4. bad input: prompts longer than the context
+
+def test_an_example_longer_than_the_context_is_skipped_with_a_warning(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1", "answer": "1+1=2\n#### 2"}) + "\n"
+                    + json.dumps({"question": "1+" * 200 + "1", "answer": "#### 201"}) + "\n")
+    loop.train(compose("sft_arithmetic", "data=jsonl", f"data.path={data}", "trainer.steps=1", "trainer.batch_size=2",
+                       f"output_dir={tmp_path / 'run'}"))
+    assert "1 training examples skipped: longer than the model's context" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("sft_arithmetic", "data: no training example has a solution that fits the model's context of 8 tokens"),
+    ("grpo_arithmetic", "data: no prompt fits the context minus rollout.max_new_tokens"),
+])
+def test_a_dataset_longer_than_the_context_is_one_line(recipe, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", f"recipe={recipe}", *TINY, "model.name_or_path=tiny", "model.tiny.max_position_embeddings=8",
+              f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+
+
+# ----------------------------------------------------------------------------- 5. security
+
+PACKAGE = REPO / "grpo_cli"
+
+
+def _code_lines():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            code = line.split("#", 1)[0]
+            if code.strip():
+                yield f"{path.relative_to(REPO)}:{number}", code
+
+
+def test_no_eval_exec_or_pickle_in_the_package():
+    bad = [where for where, code in _code_lines()
+           if re.search(r"(?<![\w.])(eval|exec)\s*\(|\bimport pickle\b|\bpickle\.loads?\(", code)]
+    assert not bad, bad
+
+
+def test_torch_load_only_with_weights_only():
+    calls = [(where, code) for where, code in _code_lines() if "torch.load(" in code]
+    assert calls, "the checkpoint loader uses torch.load"
+    assert all("weights_only=True" in code for _, code in calls), calls
+
+
+def test_models_load_without_remote_code_and_through_safetensors(tmp_path, monkeypatch):
+    from grpo_cli.config.schema import ModelConfig
+    from grpo_cli.models import load
+
+    assert ModelConfig().trust_remote_code is False
+    model, tok, _ = load_model_and_tokenizer(compose("sft_arithmetic").model)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    seen = {}
+    original = load.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(load.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **kw: seen.update(kw) or original(*a, **kw))
+    load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m")))
+    assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True
