@@ -2,7 +2,13 @@
 
 Prompts are left-padded; positions come from the attention mask so padding never shifts them.
 Finished sequences (EOS seen) keep producing pad tokens that are masked out. ``temperature=0``
-is greedy decoding.
+is greedy decoding. Two engines give the same tokens:
+
+* ``fast`` (the rollout engine): :class:`~grpo_cli.models.kv_decoder.KVDecoder`, a preallocated
+  cache written in place and masks and rotary tables built once per batch; a step is one decoder
+  call, the sampling rule and a few [B] tensor ops. Used for the model families it covers.
+* ``reference`` (the oracle, and the engine for every other model): ``model(...)`` with the
+  DynamicCache that transformers grows by one column per token.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import List, Optional
 import torch
 
 from grpo_cli.trainer.batch import position_ids
+
+ENGINES = ("auto", "fast", "reference")
 
 
 @dataclass
@@ -38,24 +46,30 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _left_pad(prompt_ids: List[List[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids, attention mask [B, T0] of left-padded prompts."""
+    T0 = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), T0), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, p in enumerate(prompt_ids):
+        ids[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
+        attn[b, T0 - len(p):] = 1
+    return ids.to(device), attn.to(device)
+
+
 def _cache_kwarg(model) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.x), in and out; use the model's name."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
-    device = next(model.parameters()).device
-    T0 = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), T0), pad_id, dtype=torch.long, device=device)
-    attn = torch.zeros_like(ids)
-    for b, p in enumerate(prompt_ids):
-        ids[b, T0 - len(p):] = torch.tensor(p, device=device)
-        attn[b, T0 - len(p):] = 1
+def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
+    """The oracle: ``model(...)`` per token, the attention mask and DynamicCache growing by a column."""
+    ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
     cache_arg = _cache_kwarg(model)
     past, logits = out[cache_arg], out.logits[:, -1]
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=ids.device)
     new_tokens = []
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, generator)
@@ -71,6 +85,66 @@ def _generate_batch(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temper
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 
 
+@torch.inference_mode()
+def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
+    """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache."""
+    from grpo_cli.models.kv_decoder import KVDecoder
+
+    ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
+    (B, T0), device = ids.shape, ids.device
+    if max_new_tokens <= 0:
+        return [[] for _ in prompt_ids]
+    decoder = KVDecoder(model, B, T0 + max_new_tokens)
+    keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
+    keys[:, :T0] = attn.bool()
+    # Prefill: causal over real keys; a padding query sees itself only (never a fully masked row).
+    causal = torch.ones(T0, T0, dtype=torch.bool, device=device).tril()
+    mask = (causal & keys[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
+    pos = position_ids(attn)  # [B, T0]
+    logits = decoder(ids, pos, 0, mask[:, None])
+    pos = pos[:, -1:] + 1  # [B, 1] position of the first new token
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else 8  # done.all() is a device sync on GPUs
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator).masked_fill_(done, pad_id)
+        out[:, i] = nxt
+        done |= nxt == eos_id
+        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
+            break
+        logits = decoder(nxt[:, None], pos + i, T0 + i, keys[:, None, None, : T0 + i + 1])
+    return out[:, : i + 1].tolist()
+
+
+def generate_ids(
+    model,
+    prompt_ids: List[List[int]],
+    *,
+    pad_id: int,
+    eos_id: Optional[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+    engine: str = "auto",
+) -> List[List[int]]:
+    """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
+
+    ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
+    the model is supported, else ``reference``), ``fast`` or ``reference``.
+    """
+    from grpo_cli.models.kv_decoder import unsupported_reason
+
+    if engine not in ENGINES:
+        raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    reason = unsupported_reason(model) if engine != "reference" else "reference requested"
+    if engine == "fast" and reason:
+        raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
+    run = _generate_reference if reason else _generate_fast
+    return run(model, prompt_ids, pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
+               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+
+
 def generate(
     model,
     tokenizer,
@@ -81,18 +155,19 @@ def generate(
     top_p: float = 1.0,
     batch_size: int = 64,
     generator: Optional[torch.Generator] = None,
+    engine: str = "auto",
 ) -> List[Generation]:
     """Sample one completion per prompt (repeat a prompt G times for a group)."""
     was_training = model.training
     model.eval()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
     results: List[Generation] = []
     for i in range(0, len(prompts), batch_size):
         chunk = encoded[i : i + batch_size]
-        rows = _generate_batch(
+        rows = generate_ids(
             model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator,
+            temperature=temperature, top_p=top_p, generator=generator, engine=engine,
         )
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))

@@ -140,6 +140,10 @@ def validate(recipe: str, runs: List[Run], settings: List[str]) -> DictConfig:
     return first
 
 
+EVAL_KEYS = ("split", "limit", "n", "ks", "seed")
+"""The ``eval.*`` settings a sweep hands to each run's evaluation."""
+
+
 def last_line(log: Path) -> str:
     """The error a failed run reports: the last non-empty line of its log."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
@@ -194,6 +198,13 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
     return Outcome(run, status, done.get("metrics") or {}, done.get("eval"), seconds=done.get("seconds", 0.0))
 
 
+def eval_overrides(cfg: DictConfig) -> List[str]:
+    """The evaluation settings of the sweep (its recipe's ``eval`` section with the command line's
+    ``eval.*`` on top) for each run's ``grpo eval``."""
+    return [f"eval.{k}={json.dumps(list(cfg.eval[k])) if k == 'ks' else ('null' if cfg.eval[k] is None else cfg.eval[k])}"
+            for k in EVAL_KEYS]
+
+
 def last_metrics(run_dir: Path) -> Dict[str, object]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
     return json.loads(lines[-1]) if lines else {}
@@ -214,7 +225,7 @@ def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[
     (sweep_dir / "sweep.json").write_text(json.dumps({"recipe": recipe, "args": list(args)}, indent=2) + "\n")
     outcomes: Dict[int, Outcome] = {}
     with ThreadPoolExecutor(max_workers=cfg.sweep.parallel) as pool:
-        eval_args = [a for a in settings if a.startswith("eval.")]
+        eval_args = eval_overrides(cfg)
         futures = [pool.submit(execute, r, recipe, sweep_dir, cfg, eval_args) for r in runs]
         for future in as_completed(futures):
             o = future.result()

@@ -39,3 +39,110 @@ def test_finish_cuts_after_the_first_eos_and_keeps_it():
     assert g.completion_ids == ids + [eos] and g.finished and g.text == "7*2=14"
     cut = _finish(tok, [5], ids, eos)  # no EOS within max_new_tokens: truncated
     assert cut.completion_ids == ids and not cut.finished
+
+
+# --- the rollout engine (grpo_cli.models.kv_decoder) against HF generate and the reference loop ---
+
+PROMPTS = ["3+4*2\n", "9-2-5+1-3\n", "7*7\n", "1\n", "8*3-2\n", "5+5+5+5+5+5\n"]  # lengths 2 to 12
+
+
+def chaotic_tiny_model(**overrides):
+    """A tiny Qwen2 with weights of std 1/sqrt(fan_in): unlike the default init (std 0.02, which
+    greedily repeats one token forever) its greedy rows differ, and some emit EOS early."""
+    from grpo_cli.config.schema import TinyModelConfig
+    from grpo_cli.models.tiny import build_tiny_model
+
+    tok = build_tokenizer()
+    cfg = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+    model = build_tiny_model(TinyModelConfig(**{**cfg, **overrides}), len(tok), tok.pad_token_id, tok.eos_token_id)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
+    return model.eval(), tok
+
+
+def rows_of(model, tok, engine, n=24, **kw):
+    from grpo_cli.generation import generate_ids
+
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
+                        engine=engine, temperature=kw.pop("temperature", 0.0), **kw)
+
+
+def hf_rows(model, tok, n=24):
+    """HF generate, greedy, on the same left-padded batch: [B] rows of new tokens (pad after EOS)."""
+    batch = tok.pad({"input_ids": tok(PROMPTS, add_special_tokens=False)["input_ids"]}, return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)
+    return out[:, batch["input_ids"].shape[1]:].tolist()
+
+
+def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops():
+    model, tok = chaotic_tiny_model()
+    ours = rows_of(model, tok, "fast")
+    eos = tok.eos_token_id
+    stops = {row.index(eos) if eos in row else None for row in ours}
+    assert len(stops - {None}) >= 2 and None in stops  # rows end at different steps, one never does
+    assert ours == hf_rows(model, tok)
+    assert ours == rows_of(model, tok, "reference")
+
+
+def test_fast_engine_samples_exactly_like_the_reference_loop():
+    # Same logits bit for bit and the same generator state: the same draws, EOS and padding included.
+    model, tok = chaotic_tiny_model()
+    fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    ref = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert fast == ref and any(tok.eos_token_id in r for r in fast)
+
+
+def test_fast_engine_with_grouped_query_attention_and_eager_attention():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    for attn in ("sdpa", "eager"):
+        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(cfg).eval()
+        with torch.no_grad():
+            model.model.embed_tokens.weight.normal_(0, 1.0)  # diverse greedy rows
+        assert model.config._attn_implementation == attn
+        assert rows_of(model, tok, "fast") == hf_rows(model, tok)
+
+
+def test_fast_engine_applies_lora_adapters():
+    from grpo_cli.config.schema import LoraConfig
+    from grpo_cli.models.load import apply_lora
+
+    model, tok = chaotic_tiny_model()
+    base = rows_of(model, tok, "reference")
+    model = apply_lora(model, LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter (fresh ones are zero)
+    with model.disable_adapter():
+        assert rows_of(model, tok, "fast") == base
+    adapted = rows_of(model, tok, "fast")
+    assert adapted == rows_of(model, tok, "reference") and adapted != base
+
+
+def test_unsupported_models_fall_back_to_the_reference_loop():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpo_cli.generation import generate
+    from grpo_cli.models.kv_decoder import unsupported_reason
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert "gpt2" in unsupported_reason(model)
+    gens = generate(model, tok, PROMPTS[:2], max_new_tokens=5, temperature=0)  # engine="auto"
+    assert [len(g.completion_ids) for g in gens] == [5, 5]
+    import pytest
+
+    with pytest.raises(ValueError, match="fast rollout engine"):
+        generate(model, tok, PROMPTS[:2], max_new_tokens=5, engine="fast")

@@ -103,3 +103,24 @@ def test_reward_model_and_ppo_runs_resume_exactly(sft_run, tmp_path, length_rewa
         strip = lambda r: {k: v for k, v in r.items() if not k.startswith(drop) and not (r["step"] == 2 and k.startswith("heldout_"))}  # noqa: E731
         assert [strip(r) for r in resumed] == [strip(r) for r in whole], recipe
         assert any(k.startswith("heldout_") for k in resumed[-1]) or recipe != "rm_arithmetic"
+
+
+@pytest.mark.slow
+def test_process_reward_model_trains_and_drives_process_grpo(sft_run, tmp_path):
+    from grpo_cli.models.scorer import load_scorer
+    from grpo_cli.trainer.loop import train
+
+    cfg = compose("prm_arithmetic", f"model.name_or_path={sft_run}", "source.questions=12", "source.samples_per_question=3",
+                  "source.heldout=0.25", "trainer.steps=4", "trainer.batch_size=6", "trainer.lr=3e-3",
+                  f"output_dir={tmp_path / 'prm'}")
+    run = train(cfg)
+    rows = _rows(run)
+    assert rows[0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # zero head: p = 0.5 on every step
+    assert rows[-1]["loss"] < rows[0]["loss"] and "heldout_step_acc" in rows[-1]
+    scorer, _ = load_scorer(str(run), kind="process")
+    assert scorer.kind == "process"
+    grpo = compose("grpo_process_arithmetic", f"model.name_or_path={sft_run}", "reward=process_rm", f"reward.path={run}",
+                   "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=3", f"output_dir={tmp_path / 'g'}")
+    out = _rows(train(grpo))
+    assert 0.0 < out[0]["reward_mean"] < 1.0  # mean step probability from the model, not a 0/1 rule
+    assert out[0]["steps_per_output"] > 0 if "steps_per_output" in out[0] else True

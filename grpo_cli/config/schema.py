@@ -153,8 +153,9 @@ class RewardConfig:
     step_incorrect: float = 0.0
     """``name=steps``: reward of an incorrect step (an output with no step at all is one incorrect step)."""
     last_step_outcome: bool = True
-    """``name=steps``: the last step is judged by the outcome rule (the final answer is right) instead
-    of the checker, so an output that stops early or ends on a wrong answer is charged at its end."""
+    """``steps`` and ``process_rm``: the last step is judged by the outcome rule (the final answer is
+    right: 1, else 0) instead of the checker or the model, so an output that stops early or ends on a
+    wrong answer is charged at its end. False with ``process_rm`` is the paper's pure learned PRM."""
 
 
 @dataclass
@@ -272,11 +273,26 @@ class RewardModelConfig(AlgorithmConfig):
     """Train an outcome reward model (the LM + a scalar head) on rule-labelled samples."""
 
     name: str = "reward_model"
+    head_from: Optional[str] = None
+    """Start the scalar head from this reward model (its directory) instead of zeros: continue training
+    one (iterative GRPO does, with model.name_or_path set to the same directory)."""
     objective: str = "pairwise"
     """``pairwise``: Bradley-Terry on (o+, o-) pairs (source=pairs); ``pointwise``: binary
     cross-entropy of the score against correct / incorrect (source=labelled)."""
     threshold: float = 0.5
     """A sample is correct when its reward exceeds this (pointwise labels)."""
+
+
+@dataclass
+class ProcessRewardModelConfig(AlgorithmConfig):
+    """Train a process reward model: the LM + a scalar head scoring each step's last token (recipe prm_arithmetic)."""
+
+    name: str = "process_reward_model"
+    head_from: Optional[str] = None
+    """Start the scalar head from this reward model (its directory) instead of zeros: continue training
+    one (iterative GRPO does, with model.name_or_path set to the same directory)."""
+    threshold: float = 0.5
+    """A step is labelled correct when its rule step reward exceeds this."""
 
 
 @dataclass
@@ -385,6 +401,11 @@ class TrainerConfig:
     eval_every: int = 0
     """Score the source's held-out batches (e.g. ``source.heldout``) every N steps and at the end;
     0 only at the end. Logged with a ``heldout_`` prefix."""
+    distributed: str = "ddp"
+    """Under ``torchrun --nproc_per_node=N`` (ignored in one process): ``ddp``, every process holds the
+    whole model and gradients are summed over processes; ``fsdp``, FSDP2 shards each transformer block
+    (weights, gradients, optimiser state) over the processes. ``batch_size`` and ``source.prompts_per_step``
+    stay global (each process takes 1/N, groups whole) and must be multiples of N. docs/distributed.md."""
 
 
 @dataclass
@@ -450,6 +471,30 @@ class SweepConfig:
 
 
 @dataclass
+class IterativeConfig:
+    """Iterative RL (DeepSeekMath Algorithm 1): I iterations of ``trainer.steps`` policy steps, each
+    followed by continued reward-model training on the policy's samples with replay; the reference
+    becomes the current policy at every iteration. Needs a learned reward (``outcome_rm``/``process_rm``)."""
+
+    iterations: int = 0
+    """I; 0 is an ordinary single run."""
+    rm_recipe: Optional[str] = None
+    """Recipe that trains the reward model (``rm_arithmetic`` / ``prm_arithmetic``); default: the one
+    matching ``reward.name``. Its settings (lr, batch, LoRA...) apply to the reward-model phases."""
+    rm_steps: int = 50
+    """Reward-model training steps per iteration (and for the initial one when ``reward.path`` is unset)."""
+    questions: int = 256
+    """Training questions sampled from the current policy for reward-model data: after each iteration,
+    and from the start model for the initial reward model (when ``reward.path`` is unset)."""
+    samples_per_question: int = 4
+    """Outputs sampled per question for reward-model data."""
+    replay: float = 0.1
+    """Share of each iteration's reward-model data drawn from the historical buffer (the paper's 10%)."""
+    eval_limit: int = 200
+    """Held-out questions for the greedy accuracy logged per iteration; 0 skips the evaluation."""
+
+
+@dataclass
 class RunConfig:
     """A whole run: the method triple (source, reward, algorithm) plus model, data and optimisation."""
 
@@ -476,3 +521,4 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    iterative: IterativeConfig = field(default_factory=IterativeConfig)

@@ -36,7 +36,8 @@ def options() -> Dict[str, Dict[str, object]]:
             "jsonl": S.DataConfig(name="jsonl"),
         },
         "reward": {"none": S.RewardConfig(), "outcome": S.RewardConfig(name="outcome"), "outcome_rm": S.RewardConfig(name="outcome_rm"),
-                   "custom": S.RewardConfig(name="custom"), "steps": S.RewardConfig(name="steps")},
+                   "custom": S.RewardConfig(name="custom"), "steps": S.RewardConfig(name="steps"),
+                   "process_rm": S.RewardConfig(name="process_rm")},
         "source": _subclass_options(S.SourceConfig),
         "algorithm": _subclass_options(S.AlgorithmConfig),
     }

@@ -115,13 +115,14 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
-def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str]) -> None:
-    """Write ``model`` (or only its adapter, pointing at ``base_ref``) and the tokenizer to ``out``."""
+def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str], state_dict: Optional[dict] = None) -> None:
+    """Write ``model`` (or only its adapter, pointing at ``base_ref``) and the tokenizer to ``out``;
+    ``state_dict`` replaces the model's own (the gathered weights of a sharded model)."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_checkpoint"):  # a Scorer (reward model): its LM, then its head
         return model.save_checkpoint(tok, out, base_ref)
     if is_peft(model):
         # peft records this path so the adapter reloads on top of the right base.
         model.peft_config["default"].base_model_name_or_path = base_ref
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out)

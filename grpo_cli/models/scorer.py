@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,8 +67,8 @@ class Scorer(torch.nn.Module):
         self.head.load_state_dict(load_file(str(ckpt / HEAD_FILE)))
 
 
-def load_scorer(path: str, *, dtype: str = "float32", kind: Optional[str] = None):
-    """(Scorer, tokenizer) from a directory written by :meth:`Scorer.save_checkpoint` (or a run dir)."""
+def scorer_dir(path: str, kind: Optional[str]) -> Tuple[Path, str]:
+    """The checkpoint directory of the reward model at ``path`` (a run or checkpoint dir) and its kind."""
     from grpo_cli.models.load import resolve_model_dir
 
     root = Path(resolve_model_dir(path))
@@ -77,6 +77,16 @@ def load_scorer(path: str, *, dtype: str = "float32", kind: Optional[str] = None
     saved = json.loads((root / META_FILE).read_text())["kind"]
     if kind is not None and saved != kind:
         raise UserError(f"reward.path: '{path}' is a {saved} model, expected a {kind} model")
+    return root, saved
+
+
+def load_head(path: str, kind: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    return load_file(str(scorer_dir(path, kind)[0] / HEAD_FILE))
+
+
+def load_scorer(path: str, *, dtype: str = "float32", kind: Optional[str] = None):
+    """(Scorer, tokenizer) from a directory written by :meth:`Scorer.save_checkpoint` (or a run dir)."""
+    root, saved = scorer_dir(path, kind)
     lm, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(root), dtype=dtype))
     scorer = Scorer(lm, saved)
     scorer.head.load_state_dict(load_file(str(root / HEAD_FILE)))

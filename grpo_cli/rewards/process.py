@@ -142,3 +142,27 @@ def rule_process_rewards(batch: Batch, *, delimiter: str, checker: str, correct:
     batch.stats.update(steps_per_output=verdict_count / max(len(batch), 1),
                        step_accuracy=right / max(verdict_count, 1))
     return place_steps(batch, steps)
+
+
+def step_positions(batch: Batch, delimiter: str) -> List[List[int]]:
+    """Per row, the input positions of its steps' last tokens (the same segmentation as the rule)."""
+    out = []
+    for b, completion in enumerate(batch.completions):
+        positions, offsets = completion_offsets(batch, b)
+        spans = split_steps(completion, delimiter)
+        out.append([p for p, _ in step_ends(spans, [True] * len(spans), positions, offsets)])
+    return out
+
+
+def learned_process_rewards(batch: Batch, scores: torch.Tensor, *, delimiter: str, last_step_outcome: bool) -> torch.Tensor:
+    """A process reward model's step rewards: sigmoid of its score [B, T] at each step's last token
+    (the probability the step is correct); sets ``step_rewards`` / ``step_mask`` like the rule.
+    ``last_step_outcome``: the last step gets the answer rule's 1 or 0 instead, so an output that
+    stops without a right final answer cannot collect the model's praise for its first steps."""
+    probs = torch.sigmoid(scores.float().cpu())
+    steps = [[(p, float(probs[b, p])) for p in row] for b, row in enumerate(step_positions(batch, delimiter))]
+    if last_step_outcome:
+        for row, completion, answer in zip(steps, batch.completions, batch.answers):
+            if row:
+                row[-1] = (row[-1][0], float(answers_match(extract_answer(completion), answer)))
+    return place_steps(batch, steps)

@@ -94,14 +94,41 @@ def _outcome_rm(cfg) -> RewardFn:
 
     scorer, _ = load_scorer(cfg.path, kind="outcome")
     scorer.eval().requires_grad_(False)
-    vocab = scorer.config.vocab_size
 
     @torch.no_grad()
     def score(batch: Batch) -> torch.Tensor:
-        if int(batch.input_ids.max()) >= vocab:
-            raise UserError(f"reward.path: the reward model's vocabulary ({vocab}) does not cover the policy's tokens")
+        check_vocab(scorer, batch)
         device = next(scorer.parameters()).device
         out = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))
         return outcome_scores(out).cpu()
 
     return score
+
+
+@register_reward("process_rm", guard=False)
+def _process_rm(cfg) -> RewardFn:
+    """A learned process reward model (``reward.path``, recipe prm_arithmetic): the probability it gives
+    each step (split at ``reward.delimiter``) of being correct, on the step's last token."""
+    if not cfg.path:
+        raise UserError("reward.path: reward=process_rm needs the directory of a trained process reward model")
+    from grpo_cli.models.scorer import load_scorer
+    from grpo_cli.rewards.process import learned_process_rewards
+
+    scorer, _ = load_scorer(cfg.path, kind="process")
+    scorer.eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def score(batch: Batch) -> torch.Tensor:
+        check_vocab(scorer, batch)
+        device = next(scorer.parameters()).device
+        scores = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))
+        return learned_process_rewards(batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome)
+
+    return process_reward(score)
+
+
+def check_vocab(scorer, batch: Batch) -> None:
+    """A learned reward model reads the policy's token ids as they are: the vocabularies must agree."""
+    vocab = scorer.config.vocab_size
+    if int(batch.input_ids.max()) >= vocab:
+        raise UserError(f"reward.path: the reward model's vocabulary ({vocab}) does not cover the policy's tokens")

@@ -28,7 +28,9 @@ class Batch:
     totals: Dict[str, float] = field(default_factory=dict)
     """Whole-batch counts (sequences, completion tokens) so a micro-batch loss normalises like the
     full batch: the micro-batch losses then simply add up. Sources may add settings the loss needs
-    (``temperature`` of sampling, ``max_tokens`` of a completion)."""
+    (``temperature`` of sampling, ``max_tokens`` of a completion). Data parallel, the loop sums every
+    total except those settings (``distributed.SETTINGS``) over ranks after ``prepare``: the counts of
+    the global batch, so the ranks' losses add up to the global batch's loss."""
     stats: Dict[str, float] = field(default_factory=dict)
     """Batch-level metrics (source: accuracy, lengths; prepare: rewards, advantages) for the log."""
 

@@ -17,6 +17,12 @@ checkpoint; ``resume=<run or checkpoint dir>`` names one. The policy is first bu
 resumed weights); then the checkpoint's weights or adapter, the optimiser, the scheduler, the data
 position and, last, every RNG are restored. On CPU the resumed run's metrics equal the
 uninterrupted run's exactly (tests/test_reliability.py).
+
+Data parallel (docs/distributed.md): every rank calls ``save``; rank 0 writes, with each rank's RNG
+states and source position (``ranks`` in trainer_state.pt); the ranks meet at a barrier after it.
+On resume rank r takes entry r. At another world size the data order still continues exactly (the
+question sampler is the same on every rank); a rank the checkpoint holds no entry for starts fresh
+random streams seeded from (trainer.seed, rank, step).
 """
 
 from __future__ import annotations
@@ -38,8 +44,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft, save_checkpoint_model
+from grpo_cli.trainer.distributed import LOCAL, Dist, barrier, gather_objects, on_main, rank_seed
 from grpo_cli.trainer.run import atomic_replace_dir, console, remove_dir
-from grpo_cli.trainer.sources import load_source_state, source_state
+from grpo_cli.trainer.sources import load_source_state, reseed_source, source_state
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
@@ -94,56 +101,83 @@ class Checkpointer:
     """Saves and restores everything a run needs to continue: weights (or adapter), optimiser,
     scheduler, RNGs, the data source's position and the algorithm's state (``state_dict()``, if any)."""
 
-    def __init__(self, run: Path, policy, opt, sched, source, algorithm, keep: int):
+    def __init__(self, run: Path, policy, opt, sched, source, algorithm, keep: int, seed: int = 0, dist: Dist = LOCAL):
         self.root = run / "checkpoints"
         self.policy, self.opt, self.sched, self.source, self.algorithm = policy, opt, sched, source, algorithm
-        self.keep = keep
+        self.keep, self.seed, self.dist = keep, seed, dist
         self.last: Optional[Tuple[str, int]] = None
-        recover(self.root)
+        on_main(recover, self.root)
 
-    def state(self, progress: Progress) -> Dict[str, Any]:
+    def state(self, progress: Progress, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         algorithm = self.algorithm.state_dict() if callable(getattr(self.algorithm, "state_dict", None)) else None
+        sharded = self.dist.enabled and self.dist.strategy == "fsdp"  # its optimiser state is split over ranks: not saved
         return {
-            "progress": asdict(progress), "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(), "scheduler": self.sched.state_dict(),
             "rng": rng_state(), "source": source_state(self.source), "algorithm": algorithm,
             "extra": [m.state_dict() for m in getattr(self.policy, "extra", [])],  # modules trained beside the model
+            **({"ranks": ranks} if len(ranks) > 1 else {}),
         }
 
     def save(self, name: str, progress: Progress) -> Path:
-        """Write ``checkpoints/<name>`` atomically; keep the last ``keep`` step checkpoints."""
+        """Write ``checkpoints/<name>`` atomically (rank 0; every rank calls it); keep the last ``keep``."""
         final = self.root / name
         if self.last == (name, progress.step):  # already saved at this step (a signal during a save)
             return final
-        for module in [self.policy.model, *getattr(self.policy, "extra", [])]:
-            check_finite(module, name)
+        ranks = gather_objects({"rng": rng_state(), "source": source_state(self.source)})
+        with self.dist.full_weights(self.policy.model):
+            for module in [self.policy.model, *getattr(self.policy, "extra", [])]:
+                check_finite(module, name)  # on every rank: the same weights, the same verdict
+        weights = self.dist.gathered_state(self.policy.model)
+        if self.dist.is_main:
+            self.write(final, progress, ranks, weights)
+        barrier()
+        self.last = (name, progress.step)
+        return final
+
+    def write(self, final: Path, progress: Progress, ranks: List[Dict[str, Any]], weights=None) -> None:
+        """The files of one checkpoint, written to a dot directory and renamed into place."""
+        name = final.name
         tmp = self.root / f".tmp-{name}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        save_checkpoint_model(self.policy.model, self.policy.tokenizer, tmp, self.policy.base_ref)
-        torch.save(self.state(progress), tmp / STATE_FILE)
+        save_checkpoint_model(self.policy.model, self.policy.tokenizer, tmp, self.policy.base_ref, weights)
+        torch.save(self.state(progress, ranks), tmp / STATE_FILE)
         (tmp / INFO_FILE).write_text(json.dumps({"step": progress.step}))
         atomic_replace_dir(tmp, final)
         steps = sorted(p for p in self.root.iterdir() if re.fullmatch(r"step_\d+", p.name))
         for old in steps[: max(0, len(steps) - self.keep)]:
             if old != final:  # the checkpoint just written stays, even with keep_checkpoints=0
                 remove_dir(old)
-        self.last = (name, progress.step)
-        return final
 
     def restore(self, ckpt: Path) -> Progress:
         """Load ``ckpt`` into the freshly built run; the RNGs come last, right before the loop."""
+        if self.dist.enabled and self.dist.strategy == "fsdp":
+            raise UserError("resume: runs with trainer.distributed=fsdp cannot resume yet; start a new run from the "
+                            f"checkpoint's weights (model.name_or_path={ckpt}) or use trainer.distributed=ddp")
         load_weights(self.policy.model, ckpt)
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
-        load_source_state(self.source, state["source"])
+        ranks = state.get("ranks") or [{"rng": state["rng"], "source": state["source"]}]
+        mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else None
+        load_source_state(self.source, (mine or ranks[0])["source"])  # the data position is every rank's
         if state["algorithm"] is not None:
             self.algorithm.load_state_dict(state["algorithm"])
         for module, weights in zip(getattr(self.policy, "extra", []), state.get("extra", [])):
             module.load_state_dict(weights)
         progress = Progress(**state["progress"])
-        discard_after(self.root, progress.step)
-        set_rng_state(state["rng"])
+        on_main(discard_after, self.root, progress.step)
+        if len(ranks) != self.dist.world_size:
+            console.print(f"[yellow]warning:[/yellow] resume: {ckpt} was saved by {len(ranks)} processes, this run has "
+                          f"{self.dist.world_size}: the data order continues exactly, the sampling of the ranks the "
+                          "checkpoint has no state for starts fresh (not bitwise equal to an uninterrupted run)", soft_wrap=True)
+        if mine is not None:
+            set_rng_state(mine["rng"])
+        else:  # a rank the checkpoint knows nothing of: new streams, deterministic in (seed, rank, step)
+            fresh = rank_seed(self.seed, self.dist.rank, progress.step)
+            reseed_source(self.source, fresh)
+            random.seed(fresh)
+            torch.manual_seed(fresh)
         console.print(f"[bold]resume[/bold] from {ckpt} (step {progress.step})", soft_wrap=True)
         return progress
 

@@ -9,6 +9,8 @@
         every trainer.save_every steps, and on SIGINT/SIGTERM: checkpoint (checkpoint.py)
 
 The loop never names a method: the (source, reward, algorithm) triple comes from the config.
+Under torchrun every rank runs it on its slice of the global batch (distributed.py): the ranks'
+losses are normalised by the global batch's totals, their gradients summed, their metrics averaged.
 An update whose loss or gradient is not finite is skipped and counted (``skipped_steps``);
 ``trainer.max_bad_steps`` such steps in a row stop the run. ``resume`` continues a run exactly.
 """
@@ -19,6 +21,7 @@ import contextlib
 import math
 import random
 import shutil
+import signal
 import time
 import warnings
 from collections import defaultdict
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Tuple
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.data import load_examples
@@ -38,6 +41,7 @@ from grpo_cli.trainer.batch import Batch
 from grpo_cli.trainer.checkpoint import (
     Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, resolve_resume,
 )
+from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
 from grpo_cli.trainer import offline  # noqa: F401  (registers the rft and pairs sources)
@@ -77,7 +81,7 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
         # The base exists only in memory (tiny model, merged adapter): save it once so the
         # adapter checkpoints of this run reload on top of it (atomically: they all depend on it).
         base_ref = str(run / "base_model")
-        if not (cfg.get("resume") and (run / "base_model" / "config.json").exists()):
+        if is_main() and not (cfg.get("resume") and (run / "base_model" / "config.json").exists()):
             tmp = run / ".tmp-base_model"
             if tmp.exists():
                 shutil.rmtree(tmp)
@@ -91,8 +95,10 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     )
 
 
-def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float) -> Dict[str, float]:
-    """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses.
+def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float,
+             dist: Dist = LOCAL) -> Dict[str, float]:
+    """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses (and,
+    data parallel, the ranks' losses and gradients: the global batch's).
 
     An update whose loss or gradient norm is not finite is skipped: its gradients are dropped, the
     weights and optimiser state stay as they were, the schedule still advances; ``skipped`` counts them.
@@ -110,8 +116,10 @@ def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, mic
             for k, v in metrics.items():
                 sums[k] += v
             n += 1
+        update_loss = dist.sum(update_loss)  # the same on every rank: all skip an update or none does
         sums["loss"] += update_loss
-        norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))
+        dist.sync_gradients(params)
+        norm = dist.clip_grad_norm(params, max_norm)
         norms.append(norm)
         if math.isfinite(update_loss) and math.isfinite(norm):
             opt.step()
@@ -142,85 +150,98 @@ def stop_if_diverging(progress: Progress, metrics: Dict[str, float], step: int, 
 
 
 @torch.no_grad()
-def evaluate_heldout(source, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
+def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
     """The algorithm's metrics on the source's held-out batches (if any), averaged, ``heldout_`` prefixed."""
     sums: Dict[str, float] = defaultdict(float)
     batches = source.heldout_batches() if hasattr(source, "heldout_batches") else []
     for batch in batches:
+        if batch.rewards is None and reward is not None:  # labels computed per batch (process rewards)
+            batch.rewards = reward(batch)
         for k, v in algorithm.evaluate(batch.with_totals().to(device), policy).items():
             sums[k] += v / len(batches)
     return {f"heldout_{k}": v for k, v in sums.items()}
 
 
 def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
-               device: torch.device) -> Tuple[Batch, Dict[str, float], Timers]:
+               device: torch.device, dist: Dist = LOCAL) -> Tuple[Batch, Dict[str, float], Timers]:
     """One step of the loop: batch, rewards, prepare, optimise."""
     timers = Timers()
-    with timers("generate"):
+    with timers("generate"), dist.full_weights(policy.model):  # fsdp: sampling needs the whole model
         batch = source.next_batch(policy).with_totals()
     with timers("reward"):
         if reward is not None and batch.rewards is None:  # offline sources bring stored labels
             batch.rewards = reward(batch)
     batch = batch.to(device)
     with timers("logprob"):
-        batch = algorithm.prepare(batch, policy)
+        batch = dist.global_totals(algorithm.prepare(batch, policy))
     with timers("train"):
-        metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm)
+        metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist)
     return batch, metrics, timers
 
 
 def train(cfg: DictConfig) -> Path:
-    """Run the configured method; returns the run directory."""
+    """Run the configured method; returns the run directory. Launched by torchrun, every rank runs
+    it as one process of a data-parallel run (docs/distributed.md)."""
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
-    device = pick_device(cfg.trainer.device)
+    with init_distributed(cfg.trainer.distributed, pick_device(cfg.trainer.device)) as dist:
+        return train_on(cfg, dist)
+
+
+def train_on(cfg: DictConfig, dist: Dist) -> Path:
+    """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
+    device = dist.device
     algorithm = build_algorithm(cfg.algorithm)
     reward = build_reward(cfg.reward)
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     examples = load_examples(cfg.data, "train")
-    resume_from = resolve_resume(cfg)  # the checkpoint to continue from; output_dir becomes its run
+    resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
-    run = create_run_dir(cfg)
+    run = on_main(create_run_dir, cfg)
+    with open_dict(cfg):
+        cfg.output_dir = str(run)  # every rank's config names rank 0's run directory
     policy = build_policy(cfg, algorithm, run, device, loaded)
     source = build_source(
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
-        rollout=cfg.rollout, seed=cfg.trainer.seed, reward=reward, run=run,
+        rollout=cfg.rollout, seed=cfg.trainer.seed, reward=reward, run=run, rank=dist.rank, world_size=dist.world_size,
     )
     if getattr(source, "skipped", 0):
         console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
-    policy = algorithm.setup(policy)  # after sampling: a reward model's head, PPO's value model
+    # after sampling: a reward model's head, PPO's value model; then the replicas start equal (fsdp: sharded)
+    policy = dist.prepare(algorithm.setup(policy))
     opt, sched = build_optimizer(policy.trainable(), cfg.trainer, algorithm.updates_per_batch)
-    ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints)
+    ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints, cfg.trainer.seed, dist)
     progress = ckpt.restore(resume_from) if resume_from else Progress()  # RNG states last: nothing may draw after
-    log = MetricsLog(run, resume_step=progress.step if resume_from else None)
+    log = MetricsLog(run, resume_step=progress.step if resume_from else None, enabled=dist.is_main)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
     t_start = time.perf_counter() - progress.seconds
-    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, cfg.logging.progress, ["loss", main_metric]) as bar:
+    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, cfg.logging.progress and dist.is_main, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
-            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device)
+            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist)
             skipped = metrics.pop("skipped")
             progress.skipped_steps += skipped
             progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0
-            progress.step, progress.tokens = step, progress.tokens + int(batch.attention_mask.sum())
+            progress.step, progress.tokens = step, progress.tokens + int(dist.sum(float(batch.attention_mask.sum())))
             progress.seconds = time.perf_counter() - t_start
             row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": progress.tokens, "seconds": round(progress.seconds, 3),
                    "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds}
             if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
-                row.update(evaluate_heldout(source, algorithm, policy, device))
+                row.update(evaluate_heldout(source, reward, algorithm, policy, device))
+            row = dist.mean_metrics(row)  # each rank measured its slice
             if step % cfg.logging.log_every == 0 or step == cfg.trainer.steps:
                 log.write(row)
             bar.update(step, row)
             stop_if_diverging(progress, metrics, step, cfg.trainer.max_bad_steps, run)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 ckpt.save(f"step_{step:06d}", progress)
-            if stop.signum:  # a checkpoint already saved at this step is not written twice
+            if dist.any(stop.signum is not None):  # all ranks stop at the same step; a saved checkpoint is not rewritten
                 path = ckpt.save(f"step_{step:06d}", progress)
-                raise Interrupted(interrupted_message(step, path, run), stop.signum)
+                raise Interrupted(interrupted_message(step, path, run), stop.signum or signal.SIGTERM)
         ckpt.save("final", progress)
-    if cfg.logging.plot:
+    if cfg.logging.plot and dist.is_main:
         plot_curves(log.history, main_metric, run / "curves.png")
     console.print(f"[green]done[/green] {cfg.trainer.steps} steps in {time.perf_counter() - t_start:.1f}s -> {run}")
     return run

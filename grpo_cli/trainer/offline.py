@@ -25,6 +25,7 @@ from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.trainer.distributed import check_divisible, gather_objects, on_main, rank_seed, shard
 from grpo_cli.trainer.sources import EpochSampler, context_length, register_source
 
 Sample = Dict[str, object]
@@ -47,6 +48,10 @@ def sample_questions(policy, examples: List[Example], questions: List[int], *, k
         ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
         batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
                       [examples[q].answer for q in idx], torch.as_tensor(idx))
+        if getattr(reward, "wants_token_offsets", False):  # a process reward finds steps on the sampled tokens
+            from grpo_cli.rewards.process import char_ends
+
+            batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
         rewards = reward(batch).tolist()
         out += [
             {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
@@ -79,14 +84,22 @@ def read_samples(path: Path) -> List[Sample]:
     return rows
 
 
-def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Optional[Path]) -> List[Sample]:
-    """Stored samples (``cfg.samples`` or ``<run>/samples.jsonl`` from an earlier attempt), else sample now."""
+def stored_samples(cfg, own: Optional[Path]) -> Optional[List[Sample]]:
+    """``cfg.samples``, else ``<run>/samples.jsonl`` from an earlier attempt, else None."""
+    path = Path(cfg.samples) if cfg.samples else own if own is not None and own.is_file() else None
+    return read_samples(path) if path is not None else None
+
+
+def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Optional[Path], rank: int = 0,
+                   world_size: int = 1) -> List[Sample]:
+    """Stored samples (read by rank 0, sent to every rank), else sample now: each of the ``world_size``
+    ranks samples its share of the questions (its own random stream) and every rank gets them all."""
     if reward is None:
         raise UserError(f"reward: source '{cfg.name}' labels its samples with a reward; set reward=outcome (or another)")
     own = run / "samples.jsonl" if run is not None else None
-    path = Path(cfg.samples) if cfg.samples else own if own is not None and own.is_file() else None
-    if path is not None:
-        return read_samples(path)
+    stored = on_main(stored_samples, cfg, own)
+    if stored is not None:
+        return stored
     limit = context_length(policy) - rollout.max_new_tokens
     tok = policy.tokenizer
     fits = [i for i, e in enumerate(examples) if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
@@ -94,10 +107,11 @@ def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Op
     chosen = fits[: cfg.questions] if cfg.questions > 0 else fits
     if not chosen:
         raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
-    generator = torch.Generator().manual_seed(seed)
-    samples = sample_questions(policy, examples, chosen, k=cfg.samples_per_question, rollout=rollout,
-                               reward=reward, generator=generator)
-    if own is not None:
+    generator = torch.Generator().manual_seed(rank_seed(seed, rank))
+    mine = sample_questions(policy, examples, shard(chosen, rank, world_size), k=cfg.samples_per_question,
+                            rollout=rollout, reward=reward, generator=generator)
+    samples = [s for part in gather_objects(mine) for s in part]  # in the order of ``chosen``
+    if own is not None and rank == 0:
         write_samples(samples, own)
     return samples
 
@@ -155,8 +169,11 @@ class OfflineSource:
 
     unit_name = "samples"
 
-    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None):
-        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run)
+    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None, rank: int = 0,
+                 world_size: int = 1):
+        check_divisible(batch_size, world_size, "trainer.batch_size")
+        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run,
+                                 rank=rank, world_size=world_size)
         train, held = split_heldout(samples, cfg.heldout, seed)
         self.units, self.heldout = self.make_units(train, cfg), self.make_units(held, cfg)
         if not self.units:
@@ -166,15 +183,27 @@ class OfflineSource:
             f"train_{self.unit_name}": float(len(self.units)),
         }
         self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
-        self.sampler = EpochSampler(len(self.units), seed)
+        self.rank, self.world_size = rank, world_size
+        self.sampler = EpochSampler(len(self.units), seed)  # the same units on every rank; each keeps its slice
+        # A process reward labels steps, not outputs: it scores every served batch (the stored
+        # reward is its per-output summary) and needs each token's character offset.
+        self.tokenizer = policy.tokenizer if getattr(reward, "wants_token_offsets", False) else None
 
     def batch_of(self, units: List[List[Sample]]) -> Batch:
         rows = [s for unit in units for s in unit]
         group = torch.arange(len(units)).repeat_interleave(len(units[0]))
-        return samples_batch(rows, group, self.pad_id)
+        batch = samples_batch(rows, group, self.pad_id)
+        if self.tokenizer is not None:
+            from grpo_cli.rewards.process import char_ends
+
+            batch.rewards = None
+            batch.tensors["char_ends"] = char_ends(self.tokenizer, [r["completion_ids"] for r in rows],
+                                                   batch.completions, batch.completion_mask)
+        return batch
 
     def next_batch(self, policy) -> Batch:
-        batch = self.batch_of([self.units[i] for i in self.sampler.take(self.batch_size)])
+        units = [self.units[i] for i in self.sampler.take(self.batch_size)]
+        batch = self.batch_of(shard(units, self.rank, self.world_size))
         batch.stats.update(self.stats)
         return batch
 

@@ -52,13 +52,14 @@ class MetricsLog:
     """Appends one JSON line per step and keeps the history for the final plot.
 
     Resuming from step N (``resume_step=N``) keeps the rows up to N and drops the later ones, which
-    the resumed run writes again; the file is rewritten atomically.
+    the resumed run writes again; the file is rewritten atomically. ``enabled=False`` (the ranks
+    other than 0 of a data-parallel run) keeps the rows in memory only.
     """
 
-    def __init__(self, run: Path, resume_step: Optional[int] = None):
-        self.path = run / "metrics.jsonl"
+    def __init__(self, run: Path, resume_step: Optional[int] = None, enabled: bool = True):
+        self.path, self.enabled = run / "metrics.jsonl", enabled
         self.history: List[Dict[str, float]] = []
-        if resume_step is not None and self.path.exists():
+        if enabled and resume_step is not None and self.path.exists():
             self.history = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
             tmp = self.path.with_name(".tmp-metrics.jsonl")
             tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
@@ -67,6 +68,8 @@ class MetricsLog:
     def write(self, row: Dict[str, float]) -> None:
         clean = {k: (v if isinstance(v, (int, str)) or math.isfinite(v) else None) for k, v in row.items()}
         self.history.append(clean)
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
 

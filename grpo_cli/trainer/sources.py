@@ -7,6 +7,9 @@ Resume: a checkpoint stores every :class:`EpochSampler`, ``torch.Generator`` and
 attribute of the source (``source_state``), so a source that keeps its data position and sampling
 randomness in those resumes exactly with no code of its own; a source with other state defines
 ``state_dict()`` / ``load_state_dict(state)`` (tensors and plain containers only).
+
+Data parallel (grpo_cli/trainer/distributed.py): a source gets ``rank`` and ``world_size``; every
+rank draws the same global batch from the same seeded sampler and keeps its slice of whole groups.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 
 SOURCES: Dict[str, Type] = {}
 
@@ -98,6 +102,16 @@ def load_source_state(source: Any, state: Dict[str, Any]) -> None:
             raise UserError(f"resume: the checkpoint's data source has '{name}', this source does not (another source.name?)")
 
 
+def reseed_source(source: Any, seed: int) -> None:
+    """Fresh streams for a source's own generators and RNGs, its data position kept (a rank resuming
+    a checkpoint that holds no state for it: a run resumed on more processes)."""
+    for value in vars(source).values():
+        if isinstance(value, torch.Generator):
+            value.manual_seed(seed)
+        elif isinstance(value, random.Random):
+            value.seed(seed)
+
+
 def context_length(policy) -> int:
     return int(getattr(policy.model.config, "max_position_embeddings", 10**9))
 
@@ -108,7 +122,8 @@ class DatasetSource:
 
     provides_rewards = False
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, **_):
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, rank: int = 0,
+                 world_size: int = 1, **_):
         tok = policy.tokenizer
         limit = context_length(policy)
         self.rows = []
@@ -125,10 +140,12 @@ class DatasetSource:
             )
         self.skipped = len(examples) - len(self.rows)
         self.pad_id, self.batch_size = tok.pad_token_id, batch_size
-        self.sampler = EpochSampler(len(self.rows), seed, cfg.shuffle)
+        check_divisible(batch_size, world_size, "trainer.batch_size")
+        self.rank, self.world_size = rank, world_size
+        self.sampler = EpochSampler(len(self.rows), seed, cfg.shuffle)  # the same on every rank
 
     def next_batch(self, policy) -> Batch:
-        rows = [self.rows[i] for i in self.sampler.take(self.batch_size)]
+        rows = shard([self.rows[i] for i in self.sampler.take(self.batch_size)], self.rank, self.world_size)
         ids, attn, comp = pack([r[1] for r in rows], [r[2] for r in rows], self.pad_id)
         return Batch(
             input_ids=ids,
@@ -151,7 +168,8 @@ class OnlineSource:
     in its completion, ``tensors["char_ends"]`` (see grpo_cli/rewards/process.py).
     """
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None, **_):
+    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None,
+                 rank: int = 0, world_size: int = 1, **_):
         limit = context_length(policy) - rollout.max_new_tokens
         tok = policy.tokenizer
         self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
@@ -161,15 +179,17 @@ class OnlineSource:
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
         if self.G < 1:
             raise UserError(f"source.group_size: expected at least 1 completion per question, got {self.G}")
-        self.sampler = EpochSampler(len(self.examples), seed)
-        self.generator = torch.Generator().manual_seed(seed)
+        check_divisible(self.P, world_size, "source.prompts_per_step")
+        self.rank, self.world_size = rank, world_size
+        self.sampler = EpochSampler(len(self.examples), seed)  # the same questions on every rank
+        self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))  # each rank its own samples
         self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:
         from grpo_cli.generation import generate
         from grpo_cli.rewards.answer import answers_match, extract_answer
 
-        questions = [self.examples[i] for i in self.sampler.take(self.P)]
+        questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
         gens = generate(
@@ -181,7 +201,7 @@ class OnlineSource:
         batch = Batch(
             input_ids=ids, attention_mask=attn, completion_mask=comp,
             prompts=[ex.prompt for ex in chosen], completions=[g.text for g in gens],
-            answers=[ex.answer for ex in chosen], group=torch.arange(self.P).repeat_interleave(self.G),
+            answers=[ex.answer for ex in chosen], group=torch.arange(len(questions)).repeat_interleave(self.G),
         )
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
         if self.token_offsets:

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""One GRPO step, ours vs TRL's GRPOTrainer: time per phase, tokens/s and peak RSS, side by side.
+
+    python scripts/bench_grpo_step.py                      # ours (before/after) and TRL, 3 timed steps
+    python scripts/bench_grpo_step.py --sides ours,trl --steps 5
+    python scripts/bench_grpo_step.py --quick              # the small default tiny model, seconds
+
+Model and settings, the same on every side: the 23.6M-parameter Qwen2 of bench_rollout.py (hidden
+512, 8 layers, character vocabulary, seed 0, fp32, full fine-tuning), the arithmetic task, 4 prompts
+x G=8 completions of at most 128 new tokens at temperature 1 (top-p 1, no top-k), the outcome reward
+(1 for the right final answer, else 0), GRPO with beta=0.04 (k3 KL to a frozen reference), eps=0.2,
+one update per batch (mu=1), the paper's sequence-mean loss (TRL ``loss_type="grpo"``), AdamW at a
+constant lr of 5e-5, gradient clipping at 1.0.
+
+Sides, each in a fresh subprocess (peak RSS is the child's own ``ru_maxrss`` at its end: the
+whole process, model, data and libraries included):
+
+* ``ours``: ``grpo train`` itself, ``train(cfg)`` on the ``grpo_arithmetic`` recipe with the overrides
+  above; phases are the trainer's own timers (``time_generate``, ``time_reward``, ``time_logprob``:
+  reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
+  the step time is the growth of its ``seconds`` column.
+* ``ours-before``: the same with the rollout engine replaced by the reference loop (HF forward and
+  DynamicCache per token): the trainer before the rollout engine.
+* ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU; the step is timed
+  by a callback, generation, rewards and the no-grad log-probs by wrapping its methods
+  (``_generate``, ``_calculate_rewards``, ``_get_per_token_logps_and_entropies`` without grad);
+  "train" is the rest of the step.
+
+The first step of each side is a warm-up and is not counted; the table shows medians over the
+timed steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
+the completion tokens each side actually produced, and both generate for as long as any of the 32
+rows is unfinished (with this random model, almost always all 128 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_rollout import BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0)
+PHASES = ("generate", "reward", "logprob", "train")
+
+
+def run_ours(steps: int, quick: bool, engine: str, threads: int) -> dict:
+    """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
+    from grpo_cli.config.compose import compose_run
+    from grpo_cli.trainer.loop import train
+
+    if engine == "reference":  # the trainer before the rollout engine: the reference loop
+        import functools
+
+        import grpo_cli.generation as generation
+
+        generation.generate = functools.partial(generation.generate, engine="reference")
+    s, model = SETTINGS, QUICK_MODEL if quick else BENCH_MODEL
+    with tempfile.TemporaryDirectory() as out:
+        cfg = compose_run("grpo_arithmetic", [
+            "model.name_or_path=tiny", *[f"model.tiny.{k}={v}" for k, v in model.items()],
+            f"source.prompts_per_step={s['prompts']}", f"source.group_size={s['group']}",
+            f"rollout.max_new_tokens={s['new_tokens']}", "rollout.temperature=1.0", "rollout.top_p=1.0",
+            f"algorithm.beta={s['beta']}", f"algorithm.eps={s['eps']}", "algorithm.mu=1",
+            "algorithm.aggregation=sequence", f"trainer.lr={s['lr']}", "trainer.schedule=constant",
+            "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
+            f"trainer.steps={steps}", f"trainer.threads={threads}", "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
+        ])
+        run = train(cfg)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    seconds = [r["seconds"] for r in rows]
+    out = []
+    for i, r in enumerate(rows):
+        step = {p: r[f"time_{p}"] for p in PHASES}
+        step["step"] = seconds[i] - (seconds[i - 1] if i else 0.0)
+        step["completion_tokens"] = r["completion_length"] * s["prompts"] * s["group"]
+        out.append(step)
+    return {"steps": out}
+
+
+def run_trl(steps: int, quick: bool, threads: int) -> dict:
+    """TRL's GRPOTrainer on the same model, data, reward and settings."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_cli.config.schema import DataConfig
+    from grpo_cli.data import load_examples
+    from grpo_cli.rewards.answer import outcome_rewards
+
+    s = SETTINGS
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(s["seed"])
+    model, tok = build_bench_model(quick)
+    examples = load_examples(DataConfig(), "train")
+    data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
+
+    def outcome(completions, answer, **_):
+        return outcome_rewards(completions, answer)
+
+    timings: list[dict] = []
+    current: dict = {}
+
+    def timed(name, fn, only_no_grad=False):
+        def wrapper(*a, **k):
+            if only_no_grad and torch.is_grad_enabled():
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                current[name] = current.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            current.clear()
+            current["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            step = {p: current.get(p, 0.0) for p in PHASES[:3]}
+            step["step"] = time.perf_counter() - current["t0"]
+            step["train"] = step["step"] - sum(step[p] for p in PHASES[:3])
+            timings.append(step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs and timings:
+                timings[-1]["completion_tokens"] = logs["completions/mean_length"] * s["prompts"] * s["group"]
+
+    with tempfile.TemporaryDirectory() as out:
+        # TRL loads its reference model (beta > 0) from the policy's path: give it one.
+        model.save_pretrained(f"{out}/model")
+        tok.save_pretrained(f"{out}/model")
+        del model
+        args = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=s["prompts"] * s["group"], num_generations=s["group"],
+            max_completion_length=s["new_tokens"], temperature=1.0, top_p=1.0, top_k=0, beta=s["beta"],
+            epsilon=s["eps"], num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=s["lr"],
+            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95,
+            weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
+            use_cpu=True, bf16=False, seed=s["seed"], disable_tqdm=True, dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
+                              processing_class=tok, callbacks=[StepTimer()])
+        trainer._generate = timed("generate", trainer._generate)
+        trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
+        trainer._get_per_token_logps_and_entropies = timed(
+            "logprob", trainer._get_per_token_logps_and_entropies, only_no_grad=True)
+        trainer.train()
+    return {"steps": timings, "trl": __import__("trl").__version__}
+
+
+def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
+    """One side in a fresh process; adds other processes' CPU share."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--steps", str(steps),
+           "--threads", str(threads)] + (["--quick"] if quick else [])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with OthersCPU() as probe:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
+        return {"error": last[:200]}
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    # The probe counts the child's CPU as "others" (it is not this process): take it out.
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    child_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
+    out["others"] = max(0.0, probe.share - child_cpu / (probe.seconds * (os.cpu_count() or 1)))
+    out["wall_s"] = probe.seconds
+    return out
+
+
+def summarise(side: str, r: dict, ref: dict | None) -> str:
+    if "error" in r:
+        return f"| {side} | n/a | | | | | | | | | | {r['error']} |"
+    timed = r["steps"][1:] or r["steps"]  # the first step is a warm-up
+    med = {k: statistics.median(st[k] for st in timed) for k in ("step", *PHASES)}
+    tokens = statistics.median(st.get("completion_tokens", float("nan")) for st in timed)
+    ratio_t = ratio_m = ""
+    if ref and "error" not in ref:
+        ref_step = statistics.median(st["step"] for st in (ref["steps"][1:] or ref["steps"]))
+        ratio_t = f"{med['step'] / ref_step:.2f}x"
+        ratio_m = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
+    steps = [st["step"] for st in timed]
+    return (f"| {side} | {med['step']:.2f} | {ratio_t} | {med['generate']:.2f} | {med['reward']:.3f} | "
+            f"{med['logprob']:.2f} | {med['train']:.2f} | {tokens / med['generate']:.0f} | "
+            f"{tokens / med['step']:.0f} | {r['peak_rss_mb']:.0f} | {ratio_m} | "
+            f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}% |")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sides", default="ours,ours-before,trl", help="comma list of ours, ours-before, trl")
+    ap.add_argument("--steps", type=int, default=4, help="steps per side, the first one a warm-up")
+    ap.add_argument("--quick", action="store_true", help="the small default tiny model")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        res = run_trl(args.steps, args.quick, args.threads) if args.child == "trl" else run_ours(
+            args.steps, args.quick, "reference" if args.child == "ours-before" else "auto", args.threads)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
+        print(json.dumps(res))
+        return 0
+    print(machine_line())
+    print(f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
+          f"{SETTINGS}; {args.steps} steps per side (first one warm-up); threads {args.threads or 'default'}; "
+          f"load average before: {os.getloadavg()[0]:.2f}\n")
+    sides = args.sides.split(",")
+    results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
+    ref = results.get("trl")
+    print("| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
+          "generate tokens/s | step tokens/s | peak RSS MB | RSS vs TRL | notes |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for side, r in results.items():
+        print(summarise(side, r, ref), flush=True)
+    if ref and "trl" in ref:
+        print(f"\ntrl {ref['trl']}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Rollout throughput: our engine vs Hugging Face ``generate``, same model, batch and lengths.
+
+    python scripts/bench_rollout.py                          # B=32 x 128 new tokens, greedy + sampled
+    python scripts/bench_rollout.py --quick                  # the small default tiny model, seconds
+    python scripts/bench_rollout.py --engines hf,fast,reference --repeats 5 --modes greedy
+
+The model: a randomly initialised Qwen2 (hidden 512, 8 layers, 8 heads, MLP 1232: 23.6M parameters)
+with the tiny model's character tokenizer, built by ``grpo_cli.models.tiny``; prompts are the first B
+questions of the arithmetic task (different lengths, so left padding is exercised). EOS is disabled
+on every side so each engine generates exactly B x N tokens (checked); greedy outputs are compared
+token for token with HF's.
+
+Engines: ``hf`` (``model.generate``), ``fast`` (our rollout engine: ``grpo_cli.generation`` with
+``engine="fast"``), ``reference`` (our simple loop over ``model(...)`` and a DynamicCache, the
+engine before the rollout engine existed). All run in one process after one warm-up run each,
+alternately in ``--repeats`` rounds so that load from other processes hits them alike; the table
+shows medians. "others' CPU" is the largest share of the machine that other processes used during
+any run of that row (/proc/stat minus this process's CPU time): rows taken while it is well above
+0% are not representative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+BENCH_MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232,
+                   max_position_embeddings=512, seed=0)
+"""The issue's 23.6M-parameter Qwen2 (``TinyModelConfig`` fields)."""
+QUICK_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
+                   max_position_embeddings=512, seed=0)
+
+
+def build_bench_model(quick: bool = False):
+    """(model in eval mode, tokenizer): the benchmark Qwen2, drawn from a seed."""
+    from grpo_cli.config.schema import TinyModelConfig
+    from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = TinyModelConfig(**(QUICK_MODEL if quick else BENCH_MODEL))
+    return build_tiny_model(cfg, len(tok), tok.pad_token_id, tok.eos_token_id).eval(), tok
+
+
+def bench_prompts(n: int) -> list[str]:
+    """The first ``n`` questions of the arithmetic task, as prompts."""
+    from grpo_cli.config.schema import DataConfig
+    from grpo_cli.data import load_examples
+
+    return [e.prompt for e in load_examples(DataConfig(), "train")[:n]]
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have been busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersCPU:
+    """Share of the machine used by other processes while the block ran (0 to 1)."""
+
+    def __enter__(self):
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        self.busy, self.mine, self.wall = busy_seconds(), ru.ru_utime + ru.ru_stime, time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        wall = time.perf_counter() - self.wall
+        busy = busy_seconds()
+        mine = ru.ru_utime + ru.ru_stime - self.mine
+        self.share = 0.0 if busy is None else max(0.0, (busy - self.busy - mine) / (wall * (os.cpu_count() or 1)))
+        self.seconds = wall
+
+
+def machine_line() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
+    import transformers
+
+    return (f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"transformers {transformers.__version__}; python {platform.python_version()}")
+
+
+def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
+    """fn() -> [B, N] new token ids as a list of lists, for one engine and sampling mode."""
+    import torch
+
+    from grpo_cli.generation import generate_ids
+
+    temperature = 0.0 if mode == "greedy" else 1.0
+    if name == "hf":
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id)  # no EOS: fixed length
+        gen_cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=mode != "greedy", temperature=1.0,
+                                   top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
+        device = next(model.parameters()).device
+        batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left-padded
+
+        def run():
+            out = model.generate(**batch, generation_config=gen_cfg)
+            return out[:, batch["input_ids"].shape[1]:].tolist()
+        return run
+    gen = torch.Generator().manual_seed(0)
+
+    def run():
+        return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
+                            temperature=temperature, generator=gen, engine=name)
+    return run
+
+
+def measure(engines, model, tok, prompt_ids, new_tokens, mode, repeats):
+    """{engine: {"times": [...], "others": max share, "tokens": generated, "rows": greedy output}}."""
+    fns = {e: engine_fn(e, model, tok, prompt_ids, new_tokens, mode) for e in engines}
+    res = {e: {"times": [], "others": 0.0} for e in engines}
+    for e, fn in fns.items():  # warm-up: thread pools, allocator, lazy imports
+        rows = fn()
+        res[e]["rows"], res[e]["tokens"] = rows, sum(len(r) for r in rows)
+    for _ in range(repeats):
+        for e, fn in fns.items():
+            with OthersCPU() as probe:
+                fn()
+            res[e]["times"].append(probe.seconds)
+            res[e]["others"] = max(res[e]["others"], probe.share)
+    return res
+
+
+def print_table(res, mode, batch, new_tokens, ref="hf"):
+    base = statistics.median(res[ref]["times"]) if ref in res else None
+    for e, r in res.items():
+        t = statistics.median(r["times"])
+        same = ""
+        if mode == "greedy" and ref in res:
+            same = "yes" if r["rows"] == res[ref]["rows"] else "NO"
+        ratio = f"{base / t:.2f}x" if base else ""
+        print(f"| {mode} | {batch}x{new_tokens} | {e} | {r['tokens'] / t:.0f} | {ratio} | {t:.2f} | "
+              f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | "
+              f"{100 * r['others']:.0f}% | {same} |", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="timed rounds; each runs every engine once")
+    ap.add_argument("--engines", default="hf,fast", help="comma list of hf, fast, reference")
+    ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    ap.add_argument("--quick", action="store_true", help="the small default tiny model")
+    args = ap.parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = build_bench_model(args.quick)
+    if torch.cuda.is_available():
+        model = model.to("cuda", torch.bfloat16)
+    prompt_ids = tok(bench_prompts(args.batch), add_special_tokens=False)["input_ids"]
+    print(machine_line())
+    print(f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+          f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
+          f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; repeats {args.repeats}; "
+          f"load average before: {os.getloadavg()[0]:.2f}\n")
+    print("| mode | B x N | engine | tokens/s | speed vs hf | s (median) | ms/token step | range s | "
+          "others' CPU | same tokens as hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    engines = args.engines.split(",")
+    for mode in args.modes.split(","):
+        res = measure(engines, model, tok, prompt_ids, args.new_tokens, mode, args.repeats)
+        for e, r in res.items():
+            if r["tokens"] != args.batch * args.new_tokens:
+                print(f"warning: {e} generated {r['tokens']} tokens, not {args.batch * args.new_tokens}")
+        print_table(res, mode, args.batch, args.new_tokens)
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
