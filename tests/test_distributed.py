@@ -75,6 +75,8 @@ def two_processes(tmp_path_factory):
     jobs = [{"kind": "train", "recipe": recipe, "fake_rollouts": fake, "args": [*args, f"output_dir={out / name}"]}
             for name, (recipe, fake, args) in RUNS.items()]
     jobs += [{"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'sampled'}"]},
+             {"kind": "train", "recipe": SAMPLED[0], "args": [*GRPO, "trainer.steps=2", "trainer.distributed=fsdp",
+                                                             "lora.enabled=true", f"output_dir={out / 'sampled_fsdp'}"]},
              {"kind": "copy", "src": str(out / "sampled"), "dst": str(out / "cut"),
               "remove": ["checkpoints/final", "checkpoints/step_000004"]},
              {"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'cut'}", "resume=true"]},
@@ -216,6 +218,15 @@ def test_sampling_runs_resume_exactly_at_the_same_world_size_and_at_another(two_
     again = loop.train(compose(SAMPLED[0], *SAMPLED[1], f"output_dir={tmp_path / 'one'}", "resume=true"))
     assert rows(again)[:2] == rows(full)[:2] and len(rows(again)) == 4
     assert "was saved by 2 processes, this run has 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fsdp_lora_run_with_sampling_trains_and_saves_its_adapter(two_processes):
+    """fsdp in the loop with real sampling: rollouts from the gathered blocks, then sharded updates."""
+    got = rows(two_processes / "sampled_fsdp")
+    assert len(got) == 2 and all(r["grad_norm"] > 0 for r in got) and got[-1]["kl"] > 0
+    adapter = weights(two_processes / "sampled_fsdp")
+    assert adapter and all("lora_" in k for k in adapter) and any(bool(v.any()) for k, v in adapter.items() if "lora_B" in k)
 
 
 @pytest.mark.slow

@@ -48,9 +48,10 @@ def test_paradigm_sweep_smoke_runs_every_method_and_summarises(sft_run, tiny_rew
             f"reward.path={tiny_reward_model}", "trainer.steps=1", "rollout.max_new_tokens=8", "data.arithmetic.num_train=40", "iterative.rm_steps=1",
             "iterative.questions=4", "iterative.samples_per_question=2", "iterative.eval_limit=2",
             "eval.limit=4", "eval.n=2", "eval.ks=[1,2]", f"sweep.dir={tmp_path / 'sweep'}", "sweep.plot=false"]
-    with pytest.raises(SystemExit) as exit_:
+    try:
         main(args)
-    assert exit_.value.code in (0, None), capsys.readouterr().out[-3000:]
+    except SystemExit as exit_:  # a failed run makes the sweep exit 1
+        assert exit_.code in (0, None), capsys.readouterr().out[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
     assert [r["method"] for r in rows] == METHODS and all(r["status"] == "ok" for r in rows)
     assert all(r["eval.maj@2"] != "" and r["eval.pass@2"] != "" for r in rows)

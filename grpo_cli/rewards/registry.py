@@ -85,46 +85,41 @@ def build_reward(cfg) -> Optional[RewardFn]:
     return GuardedReward(fn, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect, name=cfg.name)
 
 
-@register_reward("outcome_rm", guard=False)  # a model's calls may be slow, and must not fail silently
-def _outcome_rm(cfg) -> RewardFn:
-    """A learned outcome reward model (``reward.path``): its score at the last token of each output."""
+def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.Tensor]) -> RewardFn:
+    """A reward model at ``reward.path`` (frozen, scored without gradient); ``read`` turns its scores
+    [B, T] into the rewards of the batch."""
     if not cfg.path:
-        raise UserError("reward.path: reward=outcome_rm needs the directory of a trained reward model")
-    from grpo_cli.models.scorer import load_scorer, outcome_scores
+        raise UserError(f"reward.path: reward={cfg.name} needs the directory of a trained {kind} reward model")
+    from grpo_cli.models.scorer import load_scorer
 
-    scorer, _ = load_scorer(cfg.path, kind="outcome")
+    scorer, _ = load_scorer(cfg.path, kind=kind)
     scorer.eval().requires_grad_(False)
 
     @torch.no_grad()
     def score(batch: Batch) -> torch.Tensor:
         check_vocab(scorer, batch)
         device = next(scorer.parameters()).device
-        out = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))
-        return outcome_scores(out).cpu()
+        return read(batch, scorer(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu())
 
     return score
+
+
+@register_reward("outcome_rm", guard=False)  # a model's calls may be slow, and must not fail silently
+def _outcome_rm(cfg) -> RewardFn:
+    """A learned outcome reward model (``reward.path``): its score at the last token of each output."""
+    from grpo_cli.models.scorer import outcome_scores
+
+    return learned_reward(cfg, "outcome", lambda batch, scores: outcome_scores(scores))
 
 
 @register_reward("process_rm", guard=False)
 def _process_rm(cfg) -> RewardFn:
     """A learned process reward model (``reward.path``, recipe prm_arithmetic): the probability it gives
     each step (split at ``reward.delimiter``) of being correct, on the step's last token."""
-    if not cfg.path:
-        raise UserError("reward.path: reward=process_rm needs the directory of a trained process reward model")
-    from grpo_cli.models.scorer import load_scorer
     from grpo_cli.rewards.process import learned_process_rewards
 
-    scorer, _ = load_scorer(cfg.path, kind="process")
-    scorer.eval().requires_grad_(False)
-
-    @torch.no_grad()
-    def score(batch: Batch) -> torch.Tensor:
-        check_vocab(scorer, batch)
-        device = next(scorer.parameters()).device
-        scores = scorer(batch.input_ids.to(device), batch.attention_mask.to(device))
-        return learned_process_rewards(batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome)
-
-    return process_reward(score)
+    return process_reward(learned_reward(cfg, "process", lambda batch, scores: learned_process_rewards(
+        batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome)))
 
 
 def check_vocab(scorer, batch: Batch) -> None:

@@ -112,7 +112,8 @@ class Checkpointer:
         algorithm = self.algorithm.state_dict() if callable(getattr(self.algorithm, "state_dict", None)) else None
         sharded = self.dist.enabled and self.dist.strategy == "fsdp"  # its optimiser state is split over ranks: not saved
         return {
-            "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
             "rng": rng_state(), "source": source_state(self.source), "algorithm": algorithm,
             "extra": [m.state_dict() for m in getattr(self.policy, "extra", [])],  # modules trained beside the model
             **({"ranks": ranks} if len(ranks) > 1 else {}),

@@ -311,7 +311,8 @@ def shard_blocks(model: torch.nn.Module) -> None:
 
     base = model.get_base_model() if is_peft(model) else model
     if not callable(getattr(base, "get_decoder", None)):
-        raise UserError(f"trainer.distributed=fsdp: shards causal LMs only, not a {type(base).__name__}; use trainer.distributed=ddp")
+        raise UserError(f"trainer.distributed=fsdp: shards causal LMs only, not a {type(base).__name__}; "
+                        "use trainer.distributed=ddp")
     names = set(getattr(base, "_no_split_modules", None) or [])
     decoder = base.get_decoder()
     blocks = [m for m in decoder.modules() if type(m).__name__ in names]

@@ -18,6 +18,7 @@ the base and trains a fresh adapter: the merged weights are both the new start a
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -35,6 +36,9 @@ CARRIED = ("data", "rollout", "logging")  # sections the reward-model phases tak
 
 def run_iterative(cfg: DictConfig) -> Path:
     it = cfg.iterative
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("iterative.iterations: iterative RL runs in one process (its phases and files are not "
+                        "rank-aware); launch it without torchrun")
     if cfg.reward.name not in RM_RECIPES:
         raise UserError(f"iterative.iterations: iterative RL refreshes a learned reward; set reward=outcome_rm or "
                         f"process_rm (got reward={cfg.reward.name})")

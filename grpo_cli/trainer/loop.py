@@ -218,7 +218,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     main_metric = cfg.logging.main_metric or algorithm.main_metric
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
     t_start = time.perf_counter() - progress.seconds
-    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, cfg.logging.progress and dist.is_main, ["loss", main_metric]) as bar:
+    show = cfg.logging.progress and dist.is_main
+    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
             batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist)
             skipped = metrics.pop("skipped")
