@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """One GRPO step, ours vs TRL's GRPOTrainer: time per phase, tokens/s and peak RSS, side by side.
 
-    python scripts/bench_grpo_step.py                      # ours (before/after) and TRL, 3 timed steps
-    python scripts/bench_grpo_step.py --sides ours,trl --steps 5
-    python scripts/bench_grpo_step.py --quick              # the small default tiny model, seconds
+    python scripts/bench_grpo_step.py                      # ours, ours@4, ours-before, trl; 4 steps each
+    python scripts/bench_grpo_step.py --sides ours,trl --steps 5 --threads 1
+    python scripts/bench_grpo_step.py --quick              # a 1M-parameter model (hidden 128, 4 layers)
 
 Model and settings, the same on every side: the 23.6M-parameter Qwen2 of bench_rollout.py (hidden
 512, 8 layers, character vocabulary, seed 0, fp32, full fine-tuning), the arithmetic task, 4 prompts
@@ -18,13 +18,15 @@ whole process, model, data and libraries included):
 * ``ours``: ``grpo train`` itself, ``train(cfg)`` on the ``grpo_arithmetic`` recipe with the overrides
   above; phases are the trainer's own timers (``time_generate``, ``time_reward``, ``time_logprob``:
   reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
-  the step time is the growth of its ``seconds`` column.
-* ``ours-before``: the same with the rollout engine replaced by the reference loop (HF forward and
+  the step time is the growth of its ``seconds`` column. ``ours@4``: with ``trainer.grad_accum=4``
+  (the same update from 4 micro-batches of 8 sequences: a quarter of the activations).
+* ``ours-before``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
   DynamicCache per token): the trainer before the rollout engine.
-* ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU; the step is timed
-  by a callback, generation, rewards and the no-grad log-probs by wrapping its methods
-  (``_generate``, ``_calculate_rewards``, ``_get_per_token_logps_and_entropies`` without grad);
-  "train" is the rest of the step.
+* ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU with its defaults
+  except those settings and fp32 (its default is bf16 autocast); its default gradient (activation)
+  checkpointing stays on. ``trl-nockpt``: with it off. The step is timed by a callback; generation,
+  rewards and the no-grad log-probs by wrapping its methods (``_generate``, ``_calculate_rewards``,
+  ``_get_per_token_logps_and_entropies`` without grad); "train" is the rest of the step.
 
 The first step of each side is a warm-up and is not counted; the table shows medians over the
 timed steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
@@ -52,7 +54,7 @@ SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5,
 PHASES = ("generate", "reward", "logprob", "train")
 
 
-def run_ours(steps: int, quick: bool, engine: str, threads: int) -> dict:
+def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer.loop import train
@@ -72,7 +74,8 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int) -> dict:
             f"algorithm.beta={s['beta']}", f"algorithm.eps={s['eps']}", "algorithm.mu=1",
             "algorithm.aggregation=sequence", f"trainer.lr={s['lr']}", "trainer.schedule=constant",
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
-            f"trainer.steps={steps}", f"trainer.threads={threads}", "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
+            f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
+            "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
         ])
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -86,7 +89,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int) -> dict:
     return {"steps": out}
 
 
-def run_trl(steps: int, quick: bool, threads: int) -> dict:
+def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool) -> dict:
     """TRL's GRPOTrainer on the same model, data, reward and settings."""
     import torch
     from datasets import Dataset
@@ -148,7 +151,8 @@ def run_trl(steps: int, quick: bool, threads: int) -> dict:
             epsilon=s["eps"], num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=s["lr"],
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95,
             weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, bf16=False, seed=s["seed"], disable_tqdm=True, dataloader_num_workers=0,
+            use_cpu=True, bf16=False, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
+            dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
                               processing_class=tok, callbacks=[StepTimer()])
@@ -200,15 +204,20 @@ def summarise(side: str, r: dict, ref: dict | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sides", default="ours,ours-before,trl", help="comma list of ours, ours-before, trl")
+    ap.add_argument("--sides", default="ours,ours@4,ours-before,trl",
+                    help="comma list of ours[@GRAD_ACCUM], ours-before[@GRAD_ACCUM], trl, trl-nockpt")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the first one a warm-up")
-    ap.add_argument("--quick", action="store_true", help="the small default tiny model")
+    ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        res = run_trl(args.steps, args.quick, args.threads) if args.child == "trl" else run_ours(
-            args.steps, args.quick, "reference" if args.child == "ours-before" else "auto", args.threads)
+        name, _, accum = args.child.partition("@")
+        if name.startswith("trl"):
+            res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt")
+        else:
+            engine = "reference" if name == "ours-before" else "auto"
+            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1))
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         print(json.dumps(res))
         return 0

@@ -2,7 +2,7 @@
 """Rollout throughput: our engine vs Hugging Face ``generate``, same model, batch and lengths.
 
     python scripts/bench_rollout.py                          # B=32 x 128 new tokens, greedy + sampled
-    python scripts/bench_rollout.py --quick                  # the small default tiny model, seconds
+    python scripts/bench_rollout.py --quick                  # a 1M-parameter model (hidden 128, 4 layers)
     python scripts/bench_rollout.py --engines hf,fast,reference --repeats 5 --modes greedy
 
 The model: a randomly initialised Qwen2 (hidden 512, 8 layers, 8 heads, MLP 1232: 23.6M parameters)
@@ -122,7 +122,7 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
             out = model.generate(**batch, generation_config=gen_cfg)
             return out[:, batch["input_ids"].shape[1]:].tolist()
         return run
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
     def run():
         return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="hf,fast", help="comma list of hf, fast, reference")
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
-    ap.add_argument("--quick", action="store_true", help="the small default tiny model")
+    ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
     args = ap.parse_args(argv)
     import torch
 

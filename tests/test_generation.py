@@ -1,9 +1,13 @@
-"""Sampling rules: greedy, temperature, nucleus (top-p), EOS handling."""
+"""Sampling rules (greedy, temperature, nucleus, EOS) and the rollout engine against HF generate."""
 
+import pytest
 import torch
 
-from grpo_cli.generation import _finish, sample_next
-from grpo_cli.models.tiny import build_tokenizer
+from grpo_cli.config.schema import LoraConfig, TinyModelConfig
+from grpo_cli.generation import _finish, generate, generate_ids, sample_next
+from grpo_cli.models.kv_decoder import unsupported_reason
+from grpo_cli.models.load import apply_lora
+from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 
 
 def test_temperature_zero_is_argmax():
@@ -49,9 +53,6 @@ PROMPTS = ["3+4*2\n", "9-2-5+1-3\n", "7*7\n", "1\n", "8*3-2\n", "5+5+5+5+5+5\n"]
 def chaotic_tiny_model(**overrides):
     """A tiny Qwen2 with weights of std 1/sqrt(fan_in): unlike the default init (std 0.02, which
     greedily repeats one token forever) its greedy rows differ, and some emit EOS early."""
-    from grpo_cli.config.schema import TinyModelConfig
-    from grpo_cli.models.tiny import build_tiny_model
-
     tok = build_tokenizer()
     cfg = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
     model = build_tiny_model(TinyModelConfig(**{**cfg, **overrides}), len(tok), tok.pad_token_id, tok.eos_token_id)
@@ -64,8 +65,6 @@ def chaotic_tiny_model(**overrides):
 
 
 def rows_of(model, tok, engine, n=24, **kw):
-    from grpo_cli.generation import generate_ids
-
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
     return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
                         engine=engine, temperature=kw.pop("temperature", 0.0), **kw)
@@ -114,9 +113,6 @@ def test_fast_engine_with_grouped_query_attention_and_eager_attention():
 
 
 def test_fast_engine_applies_lora_adapters():
-    from grpo_cli.config.schema import LoraConfig
-    from grpo_cli.models.load import apply_lora
-
     model, tok = chaotic_tiny_model()
     base = rows_of(model, tok, "reference")
     model = apply_lora(model, LoraConfig(enabled=True, r=4))
@@ -133,16 +129,11 @@ def test_fast_engine_applies_lora_adapters():
 def test_unsupported_models_fall_back_to_the_reference_loop():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from grpo_cli.generation import generate
-    from grpo_cli.models.kv_decoder import unsupported_reason
-
     tok = build_tokenizer()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
     assert "gpt2" in unsupported_reason(model)
     gens = generate(model, tok, PROMPTS[:2], max_new_tokens=5, temperature=0)  # engine="auto"
     assert [len(g.completion_ids) for g in gens] == [5, 5]
-    import pytest
-
     with pytest.raises(ValueError, match="fast rollout engine"):
         generate(model, tok, PROMPTS[:2], max_new_tokens=5, engine="fast")

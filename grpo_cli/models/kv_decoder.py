@@ -43,13 +43,17 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     if decoder is None or not all(hasattr(decoder, a) for a in ("layers", "embed_tokens", "norm", "rotary_emb")):
         return "unexpected module layout"
     if getattr(decoder.rotary_emb, "rope_type", None) not in STATIC_ROPE:
-        return f"rope type {getattr(decoder.rotary_emb, 'rope_type', None)!r} depends on the sequence length"
+        return f"rope type {getattr(decoder.rotary_emb, 'rope_type', None)!r} is not one of {STATIC_ROPE}"
     if cfg._attn_implementation not in ATTENTION:
         return f"attention implementation {cfg._attn_implementation!r} is not one of {ATTENTION}"
+    attn = decoder.layers[0].self_attn
+    if not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")):
+        return "unexpected attention module layout (transformers too old?)"
     if any(getattr(layer.self_attn, "sliding_window", None) for layer in decoder.layers):
         return "sliding-window attention"
-    if not hasattr(sys.modules[type(decoder.layers[0].self_attn).__module__], "apply_rotary_pos_emb"):
-        return "no apply_rotary_pos_emb in the model's module"
+    module = sys.modules[type(attn).__module__]
+    if not all(hasattr(module, f) for f in ("apply_rotary_pos_emb", "eager_attention_forward")):
+        return "no apply_rotary_pos_emb / eager_attention_forward in the model's module"
     return None
 
 

@@ -107,7 +107,7 @@ def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Op
     chosen = fits[: cfg.questions] if cfg.questions > 0 else fits
     if not chosen:
         raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
-    generator = torch.Generator().manual_seed(rank_seed(seed, rank))
+    generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))
     mine = sample_questions(policy, examples, shard(chosen, rank, world_size), k=cfg.samples_per_question,
                             rollout=rollout, reward=reward, generator=generator)
     samples = [s for part in gather_objects(mine) for s in part]  # in the order of ``chosen``

@@ -182,7 +182,7 @@ class OnlineSource:
         check_divisible(self.P, world_size, "source.prompts_per_step")
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(self.examples), seed)  # the same questions on every rank
-        self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))  # each rank its own samples
+        self.generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))  # each rank its own samples
         self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:

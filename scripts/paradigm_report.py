@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Summarise a paradigm sweep (recipes/paradigm_arithmetic.yaml) as the table and plot of docs/results.md.
+
+    python scripts/paradigm_report.py runs/sweeps/paradigm_arithmetic-<hash> [--png docs/results.png]
+
+Reads every finished run's ``done.json`` (its eval.json and last metrics line) and prints, per method,
+the mean and standard deviation over seeds of greedy accuracy, maj@K and pass@K, plus the mean
+training time; ``--png`` draws them as bars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List
+
+METRICS = ["accuracy", "maj@4", "maj@8", "pass@1", "pass@4", "pass@8"]
+
+
+def collect(sweep: Path) -> Dict[str, List[dict]]:
+    """method -> the done.json of each of its finished runs (in seed order)."""
+    by_method: Dict[str, List[dict]] = defaultdict(list)
+    for done in sorted(sweep.glob("*/done.json")):
+        row = json.loads(done.read_text())
+        if row.get("eval"):
+            by_method[row["swept"]["method"]].append(row)
+    return by_method
+
+
+def fmt(values: List[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def table(by_method: Dict[str, List[dict]]) -> str:
+    lines = ["| method | seeds | " + " | ".join(METRICS) + " | minutes per run |",
+             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+    for method, rows in by_method.items():
+        cells = [fmt([r["eval"][m] for r in rows if m in r["eval"]]) for m in METRICS]
+        minutes = statistics.mean(r.get("seconds", 0.0) for r in rows) / 60
+        lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(by_method: Dict[str, List[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(by_method)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(METRICS)
+    for j, metric in enumerate(METRICS):
+        means = [statistics.mean(r["eval"][metric] for r in by_method[m]) for m in methods]
+        sds = [statistics.stdev([r["eval"][metric] for r in by_method[m]]) if len(by_method[m]) > 1 else 0 for m in methods]
+        ax.bar([i + j * width for i in range(len(methods))], means, width, yerr=sds, label=metric, capsize=2)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=20)
+    ax.set_ylabel("held-out (500 questions)")
+    ax.set_title("paradigm sweep: mean and std over seeds")
+    ax.legend(ncol=len(METRICS), fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, help="the sweep directory")
+    ap.add_argument("--png", type=Path, help="write the bar plot here")
+    args = ap.parse_args()
+    by_method = collect(args.sweep)
+    if not by_method:
+        raise SystemExit(f"error: no finished, evaluated run under {args.sweep}")
+    print(table(by_method))
+    if args.png:
+        plot(by_method, args.png)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
