@@ -32,6 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_logprob import _busy_seconds  # noqa: E402  (CPU seconds busy since boot)
 
 BENCH_MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232,
                    max_position_embeddings=512, seed=0)
@@ -58,29 +60,18 @@ def bench_prompts(n: int) -> list[str]:
     return [e.prompt for e in load_examples(DataConfig(), "train")[:n]]
 
 
-def busy_seconds() -> float | None:
-    """CPU seconds all processes have been busy since boot (/proc/stat), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 class OthersCPU:
     """Share of the machine used by other processes while the block ran (0 to 1)."""
 
     def __enter__(self):
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        self.busy, self.mine, self.wall = busy_seconds(), ru.ru_utime + ru.ru_stime, time.perf_counter()
+        self.busy, self.mine, self.wall = _busy_seconds(), ru.ru_utime + ru.ru_stime, time.perf_counter()
         return self
 
     def __exit__(self, *exc):
         ru = resource.getrusage(resource.RUSAGE_SELF)
         wall = time.perf_counter() - self.wall
-        busy = busy_seconds()
+        busy = _busy_seconds()
         mine = ru.ru_utime + ru.ru_stime - self.mine
         self.share = 0.0 if busy is None else max(0.0, (busy - self.busy - mine) / (wall * (os.cpu_count() or 1)))
         self.seconds = wall

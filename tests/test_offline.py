@@ -83,7 +83,6 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
     # the reference still gives the start model's log-probs
     from grpo_cli.models.load import load_model_and_tokenizer
     from grpo_cli.config.schema import ModelConfig
-    from grpo_cli.trainer.offline import PairSource  # noqa: F401
 
     policy = seen["policy"]
     start, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
