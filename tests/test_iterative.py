@@ -66,3 +66,22 @@ def test_iterative_needs_a_learned_reward():
 
     with pytest.raises(UserError, match="reward=outcome_rm"):
         run_iterative(compose("grpo_arithmetic", "iterative.iterations=2"))
+
+
+@pytest.mark.slow
+def test_iterative_grpo_with_a_process_reward_model(sft_run, tmp_path):
+    """The process variant: a PRM trained first (rm_0), process advantages, the PRM continued."""
+    from grpo_cli.trainer.iterative import run_iterative
+
+    cfg = compose("iterative_grpo_arithmetic", f"model.name_or_path={sft_run}", "reward=process_rm",
+                  "algorithm.supervision=process", "iterative.iterations=1",
+                  "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=3", "iterative.rm_steps=2",
+                  "iterative.questions=6", "iterative.samples_per_question=2", "iterative.eval_limit=0",
+                  f"output_dir={tmp_path / 'pit'}")
+    run = run_iterative(cfg)
+    row = _lines(run / "iterations.jsonl")[0]
+    assert "rm_heldout_step_acc" in row or "rm_skipped" not in row
+    prm = yaml.safe_load((run / "iter_1" / "rm" / "config.yaml").read_text())
+    assert prm["algorithm"]["name"] == "process_reward_model" and prm["algorithm"]["head_from"] == str(run / "rm_0")
+    # GRPO with supervision=process refuses a batch without step rewards: these steps got them from the PRM
+    assert len(_lines(run / "iter_1" / "policy" / "metrics.jsonl")) == 2
