@@ -9,7 +9,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
-  pip install -q torch==2.13.0
+  # pip's warnings about this machine's package indexes are noise on success: shown only on failure.
+  if ! pip install -q torch==2.13.0 >.venv/install-torch.log 2>&1; then
+    cat .venv/install-torch.log >&2
+    exit 1
+  fi
 fi
 stamp=.venv/.grpo_cli-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
