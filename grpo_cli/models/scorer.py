@@ -21,25 +21,26 @@ from safetensors.torch import load_file, save_file
 from grpo_cli.config.schema import ModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft, load_model_and_tokenizer, save_checkpoint_model
+from grpo_cli.models.policy import hidden_states
 
 HEAD_FILE, META_FILE = "score_head.safetensors", "scorer.json"
 
 
-def _decoder(lm: torch.nn.Module) -> torch.nn.Module:
-    return (lm.get_base_model() if is_peft(lm) else lm).get_decoder()
+def zero_head(lm: torch.nn.Module) -> torch.nn.Linear:
+    """A linear head H -> 1 of zeros for ``lm``: it scores everything 0 at the start, a neutral reward
+    or value before training."""
+    base = lm.get_base_model() if is_peft(lm) else lm
+    head = torch.nn.Linear(base.config.hidden_size, 1, dtype=next(lm.parameters()).dtype)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
 
 
 class Scorer(torch.nn.Module):
     def __init__(self, lm: torch.nn.Module, kind: str, head: Optional[torch.nn.Linear] = None):
         super().__init__()
         self.lm, self.kind = lm, kind
-        hidden = lm.config.hidden_size if not is_peft(lm) else lm.get_base_model().config.hidden_size
-        dtype = next(lm.parameters()).dtype
-        # A zero head scores everything 0 at the start: a neutral reward / value before training.
-        self.head = head if head is not None else torch.nn.Linear(hidden, 1, dtype=dtype)
-        if head is None:
-            torch.nn.init.zeros_(self.head.weight)
-            torch.nn.init.zeros_(self.head.bias)
+        self.head = head if head is not None else zero_head(lm)
 
     @property
     def config(self):
@@ -47,12 +48,7 @@ class Scorer(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores [B, T]: the head on the last hidden state of every position (left padding aware)."""
-        from grpo_cli.trainer.batch import position_ids
-
-        hidden = _decoder(self.lm)(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-        ).last_hidden_state  # [B, T, H]
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden_states(self.lm, input_ids, attention_mask)).squeeze(-1).float()
 
     def save_checkpoint(self, tokenizer, out: Path, base_ref: Optional[str]) -> None:
         save_checkpoint_model(self.lm, tokenizer, out, base_ref)

@@ -20,7 +20,8 @@ import torch
 
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft
-from grpo_cli.models.scorer import Scorer
+from grpo_cli.models.policy import hidden_states
+from grpo_cli.models.scorer import Scorer, zero_head
 
 VALUE_ADAPTER = "value"
 
@@ -67,19 +68,12 @@ class LoraValueModel(torch.nn.Module):
         self.adapter = torch.nn.ParameterList(
             [p for n, p in policy_model.named_parameters() if f".{VALUE_ADAPTER}." in n]
         )
-        hidden = policy_model.get_base_model().config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1, dtype=next(policy_model.parameters()).dtype)
-        torch.nn.init.zeros_(self.head.weight)
-        torch.nn.init.zeros_(self.head.bias)
+        self.head = zero_head(policy_model)
         self.lr_scale = lr_scale
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from grpo_cli.trainer.batch import position_ids
-
         with active_adapter(self.policy_model, VALUE_ADAPTER):
-            hidden = self.policy_model.get_base_model().get_decoder()(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
-            ).last_hidden_state
+            hidden = hidden_states(self.policy_model, input_ids, attention_mask)
         return self.head(hidden).squeeze(-1).float()
 
 

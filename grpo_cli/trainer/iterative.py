@@ -147,18 +147,15 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     from grpo_cli.models.load import load_model_and_tokenizer
     from grpo_cli.models.policy import Policy
     from grpo_cli.rewards.registry import build_reward
-    from grpo_cli.trainer.offline import sample_questions
-    from grpo_cli.trainer.sources import context_length
+    from grpo_cli.trainer.offline import choose_questions, sample_questions
 
     rm = reward_model_config(cfg)
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=policy_dir, dtype=cfg.model.dtype))
     policy = Policy(model.eval(), tok)
     examples = load_examples(cfg.data, "train")
-    limit = context_length(policy) - cfg.rollout.max_new_tokens
-    fits = [i for i, e in enumerate(examples) if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
-    random.Random(seed).shuffle(fits)
+    questions = choose_questions(examples, policy, cfg.rollout.max_new_tokens, cfg.iterative.questions, seed)
     with torch.no_grad():
-        return sample_questions(policy, examples, fits[: cfg.iterative.questions], k=cfg.iterative.samples_per_question,
+        return sample_questions(policy, examples, questions, k=cfg.iterative.samples_per_question,
                                 rollout=cfg.rollout, reward=build_reward(rm.reward), generator=torch.Generator().manual_seed(seed))
 
 
@@ -174,7 +171,7 @@ def finished_iterations(run: Path, resume: bool) -> List[Dict]:
         return []
     if not resume:
         raise UserError(f"output_dir: {run} already holds iterations; pass resume=true to continue it, or another output_dir")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl_rows(path)
 
 
 def last_metrics(run: Path, *keys: str) -> Dict[str, float]:
@@ -195,7 +192,10 @@ def evaluate_policy(cfg: DictConfig, policy: Path, out: Path) -> float:
 
 
 def read_jsonl_rows(path: Path) -> List[Dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of a JSONL file of this run (none when it does not exist yet)."""
+    from grpo_cli.data.loaders import read_jsonl
+
+    return [row for _, row in read_jsonl(path)] if path.exists() else []
 
 
 def write_rows(path: Path, rows: List[Dict]) -> None:

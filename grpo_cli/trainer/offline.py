@@ -26,7 +26,7 @@ from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.trainer.batch import Batch, pack
 from grpo_cli.trainer.distributed import check_divisible, gather_objects, on_main, rank_seed, shard
-from grpo_cli.trainer.sources import EpochSampler, context_length, register_source
+from grpo_cli.trainer.sources import EpochSampler, prompts_that_fit, register_source
 
 Sample = Dict[str, object]
 """One stored sample: question (index), prompt, answer, completion, prompt_ids, completion_ids, reward."""
@@ -100,13 +100,7 @@ def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Op
     stored = on_main(stored_samples, cfg, own)
     if stored is not None:
         return stored
-    limit = context_length(policy) - rollout.max_new_tokens
-    tok = policy.tokenizer
-    fits = [i for i, e in enumerate(examples) if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
-    random.Random(seed).shuffle(fits)
-    chosen = fits[: cfg.questions] if cfg.questions > 0 else fits
-    if not chosen:
-        raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
+    chosen = choose_questions(examples, policy, rollout.max_new_tokens, cfg.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))
     mine = sample_questions(policy, examples, shard(chosen, rank, world_size), k=cfg.samples_per_question,
                             rollout=rollout, reward=reward, generator=generator)
@@ -114,6 +108,13 @@ def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Op
     if own is not None and rank == 0:
         write_samples(samples, own)
     return samples
+
+
+def choose_questions(examples, policy, max_new_tokens: int, count: int, seed: int) -> List[int]:
+    """The first ``count`` (0: all) of a seeded shuffle of the questions whose prompts fit the context."""
+    fits = prompts_that_fit(examples, policy, max_new_tokens)
+    random.Random(seed).shuffle(fits)
+    return fits[:count] if count > 0 else fits
 
 
 def keep_correct(samples: List[Sample], threshold: float) -> List[Sample]:

@@ -116,6 +116,16 @@ def context_length(policy) -> int:
     return int(getattr(policy.model.config, "max_position_embeddings", 10**9))
 
 
+def prompts_that_fit(examples: List[Example], policy, max_new_tokens: int) -> List[int]:
+    """Indices of the examples whose prompt leaves ``max_new_tokens`` of the model's context free."""
+    limit = context_length(policy) - max_new_tokens
+    tok = policy.tokenizer
+    fits = [i for i, e in enumerate(examples) if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+    if not fits:
+        raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
+    return fits
+
+
 @register_source("dataset")
 class DatasetSource:
     """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step."""
@@ -170,12 +180,8 @@ class OnlineSource:
 
     def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None,
                  rank: int = 0, world_size: int = 1, **_):
-        limit = context_length(policy) - rollout.max_new_tokens
-        tok = policy.tokenizer
-        self.examples = [e for e in examples if len(tok(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+        self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
-        if not self.examples:
-            raise UserError(f"data: no prompt fits the context minus rollout.max_new_tokens ({limit} tokens)")
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
         if self.G < 1:
             raise UserError(f"source.group_size: expected at least 1 completion per question, got {self.G}")
