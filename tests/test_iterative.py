@@ -80,7 +80,7 @@ def test_iterative_grpo_with_a_process_reward_model(sft_run, tmp_path):
                   f"output_dir={tmp_path / 'pit'}")
     run = run_iterative(cfg)
     row = _lines(run / "iterations.jsonl")[0]
-    assert "rm_heldout_step_acc" in row or "rm_skipped" not in row
+    assert "rm_skipped" not in row and 0.0 <= row["rm_heldout_step_acc"] <= 1.0  # the PRM was trained and scored
     prm = yaml.safe_load((run / "iter_1" / "rm" / "config.yaml").read_text())
     assert prm["algorithm"]["name"] == "process_reward_model" and prm["algorithm"]["head_from"] == str(run / "rm_0")
     # GRPO with supervision=process refuses a batch without step rewards: these steps got them from the PRM

@@ -123,4 +123,3 @@ def test_process_reward_model_trains_and_drives_process_grpo(sft_run, tmp_path):
                    "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=3", f"output_dir={tmp_path / 'g'}")
     out = _rows(train(grpo))
     assert 0.0 < out[0]["reward_mean"] < 1.0  # mean step probability from the model, not a 0/1 rule
-    assert out[0]["steps_per_output"] > 0 if "steps_per_output" in out[0] else True
