@@ -49,12 +49,7 @@ def train(
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
-    if cfg.iterative.iterations:  # Algorithm 1: a driver around the same loop
-        from grpo_cli.trainer.iterative import run_iterative
-
-        run_iterative(cfg)
-        return
-    from grpo_cli.trainer.loop import train as run_training
+    from grpo_cli.trainer import run_training
 
     run_training(cfg)
 

@@ -39,7 +39,7 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
 
     from grpo_cli.cli import _quiet_libraries
     from grpo_cli.sweep import last_metrics, metric_name, read_metric
-    from grpo_cli.trainer.loop import train
+    from grpo_cli.trainer import run_training
 
     _quiet_libraries()  # in each job: launchers may run it in a fresh process
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -48,7 +48,7 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
     with open_dict(cfg):
         cfg.recipe = HydraConfig.get().job.config_name
         cfg.output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir
-    run = train(cfg)
+    run = run_training(cfg)
     result = None
     if cfg.sweep.eval:
         from grpo_cli.evaluate import evaluate_model
