@@ -23,6 +23,7 @@ from grpo_cli.errors import UserError
 from grpo_cli.generation import generate
 from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
+from grpo_cli.models.policy import autocast
 from grpo_cli.rewards.answer import answers_match, extract_answer
 from grpo_cli.trainer.loop import pick_device
 
@@ -50,20 +51,23 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     if not cfg.eval.run:
         raise UserError("eval: pass run=<run dir, checkpoint, model dir or hub name> or samples=<file.jsonl>")
     check_sampling(cfg)
+    autocast(cfg.trainer.precision, torch.device("cpu"))  # a bad value fails before the model loads
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     with open_dict(cfg):
         cfg.model.name_or_path = cfg.eval.run
     model, tok, _ = load_model_and_tokenizer(cfg.model)
-    model.to(pick_device(cfg.trainer.device)).eval()
+    device = pick_device(cfg.trainer.device)
+    model.to(device).eval()
     examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
-    gens = generate(
-        model, tok, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=0.0, batch_size=cfg.rollout.batch_size,
-    )
-    rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
-    sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
+    with autocast(cfg.trainer.precision, device):
+        gens = generate(
+            model, tok, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=0.0, batch_size=cfg.rollout.batch_size,
+        )
+        rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
+        sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
     result = summarise(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
     result = {"accuracy": result.pop("accuracy"), **sampled, **result}  # the metrics first, then counts

@@ -1,12 +1,13 @@
 """Batched sampling with a KV cache: prefill the prompts once, then one model call per new token.
 
 Prompts are left-padded; positions come from the attention mask so padding never shifts them.
-Finished sequences (EOS seen) keep producing pad tokens that are masked out. ``temperature=0``
-is greedy decoding. Two engines give the same tokens:
+Finished sequences (EOS seen) produce pad tokens; the fast engine also drops them from its batch.
+``temperature=0`` is greedy decoding. Two engines give the same tokens:
 
 * ``fast`` (the rollout engine): :class:`~grpo_cli.models.kv_decoder.KVDecoder`, a preallocated
   cache written in place and masks and rotary tables built once per batch; a step is one decoder
-  call, the sampling rule and a few [B] tensor ops. Used for the model families it covers.
+  call, the sampling rule and a few [B] tensor ops; once a quarter of the rows have finished they
+  leave the batch and the cache. Used for the model families it covers.
 * ``reference`` (the oracle, and the engine for every other model): ``model(...)`` with the
   DynamicCache that transformers grows by one column per token.
 """
@@ -22,6 +23,9 @@ import torch
 from grpo_cli.trainer.batch import position_ids
 
 ENGINES = ("auto", "fast", "reference")
+COMPACT_FRACTION = 0.25
+"""The fast engine drops finished rows from its batch and cache once this share of them has
+finished: a copy of the filled cache columns, paid back by the steps the finished rows no longer take."""
 
 
 @dataclass
@@ -32,8 +36,12 @@ class Generation:
     finished: bool  # EOS was produced before max_new_tokens
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator]):
-    """Next token [B] from logits [B, V]: greedy at temperature 0, else temperature + nucleus sampling."""
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform: Optional[torch.Tensor]):
+    """Next token [B] from logits [B, V]: greedy at temperature 0, else temperature + nucleus sampling.
+
+    ``uniform`` [B] in [0, 1) drives the draw (inverse CDF: the first token whose cumulative
+    probability exceeds ``uniform * kept mass``). Drawing it per original row and step, outside this
+    function, keeps a row's tokens independent of which other rows are still in the batch."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -43,7 +51,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         keep = (sorted_p.cumsum(-1) - sorted_p) < top_p
         sorted_p = sorted_p * keep
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum(-1)  # [B, V]; the kept mass is cdf[:, -1] (no renormalisation needed)
+    nxt = torch.searchsorted(cdf, uniform[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).squeeze(-1)
+    return nxt.clamp_(max=probs.shape[-1] - 1)  # u * mass can round up to the mass itself
+
+
+def uniforms(n: int, temperature: float, generator: Optional[torch.Generator], device) -> Optional[torch.Tensor]:
+    """[n] uniform draws of one step (None when greedy: greedy decoding draws nothing)."""
+    return None if temperature <= 0 else torch.rand(n, generator=generator, device=device)
 
 
 def _left_pad(prompt_ids: List[List[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +87,7 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=ids.device)
     new_tokens = []
     for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator)
+        nxt = sample_next(logits, temperature, top_p, uniforms(len(done), temperature, generator, ids.device))
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         new_tokens.append(nxt)
         done |= nxt == eos_id
@@ -85,10 +100,10 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache."""
-    from grpo_cli.models.kv_decoder import KVDecoder
+    from grpo_cli.models.kv_decoder import KVDecoder, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
@@ -97,21 +112,28 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     decoder = KVDecoder(model, B, T0 + max_new_tokens)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
-    # Prefill: causal over real keys; a padding query sees itself only (never a fully masked row).
-    causal = torch.ones(T0, T0, dtype=torch.bool, device=device).tril()
-    mask = (causal & keys[:, None, :T0]) | torch.eye(T0, dtype=torch.bool, device=device)
     pos = position_ids(attn)  # [B, T0]
-    logits = decoder(ids, pos, 0, mask[:, None])
+    logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
     pos = pos[:, -1:] + 1  # [B, 1] position of the first new token
+    rows = torch.arange(B, device=device)  # the original row of each row still decoded
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    check_every = 1 if device.type == "cpu" else 8  # done.all() is a device sync on GPUs
+    check_every = 1 if device.type == "cpu" else 8  # reading `done` is a device sync on GPUs
     for i in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_p, generator).masked_fill_(done, pad_id)
-        out[:, i] = nxt
+        u = uniforms(B, temperature, generator, device)  # one draw per original row, as the reference
+        nxt = sample_next(logits, temperature, top_p, None if u is None else u[rows]).masked_fill_(done, pad_id)
+        out[rows, i] = nxt
         done |= nxt == eos_id
-        if i + 1 == max_new_tokens or ((i + 1) % check_every == 0 and bool(done.all())):
+        if i + 1 == max_new_tokens:
             break
+        if (i + 1) % check_every == 0:
+            finished = int(done.sum())
+            if finished == len(rows):
+                break
+            if finished >= COMPACT_FRACTION * len(rows):  # drop finished rows: their steps are wasted work
+                keep = (~done).nonzero().squeeze(-1)
+                rows, nxt, pos, keys, done = rows[keep], nxt[keep], pos[keep], keys[keep], done[keep]
+                decoder.keep_rows(keep, T0 + i)
         logits = decoder(nxt[:, None], pos + i, T0 + i, keys[:, None, None, : T0 + i + 1])
     return out[:, : i + 1].tolist()
 

@@ -54,7 +54,7 @@ SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5,
 PHASES = ("generate", "reward", "logprob", "train")
 
 
-def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int) -> dict:
+def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer.loop import train
@@ -75,6 +75,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
             "algorithm.aggregation=sequence", f"trainer.lr={s['lr']}", "trainer.schedule=constant",
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
             f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
+            f"trainer.precision={'bf16' if bf16 else 'fp32'}",
             "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
         ])
         run = train(cfg)
@@ -89,7 +90,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
     return {"steps": out}
 
 
-def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool) -> dict:
+def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bool) -> dict:
     """TRL's GRPOTrainer on the same model, data, reward and settings."""
     import torch
     from datasets import Dataset
@@ -151,7 +152,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool) -> dict:
             epsilon=s["eps"], num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=s["lr"],
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95,
             weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, bf16=False, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
+            use_cpu=True, bf16=bf16, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
@@ -205,19 +206,22 @@ def summarise(side: str, r: dict, ref: dict | None) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sides", default="ours,ours@4,ours-before,trl",
-                    help="comma list of ours[@GRAD_ACCUM], ours-before[@GRAD_ACCUM], trl, trl-nockpt")
+                    help="comma list of ours[@GRAD_ACCUM], ours-before[@GRAD_ACCUM], trl, trl-nockpt; a +bf16 "
+                         "suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the first one a warm-up")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        name, _, accum = args.child.partition("@")
+        side, _, precision = args.child.partition("+")
+        name, _, accum = side.partition("@")
+        bf16 = precision == "bf16"
         if name.startswith("trl"):
-            res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt")
+            res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt", bf16=bf16)
         else:
             engine = "reference" if name == "ours-before" else "auto"
-            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1))
+            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         print(json.dumps(res))
         return 0
@@ -227,14 +231,14 @@ def main(argv=None) -> int:
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     sides = args.sides.split(",")
     results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
-    ref = results.get("trl")
     print("| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
           "generate tokens/s | step tokens/s | peak RSS MB | RSS vs TRL | notes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for side, r in results.items():
-        print(summarise(side, r, ref), flush=True)
-    if ref and "trl" in ref:
-        print(f"\ntrl {ref['trl']}")
+    for side, r in results.items():  # each side against TRL at the same precision
+        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl")), flush=True)
+    versions = {r["trl"] for r in results.values() if "trl" in r}
+    if versions:
+        print(f"\ntrl {versions.pop()}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -93,8 +93,22 @@ def machine_line() -> str:
             f"transformers {transformers.__version__}; python {platform.python_version()}")
 
 
-def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
-    """fn() -> [B, N] new token ids as a list of lists, for one engine and sampling mode."""
+def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, precision: str = "fp32"):
+    """fn() -> [B, N] new token ids as a list of lists, for one engine, sampling mode and precision."""
+    import torch
+
+    from grpo_cli.models.policy import autocast
+
+    fn = _engine_fn(name, model, tok, prompt_ids, new_tokens, mode)
+    device = next(model.parameters()).device
+
+    def run():
+        with autocast(precision, device):  # the same context for every engine
+            return fn()
+    return run
+
+
+def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     import torch
 
     from grpo_cli.generation import generate_ids
@@ -121,9 +135,9 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     return run
 
 
-def measure(engines, model, tok, prompt_ids, new_tokens, mode, repeats):
+def measure(engines, model, tok, prompt_ids, new_tokens, mode, repeats, precision="fp32"):
     """{engine: {"times": [...], "others": max share, "tokens": generated, "rows": greedy output}}."""
-    fns = {e: engine_fn(e, model, tok, prompt_ids, new_tokens, mode) for e in engines}
+    fns = {e: engine_fn(e, model, tok, prompt_ids, new_tokens, mode, precision) for e in engines}
     res = {e: {"times": [], "others": 0.0} for e in engines}
     for e, fn in fns.items():  # warm-up: thread pools, allocator, lazy imports
         rows = fn()
@@ -143,7 +157,9 @@ def print_table(res, mode, batch, new_tokens, ref="hf"):
         t = statistics.median(r["times"])
         same = ""
         if mode == "greedy" and ref in res:
-            same = "yes" if r["rows"] == res[ref]["rows"] else "NO"
+            pairs = [(a, b) for ra, rb in zip(r["rows"], res[ref]["rows"]) for a, b in zip(ra, rb)]
+            equal = sum(a == b for a, b in pairs) / len(pairs)
+            same = "yes" if r["rows"] == res[ref]["rows"] else f"NO ({100 * equal:.0f}% of tokens)"
         ratio = f"{base / t:.2f}x" if base else ""
         print(f"| {mode} | {batch}x{new_tokens} | {e} | {r['tokens'] / t:.0f} | {ratio} | {t:.2f} | "
               f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | "
@@ -159,6 +175,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                    help="bf16: every engine runs under bf16 autocast (trainer.precision=bf16), weights fp32")
     args = ap.parse_args(argv)
     import torch
 
@@ -171,14 +189,15 @@ def main(argv=None) -> int:
     print(machine_line())
     print(f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
-          f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; repeats {args.repeats}; "
+          f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; precision {args.precision}; "
+          f"repeats {args.repeats}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     print("| mode | B x N | engine | tokens/s | speed vs hf | s (median) | ms/token step | range s | "
           "others' CPU | same tokens as hf |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     engines = args.engines.split(",")
     for mode in args.modes.split(","):
-        res = measure(engines, model, tok, prompt_ids, args.new_tokens, mode, args.repeats)
+        res = measure(engines, model, tok, prompt_ids, args.new_tokens, mode, args.repeats, args.precision)
         for e, r in res.items():
             if r["tokens"] != args.batch * args.new_tokens:
                 print(f"warning: {e} generated {r['tokens']} tokens, not {args.batch * args.new_tokens}")

@@ -20,18 +20,28 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     # before token 2 it is 0.8 >= 0.6), so token 2 is never drawn; top_p = 0.4 keeps token 0 only.
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(4000, 3)
     g = torch.Generator().manual_seed(0)
-    draws = sample_next(logits, 1.0, 0.6, g)
+    draws = sample_next(logits, 1.0, 0.6, torch.rand(4000, generator=g))
     assert set(draws.tolist()) == {0, 1}
     frac1 = (draws == 1).float().mean().item()
     assert abs(frac1 - 0.3 / 0.8) < 0.03  # renormalised over the kept set: 0.375
-    assert set(sample_next(logits, 1.0, 0.4, g).tolist()) == {0}
+    assert set(sample_next(logits, 1.0, 0.4, torch.rand(4000, generator=g)).tolist()) == {0}
+
+
+def test_sampling_is_the_inverse_cdf_of_the_uniform_draw():
+    # probabilities [0.5, 0.3, 0.2]: cdf [0.5, 0.8, 1.0]; u picks the first token with cdf > u.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).expand(5, 3)
+    u = torch.tensor([0.0, 0.49, 0.5, 0.79, 0.999])
+    assert sample_next(logits, 1.0, 1.0, u).tolist() == [0, 0, 1, 1, 2]
+    # top_p = 0.6 keeps [0.5, 0.3] (mass 0.8): u * 0.8 = [0, .392, .4, .632, .799] -> cdf [.5, .8]
+    assert sample_next(logits, 1.0, 0.6, u).tolist() == [0, 0, 0, 1, 1]
 
 
 def test_temperature_flattens_the_distribution():
     logits = torch.log(torch.tensor([[0.9, 0.1]])).expand(4000, 2)
     g = torch.Generator().manual_seed(0)
-    cold = (sample_next(logits, 0.5, 1.0, g) == 1).float().mean().item()  # 0.1^2/(0.81+0.01) = 0.012
-    hot = (sample_next(logits, 2.0, 1.0, g) == 1).float().mean().item()  # sqrt(.1)/(sqrt(.9)+sqrt(.1)) = 0.25
+    u = torch.rand(4000, generator=g)
+    cold = (sample_next(logits, 0.5, 1.0, u) == 1).float().mean().item()  # 0.1^2/(0.81+0.01) = 0.012
+    hot = (sample_next(logits, 2.0, 1.0, u) == 1).float().mean().item()  # sqrt(.1)/(sqrt(.9)+sqrt(.1)) = 0.25
     assert cold < 0.03 and 0.2 < hot < 0.3
 
 
@@ -78,9 +88,20 @@ def hf_rows(model, tok, n=24):
     return out[:, batch["input_ids"].shape[1]:].tolist()
 
 
-def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops():
+def count_compactions(monkeypatch) -> list:
+    """Records the batch size left by every KVDecoder.keep_rows call (finished rows dropped)."""
+    from grpo_cli.models.kv_decoder import KVDecoder
+
+    calls, keep = [], KVDecoder.keep_rows
+    monkeypatch.setattr(KVDecoder, "keep_rows", lambda self, rows, filled: calls.append(len(rows)) or keep(self, rows, filled))
+    return calls
+
+
+def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops(monkeypatch):
     model, tok = chaotic_tiny_model()
+    compactions = count_compactions(monkeypatch)
     ours = rows_of(model, tok, "fast")
+    assert compactions and compactions[-1] < len(PROMPTS)  # finished rows left the batch
     eos = tok.eos_token_id
     stops = {row.index(eos) if eos in row else None for row in ours}
     assert len(stops - {None}) >= 2 and None in stops  # rows end at different steps, one never does
@@ -88,12 +109,14 @@ def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops():
     assert ours == rows_of(model, tok, "reference")
 
 
-def test_fast_engine_samples_exactly_like_the_reference_loop():
-    # Same logits bit for bit and the same generator state: the same draws, EOS and padding included.
+def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
+    # Same logits bit for bit and the same uniform per (row, step): the same draws, EOS and padding
+    # included, although the fast engine drops finished rows and the reference loop keeps them.
     model, tok = chaotic_tiny_model()
+    compactions = count_compactions(monkeypatch)
     fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     ref = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
-    assert fast == ref and any(tok.eos_token_id in r for r in fast)
+    assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
 def test_fast_engine_with_grouped_query_attention_and_eager_attention():
@@ -137,3 +160,21 @@ def test_unsupported_models_fall_back_to_the_reference_loop():
     assert [len(g.completion_ids) for g in gens] == [5, 5]
     with pytest.raises(ValueError, match="fast rollout engine"):
         generate(model, tok, PROMPTS[:2], max_new_tokens=5, engine="fast")
+
+
+def test_fast_engine_under_bf16_autocast_keeps_an_fp32_cache_on_cpu_and_follows_hf(monkeypatch):
+    # trainer.precision=bf16: projections and MLP in bf16; on CPU attention and its cache stay fp32
+    # (faster there) and the head stays fp32, so tokens may differ from HF's all-bf16 arithmetic
+    # only where two logits are within bf16 rounding.
+    from grpo_cli.models.kv_decoder import KVDecoder
+    from grpo_cli.models.policy import autocast
+
+    model, tok = chaotic_tiny_model()
+    dtypes = []
+    init = KVDecoder.__init__
+    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a: init(self, *a) or dtypes.append(self.k.dtype))
+    with autocast("bf16", torch.device("cpu")):
+        ours, hf = rows_of(model, tok, "fast"), hf_rows(model, tok)
+    assert dtypes == [torch.float32]
+    pairs = [(a, b) for r, h in zip(ours, hf) for a, b in zip(r, h)]
+    assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)

@@ -92,7 +92,7 @@ def test_reward_model_and_ppo_runs_resume_exactly(sft_run, tmp_path, length_rewa
     from grpo_cli.trainer.loop import train
 
     drop = ("seconds", "time_")
-    for recipe, extra in [("rm_arithmetic", ["source.questions=8", "source.samples_per_question=4", "trainer.batch_size=2"]),
+    for recipe, extra in [("rm_arithmetic", ["source.questions=12", "source.samples_per_question=4", "source.heldout=0.25", "trainer.batch_size=2"]),
                           ("ppo_arithmetic", ["source.prompts_per_step=4"])]:
         common = [f"model.name_or_path={sft_run}", "reward.name=length_mod_3", "trainer.lr=1e-3", "trainer.schedule=constant", *extra]
         whole = _rows(train(compose(recipe, *common, "trainer.steps=4", f"output_dir={tmp_path / recipe / 'a'}")))

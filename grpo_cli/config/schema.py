@@ -391,6 +391,10 @@ class TrainerConfig:
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
     threads: int = 0
     """CPU threads for torch; 0 keeps torch's default."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: the forward passes (rollouts, log-probs, losses; not the backward) run under
+    ``torch.autocast`` in bfloat16, so matmuls and attention run in bf16 while weights, gradients and
+    optimiser state stay in ``model.dtype``. The log-prob head and sampling logits stay in fp32."""
     save_every: int = 0
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2

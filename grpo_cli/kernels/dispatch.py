@@ -83,6 +83,14 @@ def selected_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0,
     when importable, else torch), "torch", "triton", "reference".
     """
     _check_inputs(hidden, weight, token_ids, bias, temperature)
+    # Under trainer.precision=bf16 the model ran in autocast; the head's logits stay in the weight's
+    # dtype (fp32 by default): log-probs are the policy's probabilities, they need the precision.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend,
+                                  ignore_index)
+
+
+def _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index):
     name = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     h2, ids = hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long()

@@ -57,6 +57,39 @@ def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def model_functions(base: torch.nn.Module):
+    """(apply_rotary_pos_emb, attention function, whether its mask is bool) from the model's module."""
+    module = sys.modules[type(base.model.layers[0].self_attn).__module__]
+    if base.config._attn_implementation == "sdpa":
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        return module.apply_rotary_pos_emb, ALL_ATTENTION_FUNCTIONS["sdpa"], True
+    return module.apply_rotary_pos_emb, module.eager_attention_forward, False
+
+
+def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attend) as the additive one eager attention adds to its scores."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def attention_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype attention (and the KV cache) runs in. Under autocast on a GPU, autocast's (what its
+    flash kernels take); on CPU the weights': CPU SDPA in bf16 measured 3-5x slower than in fp32
+    (docs/performance.md), so CPU autocast speeds up the projections and MLP only."""
+    dev = weight.device.type
+    if dev != "cpu" and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return weight.dtype
+
+
+def causal_mask(real: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool from real [B, T]: causal over real keys; a padding query sees itself only
+    (never a fully masked row, whose softmax would be NaN; its output is never used)."""
+    T = real.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
+    return ((causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device))[:, None]
+
+
 class KVDecoder:
     """``decoder(ids, positions, start, mask)`` -> logits of each row's last token [B, V]."""
 
@@ -67,32 +100,32 @@ class KVDecoder:
         attn = self.decoder.layers[0].self_attn
         kv_heads = base.config.num_key_value_heads
         shape = (len(self.decoder.layers), batch_size, kv_heads, max_len, attn.head_dim)
-        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.k = torch.zeros(shape, dtype=attention_dtype(weight), device=weight.device)
         self.v = torch.zeros_like(self.k)
         positions = torch.arange(max_len, device=weight.device)[None]  # [1, T_max]
-        cos, sin = self.decoder.rotary_emb(self.k[0, :1, 0], positions)  # [1, T_max, D] each
+        cos, sin = self.decoder.rotary_emb(weight, positions)  # [1, T_max, D] each, in the weights' dtype
         self.cos, self.sin = cos[0], sin[0]
-        module = sys.modules[type(attn).__module__]
-        self.rotate = module.apply_rotary_pos_emb
-        impl = base.config._attn_implementation
-        if impl == "sdpa":
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-            self.attention, self.bool_mask = ALL_ATTENTION_FUNCTIONS["sdpa"], True
-        else:
-            self.attention, self.bool_mask = module.eager_attention_forward, False
+        self.rotate, self.attention, self.bool_mask = model_functions(base)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         """ids, positions [B, S]; mask [B, 1, S, start + S] bool (True: attend). Fills columns start.. of the cache."""
-        if not self.bool_mask:  # eager attention adds the mask to the scores
-            mask = torch.zeros(mask.shape, dtype=self.k.dtype, device=mask.device).masked_fill_(
-                ~mask, torch.finfo(self.k.dtype).min)
+        if not self.bool_mask:
+            mask = additive(mask, self.k.dtype)
         cos, sin = self.cos[positions], self.sin[positions]  # [B, S, D]
         x = self.decoder.embed_tokens(ids)  # [B, S, H]
         for i, layer in enumerate(self.decoder.layers):
             x = x + self._attention(layer.self_attn, layer.input_layernorm(x), i, cos, sin, start, mask)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.head(self.decoder.norm(x[:, -1]))  # [B, V]
+        with torch.autocast(x.device.type, enabled=False):  # sampling logits in the head's dtype, as the trainer's
+            return self.head(self.decoder.norm(x[:, -1]))  # [B, V]
+
+    def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
+        """Keep only ``rows`` [B'] of the batch: a new, smaller cache holding their first ``filled`` columns."""
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[0], len(rows), *old.shape[2:])  # columns >= filled are written before read
+            new[:, :, :, :filled] = old[:, :, :, :filled].index_select(1, rows)
+            setattr(self, name, new)
 
     def _attention(self, attn, x, i: int, cos, sin, start: int, mask) -> torch.Tensor:
         B, S, _ = x.shape
@@ -104,6 +137,7 @@ class KVDecoder:
         end = start + S
         self.k[i, :, :, start:end] = k
         self.v[i, :, :, start:end] = v
-        out, _ = self.attention(attn, q, self.k[i, :, :, :end], self.v[i, :, :, :end], mask,
-                                dropout=0.0, scaling=attn.scaling)  # [B, S, H, D]
+        with torch.autocast(x.device.type, enabled=False):  # in the cache's dtype (attention_dtype)
+            out, _ = self.attention(attn, q.to(self.k.dtype), self.k[i, :, :, :end], self.v[i, :, :, :end], mask,
+                                    dropout=0.0, scaling=attn.scaling)  # [B, S, H, D]
         return attn.o_proj(out.reshape(B, S, -1))

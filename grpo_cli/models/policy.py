@@ -16,12 +16,21 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft
 from grpo_cli.trainer.batch import Batch, position_ids
 
 
 IGNORE = -100
 """Target id the fused kernel skips."""
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision: str, device: torch.device):
+    """The context of forward passes at ``trainer.precision``: bf16 autocast, or nothing for fp32."""
+    if precision not in PRECISIONS:
+        raise UserError(f"trainer.precision: expected one of {PRECISIONS}, got '{precision}'")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,7 +38,19 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply)."""
+    """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply).
+
+    Models the unpadded forward covers (Qwen2, Llama) skip padding in every projection and MLP and
+    return 0 at padding positions; others run ``decoder(...)`` (:func:`padded_hidden_states`)."""
+    from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
+
+    if unpadded_unsupported(model) is None:
+        return unpadded_hidden_states(model, input_ids, attention_mask)
+    return padded_hidden_states(model, input_ids, attention_mask)
+
+
+def padded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The reference: ``decoder(...)`` over every position, padding included."""
     decoder = _unwrap(model).get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     return out.last_hidden_state
@@ -91,19 +112,27 @@ class Policy:
     """Where the base weights can be reloaded from (adapters of LoRA checkpoints point at it)."""
     extra: List[torch.nn.Module] = field(default_factory=list)
     """Modules an algorithm trains beside the model (PPO's value model), added by its ``setup``."""
+    precision: str = "fp32"
+    """``trainer.precision``: the forward passes of :meth:`autocast`."""
 
     def trainable(self) -> torch.nn.ModuleList:
         """Everything the optimiser updates (the parameters with requires_grad)."""
         return torch.nn.ModuleList([self.model, *self.extra])
 
     @classmethod
-    def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None) -> "Policy":
+    def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None,
+               precision: str = "fp32") -> "Policy":
         """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked."""
+        autocast(precision, torch.device("cpu"))  # a bad value fails before anything runs
         ref = None
         if keep_reference and not is_peft(model):
             ref = copy.deepcopy(model).eval()
             ref.requires_grad_(False)
-        return cls(model, tokenizer, ref, logprob_backend, base_ref)
+        return cls(model, tokenizer, ref, logprob_backend, base_ref, precision=precision)
+
+    def autocast(self):
+        """Wrap forward passes (sampling, log-probs, losses; never ``backward``) in this."""
+        return autocast(self.precision, self.device)
 
     @property
     def device(self) -> torch.device:

@@ -91,7 +91,7 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     model.train()
     return Policy.create(
         model, tok, keep_reference=algorithm.needs_reference, logprob_backend=cfg.model.logprob_backend,
-        base_ref=base_ref,
+        base_ref=base_ref, precision=cfg.trainer.precision,
     )
 
 
@@ -110,7 +110,8 @@ def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, mic
         opt.zero_grad(set_to_none=True)
         update_loss = 0.0
         for mb in batch.micro_batches(micro):
-            loss, metrics = algorithm.loss(mb, policy)
+            with policy.autocast():  # the forward only: backward follows the forward's dtypes
+                loss, metrics = algorithm.loss(mb, policy)
             loss.backward()
             update_loss += float(loss.detach())
             for k, v in metrics.items():
@@ -155,10 +156,11 @@ def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, devic
     sums: Dict[str, float] = defaultdict(float)
     batches = source.heldout_batches() if hasattr(source, "heldout_batches") else []
     for batch in batches:
-        if batch.rewards is None and reward is not None:  # labels computed per batch (process rewards)
-            batch.rewards = reward(batch)
-        for k, v in algorithm.evaluate(batch.with_totals().to(device), policy).items():
-            sums[k] += v / len(batches)
+        with policy.autocast():
+            if batch.rewards is None and reward is not None:  # labels computed per batch (process rewards)
+                batch.rewards = reward(batch)
+            for k, v in algorithm.evaluate(batch.with_totals().to(device), policy).items():
+                sums[k] += v / len(batches)
     return {f"heldout_{k}": v for k, v in sums.items()}
 
 
@@ -166,13 +168,13 @@ def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Po
                device: torch.device, dist: Dist = LOCAL) -> Tuple[Batch, Dict[str, float], Timers]:
     """One step of the loop: batch, rewards, prepare, optimise."""
     timers = Timers()
-    with timers("generate"), dist.full_weights(policy.model):  # fsdp: sampling needs the whole model
+    with timers("generate"), dist.full_weights(policy.model), policy.autocast():  # fsdp: sampling needs the whole model
         batch = source.next_batch(policy).with_totals()
-    with timers("reward"):
+    with timers("reward"), policy.autocast():
         if reward is not None and batch.rewards is None:  # offline sources bring stored labels
             batch.rewards = reward(batch)
     batch = batch.to(device)
-    with timers("logprob"):
+    with timers("logprob"), policy.autocast():
         batch = dist.global_totals(algorithm.prepare(batch, policy))
     with timers("train"):
         metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist)

@@ -41,10 +41,11 @@ def sample_questions(policy, examples: List[Example], questions: List[int], *, k
     chunk = max(1, rollout.batch_size // k)
     for start in range(0, len(questions), chunk):
         idx = [q for q in questions[start:start + chunk] for _ in range(k)]
-        gens = generate(
-            policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
-            temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
-        )
+        with policy.autocast():
+            gens = generate(
+                policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
+                temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
+            )
         ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
         batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
                       [examples[q].answer for q in idx], torch.as_tensor(idx))
@@ -52,7 +53,8 @@ def sample_questions(policy, examples: List[Example], questions: List[int], *, k
             from grpo_cli.rewards.process import char_ends
 
             batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
-        rewards = reward(batch).tolist()
+        with policy.autocast():
+            rewards = reward(batch).tolist()
         out += [
             {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
              "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}

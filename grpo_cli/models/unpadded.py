@@ -1,0 +1,74 @@
+"""Hidden states of a padded batch that never run the projections and MLP on padding.
+
+A training batch is left-padded to its longest prompt and right-padded to its longest completion:
+in a GRPO batch over a third of the positions are padding. ``model(...)`` runs every position
+through every projection and MLP; :func:`unpadded_hidden_states` gathers the N real tokens once
+and runs the per-token work (embedding, norms, q/k/v/o projections, MLP) on [N, H] only. Only
+attention needs the rows: q, k, v are scattered into the padded [B, heads, T, D] layout for the
+model's own attention function and its output is gathered back. The submodules are the model's
+(LoRA layers injected by peft apply, dropout follows ``train()``), so the result equals
+``decoder(...)`` at the real positions up to float rounding; padding positions come back as 0.
+
+Notation: B rows, T positions, N real tokens (attention mask 1), H hidden size, D head size.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from grpo_cli.models.kv_decoder import _base, additive, attention_dtype, causal_mask, model_functions, unsupported_reason
+
+
+def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
+    """Why :func:`unpadded_hidden_states` cannot run ``model`` (then use ``decoder(...)``), or None."""
+    reason = unsupported_reason(model)
+    if reason:
+        return reason
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return None
+    if any(isinstance(m, FSDPModule) for m in _base(model).model.modules()):
+        return "FSDP-sharded blocks gather their weights in their own forward"  # never bypass it
+    return None
+
+
+def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T]."""
+    from grpo_cli.trainer.batch import position_ids
+
+    base = _base(model)
+    decoder = base.model
+    B, T = input_ids.shape
+    real = attention_mask.bool()
+    idx = real.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
+    pos = position_ids(attention_mask).reshape(-1)[idx]  # [N]
+    x = decoder.embed_tokens(input_ids.reshape(-1)[idx])  # [N, H]
+    cos, sin = decoder.rotary_emb(x, pos[None])  # [1, N, D] each
+    mask = causal_mask(real)  # [B, 1, T, T]
+    rotate, attention, bool_mask = model_functions(base)
+    dtype = attention_dtype(decoder.embed_tokens.weight)
+    if not bool_mask:
+        mask = additive(mask, dtype)
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(len(idx), -1, attn.head_dim)  # [N, heads, D]
+        k = attn.k_proj(h).view(len(idx), -1, attn.head_dim)  # [N, kv heads, D]
+        v = attn.v_proj(h).view(len(idx), -1, attn.head_dim)
+        q, k = rotate(q, k, cos[0], sin[0])  # cos[0] [N, D] broadcasts over heads
+        q, k, v = (_pad(t.to(dtype), idx, B, T) for t in (q, k, v))  # [B, heads, T, D]
+        with torch.autocast(x.device.type, enabled=False):  # in attention_dtype, as the rollout's
+            out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
+                               dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, T, heads, D]
+        x = x + attn.o_proj(out.reshape(B * T, -1).index_select(0, idx))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    x = decoder.norm(x)
+    return x.new_zeros(B * T, x.shape[-1]).index_copy(0, idx, x).view(B, T, -1)
+
+
+def _pad(t: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """[N, heads, D] real tokens -> [B, heads, T, D] with zeros at padding."""
+    return t.new_zeros(B * T, *t.shape[1:]).index_copy(0, idx, t).view(B, T, *t.shape[1:]).transpose(1, 2)

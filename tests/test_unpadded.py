@@ -1,0 +1,135 @@
+"""The padding-free forward (grpo_cli.models.unpadded) against ``decoder(...)``, and bf16 autocast."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from grpo_cli.config.schema import LoraConfig
+from grpo_cli.errors import UserError
+from grpo_cli.models.load import apply_lora
+from grpo_cli.models.policy import autocast, hidden_states, padded_hidden_states
+from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
+
+from conftest import compose
+
+
+def model_and_batch(cls=Qwen2ForCausalLM, config=Qwen2Config, attn="sdpa"):
+    """A GQA model (4 query heads, 2 key/value heads) and a batch with left and right padding."""
+    torch.manual_seed(0)
+    cfg = config(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=96, attn_implementation=attn)
+    model = cls(cfg)
+    ids = torch.randint(0, 50, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, :3] = 0  # left padding (a short prompt)
+    mask[1, 7:] = 0  # right padding (a short completion)
+    mask[2, :2] = 0
+    mask[2, 8:] = 0
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("cls,config", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_unpadded_forward_equals_the_padded_one_at_real_positions(cls, config, attn):
+    model, ids, mask = model_and_batch(cls, config, attn)
+    assert unpadded_unsupported(model) is None
+    real = mask.bool()
+    padded = padded_hidden_states(model, ids, mask)
+    ours = unpadded_hidden_states(model, ids, mask)
+    assert torch.allclose(ours[real], padded[real], atol=1e-5)
+    assert torch.equal(ours[~real], torch.zeros_like(ours[~real]))  # padding is never computed
+    # Gradients of every decoder weight, from a loss on the real positions only.
+    weights = torch.randn_like(padded) * real[..., None]
+    params = list(model.model.parameters())
+    g_padded = torch.autograd.grad((padded * weights).sum(), params)
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    for a, b in zip(g_padded, g_ours):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_unpadded_forward_applies_lora_adapters_and_the_trainer_uses_it(monkeypatch):
+    model, ids, mask = model_and_batch()
+    model = apply_lora(model, LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained-looking adapter (fresh ones are zero)
+    real = mask.bool()
+    adapted = unpadded_hidden_states(model, ids, mask)
+    assert torch.allclose(adapted[real], padded_hidden_states(model, ids, mask)[real], atol=1e-5)
+    with model.disable_adapter():
+        base = unpadded_hidden_states(model, ids, mask)
+    assert not torch.allclose(adapted[real], base[real], atol=1e-3)
+    import grpo_cli.models.unpadded as unpadded
+
+    calls = []
+    monkeypatch.setattr(unpadded, "unpadded_hidden_states", lambda *a: calls.append(1) or adapted)
+    hidden_states(model, ids, mask)
+    assert calls  # supported models take the padding-free path
+
+
+def test_other_models_take_the_padded_forward():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16)).eval()
+    assert "gpt2" in unpadded_unsupported(model)
+    ids, mask = torch.randint(0, 50, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    assert torch.equal(hidden_states(model, ids, mask), padded_hidden_states(model, ids, mask))
+
+
+def test_bf16_autocast_forward_stays_close_to_fp32_and_log_probs_stay_fp32():
+    from grpo_cli.models.policy import token_logprobs
+    from grpo_cli.trainer.batch import Batch
+
+    model, ids, mask = model_and_batch()
+    real = mask.bool()
+    fp32 = unpadded_hidden_states(model, ids, mask)
+    with autocast("bf16", torch.device("cpu")):
+        bf16 = unpadded_hidden_states(model, ids, mask)
+    assert bf16.dtype == torch.float32  # the residual stream and norms stay fp32; matmuls ran in bf16
+    err = (bf16[real] - fp32[real]).abs().max() / fp32[real].abs().max()
+    assert 0 < err < 0.05  # bf16 rounding (8 mantissa bits), not a different function
+    batch = Batch(ids, mask, mask, [""] * 3, [""] * 3, [""] * 3, torch.arange(3))
+    with autocast("bf16", torch.device("cpu")):
+        logp = token_logprobs(model, batch)[0]
+    assert logp.dtype == torch.float32
+    # The head ran in fp32 on the autocast hidden states: the same as running it outside autocast.
+    from grpo_cli.kernels import selected_logprobs
+
+    head = model.get_output_embeddings().weight
+    h = bf16[:, :-1].reshape(-1, 64)
+    targets = torch.where(mask[:, 1:].reshape(-1).bool(), ids[:, 1:].reshape(-1), -100)
+    assert torch.allclose(logp.reshape(-1), selected_logprobs(h, head, targets), atol=1e-6)
+
+
+def test_unknown_precision_is_a_one_line_config_error():
+    with pytest.raises(UserError, match="trainer.precision: expected one of"):
+        autocast("fp8", torch.device("cpu"))
+
+
+def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch):
+    import json
+
+    import grpo_cli.trainer.loop as loop
+    from grpo_cli.rewards.registry import REWARDS
+
+    seen = {}
+    build = loop.build_policy
+
+    def spy(*args):
+        policy = build(*args)
+        seen["policy"], seen["before"] = policy, {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        return policy
+
+    monkeypatch.setattr(loop, "build_policy", spy)
+    # An untrained model answers nothing right: a reward that varies within groups gives gradients.
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+    cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'bf16'}", "trainer.precision=bf16", "trainer.steps=2",
+                  "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "reward.name=length_mod_3")
+    run = loop.train(cfg)
+    after = dict(seen["policy"].model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in after.values())  # master weights stay fp32
+    assert any(not torch.equal(seen["before"][n], p.detach()) for n, p in after.items())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_ref and pi_theta: the same autocast forward
