@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """One GRPO step, ours vs TRL's GRPOTrainer: time per phase, tokens/s and peak RSS, side by side.
 
-    python scripts/bench_grpo_step.py                      # ours, ours@4, ours-before, trl; 4 steps each
+    python scripts/bench_grpo_step.py                      # ours, ours@4, ours-refloop, trl; 4 steps each
+    python scripts/bench_grpo_step.py --sides ours+bf16,ours@4+bf16,trl+bf16   # bf16 autocast, TRL's default
     python scripts/bench_grpo_step.py --sides ours,trl --steps 5 --threads 1
     python scripts/bench_grpo_step.py --quick              # a 1M-parameter model (hidden 128, 4 layers)
 
@@ -20,18 +21,20 @@ whole process, model, data and libraries included):
   reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
   the step time is the growth of its ``seconds`` column. ``ours@4``: with ``trainer.grad_accum=4``
   (the same update from 4 micro-batches of 8 sequences: a quarter of the activations).
-* ``ours-before``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
-  DynamicCache per token): the trainer before the rollout engine.
+* ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
+  DynamicCache per token, every row to the end): what the rollout engine adds to the step.
 * ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU with its defaults
   except those settings and fp32 (its default is bf16 autocast); its default gradient (activation)
   checkpointing stays on. ``trl-nockpt``: with it off. The step is timed by a callback; generation,
   rewards and the no-grad log-probs by wrapping its methods (``_generate``, ``_calculate_rewards``,
   ``_get_per_token_logps_and_entropies`` without grad); "train" is the rest of the step.
+* ``+bf16`` after any side: bf16 autocast with fp32 weights (ours ``trainer.precision=bf16``, TRL
+  ``bf16=True``, its default); each ``+bf16`` side is compared with ``trl+bf16``.
 
 The first step of each side is a warm-up and is not counted; the table shows medians over the
 timed steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
 the completion tokens each side actually produced, and both generate for as long as any of the 32
-rows is unfinished (with this random model, almost always all 128 steps).
+rows is unfinished (with this random model, almost always all 128 steps; ours drops finished rows).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer.loop import train
 
-    if engine == "reference":  # the trainer before the rollout engine: the reference loop
+    if engine == "reference":  # the rollout by the reference loop instead of the engine
         import functools
 
         import grpo_cli.generation as generation
@@ -205,8 +208,8 @@ def summarise(side: str, r: dict, ref: dict | None) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sides", default="ours,ours@4,ours-before,trl",
-                    help="comma list of ours[@GRAD_ACCUM], ours-before[@GRAD_ACCUM], trl, trl-nockpt; a +bf16 "
+    ap.add_argument("--sides", default="ours,ours@4,ours-refloop,trl",
+                    help="comma list of ours[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], trl, trl-nockpt; a +bf16 "
                          "suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the first one a warm-up")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
@@ -220,7 +223,7 @@ def main(argv=None) -> int:
         if name.startswith("trl"):
             res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt", bf16=bf16)
         else:
-            engine = "reference" if name == "ours-before" else "auto"
+            engine = "reference" if name == "ours-refloop" else "auto"
             res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         print(json.dumps(res))

@@ -133,3 +133,18 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_ref and pi_theta: the same autocast forward
+
+
+@pytest.mark.parametrize("cls,config", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+def test_fused_rms_norm_is_bit_identical_to_the_model_norm(cls, config):
+    from grpo_cli.models.kv_decoder import norm
+
+    model, _, _ = model_and_batch(cls, config)
+    module = model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        module.weight.normal_()
+    x = torch.randn(7, 5, 64) * 3
+    for bf16 in (False, True):
+        with autocast("bf16" if bf16 else "fp32", torch.device("cpu")):
+            assert torch.equal(norm(module, x), module(x))
+    assert torch.equal(norm(module, x.bfloat16()), module(x.bfloat16()))  # other dtypes: the module itself

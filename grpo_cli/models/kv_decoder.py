@@ -72,6 +72,18 @@ def additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
 
 
+FUSED_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm")
+"""``weight * (x * rsqrt(mean(x^2) + eps))`` in fp32: the formula ``F.rms_norm`` computes in one kernel."""
+
+
+def norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; for the RMSNorms of :data:`FUSED_NORMS` on fp32 the fused ``F.rms_norm`` instead,
+    bit-identical there (tests/test_unpadded.py), 2.5x faster forward + backward, fewer ops per token."""
+    if type(module).__name__ in FUSED_NORMS and x.dtype == module.weight.dtype == torch.float32:
+        return torch.nn.functional.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
+
+
 def attention_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype attention (and the KV cache) runs in. Under autocast on a GPU, autocast's (what its
     flash kernels take); on CPU the weights': CPU SDPA in bf16 measured 3-5x slower than in fp32
@@ -114,18 +126,18 @@ class KVDecoder:
         cos, sin = self.cos[positions], self.sin[positions]  # [B, S, D]
         x = self.decoder.embed_tokens(ids)  # [B, S, H]
         for i, layer in enumerate(self.decoder.layers):
-            x = x + self._attention(layer.self_attn, layer.input_layernorm(x), i, cos, sin, start, mask)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + self._attention(layer.self_attn, norm(layer.input_layernorm, x), i, cos, sin, start, mask)
+            x = x + layer.mlp(norm(layer.post_attention_layernorm, x))
         with torch.autocast(x.device.type, enabled=False):  # sampling logits in the head's dtype, as the trainer's
-            return self.head(self.decoder.norm(x[:, -1]))  # [B, V]
+            return self.head(norm(self.decoder.norm, x[:, -1]))  # [B, V]
 
     def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
-        """Keep only ``rows`` [B'] of the batch: a new, smaller cache holding their first ``filled`` columns."""
+        """Keep only ``rows`` [B'] (increasing) of the batch: their first ``filled`` columns move to the
+        front rows of the same buffers (no new allocation; later columns are written before read)."""
         for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_empty(old.shape[0], len(rows), *old.shape[2:])  # columns >= filled are written before read
-            new[:, :, :, :filled] = old[:, :, :, :filled].index_select(1, rows)
-            setattr(self, name, new)
+            cache = getattr(self, name)
+            cache[:, : len(rows), :, :filled] = cache[:, :, :, :filled].index_select(1, rows)
+            setattr(self, name, cache[:, : len(rows)])
 
     def _attention(self, attn, x, i: int, cos, sin, start: int, mask) -> torch.Tensor:
         B, S, _ = x.shape

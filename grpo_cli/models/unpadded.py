@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from grpo_cli.models.kv_decoder import _base, additive, attention_dtype, causal_mask, model_functions, unsupported_reason
+from grpo_cli.models.kv_decoder import (_base, additive, attention_dtype, causal_mask, model_functions, norm,
+                                        unsupported_reason)
 
 
 def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -52,9 +53,13 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     dtype = attention_dtype(decoder.embed_tokens.weight)
     if not bool_mask:
         mask = additive(mask, dtype)
+    dev = x.device.type
+    # Under autocast every projection casts its input: cast once for q/k/v and once for gate/up, so
+    # backward keeps one bf16 copy instead of three and two (the same values).
+    compute = (lambda t: t.to(torch.get_autocast_dtype(dev))) if torch.is_autocast_enabled(dev) else (lambda t: t)
     for layer in decoder.layers:
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
+        h = compute(norm(layer.input_layernorm, x))
         q = attn.q_proj(h).view(len(idx), -1, attn.head_dim)  # [N, heads, D]
         k = attn.k_proj(h).view(len(idx), -1, attn.head_dim)  # [N, kv heads, D]
         v = attn.v_proj(h).view(len(idx), -1, attn.head_dim)
@@ -64,11 +69,25 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
             out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
                                dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, T, heads, D]
         x = x + attn.o_proj(out.reshape(B * T, -1).index_select(0, idx))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-    x = decoder.norm(x)
-    return x.new_zeros(B * T, x.shape[-1]).index_copy(0, idx, x).view(B, T, -1)
+        x = x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
+    return Scatter.apply(norm(decoder.norm, x), idx, B * T).view(B, T, -1)
+
+
+class Scatter(torch.autograd.Function):
+    """``rows`` zero rows with ``t`` [N, ...] at ``idx`` [N]. Unlike ``index_copy``, whose backward
+    keeps the whole source alive, backward needs only ``idx``."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, idx: torch.Tensor, rows: int) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return t.new_zeros(rows, *t.shape[1:]).index_copy_(0, idx, t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return grad.index_select(0, idx), None, None
 
 
 def _pad(t: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """[N, heads, D] real tokens -> [B, heads, T, D] with zeros at padding."""
-    return t.new_zeros(B * T, *t.shape[1:]).index_copy(0, idx, t).view(B, T, *t.shape[1:]).transpose(1, 2)
+    return Scatter.apply(t, idx, B * T).view(B, T, *t.shape[1:]).transpose(1, 2)
