@@ -95,8 +95,6 @@ def machine_line() -> str:
 
 def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, precision: str = "fp32"):
     """fn() -> [B, N] new token ids as a list of lists, for one engine, sampling mode and precision."""
-    import torch
-
     from grpo_cli.models.policy import autocast
 
     fn = _engine_fn(name, model, tok, prompt_ids, new_tokens, mode)
