@@ -91,3 +91,14 @@ def test_missing_model_directory_is_one_line_and_creates_no_run(tmp_path, capsys
     assert e.value.code == 2
     assert "model.name_or_path: no such directory './no/such/run'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_precision_is_one_line_and_creates_no_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "recipe=sft_arithmetic", "trainer.precision=fp8", "output_dir=out"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer.precision: expected one of ('fp32', 'bf16'), got 'fp8'" in err
+    assert not (tmp_path / "out").exists()

@@ -35,7 +35,7 @@ from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import apply_lora, load_model_and_tokenizer, save_checkpoint_model
-from grpo_cli.models.policy import Policy
+from grpo_cli.models.policy import Policy, autocast
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
 from grpo_cli.trainer.checkpoint import (
@@ -198,6 +198,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     reward = build_reward(cfg.reward)
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
+    autocast(cfg.trainer.precision, device)  # a bad value fails before the run directory exists
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
