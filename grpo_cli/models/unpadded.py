@@ -4,8 +4,9 @@ A training batch is left-padded to its longest prompt and right-padded to its lo
 in a GRPO batch over a third of the positions are padding. ``model(...)`` runs every position
 through every projection and MLP; :func:`unpadded_hidden_states` gathers the N real tokens once
 and runs the per-token work (embedding, norms, q/k/v/o projections, MLP) on [N, H] only. Only
-attention needs the rows: q, k, v are scattered into the padded [B, heads, T, D] layout for the
-model's own attention function and its output is gathered back. The submodules are the model's
+attention needs the rows: q, k, v are scattered into a left-aligned [B, heads, L, D] layout (L the
+longest row) for the model's own attention function, causal masking alone, and its output is
+gathered back. The submodules are the model's
 (LoRA layers injected by peft apply, dropout follows ``train()``), so the result equals
 ``decoder(...)`` at the real positions up to float rounding; padding positions come back as 0.
 
@@ -43,16 +44,20 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     base = _base(model)
     decoder = base.model
     B, T = input_ids.shape
-    real = attention_mask.bool()
-    idx = real.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
-    pos = position_ids(attention_mask).reshape(-1)[idx]  # [N]
+    idx = attention_mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
+    pos = position_ids(attention_mask).reshape(-1)[idx]  # [N] position of each in its row
+    # Attention runs on the rows left-aligned: [B, L] with L the longest row, a row's tokens at its
+    # positions 0..len-1 and padding after them. Causal masking alone then hides every padding key
+    # from every real query (a padding key sits after the row's last real token), so SDPA needs no
+    # mask and skips the masked half; padding queries' outputs are never gathered.
+    L = int(attention_mask.sum(-1).max())
+    slot = torch.div(idx, T, rounding_mode="floor") * L + pos  # [N] index in the [B * L] layout
     x = decoder.embed_tokens(input_ids.reshape(-1)[idx])  # [N, H]
     cos, sin = decoder.rotary_emb(x, pos[None])  # [1, N, D] each
-    mask = causal_mask(real)  # [B, 1, T, T]
     rotate, attention, bool_mask = model_functions(base)
     dtype = attention_dtype(decoder.embed_tokens.weight)
-    if not bool_mask:
-        mask = additive(mask, dtype)
+    real = torch.ones(1, L, dtype=torch.bool, device=x.device)
+    mask = None if bool_mask else additive(causal_mask(real), dtype)  # sdpa: is_causal; eager: [1, 1, L, L]
     dev = x.device.type
     # Under autocast every projection casts its input: cast once for q/k/v and once for gate/up, so
     # backward keeps one bf16 copy instead of three and two (the same values).
@@ -64,11 +69,11 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
         k = attn.k_proj(h).view(len(idx), -1, attn.head_dim)  # [N, kv heads, D]
         v = attn.v_proj(h).view(len(idx), -1, attn.head_dim)
         q, k = rotate(q, k, cos[0], sin[0])  # cos[0] [N, D] broadcasts over heads
-        q, k, v = (_pad(t.to(dtype), idx, B, T) for t in (q, k, v))  # [B, heads, T, D]
+        q, k, v = (_pad(t.to(dtype), slot, B, L) for t in (q, k, v))  # [B, heads, L, D]
         with torch.autocast(x.device.type, enabled=False):  # in attention_dtype, as the rollout's
             out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
-                               dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, T, heads, D]
-        x = x + attn.o_proj(out.reshape(B * T, -1).index_select(0, idx))
+                               dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, L, heads, D]
+        x = x + attn.o_proj(out.reshape(B * L, -1).index_select(0, slot))
         x = x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
     return Scatter.apply(norm(decoder.norm, x), idx, B * T).view(B, T, -1)
 
@@ -88,6 +93,6 @@ class Scatter(torch.autograd.Function):
         return grad.index_select(0, idx), None, None
 
 
-def _pad(t: torch.Tensor, idx: torch.Tensor, B: int, T: int) -> torch.Tensor:
-    """[N, heads, D] real tokens -> [B, heads, T, D] with zeros at padding."""
-    return Scatter.apply(t, idx, B * T).view(B, T, *t.shape[1:]).transpose(1, 2)
+def _pad(t: torch.Tensor, slot: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """[N, heads, D] real tokens -> [B, heads, L, D], token n at flat row ``slot[n]``, zeros elsewhere."""
+    return Scatter.apply(t, slot, B * L).view(B, L, *t.shape[1:]).transpose(1, 2)
