@@ -289,6 +289,11 @@ def resolve_resume(cfg: DictConfig) -> Optional[Path]:
         target = Path(str(value)).expanduser()
     if not target.exists():
         raise UserError(f"resume: no run or checkpoint directory '{target}'")
+    # A kill between a save's two renames leaves <name>.old as the last copy: put it back first, so
+    # the checkpoint chosen here is the one restored (the Checkpointer would rename it later).
+    recover(target.parent if (target / INFO_FILE).is_file() else target / "checkpoints")
+    if not target.exists() and target.name.endswith(".old"):
+        target = target.with_name(target.name[: -len(".old")])
     ckpt = target if (target / INFO_FILE).is_file() else latest_checkpoint(target)
     if ckpt is None or not (ckpt / STATE_FILE).is_file():
         raise UserError(f"resume: no complete checkpoint in '{target}' (runs save one every trainer.save_every steps, "
