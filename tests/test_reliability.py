@@ -107,6 +107,18 @@ def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_se
     assert re.search(r"resuming with a config that differs from .*: trainer\.lr=0\.01 \(was 0\.003\)", err), err
 
 
+def test_resume_from_a_checkpoint_left_as_old_by_a_kill_between_renames(tmp_path):
+    # A save replaces <name> by renaming it to <name>.old, then the new copy in; killed in between,
+    # <name>.old is the only copy. resume=true must restore it, not a path renamed under its feet.
+    common = ["trainer.batch_size=4", "trainer.save_every=1", f"output_dir={tmp_path}"]
+    loop.train(compose("sft_arithmetic", "trainer.steps=2", *common))
+    ckpts = tmp_path / "checkpoints"
+    for name in ("final", "step_000002"):
+        (ckpts / name).rename(ckpts / f"{name}.old")
+    again = loop.train(compose("sft_arithmetic", "trainer.steps=3", *common, "resume=true"))
+    assert [r["step"] for r in rows(again)] == [1, 2, 3]
+
+
 def test_a_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path):
     common = ["trainer.batch_size=4", "trainer.save_every=1", f"output_dir={tmp_path}"]
     loop.train(compose("sft_arithmetic", "trainer.steps=3", *common))
@@ -314,10 +326,8 @@ def test_a_reward_that_hangs_is_timed_out_scored_incorrect_and_counted(tmp_path,
             "    sys.modules['hang_release'].wait(30)\n    return [1.0] * len(completions)\n")
     reward = _reward(tmp_path, body, "reward.timeout_s=0.2")
     try:
-        start = time.perf_counter()
-        batch = _texts(["a", "b", "c"])
+        batch = _texts(["a", "b", "c"])  # unguarded, this would wait 30 s and score [1, 1, 1]
         assert reward(batch).tolist() == [0.0, 0.0, 0.0]
-        assert time.perf_counter() - start < 2.0
         assert batch.stats == {"reward_errors": 0, "reward_timeouts": 3}
         monkeypatch.setattr("grpo_cli.rewards.guard.MAX_ABANDONED", 2)
         reward(_texts(["a"]))
@@ -340,14 +350,16 @@ def test_custom_reward_config_errors_are_one_line(spec, expected, capsys):
     assert e.value.code == 2 and f"reward.function: {expected}" in err and len(err.splitlines()) == 1, err
 
 
-@pytest.mark.parametrize("text", ["1e99999", "#### 1e99999", "9" * 10_000, "#### " + "9" * 10_000, "9" * 100_000,
-                                  "The answer is " + "9" * 100_000], ids=range(6))
-def test_pathological_answers_score_fast_through_the_reward(text):
+@pytest.mark.timeout(60)  # a hang guard (catastrophic regex or int parsing), not a speed check
+@pytest.mark.parametrize("text, expected", [
+    ("1e99999", 0.0), ("#### 1e99999", 0.0),  # never parsed as a float (inf): no match
+    ("9" * 10_000, 1.0), ("#### " + "9" * 10_000, 1.0),  # the answer itself, 10,000 digits
+    ("9" * 100_000, 0.0), ("The answer is " + "9" * 100_000, 0.0),  # 100,000 digits: a different number
+], ids=range(6))
+def test_pathological_answers_are_scored_exactly_through_the_reward(text, expected):
     reward = build_reward(compose("grpo_arithmetic").reward)
-    start = time.perf_counter()
     batch = _texts([text], ["9" * 10_000])
-    assert reward(batch).tolist()[0] in (0.0, 1.0) and batch.stats["reward_errors"] == 0
-    assert time.perf_counter() - start < 1.0
+    assert reward(batch).tolist() == [expected] and batch.stats["reward_errors"] == 0
 
 
 # ----------------------------------------------------------------------------- 4. bad input: prompts longer than the context
