@@ -20,16 +20,23 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, *, scale: bool 
     all equal carries no signal: its advantages are 0, never NaN. ``scale=False`` skips the std
     division (Dr. GRPO).
     """
-    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
-    n = counts.to(rewards.dtype)  # [groups]
-    sums = torch.zeros_like(n).index_add_(0, inverse, rewards)
-    mean = sums / n
-    centred = rewards - mean[inverse]
-    sq = torch.zeros_like(n).index_add_(0, inverse, centred**2)
-    std = (sq / (n - 1).clamp(min=1)).sqrt()  # [groups]
-    flat = std[inverse] < eps
-    adv = centred / std[inverse].clamp(min=eps) if scale else centred
-    return torch.where(flat, torch.zeros_like(adv), adv)
+    return _group_normalise(rewards[:, None], torch.ones_like(rewards[:, None]), group, scale, eps)[:, 0]
+
+
+def _group_normalise(values: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, scale: bool, eps: float) -> torch.Tensor:
+    """(v - mean) / std over all masked entries of each group, 0 elsewhere and in flat groups.
+    values, mask [B, T]; group [B] ids -> [B, T]. Sample std; ``scale=False`` only centres."""
+    _, inverse = torch.unique(group, return_inverse=True)
+    mask = mask.to(values.dtype)
+    n = torch.zeros(int(inverse.max()) + 1, dtype=values.dtype, device=values.device)
+    n.index_add_(0, inverse, mask.sum(-1))  # [groups] entries per group
+    sums = torch.zeros_like(n).index_add_(0, inverse, (values * mask).sum(-1))
+    mean = (sums / n.clamp(min=1))[inverse, None]  # [B, 1]
+    centred = (values - mean) * mask
+    sq = torch.zeros_like(n).index_add_(0, inverse, (centred**2).sum(-1))
+    std = (sq / (n - 1).clamp(min=1)).sqrt()[inverse, None]  # [B, 1]
+    normalised = centred / std.clamp(min=eps) if scale else centred
+    return torch.where(std < eps, torch.zeros_like(normalised), normalised)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -219,14 +226,5 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
     (or that has fewer than 2 steps) gets 0. Tokens after an output's last step end, and outputs
     without steps, get 0. ``scale=False`` skips the std division.
     """
-    _, inverse = torch.unique(group, return_inverse=True)
-    mask = step_mask.to(step_rewards.dtype)
-    n = torch.zeros(int(inverse.max()) + 1, dtype=mask.dtype).index_add_(0, inverse, mask.sum(-1))  # steps per group
-    sums = torch.zeros_like(n).index_add_(0, inverse, (step_rewards * mask).sum(-1))
-    mean = (sums / n.clamp(min=1))[inverse, None]  # [B, 1]
-    centred = (step_rewards - mean) * mask
-    sq = torch.zeros_like(n).index_add_(0, inverse, (centred**2).sum(-1))
-    std = (sq / (n - 1).clamp(min=1)).sqrt()[inverse, None]  # [B, 1]
-    normalised = centred / std.clamp(min=eps) if scale else centred
-    normalised = torch.where(std < eps, torch.zeros_like(normalised), normalised)
+    normalised = _group_normalise(step_rewards, step_mask, group, scale, eps)  # rtilde at each step end
     return normalised.flip(-1).cumsum(-1).flip(-1)  # reverse cumulative sum: steps ending at or after t
