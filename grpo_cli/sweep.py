@@ -206,8 +206,12 @@ def eval_overrides(cfg: DictConfig) -> List[str]:
 
 
 def last_metrics(run_dir: Path) -> Dict[str, object]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    """The run's last complete metrics row ({} when it has none)."""
+    from grpo_cli.trainer.run import read_metrics
+
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    return rows[-1] if rows else {}
 
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:

@@ -123,7 +123,6 @@ class Policy:
     def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None,
                precision: str = "fp32") -> "Policy":
         """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked."""
-        autocast(precision, torch.device("cpu"))  # a bad value fails before anything runs
         ref = None
         if keep_reference and not is_peft(model):
             ref = copy.deepcopy(model).eval()

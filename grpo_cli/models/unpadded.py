@@ -32,7 +32,8 @@ def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch without FSDP2
         return None
-    if any(isinstance(m, FSDPModule) for m in _base(model).model.modules()):
+    decoder = _base(model).model  # FSDP2 wraps the decoder and its blocks (distributed.shard_blocks)
+    if isinstance(decoder, FSDPModule) or isinstance(decoder.layers[0], FSDPModule):
         return "FSDP-sharded blocks gather their weights in their own forward"  # never bypass it
     return None
 

@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.errors import UserError
-from grpo_cli.trainer.run import console, create_run_dir, read_metrics
+from grpo_cli.trainer.run import console, create_run_dir
 
 RM_RECIPES = {"outcome_rm": "rm_arithmetic", "process_rm": "prm_arithmetic"}
 CARRIED = ("data", "rollout", "logging")  # sections the reward-model phases take from the iterative run
@@ -147,16 +147,19 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     from grpo_cli.models.load import load_model_and_tokenizer
     from grpo_cli.models.policy import Policy
     from grpo_cli.rewards.registry import build_reward
+    from grpo_cli.trainer.loop import pick_device
     from grpo_cli.trainer.offline import choose_questions, sample_questions
 
     rm = reward_model_config(cfg)
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=policy_dir, dtype=cfg.model.dtype))
-    policy = Policy(model.eval(), tok)
+    # sampled as the loop samples: on the run's device, at trainer.precision
+    policy = Policy(model.to(pick_device(cfg.trainer.device)).eval(), tok, precision=cfg.trainer.precision)
     examples = load_examples(cfg.data, "train")
     questions = choose_questions(examples, policy, cfg.rollout.max_new_tokens, cfg.iterative.questions, seed)
+    generator = torch.Generator(device=policy.device).manual_seed(seed)
     with torch.no_grad():
         return sample_questions(policy, examples, questions, k=cfg.iterative.samples_per_question,
-                                rollout=cfg.rollout, reward=build_reward(rm.reward), generator=torch.Generator().manual_seed(seed))
+                                rollout=cfg.rollout, reward=build_reward(rm.reward), generator=generator)
 
 
 def with_replay(fresh: List[Dict], history: List[Dict], share: float, seed: int) -> List[Dict]:
@@ -176,8 +179,9 @@ def finished_iterations(run: Path, resume: bool) -> List[Dict]:
 
 def last_metrics(run: Path, *keys: str) -> Dict[str, float]:
     """The last metrics row's values of ``keys`` (a key ending in ``_`` is a prefix)."""
-    rows = read_metrics(run / "metrics.jsonl")
-    last = rows[-1] if rows else {}
+    from grpo_cli.sweep import last_metrics as last_row
+
+    last = last_row(run)
     return {k: round(v, 4) for k, v in last.items()
             if any(k == key or (key.endswith("_") and k.startswith(key)) for key in keys) and isinstance(v, float)}
 

@@ -35,32 +35,36 @@ Sample = Dict[str, object]
 def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, reward,
                      generator: torch.Generator) -> List[Sample]:
     """k completions per question from the policy, scored by ``reward``, in chunks of rollout.batch_size."""
-    from grpo_cli.generation import generate
-
     out: List[Sample] = []
     chunk = max(1, rollout.batch_size // k)
-    for start in range(0, len(questions), chunk):
-        idx = [q for q in questions[start:start + chunk] for _ in range(k)]
-        with policy.autocast():
-            gens = generate(
-                policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
-                temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
-            )
-        ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
-        batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
-                      [examples[q].answer for q in idx], torch.as_tensor(idx))
-        if getattr(reward, "wants_token_offsets", False):  # a process reward finds steps on the sampled tokens
-            from grpo_cli.rewards.process import char_ends
-
-            batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
-        with policy.autocast():
-            rewards = reward(batch).tolist()
-        out += [
-            {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
-             "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
-            for q, g, r in zip(idx, gens, rewards)
-        ]
+    with policy.autocast():  # sampling and learned rewards: forward passes at trainer.precision
+        for start in range(0, len(questions), chunk):
+            idx = [q for q in questions[start:start + chunk] for _ in range(k)]
+            out += _scored_samples(policy, examples, idx, rollout, reward, generator)
     return out
+
+
+def _scored_samples(policy, examples: List[Example], idx: List[int], rollout, reward, generator) -> List[Sample]:
+    """One completion per entry of ``idx`` (question indices, repeated k times), with its reward."""
+    from grpo_cli.generation import generate
+
+    gens = generate(
+        policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
+        temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
+    )
+    ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
+    batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
+                  [examples[q].answer for q in idx], torch.as_tensor(idx))
+    if getattr(reward, "wants_token_offsets", False):  # a process reward finds steps on the sampled tokens
+        from grpo_cli.rewards.process import char_ends
+
+        batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
+    rewards = reward(batch).tolist()
+    return [
+        {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
+         "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
+        for q, g, r in zip(idx, gens, rewards)
+    ]
 
 
 def write_samples(samples: List[Sample], path: Path) -> None:
