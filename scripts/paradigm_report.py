@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
+from grpo_cli.sweep import mean_std
+
 METRICS = ["accuracy", "maj@4", "maj@8", "pass@1", "pass@4", "pass@8"]
 
 
@@ -30,18 +32,21 @@ def collect(sweep: Path) -> Dict[str, List[dict]]:
     return by_method
 
 
+def values_of(rows: List[dict], metric: str) -> List[float]:
+    """The metric of each run that reported it (a sweep with other eval.ks lacks maj@8/pass@8)."""
+    return [r["eval"][metric] for r in rows if metric in r["eval"]]
+
+
 def fmt(values: List[float]) -> str:
-    if not values:
-        return "-"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+    mean, sd = mean_std(values)
+    return "-" if mean is None else f"{mean:.3f} ± {sd:.3f}"
 
 
 def table(by_method: Dict[str, List[dict]]) -> str:
     lines = ["| method | seeds | " + " | ".join(METRICS) + " | minutes per run |",
              "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
     for method, rows in by_method.items():
-        cells = [fmt([r["eval"][m] for r in rows if m in r["eval"]]) for m in METRICS]
+        cells = [fmt(values_of(rows, m)) for m in METRICS]
         minutes = statistics.mean(r.get("seconds", 0.0) for r in rows) / 60
         lines.append(f"| {method} | {len(rows)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
     return "\n".join(lines)
@@ -57,8 +62,8 @@ def plot(by_method: Dict[str, List[dict]], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.8 / len(METRICS)
     for j, metric in enumerate(METRICS):
-        means = [statistics.mean(r["eval"][metric] for r in by_method[m]) for m in methods]
-        sds = [statistics.stdev([r["eval"][metric] for r in by_method[m]]) if len(by_method[m]) > 1 else 0 for m in methods]
+        stats = [mean_std(values_of(by_method[m], metric)) for m in methods]
+        means, sds = [mu if mu is not None else 0.0 for mu, _ in stats], [sd for _, sd in stats]
         ax.bar([i + j * width for i in range(len(methods))], means, width, yerr=sds, label=metric, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=20)
     ax.set_ylabel("held-out (500 questions)")

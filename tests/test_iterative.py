@@ -26,10 +26,10 @@ def _lines(path):
 def test_iterative_grpo_resets_reference_refreshes_reward_model_and_resumes(sft_run, tmp_path, length_rule):
     from grpo_cli.trainer.iterative import run_iterative
 
-    common = ["recipe=x", f"model.name_or_path={sft_run}", "trainer.steps=2", "source.prompts_per_step=2",
+    common = [f"model.name_or_path={sft_run}", "trainer.steps=2", "source.prompts_per_step=2",
               "source.group_size=3", "iterative.rm_steps=2", "iterative.questions=6", "iterative.samples_per_question=3",
               "iterative.eval_limit=4", f"output_dir={tmp_path / 'it'}"]
-    cfg = compose("iterative_grpo_arithmetic", *common[1:], "iterative.iterations=2")
+    cfg = compose("iterative_grpo_arithmetic", *common, "iterative.iterations=2")
     run = run_iterative(cfg)
     rows = _lines(run / "iterations.jsonl")
     assert [r["iteration"] for r in rows] == [1, 2]
@@ -45,7 +45,7 @@ def test_iterative_grpo_resets_reference_refreshes_reward_model_and_resumes(sft_
     assert len(buffer) == len(_lines(run / "rm_0" / "samples.jsonl")) + 2 * 6 * 3
     assert (run / "checkpoints" / "final").resolve() == (run / "iter_2" / "policy" / "checkpoints" / "final").resolve()
     # resume: the finished iterations are skipped, the third starts from the second's policy
-    again = run_iterative(compose("iterative_grpo_arithmetic", *common[1:], "iterative.iterations=3", "resume=true"))
+    again = run_iterative(compose("iterative_grpo_arithmetic", *common, "iterative.iterations=3", "resume=true"))
     assert [r["iteration"] for r in _lines(again / "iterations.jsonl")] == [1, 2, 3]
     it3 = yaml.safe_load((run / "iter_3" / "policy" / "config.yaml").read_text())
     assert it3["model"]["name_or_path"] == str(run / "iter_2" / "policy")
