@@ -27,11 +27,12 @@ from conftest import REPO, compose
 from distributed_worker import PROMPTS, fake_generate, fixed_batch, length_mod_3
 
 WALL_CLOCK = re.compile(r"^(seconds|time_.*)$")
+CPU = ["trainer.device=cpu", "trainer.threads=1"]  # gloo on CPU, also on a machine with a GPU
 GRPO = ["model.name_or_path=tiny", "reward.name=length_mod_3", "source.prompts_per_step=4", "source.group_size=4",
-        "trainer.lr=1e-2", "trainer.threads=1"]
+        "trainer.lr=1e-2", *CPU]
 RUNS = {  # name: (recipe, fake rollouts, overrides); the same in both processes and in this one
-    "sft_ddp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", "trainer.threads=1"]),
-    "sft_fsdp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", "trainer.threads=1",
+    "sft_ddp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", *CPU]),
+    "sft_fsdp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", *CPU,
                                            "trainer.distributed=fsdp"]),
     # SGD: LoRA's lora_A gradients are 0 at step 1 (B = 0) and tiny after, and AdamW's per-coordinate
     # normalisation turns float-summation-order noise there into updates of up to lr (measured: 2 of 1024

@@ -86,9 +86,9 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
 
     policy = seen["policy"]
     start, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
-    x = torch.tensor([[3, 4, 5, 6]])
+    x = torch.tensor([[3, 4, 5, 6]], device=policy.device)  # the run's device (a GPU when there is one)
     with torch.no_grad(), policy.reference() as ref:
-        assert torch.allclose(ref(x).logits, start(x).logits, atol=1e-5)
+        assert torch.allclose(ref(x).logits, start.to(policy.device)(x).logits, atol=1e-5)
 
 
 def test_dpo_rejects_a_micro_batch_that_splits_a_pair():

@@ -271,7 +271,7 @@ def test_grpo_process_supervision_trains_through_the_loop(sft_run, tmp_path, mon
         assert (adv * (1 - target) == 0).all()  # nothing on the prompt or padding
         # after each row's last step end the advantage is 0
         last = torch.where(step_mask.any(-1), step_mask.shape[1] - 1 - step_mask.flip(-1).argmax(-1), -1)
-        after = torch.arange(adv.shape[1])[None, :] > last[:, None]
+        after = torch.arange(adv.shape[1], device=adv.device)[None, :] > last[:, None]
         assert (adv[after] == 0).all()
     assert any(bool(adv.abs().sum() > 0) for adv, _, _ in seen["adv"]), "no step reward varied within a group"
     after = {n: p.detach() for n, p in seen["policy"].model.named_parameters()}

@@ -158,7 +158,8 @@ def test_launcher_config_composes(tmp_path):
     from grpo_cli.config import store
     from grpo_cli.hydra_app import search_path_override
 
-    joblib = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+    joblib = (importlib.util.find_spec("hydra_plugins") is not None  # else find_spec of its child raises
+              and importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None)
     store.register()
     GlobalHydra.instance().clear()
     try:

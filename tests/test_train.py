@@ -146,9 +146,9 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     from grpo_cli.trainer.batch import Batch, pack
 
     ids, attn, comp = pack([tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id)
-    batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long))
+    batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long)).to(policy.device)
     with torch.no_grad():
-        expected = token_logprobs(start, batch)[0]
+        expected = token_logprobs(start.to(policy.device), batch)[0]
         ref = policy.reference_logprobs(batch)
         moved = policy.logprobs(batch)[0]
     assert torch.allclose(ref, expected, atol=1e-5)

@@ -30,7 +30,8 @@ def zero_head(lm: torch.nn.Module) -> torch.nn.Linear:
     """A linear head H -> 1 of zeros for ``lm``: it scores everything 0 at the start, a neutral reward
     or value before training."""
     base = lm.get_base_model() if is_peft(lm) else lm
-    head = torch.nn.Linear(base.config.hidden_size, 1, dtype=next(lm.parameters()).dtype)
+    weight = next(lm.parameters())
+    head = torch.nn.Linear(base.config.hidden_size, 1, dtype=weight.dtype, device=weight.device)  # beside the LM
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     return head

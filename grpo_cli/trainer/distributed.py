@@ -289,6 +289,10 @@ def init_distributed(strategy: str, device: torch.device) -> Dist:
         return Dist(device=device, strategy=strategy)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise UserError(f"trainer.device: process {local} of this machine needs cuda:{local}, but "
+                            f"{torch.cuda.device_count()} CUDA device(s) are visible; run at most that many "
+                            "processes per machine, or set trainer.device=cpu")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
@@ -305,6 +309,7 @@ def shard_blocks(model: torch.nn.Module) -> None:
     becomes a sharded unit; the decoder is the root unit, its embeddings and final norm left out
     (replicated), like the output head, whose weight the fused log-prob kernel reads directly.
     Gradients are summed (not averaged) over ranks: losses are normalised by global totals."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     from grpo_cli.models.load import is_peft
@@ -319,10 +324,13 @@ def shard_blocks(model: torch.nn.Module) -> None:
     if not blocks:
         raise UserError(f"trainer.distributed=fsdp: no transformer block ({sorted(names) or 'none declared'}) found "
                         f"in {type(base).__name__}; use trainer.distributed=ddp")
+    # the mesh follows the weights: FSDP's default mesh is CUDA whenever CUDA exists, so a CPU (gloo) run
+    # on a machine with one GPU would ask rank 1 for cuda:1
+    mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))
     for block in blocks:
-        fully_shard(block)
+        fully_shard(block, mesh=mesh)
     inside = {id(p) for block in blocks for p in block.parameters()}
-    fully_shard(decoder, ignored_params={p for p in decoder.parameters() if id(p) not in inside})
+    fully_shard(decoder, mesh=mesh, ignored_params={p for p in decoder.parameters() if id(p) not in inside})
     for unit in [*blocks, decoder]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no PREMUL_SUM or AVG
