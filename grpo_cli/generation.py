@@ -101,8 +101,10 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
-def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
-    """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache."""
+def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
+                   cuda_graphs=True):
+    """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
+    (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token)."""
     from grpo_cli.models.kv_decoder import KVDecoder, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
@@ -114,7 +116,16 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
     logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
-    pos = pos[:, -1:] + 1  # [B, 1] position of the first new token
+    decode = _decode_graphed if cuda_graphs and device.type == "cuda" else _decode_eager
+    out = decode(decoder, logits, pos[:, -1:] + 1, keys, T0, pad_id=pad_id, eos_id=eos_id,
+                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    return out.tolist()
+
+
+def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
+    """[B, <= N] new tokens: one decoder call per token; finished rows leave the batch and the cache.
+    logits [B, V] of the prompts' last tokens; pos [B, 1] position of the first new token."""
+    B, device = len(logits), logits.device
     rows = torch.arange(B, device=device)  # the original row of each row still decoded
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -135,7 +146,67 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
                 rows, nxt, pos, keys, done = rows[keep], nxt[keep], pos[keep], keys[keep], done[keep]
                 decoder.keep_rows(keep, T0 + i)
         logits = decoder(nxt[:, None], pos + i, T0 + i, keys[:, None, None, : T0 + i + 1])
-    return out[:, : i + 1].tolist()
+    return out[:, : i + 1]
+
+
+GRAPH_WARMUP = 2
+"""Eager decode steps (on a side stream) before the step is captured: cuBLAS handles, the allocator
+and autocast's weight casts are set up outside the graph."""
+
+
+def _decode_graphed(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p,
+                    generator, capture=True):
+    """``_decode_eager`` on a GPU as one CUDA graph replayed per token: a decode step is ~15 small
+    kernels per layer, so launching them from Python costs more than running them. A graph needs the
+    same shapes at every step: every row stays in the batch (a finished one feeds and emits pad), the
+    column written is a device tensor and attention spans the whole cache with later columns masked.
+    The sampling draws are made outside the graph, one [B] draw per step as in the other engines, so
+    the same generator gives the same tokens. ``capture=False`` runs the same step eagerly (the CPU
+    tests' view of it)."""
+    B, device, N = len(logits), logits.device, max_new_tokens
+    out = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    u = uniforms(B, temperature, generator, device)
+    nxt = sample_next(logits, temperature, top_p, u)  # token 0, from the prefill's logits
+    out[:, 0] = nxt
+    done = nxt == eos_id
+    i = torch.zeros(1, dtype=torch.long, device=device)  # the token fed by the next step
+    columns = torch.arange(keys.shape[1], device=device)
+
+    def step():  # feed token i, sample token i + 1; every tensor it reads or writes lives outside
+        logits = decoder(nxt[:, None], pos + i, T0 + i, (keys & (columns <= T0 + i))[:, None, None, :])
+        i.add_(1)
+        new = sample_next(logits, temperature, top_p, u).masked_fill_(done, pad_id)
+        out.index_copy_(1, i, new[:, None])
+        done.logical_or_(new == eos_id)
+        nxt.copy_(new)
+
+    def draw():  # this step's uniforms into the buffer the step reads
+        if u is not None:
+            torch.rand(B, generator=generator, device=device, out=u)
+
+    graphed = capture and N - 1 > GRAPH_WARMUP  # else the warm-up takes every step: nothing to replay
+    replay, taken = _graphed(step, draw, GRAPH_WARMUP) if graphed else (step, 1)
+    for t in range(taken, N):
+        if (t - taken) % 8 == 0 and bool(done.all()):  # a host sync: only every 8 steps
+            return out[:, :t]
+        draw()
+        replay()
+    return out
+
+
+def _graphed(step, draw, warmup: int):
+    """(replay, tokens so far): ``step`` run ``warmup`` times on a side stream, then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            draw()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay, warmup + 1
 
 
 def generate_ids(
@@ -149,11 +220,13 @@ def generate_ids(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
+    cuda_graphs: bool = True,
 ) -> List[List[int]]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
 
     ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
-    the model is supported, else ``reference``), ``fast`` or ``reference``.
+    the model is supported, else ``reference``), ``fast`` or ``reference``. ``cuda_graphs``: on a
+    GPU the fast engine replays each decode step as a CUDA graph (``rollout.cuda_graphs``).
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
 
@@ -162,9 +235,11 @@ def generate_ids(
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
-    run = _generate_reference if reason else _generate_fast
-    return run(model, prompt_ids, pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
-               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    kwargs = dict(pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    if reason:
+        return _generate_reference(model, prompt_ids, **kwargs)
+    return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, **kwargs)
 
 
 def generate(
@@ -178,6 +253,7 @@ def generate(
     batch_size: int = 64,
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
+    cuda_graphs: bool = True,
 ) -> List[Generation]:
     """Sample one completion per prompt (repeat a prompt G times for a group)."""
     was_training = model.training
@@ -189,7 +265,7 @@ def generate(
         chunk = encoded[i : i + batch_size]
         rows = generate_ids(
             model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator, engine=engine,
+            temperature=temperature, top_p=top_p, generator=generator, engine=engine, cuda_graphs=cuda_graphs,
         )
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))

@@ -11,8 +11,10 @@ questions of the arithmetic task (different lengths, so left padding is exercise
 on every side so each engine generates exactly B x N tokens (checked); greedy outputs are compared
 token for token with HF's.
 
-Engines: ``hf`` (``model.generate``), ``fast`` (our rollout engine: ``grpo_cli.generation`` with
-``engine="fast"``), ``reference`` (our simple loop over ``model(...)`` and a DynamicCache, the
+Engines: ``hf`` (``model.generate``), ``hf-static`` (``generate`` with ``cache_implementation="static"``,
+which transformers compiles with ``torch.compile``), ``fast`` (our rollout engine: ``grpo_cli.generation``
+with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay), ``fast-eager`` (on a GPU, the
+engine without CUDA graphs), ``reference`` (our simple loop over ``model(...)`` and a DynamicCache, the
 engine before the rollout engine existed). All run in one process after one warm-up run each,
 alternately in ``--repeats`` rounds so that load from other processes hits them alike; the table
 shows medians. "others' CPU" is the largest share of the machine that other processes used during
@@ -112,12 +114,13 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     from grpo_cli.generation import generate_ids
 
     temperature = 0.0 if mode == "greedy" else 1.0
-    if name == "hf":
+    if name in ("hf", "hf-static"):
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id)  # no EOS: fixed length
+        static = dict(cache_implementation="static") if name == "hf-static" else {}  # compiled by generate
         gen_cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=mode != "greedy", temperature=1.0,
-                                   top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id)
+                                   top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, **static)
         device = next(model.parameters()).device
         batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left-padded
 
@@ -127,9 +130,11 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
         return run
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
+    engine, graphs = ("fast", False) if name == "fast-eager" else (name, True)
+
     def run():
         return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                            temperature=temperature, generator=gen, engine=name)
+                            temperature=temperature, generator=gen, engine=engine, cuda_graphs=graphs)
     return run
 
 
@@ -169,7 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; each runs every engine once")
-    ap.add_argument("--engines", default="hf,fast", help="comma list of hf, fast, reference")
+    ap.add_argument("--engines", default="hf,fast",
+                    help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
+                         "fast-eager (on a GPU: without CUDA graphs), reference")
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
@@ -182,7 +189,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     model, tok = build_bench_model(args.quick)
     if torch.cuda.is_available():
-        model = model.to("cuda", torch.bfloat16)
+        model = model.to("cuda")  # fp32 weights, as the trainer keeps them; --precision bf16 autocasts
     prompt_ids = tok(bench_prompts(args.batch), add_special_tokens=False)["input_ids"]
     print(machine_line())
     print(f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "

@@ -178,3 +178,73 @@ def test_fast_engine_under_bf16_autocast_keeps_an_fp32_cache_on_cpu_and_follows_
     assert dtypes == [torch.float32]
     pairs = [(a, b) for r, h in zip(ours, hf) for a, b in zip(r, h)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
+
+
+# --- the GPU decode step (CUDA graphs): fixed shapes, the column to write held on the device ---
+
+def static_step_engine(monkeypatch, capture: bool):
+    """Route the fast engine's decode through _decode_graphed (capture=False: the same step, eager)."""
+    import functools
+
+    import grpo_cli.generation as generation
+
+    monkeypatch.setattr(generation, "_decode_eager", functools.partial(generation._decode_graphed, capture=capture))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fixed_shape_decode_step_gives_the_tokens_of_the_reference_loop(monkeypatch, attn):
+    # What the CUDA graph replays, run eagerly on CPU: attention over the whole cache with unfilled
+    # columns masked, finished rows kept, must give the same greedy rows and the same samples.
+    model, tok = chaotic_tiny_model()
+    model.set_attn_implementation(attn)
+    assert model.config._attn_implementation == attn
+    ref_greedy = rows_of(model, tok, "reference")
+    ref_sampled = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    static_step_engine(monkeypatch, capture=False)
+    assert rows_of(model, tok, "fast") == ref_greedy == hf_rows(model, tok)
+    sampled = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert sampled == ref_sampled and any(tok.eos_token_id in r for r in sampled)
+
+
+def test_fixed_shape_decode_stops_once_every_row_has_finished(monkeypatch):
+    model, tok = chaotic_tiny_model()
+    ids = tok(PROMPTS[4:], add_special_tokens=False)["input_ids"]  # two rows that end early
+    static_step_engine(monkeypatch, capture=False)
+    ours = generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=64,
+                        temperature=0.0, engine="fast")
+    stops = [row.index(tok.eos_token_id) for row in ours]  # at tokens 3 and 0 of 64
+    assert max(stops) < 8 and len(ours[0]) <= max(stops) + 9  # all done is checked every 8 steps
+    assert all(set(row[stop + 1:]) <= {tok.pad_token_id} for row, stop in zip(ours, stops))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_cuda_graph_rollout_equals_the_eager_engines_on_gpu(monkeypatch):
+    import grpo_cli.generation as generation
+
+    model, tok = chaotic_tiny_model()
+    model = model.cuda()
+    captured = []
+    graphed = generation._graphed
+    monkeypatch.setattr(generation, "_graphed", lambda *a: captured.append(1) or graphed(*a))
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+
+    def rows(engine, graphs, **kw):
+        gen = torch.Generator(device="cuda").manual_seed(3) if kw.get("temperature") else None
+        return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
+                            engine=engine, cuda_graphs=graphs, generator=gen, **kw)
+
+    greedy = rows("fast", True, temperature=0.0)
+    assert captured  # the graph path ran
+    assert greedy == rows("fast", False, temperature=0.0) == rows("reference", False, temperature=0.0)
+    sampled = rows("fast", True, temperature=1.0, top_p=0.9)
+    assert sampled == rows("reference", False, temperature=1.0, top_p=0.9)
+    from grpo_cli.models.policy import autocast
+
+    with autocast("bf16", torch.device("cuda")):
+        bf16 = rows("fast", True, temperature=0.0)
+        eager_bf16 = rows("fast", False, temperature=0.0)
+    pairs = [(a, b) for r, h in zip(bf16, eager_bf16) for a, b in zip(r, h)]
+    assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)

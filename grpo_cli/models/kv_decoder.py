@@ -119,8 +119,12 @@ class KVDecoder:
         self.cos, self.sin = cos[0], sin[0]
         self.rotate, self.attention, self.bool_mask = model_functions(base)
 
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
-        """ids, positions [B, S]; mask [B, 1, S, start + S] bool (True: attend). Fills columns start.. of the cache."""
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start, mask: torch.Tensor) -> torch.Tensor:
+        """ids, positions [B, S]; mask [B, 1, S, start + S] bool (True: attend). Fills columns start.. of the cache.
+
+        ``start`` may also be a [1] long tensor (S = 1): the column is then read on the device and the
+        call attends over all T_max columns, so mask is [B, 1, 1, T_max]. Every shape is then the same
+        at every step and nothing is read back to the host: what a CUDA graph needs."""
         if not self.bool_mask:
             mask = additive(mask, self.k.dtype)
         cos, sin = self.cos[positions], self.sin[positions]  # [B, S, D]
@@ -139,6 +143,17 @@ class KVDecoder:
             cache[:, : len(rows), :, :filled] = cache[:, :, :, :filled].index_select(1, rows)
             setattr(self, name, cache[:, : len(rows)])
 
+    def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, start):
+        """Write k, v [B, Hkv, S, D] of layer i at columns start..; the cache columns to attend over."""
+        if isinstance(start, torch.Tensor):  # a column held on the device: attend over every column
+            self.k[i].index_copy_(2, start, k.to(self.k.dtype))
+            self.v[i].index_copy_(2, start, v.to(self.v.dtype))
+            return self.k[i], self.v[i]
+        end = start + k.shape[2]
+        self.k[i, :, :, start:end] = k
+        self.v[i, :, :, start:end] = v
+        return self.k[i, :, :, :end], self.v[i, :, :, :end]
+
     def _attention(self, attn, x, i: int, cos, sin, start: int, mask) -> torch.Tensor:
         B, S, _ = x.shape
         split = (B, S, -1, attn.head_dim)
@@ -146,10 +161,8 @@ class KVDecoder:
         k = attn.k_proj(x).view(split).transpose(1, 2)  # [B, Hkv, S, D]
         v = attn.v_proj(x).view(split).transpose(1, 2)
         q, k = self.rotate(q, k, cos, sin)
-        end = start + S
-        self.k[i, :, :, start:end] = k
-        self.v[i, :, :, start:end] = v
+        keys, values = self._write(i, k, v, start)
         with torch.autocast(x.device.type, enabled=False):  # in the cache's dtype (attention_dtype)
-            out, _ = self.attention(attn, q.to(self.k.dtype), self.k[i, :, :, :end], self.v[i, :, :, :end], mask,
+            out, _ = self.attention(attn, q.to(self.k.dtype), keys, values, mask,
                                     dropout=0.0, scaling=attn.scaling)  # [B, S, H, D]
         return attn.o_proj(out.reshape(B, S, -1))
