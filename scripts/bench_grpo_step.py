@@ -14,13 +14,16 @@ one update per batch (mu=1), the paper's sequence-mean loss (TRL ``loss_type="gr
 constant lr of 5e-5, gradient clipping at 1.0.
 
 Sides, each in a fresh subprocess (peak RSS is the child's own ``ru_maxrss`` at its end: the
-whole process, model, data and libraries included):
+whole process, model, data and libraries included; on a GPU the memory compared is instead the
+child's ``torch.cuda.max_memory_allocated``, and every side runs there):
 
 * ``ours``: ``grpo train`` itself, ``train(cfg)`` on the ``grpo_arithmetic`` recipe with the overrides
   above; phases are the trainer's own timers (``time_generate``, ``time_reward``, ``time_logprob``:
   reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
   the step time is the growth of its ``seconds`` column. ``ours@4``: with ``trainer.grad_accum=4``
   (the same update from 4 micro-batches of 8 sequences: a quarter of the activations).
+* ``ours-ckpt``: ``ours`` with ``trainer.activation_checkpointing=true`` (each block recomputed in
+  backward, as TRL's default gradient checkpointing does).
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
   DynamicCache per token, every row to the end): what the rollout engine adds to the step.
 * ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU with its defaults
@@ -31,8 +34,9 @@ whole process, model, data and libraries included):
 * ``+bf16`` after any side: bf16 autocast with fp32 weights (ours ``trainer.precision=bf16``, TRL
   ``bf16=True``, its default); each ``+bf16`` side is compared with ``trl+bf16``.
 
-The first step of each side is a warm-up and is not counted; the table shows medians over the
-timed steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
+The first ``--warmup`` steps of each side (default 1) are not counted; the table shows medians over
+the timed steps. On a GPU give more (3): Triton compiles its kernels for each new combination of
+dtypes and flags it meets, in the first steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
 the completion tokens each side actually produced, and both generate for as long as any of the 32
 rows is unfinished (with this random model, almost always all 128 steps; ours drops finished rows).
 """
@@ -55,9 +59,11 @@ from bench_rollout import BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0)
 PHASES = ("generate", "reward", "logprob", "train")
+MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
+"""The memory compared: the process's peak RSS on CPU; on a GPU, torch's peak allocated device memory."""
 
 
-def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool) -> dict:
+def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer.loop import train
@@ -78,7 +84,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
             "algorithm.aggregation=sequence", f"trainer.lr={s['lr']}", "trainer.schedule=constant",
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
             f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
-            f"trainer.precision={'bf16' if bf16 else 'fp32'}",
+            f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.activation_checkpointing={ckpt}",
             "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
         ])
         run = train(cfg)
@@ -122,19 +128,23 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
         def wrapper(*a, **k):
             if only_no_grad and torch.is_grad_enabled():
                 return fn(*a, **k)
+            _sync()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                _sync()
                 current[name] = current.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            _sync()
             current.clear()
             current["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync()
             step = {p: current.get(p, 0.0) for p in PHASES[:3]}
             step["step"] = time.perf_counter() - current["t0"]
             step["train"] = step["step"] - sum(step[p] for p in PHASES[:3])
@@ -155,7 +165,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             epsilon=s["eps"], num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=s["lr"],
             lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95,
             weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=True, bf16=bf16, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
+            use_cpu=not torch.cuda.is_available(), bf16=bf16, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
             dataloader_num_workers=0,
         )
         trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
@@ -166,6 +176,14 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             "logprob", trainer._get_per_token_logps_and_entropies, only_no_grad=True)
         trainer.train()
     return {"steps": timings, "trl": __import__("trl").__version__}
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that a phase's timer holds its own kernels (as ours do)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
@@ -188,30 +206,32 @@ def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
     return out
 
 
-def summarise(side: str, r: dict, ref: dict | None) -> str:
+def summarise(side: str, r: dict, ref: dict | None, warmup: int) -> str:
     if "error" in r:
         return f"| {side} | n/a | | | | | | | | | | {r['error']} |"
-    timed = r["steps"][1:] or r["steps"]  # the first step is a warm-up
+    timed = r["steps"][warmup:] or r["steps"]
     med = {k: statistics.median(st[k] for st in timed) for k in ("step", *PHASES)}
     tokens = statistics.median(st.get("completion_tokens", float("nan")) for st in timed)
     ratio_t = ratio_m = ""
     if ref and "error" not in ref:
-        ref_step = statistics.median(st["step"] for st in (ref["steps"][1:] or ref["steps"]))
+        ref_step = statistics.median(st["step"] for st in (ref["steps"][warmup:] or ref["steps"]))
         ratio_t = f"{med['step'] / ref_step:.2f}x"
-        ratio_m = f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x"
+        ratio_m = f"{r[MEMORY] / ref[MEMORY]:.2f}x"
     steps = [st["step"] for st in timed]
     return (f"| {side} | {med['step']:.2f} | {ratio_t} | {med['generate']:.2f} | {med['reward']:.3f} | "
             f"{med['logprob']:.2f} | {med['train']:.2f} | {tokens / med['generate']:.0f} | "
-            f"{tokens / med['step']:.0f} | {r['peak_rss_mb']:.0f} | {ratio_m} | "
-            f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}% |")
+            f"{tokens / med['step']:.0f} | {r[MEMORY]:.0f} | {ratio_m} | "
+            f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}%"
+            + (f", peak RSS {r['peak_rss_mb']:.0f} MB" if MEMORY != "peak_rss_mb" else "") + " |")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sides", default="ours,ours@4,ours-refloop,trl",
-                    help="comma list of ours[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], trl, trl-nockpt; a +bf16 "
-                         "suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
-    ap.add_argument("--steps", type=int, default=4, help="steps per side, the first one a warm-up")
+                    help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], trl, "
+                         "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
+    ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
+    ap.add_argument("--steps", type=int, default=4, help="steps per side, the --warmup ones included")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -224,21 +244,31 @@ def main(argv=None) -> int:
             res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt", bf16=bf16)
         else:
             engine = "reference" if name == "ours-refloop" else "auto"
-            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16)
+            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16, name == "ours-ckpt")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
+        import torch
+
+        if torch.cuda.is_available():  # on a GPU the memory that matters is the device's
+            res["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(res))
         return 0
+    global MEMORY, MEMORY_NAME
+    import torch
+
+    if torch.cuda.is_available():  # the children run there too
+        MEMORY, MEMORY_NAME = "peak_gpu_mb", "peak GPU"
     print(machine_line())
     print(f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
-          f"{SETTINGS}; {args.steps} steps per side (first one warm-up); threads {args.threads or 'default'}; "
+          f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     sides = args.sides.split(",")
     results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
     print("| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
-          "generate tokens/s | step tokens/s | peak RSS MB | RSS vs TRL | notes |")
+          f"generate tokens/s | step tokens/s | {MEMORY_NAME} MB | {MEMORY_NAME.split()[1]} vs TRL | notes |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, r in results.items():  # each side against TRL at the same precision
-        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl")), flush=True)
+        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl"), args.warmup),
+              flush=True)
     versions = {r["trl"] for r in results.values() if "trl" in r}
     if versions:
         print(f"\ntrl {versions.pop()}")

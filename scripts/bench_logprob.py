@@ -15,7 +15,8 @@ Method: every measurement runs in a fresh subprocess. It allocates the inputs, w
 libraries up on a tiny problem, records a baseline (CPU: resets the kernel's RSS high-water mark
 via /proc/self/clear_refs and reads VmRSS; CUDA: ``torch.cuda.memory_allocated``) and runs
 forward + backward once: the high-water mark over the baseline (CPU: VmHWM) is the "peak extra"
-memory. It includes the gradients, for every method alike. One more forward + backward is timed.
+memory. It includes the gradients, for every method alike. Then forward + backward is timed once more
+(on a GPU, 20 more times: one run is milliseconds).
 ``--repeats`` rounds run the methods alternately (naive, fused, ...) so that load from other
 processes on a shared machine hits them alike; the table shows medians over rounds, and the load
 average before and after. "others' CPU" is the largest share of the machine that other processes
@@ -36,6 +37,8 @@ import subprocess
 import sys
 import time
 
+TIMED_RUNS = {"cpu": 1, "cuda": 20}
+"""Timed runs per process after the measured one: on a GPU one run is milliseconds, so take many."""
 FULL_SHAPES = [(8192, 512, 32000), (4096, 896, 151936)]
 QUICK_SHAPES = [(1024, 256, 8000), (512, 384, 30000)]
 
@@ -147,12 +150,14 @@ def run_child(cfg: dict) -> dict:
     sync()
     first = time.perf_counter() - t0
     peak_mb = peak(base)
-    for t in inputs[:2]:
-        t.grad = None
-    t0 = time.perf_counter()
-    step(*inputs)
-    sync()
-    times = [time.perf_counter() - t0]
+    times = []
+    for _ in range(TIMED_RUNS[cfg["device"]]):
+        for t in inputs[:2]:
+            t.grad = None
+        t0 = time.perf_counter()
+        step(*inputs)
+        sync()
+        times.append(time.perf_counter() - t0)
     return {"peak_mb": peak_mb, "first_s": first, "times": times}
 
 
@@ -213,9 +218,9 @@ def _fmt_row(shape, head, method, r, ref):
     if ref and "error" not in ref:
         ratio_t = f"{t / statistics.median(ref['times']):.2f}x"
         ratio_m = f"{r['peak_mb'] / ref['peak_mb']:.3f}x"
-    return (f"| {label} | {head} | {method} | {t:.2f} | {ratio_t} | {r['peak_mb']:.0f} | "
+    return (f"| {label} | {head} | {method} | {1000 * t:.1f} | {ratio_t} | {r['peak_mb']:.0f} | "
             f"{ratio_m} | {100 * r['others']:.0f}% | "
-            f"{len(r['times'])} runs, {min(r['times']):.2f}-{max(r['times']):.2f} s |")
+            f"{len(r['times'])} runs, {1000 * min(r['times']):.1f}-{1000 * max(r['times']):.1f} ms |")
 
 
 def machine_line(device: str) -> str:
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
     print(machine_line(device))
     print(f"dtype {dtype}, temperature {args.temperature}, repeats {args.repeats}, "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| N x H x V | LM head | method | fwd+bwd s (median) | time vs naive | "
+    print("| N x H x V | LM head | method | fwd+bwd ms (median) | time vs naive | "
           "peak extra MiB | memory vs naive | others' CPU | timed runs |")
     print("|---|---|---|---|---|---|---|---|---|")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES

@@ -6,7 +6,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from grpo_cli.config.schema import LoraConfig
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import apply_lora
+from grpo_cli.models.load import apply_lora, enable_activation_checkpointing
 from grpo_cli.models.policy import autocast, hidden_states, padded_hidden_states
 from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
 
@@ -148,3 +148,64 @@ def test_fused_rms_norm_is_bit_identical_to_the_model_norm(cls, config):
         with autocast("bf16" if bf16 else "fp32", torch.device("cpu")):
             assert torch.equal(norm(module, x), module(x))
     assert torch.equal(norm(module, x.bfloat16()), module(x.bfloat16()))  # other dtypes: the module itself
+
+
+def saved_bytes(fn):
+    """(fn(), bytes of the tensors autograd keeps for backward while fn runs)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_activation_checkpointing_gives_the_same_gradients_from_a_fraction_of_the_saved_tensors(bf16):
+    model, ids, mask = model_and_batch()
+    model.train()
+    weights = torch.randn(*ids.shape, 64) * mask[..., None]
+    params = list(model.model.parameters())
+
+    def grads():
+        with autocast("bf16" if bf16 else "fp32", torch.device("cpu")):
+            out, kept = saved_bytes(lambda: unpadded_hidden_states(model, ids, mask))
+        return out, torch.autograd.grad((out.float() * weights).sum(), params), kept
+
+    plain, g_plain, kept_plain = grads()
+    enable_activation_checkpointing(model)  # what trainer.activation_checkpointing sets
+    ckpt, g_ckpt, kept_ckpt = grads()
+    assert torch.equal(ckpt, plain)  # the same forward
+    for a, b in zip(g_plain, g_ckpt):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)  # the recomputed blocks give the same gradients
+    # Kept: each block's input [N, H] instead of its activations (the recomputation's own saved
+    # tensors live only during backward). 2 layers here; the share falls with depth.
+    assert kept_ckpt < 0.35 * kept_plain, (kept_ckpt, kept_plain)
+
+
+def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(tmp_path, monkeypatch):
+    import grpo_cli.trainer.loop as loop
+    from grpo_cli.rewards.registry import REWARDS
+
+    calls, seen, build = [], {}, loop.build_policy
+
+    def spy(*args):
+        policy = seen["policy"] = build(*args)
+        seen["before"] = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+        for layer in policy.model.model.layers:
+            assert layer.gradient_checkpointing
+            ckpt = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = lambda *a, _f=ckpt, **k: calls.append(1) or _f(*a, **k)
+        return policy
+
+    monkeypatch.setattr(loop, "build_policy", spy)
+    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+    cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'ckpt'}", "trainer.steps=1",
+                  "trainer.activation_checkpointing=true", "source.prompts_per_step=2", "source.group_size=4",
+                  "trainer.lr=1e-2", "reward.name=length_mod_3")
+    loop.train(cfg)
+    layers = len(seen["policy"].model.model.layers)
+    assert len(calls) == layers  # one training forward, every block checkpointed; no-grad forwards never
+    assert any(not torch.equal(seen["before"][n], p.detach()) for n, p in seen["policy"].model.named_parameters())

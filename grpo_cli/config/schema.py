@@ -398,6 +398,10 @@ class TrainerConfig:
     """``fp32``, or ``bf16``: the forward passes (rollouts, log-probs, losses; not the backward) run under
     ``torch.autocast`` in bfloat16, so matmuls and attention run in bf16 while weights, gradients and
     optimiser state stay in ``model.dtype``. The log-prob head and sampling logits stay in fp32."""
+    activation_checkpointing: bool = False
+    """Keep only each decoder block's input for backward and recompute the block there (HF's
+    ``gradient_checkpointing_enable``, non-reentrant): activation memory of one block instead of all,
+    for about one more forward pass of compute in every training micro-batch."""
     save_every: int = 0
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2

@@ -111,6 +111,17 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
     return get_peft_model(model, peft_cfg)
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Set HF's per-block checkpointing flag (non-reentrant), which HF's forward and the padding-free
+    one both read: ``activation_checkpointing_enable`` in transformers 5, ``gradient_checkpointing_enable``
+    before it (the same flag; the old name is deprecated)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 

@@ -63,20 +63,31 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     # Under autocast every projection casts its input: cast once for q/k/v and once for gate/up, so
     # backward keeps one bf16 copy instead of three and two (the same values).
     compute = (lambda t: t.to(torch.get_autocast_dtype(dev))) if torch.is_autocast_enabled(dev) else (lambda t: t)
+    shared = (cos[0], sin[0], slot, B, L, mask, dtype, compute, rotate, attention)
     for layer in decoder.layers:
-        attn = layer.self_attn
-        h = compute(norm(layer.input_layernorm, x))
-        q = attn.q_proj(h).view(len(idx), -1, attn.head_dim)  # [N, heads, D]
-        k = attn.k_proj(h).view(len(idx), -1, attn.head_dim)  # [N, kv heads, D]
-        v = attn.v_proj(h).view(len(idx), -1, attn.head_dim)
-        q, k = rotate(q, k, cos[0], sin[0])  # cos[0] [N, D] broadcasts over heads
-        q, k, v = (_pad(t.to(dtype), slot, B, L) for t in (q, k, v))  # [B, heads, L, D]
-        with torch.autocast(x.device.type, enabled=False):  # in attention_dtype, as the rollout's
-            out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
-                               dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, L, heads, D]
-        x = x + attn.o_proj(out.reshape(B * L, -1).index_select(0, slot))
-        x = x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
+        # trainer.activation_checkpointing (HF's gradient_checkpointing_enable sets these on each block):
+        # keep only the block's input x [N, H] and recompute the block in backward.
+        if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+            x = layer._gradient_checkpointing_func(_block, layer, x, *shared)
+        else:
+            x = _block(layer, x, *shared)
     return Scatter.apply(norm(decoder.norm, x), idx, B * T).view(B, T, -1)
+
+
+def _block(layer, x, cos, sin, slot, B: int, L: int, mask, dtype, compute, rotate, attention) -> torch.Tensor:
+    """One decoder block on the real tokens x [N, H]; attention on the [B, heads, L, D] row layout."""
+    attn, N = layer.self_attn, len(x)
+    h = compute(norm(layer.input_layernorm, x))
+    q = attn.q_proj(h).view(N, -1, attn.head_dim)  # [N, heads, D]
+    k = attn.k_proj(h).view(N, -1, attn.head_dim)  # [N, kv heads, D]
+    v = attn.v_proj(h).view(N, -1, attn.head_dim)
+    q, k = rotate(q, k, cos, sin)  # cos [N, D] broadcasts over heads
+    q, k, v = (_pad(t.to(dtype), slot, B, L) for t in (q, k, v))  # [B, heads, L, D]
+    with torch.autocast(x.device.type, enabled=False):  # in attention_dtype, as the rollout's
+        out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
+                           dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, L, heads, D]
+    x = x + attn.o_proj(out.reshape(B * L, -1).index_select(0, slot))
+    return x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
 
 
 class Scatter(torch.autograd.Function):

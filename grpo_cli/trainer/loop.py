@@ -34,7 +34,8 @@ from omegaconf import DictConfig, open_dict
 from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
-from grpo_cli.models.load import apply_lora, load_model_and_tokenizer, save_checkpoint_model
+from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, load_model_and_tokenizer,
+                                  save_checkpoint_model)
 from grpo_cli.models.policy import Policy, autocast
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
@@ -56,9 +57,16 @@ class Timers:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        _sync()
         t0 = time.perf_counter()
         yield
+        _sync()  # GPU work is asynchronous: charge it to the phase that queued it
         self.seconds[f"time_{name}"] += time.perf_counter() - t0
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def seed_everything(seed: int) -> None:
@@ -87,6 +95,8 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
                 shutil.rmtree(tmp)
             save_checkpoint_model(model, tok, tmp, None)
             atomic_replace_dir(tmp, Path(base_ref))
+    if cfg.trainer.activation_checkpointing:  # the flag every block carries (the padding-free forward reads it)
+        enable_activation_checkpointing(model)
     model = apply_lora(model, cfg.lora).to(device)
     model.train()
     return Policy.create(
