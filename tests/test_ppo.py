@@ -76,6 +76,10 @@ def test_reward_model_trains_saves_and_scores_in_grpo(sft_run, tmp_path, length_
                    "trainer.steps=1", "source.prompts_per_step=2", "source.group_size=3", f"output_dir={tmp_path / 'g'}")
     out = _rows(train(grpo))
     assert out[0]["reward_std"] > 0  # real-valued scores from the reward model
+    from grpo_cli.rewards.registry import build_reward
+
+    moved = build_reward(grpo.reward, torch.device("meta")).modules[0]  # the run's device, not always CPU
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
 
 
 def test_outcome_rm_needs_a_reward_model_directory(sft_run):

@@ -75,11 +75,15 @@ def _steps(cfg) -> RewardFn:
     ))
 
 
-def build_reward(cfg) -> Optional[RewardFn]:
+def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[RewardFn]:
+    """The reward ``reward.name`` names; the torch modules it holds (its ``modules`` attribute: a
+    learned reward model) move to ``device``, the run's, so they score where the policy runs."""
     if cfg.name not in REWARDS:
         raise UserError(f"reward.name: unknown reward '{cfg.name}': {nearest(cfg.name, REWARDS)}")
     factory = REWARDS[cfg.name]
     fn = factory(cfg)
+    for module in getattr(fn, "modules", ()) if device is not None else ():
+        module.to(device)
     if fn is None or not getattr(factory, "guard", True):
         return fn
     return GuardedReward(fn, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect, name=cfg.name)
@@ -101,6 +105,7 @@ def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.T
         device = next(scorer.parameters()).device
         return read(batch, scorer(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu())
 
+    score.modules = (scorer,)  # build_reward moves it to the run's device
     return score
 
 

@@ -159,7 +159,7 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     with torch.no_grad():
         return sample_questions(policy, examples, questions, k=cfg.iterative.samples_per_question,
-                                rollout=cfg.rollout, reward=build_reward(rm.reward), generator=generator)
+                                rollout=cfg.rollout, reward=build_reward(rm.reward, policy.device), generator=generator)
 
 
 def with_replay(fresh: List[Dict], history: List[Dict], share: float, seed: int) -> List[Dict]:

@@ -205,7 +205,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
     device = dist.device
     algorithm = build_algorithm(cfg.algorithm)
-    reward = build_reward(cfg.reward)
+    reward = build_reward(cfg.reward, device)
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     autocast(cfg.trainer.precision, device)  # a bad value fails before the run directory exists
