@@ -252,6 +252,17 @@ def test_a_non_finite_update_is_skipped(tmp_path, mode):
     assert ckpt.save("step_000001", Progress(step=1)).is_dir()  # the weights stayed finite
 
 
+@pytest.mark.parametrize("mode", [None, "loss"])
+def test_gradients_are_freed_after_every_update(tmp_path, mode):
+    """The rollout and log-probs of the next step run without the last update's gradients in memory."""
+    ckpt = tiny_checkpointer(tmp_path)
+    algorithm = SFT() if mode is None else _Broken(mode)
+    out = loop.optimise(_batch(ckpt.policy), algorithm, ckpt.policy, ckpt.opt, ckpt.sched, 1, 1.0)
+    assert out["skipped"] == (mode is not None)
+    assert mode is not None or ckpt.opt.state  # a real update happened
+    assert all(p.grad is None for p in ckpt.policy.model.parameters())
+
+
 def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     original, calls = SFT.loss, []
 

@@ -137,10 +137,12 @@ class KVDecoder:
 
     def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
         """Keep only ``rows`` [B'] (increasing) of the batch: their first ``filled`` columns move to the
-        front rows of the same buffers (no new allocation; later columns are written before read)."""
+        front rows of the same buffers (later columns are written before read). Layer by layer, so the
+        copy in flight is one layer's, not the whole cache's."""
         for name in ("k", "v"):
             cache = getattr(self, name)
-            cache[:, : len(rows), :, :filled] = cache[:, :, :, :filled].index_select(1, rows)
+            for layer in cache:  # [B, Hkv, T_max, D] views
+                layer[: len(rows), :, :filled] = layer[:, :, :filled].index_select(0, rows)
             setattr(self, name, cache[:, : len(rows)])
 
     def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, start):

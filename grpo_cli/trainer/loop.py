@@ -135,12 +135,13 @@ def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, mic
         if math.isfinite(update_loss) and math.isfinite(norm):
             opt.step()
             sched.step()
-            continue
-        skipped += 1
+        else:
+            skipped += 1
+            with warnings.catch_warnings():  # torch warns when the schedule steps before any optimiser step
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
+        # free the gradients now, not at the next update: the next rollout and log-probs run without them
         opt.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # torch warns when the schedule steps before any optimiser step
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()
     out = {k: v / n for k, v in sums.items()}
     out["loss"] = sums["loss"] / algorithm.updates_per_batch  # micro-batch losses add up to the batch loss
     out["grad_norm"] = sum(norms) / len(norms)
