@@ -202,3 +202,29 @@ def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_pa
     before, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
     after = AutoModelForCausalLM.from_pretrained(run / "checkpoints" / "final")
     assert any(not torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+def test_fused_adamw_makes_the_updates_of_the_reference_loop():
+    """build_optimizer picks torch's fused AdamW for plain float parameters; its oracle is the default
+    single-tensor loop: after 3 steps on the same gradients the weights agree to float rounding."""
+    import copy
+
+    from grpo_cli.config.schema import TrainerConfig
+    from grpo_cli.trainer.optim import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    oracle, start = copy.deepcopy(model), copy.deepcopy(model)
+    cfg = TrainerConfig(lr=1e-2, weight_decay=0.1, warmup_steps=0, schedule="constant")
+    opt, _ = build_optimizer(model, cfg, 1)
+    assert opt.defaults["fused"]
+    ref = torch.optim.AdamW(oracle.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    for _ in range(3):
+        x = torch.randn(8, 16)
+        for net, o in ((model, opt), (oracle, ref)):
+            o.zero_grad()
+            net(x).square().sum().backward()
+            o.step()
+    for a, b, s in zip(model.parameters(), oracle.parameters(), start.parameters()):
+        assert (a - s).abs().max() > 1e-3  # every tensor moved (steps of up to lr each)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
