@@ -95,6 +95,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
         step = {p: r[f"time_{p}"] for p in PHASES}
         step["step"] = seconds[i] - (seconds[i - 1] if i else 0.0)
         step["completion_tokens"] = r["completion_length"] * s["prompts"] * s["group"]
+        step.update({k: v for k, v in r.items() if k.startswith("gpu_mem_")})  # on a GPU: each phase's peak
         out.append(step)
     return {"steps": out}
 
@@ -222,7 +223,15 @@ def summarise(side: str, r: dict, ref: dict | None, warmup: int) -> str:
             f"{med['logprob']:.2f} | {med['train']:.2f} | {tokens / med['generate']:.0f} | "
             f"{tokens / med['step']:.0f} | {r[MEMORY]:.0f} | {ratio_m} | "
             f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}%"
-            + (f", peak RSS {r['peak_rss_mb']:.0f} MB" if MEMORY != "peak_rss_mb" else "") + " |")
+            + (f", peak RSS {r['peak_rss_mb']:.0f} MB" if MEMORY != "peak_rss_mb" else "") + _phase_peaks(r["steps"]) + " |")
+
+
+def _phase_peaks(steps: list) -> str:
+    """Ours on a GPU: the highest peak of allocated memory of each phase over the steps (trainer metrics)."""
+    peaks = {p: max(st.get(f"gpu_mem_{p}_mb", 0.0) for st in steps) for p in PHASES}
+    if not any(peaks.values()):
+        return ""
+    return ", GPU peak by phase " + " / ".join(f"{p} {mb:.0f}" for p, mb in peaks.items()) + " MB"
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from grpo_cli.trainer.distributed import LOCAL, rank_seed, shard
 from conftest import REPO, compose
 from distributed_worker import PROMPTS, fake_generate, fixed_batch, length_mod_3
 
-WALL_CLOCK = re.compile(r"^(seconds|time_.*)$")
+WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
 CPU = ["trainer.device=cpu", "trainer.threads=1"]  # gloo on CPU, also on a machine with a GPU
 GRPO = ["model.name_or_path=tiny", "reward.name=length_mod_3", "source.prompts_per_step=4", "source.group_size=4",
         "trainer.lr=1e-2", *CPU]

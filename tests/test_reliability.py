@@ -36,7 +36,7 @@ from grpo_cli.trainer.sources import build_source
 
 from conftest import REPO, TINY, compose
 
-WALL_CLOCK = re.compile(r"^(seconds|time_.*)$")
+WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
 
 
 def rows(run: Path):

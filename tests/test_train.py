@@ -139,6 +139,11 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert len(rows) == 3
     for key in GRPO_METRICS:
         assert key in rows[-1], key
+    gpu_mem = {f"gpu_mem_{phase}_mb" for phase in ("generate", "reward", "logprob", "train")}
+    if policy.device.type == "cuda":  # each phase's peak of allocated GPU memory
+        assert all(rows[-1][k] > 0 for k in gpu_mem)
+    else:
+        assert not gpu_mem & set(rows[-1])
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # first update: pi_theta == pi_ref
     # the reference is still the starting model: its log-probs equal a fresh load's
     start, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))

@@ -50,23 +50,34 @@ from grpo_cli.trainer.sources import build_source
 
 
 class Timers:
-    """Wall-clock seconds per phase of a step (``time_generate``, ``time_reward``, ...)."""
+    """Wall-clock seconds per phase of a step (``time_generate``, ``time_reward``, ...) and, on a GPU,
+    the phase's peak of allocated GPU memory in MiB (``gpu_mem_generate_mb``, ...): where a step's
+    memory peak is, which is what to shrink when memory is short."""
 
     def __init__(self):
         self.seconds: Dict[str, float] = defaultdict(float)
+        self.gpu_mem: Dict[str, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        _sync()
+        gpu = _sync()
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         yield
         _sync()  # GPU work is asynchronous: charge it to the phase that queued it
         self.seconds[f"time_{name}"] += time.perf_counter() - t0
+        if gpu:
+            key = f"gpu_mem_{name}_mb"
+            self.gpu_mem[key] = max(self.gpu_mem[key], torch.cuda.max_memory_allocated() / 2**20)
 
 
-def _sync() -> None:
+def _sync() -> bool:
+    """Wait for the GPU's queued work; whether there is a GPU in use."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+        return True
+    return False
 
 
 def seed_everything(seed: int) -> None:
@@ -242,7 +253,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
             progress.step, progress.tokens = step, progress.tokens + int(dist.sum(float(batch.attention_mask.sum())))
             progress.seconds = time.perf_counter() - t_start
             row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": progress.tokens, "seconds": round(progress.seconds, 3),
-                   "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds}
+                   "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds,
+                   **timers.gpu_mem}
             if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
                 row.update(evaluate_heldout(source, reward, algorithm, policy, device))
             row = dist.mean_metrics(row)  # each rank measured its slice
