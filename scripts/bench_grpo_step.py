@@ -110,6 +110,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
     from grpo_cli.config.schema import DataConfig
     from grpo_cli.data import load_examples
     from grpo_cli.rewards.answer import outcome_rewards
+    from grpo_cli.trainer.loop import sync_cuda  # so that a phase's timer holds its own kernels, as ours
 
     s = SETTINGS
     if threads:
@@ -129,23 +130,23 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
         def wrapper(*a, **k):
             if only_no_grad and torch.is_grad_enabled():
                 return fn(*a, **k)
-            _sync()
+            sync_cuda()
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                _sync()
+                sync_cuda()
                 current[name] = current.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            _sync()
+            sync_cuda()
             current.clear()
             current["t0"] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
-            _sync()
+            sync_cuda()
             step = {p: current.get(p, 0.0) for p in PHASES[:3]}
             step["step"] = time.perf_counter() - current["t0"]
             step["train"] = step["step"] - sum(step[p] for p in PHASES[:3])
@@ -177,14 +178,6 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             "logprob", trainer._get_per_token_logps_and_entropies, only_no_grad=True)
         trainer.train()
     return {"steps": timings, "trl": __import__("trl").__version__}
-
-
-def _sync() -> None:
-    """Wait for queued GPU work, so that a phase's timer holds its own kernels (as ours do)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:

@@ -60,19 +60,19 @@ class Timers:
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        gpu = _sync()
+        gpu = sync_cuda()
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         yield
-        _sync()  # GPU work is asynchronous: charge it to the phase that queued it
+        sync_cuda()  # GPU work is asynchronous: charge it to the phase that queued it
         self.seconds[f"time_{name}"] += time.perf_counter() - t0
         if gpu:
             key = f"gpu_mem_{name}_mb"
             self.gpu_mem[key] = max(self.gpu_mem[key], torch.cuda.max_memory_allocated() / 2**20)
 
 
-def _sync() -> bool:
+def sync_cuda() -> bool:
     """Wait for the GPU's queued work; whether there is a GPU in use."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
