@@ -65,6 +65,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
         gens = generate(
             model, tok, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
             temperature=0.0, batch_size=cfg.rollout.batch_size, cuda_graphs=cfg.rollout.cuda_graphs,
+            packed_weights=cfg.rollout.packed_weights,
         )
         rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
@@ -99,7 +100,7 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
     gens = generate(
         model, tok, [e.prompt for e in examples for _ in range(n)], max_new_tokens=cfg.rollout.max_new_tokens,
         temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size,
-        generator=generator, cuda_graphs=cfg.rollout.cuda_graphs,
+        generator=generator, cuda_graphs=cfg.rollout.cuda_graphs, packed_weights=cfg.rollout.packed_weights,
     )
     answers = [[extract_answer(g.text) for g in gens[i * n:(i + 1) * n]] for i in range(len(examples))]
     for row, found in zip(rows, answers):

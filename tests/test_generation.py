@@ -5,7 +5,7 @@ import torch
 
 from grpo_cli.config.schema import LoraConfig, TinyModelConfig
 from grpo_cli.generation import _finish, generate, generate_ids, sample_next
-from grpo_cli.models.kv_decoder import unsupported_reason
+from grpo_cli.models.kv_decoder import KVDecoder, causal_mask, packing_unsupported, unsupported_reason
 from grpo_cli.models.load import apply_lora
 from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 
@@ -100,7 +100,7 @@ def count_compactions(monkeypatch) -> list:
 def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops(monkeypatch):
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
-    ours = rows_of(model, tok, "fast")
+    ours = rows_of(model, tok, "fast", packed_weights=False)  # the model's modules: HF's exact arithmetic
     assert compactions and compactions[-1] < len(PROMPTS)  # finished rows left the batch
     eos = tok.eos_token_id
     stops = {row.index(eos) if eos in row else None for row in ours}
@@ -114,25 +114,32 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     # included, although the fast engine drops finished rows and the reference loop keeps them.
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
-    fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3),
+                   packed_weights=False)
     ref = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
-def test_fast_engine_with_grouped_query_attention_and_eager_attention():
+def gqa_model(attn: str):
+    """A tiny Qwen2 with 4 query heads sharing 2 key/value heads, ``attn`` attention, diverse greedy rows."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0, 1.0)  # diverse greedy rows
+    return model, tok
+
+
+def test_fast_engine_with_grouped_query_attention_and_eager_attention():
     for attn in ("sdpa", "eager"):
-        cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
-        torch.manual_seed(0)
-        model = Qwen2ForCausalLM(cfg).eval()
-        with torch.no_grad():
-            model.model.embed_tokens.weight.normal_(0, 1.0)  # diverse greedy rows
+        model, tok = gqa_model(attn)
         assert model.config._attn_implementation == attn
-        assert rows_of(model, tok, "fast") == hf_rows(model, tok)
+        assert rows_of(model, tok, "fast", packed_weights=False) == hf_rows(model, tok)
 
 
 def test_fast_engine_applies_lora_adapters():
@@ -144,9 +151,83 @@ def test_fast_engine_applies_lora_adapters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained-looking adapter (fresh ones are zero)
     with model.disable_adapter():
-        assert rows_of(model, tok, "fast") == base
-    adapted = rows_of(model, tok, "fast")
+        assert rows_of(model, tok, "fast", packed_weights=False) == base
+    adapted = rows_of(model, tok, "fast", packed_weights=False)
     assert adapted == rows_of(model, tok, "reference") and adapted != base
+
+
+# --- packed weights (CPU): fused q|k|v and gate|up GEMMs on oneDNN-packed copies, LoRA merged ---
+
+@torch.no_grad()
+def decoder_logits(model, tok, packed: bool, steps: int = 4):
+    """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
+    fed fixed tokens (the same on both paths, whatever they would sample)."""
+    from grpo_cli.generation import _left_pad
+    from grpo_cli.trainer.batch import position_ids
+
+    ids, attn = _left_pad(tok(PROMPTS, add_special_tokens=False)["input_ids"], tok.pad_token_id, "cpu")
+    (B, T0), pos = ids.shape, position_ids(attn)
+    decoder = KVDecoder(model, B, T0 + steps, packed=packed)
+    assert (decoder.packed is not None) == packed
+    keys = torch.ones(B, T0 + steps, dtype=torch.bool)
+    keys[:, :T0] = attn.bool()
+    out = [decoder(ids, pos, 0, causal_mask(attn.bool()))]
+    for i in range(steps):
+        fed = ids[:, i : i + 1]  # any tokens will do
+        out.append(decoder(fed, pos[:, -1:] + 1 + i, T0 + i, keys[:, None, None, : T0 + i + 1]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager"])
+def test_packed_weights_give_the_modules_logits(kind):
+    model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(kind.split("-")[1])
+    assert packing_unsupported(model) is None
+    packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
+    # fp32 both ways; only the GEMMs' summation order differs (oneDNN's blocked kernel, fused N)
+    torch.testing.assert_close(packed, modules, rtol=1e-4, atol=1e-4)
+    assert rows_of(model, tok, "fast") == rows_of(model, tok, "fast", packed_weights=False)
+
+
+def test_packed_weights_under_bf16_autocast_are_bf16_and_follow_the_modules():
+    from grpo_cli.models.policy import autocast
+
+    model, tok = chaotic_tiny_model()
+    with autocast("bf16", torch.device("cpu")):
+        packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
+        decoder = KVDecoder(model, 2, 8, packed=True)
+    assert all(w.dtype == torch.bfloat16 for w, _ in (decoder.packed[0].qkv, decoder.packed[0].down))
+    assert packed.dtype == modules.dtype == torch.float32  # the head stays fp32
+    # both bf16 GEMMs on fp32 residuals: apart only by bf16 rounding (~0.4% per product)
+    scale = modules.abs().max()
+    assert (packed - modules).abs().max() <= 0.03 * scale
+    assert (packed.argmax(-1) == modules.argmax(-1)).float().mean() >= 0.9
+
+
+def test_packed_weights_merge_the_active_lora_adapters():
+    model, tok = chaotic_tiny_model()
+    base = decoder_logits(model, tok, False)
+    model = apply_lora(model, LoraConfig(enabled=True, r=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    adapted = decoder_logits(model, tok, False)  # peft's forward: base(x) + scaling * B(A(x))
+    torch.testing.assert_close(decoder_logits(model, tok, True), adapted, rtol=1e-4, atol=1e-4)
+    assert (adapted - base).abs().max() > 1.0  # the adapter matters
+    with model.disable_adapter():
+        torch.testing.assert_close(decoder_logits(model, tok, True), base, rtol=1e-4, atol=1e-4)
+
+
+def test_layers_that_are_not_plain_linear_maps_are_not_packed():
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    model, tok = chaotic_tiny_model()
+    model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert "neither nn.Linear nor a plain LoRA layer" in packing_unsupported(model)
+    with torch.no_grad():
+        decoder = KVDecoder(model, 2, 8, packed=True)
+    assert decoder.packed is None  # the modules run instead
+    assert rows_of(model, tok, "fast") == rows_of(model, tok, "reference")
 
 
 def test_unsupported_models_fall_back_to_the_reference_loop():
@@ -172,7 +253,7 @@ def test_fast_engine_under_bf16_autocast_keeps_an_fp32_cache_on_cpu_and_follows_
     model, tok = chaotic_tiny_model()
     dtypes = []
     init = KVDecoder.__init__
-    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a: init(self, *a) or dtypes.append(self.k.dtype))
+    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or dtypes.append(self.k.dtype))
     with autocast("bf16", torch.device("cpu")):
         ours, hf = rows_of(model, tok, "fast"), hf_rows(model, tok)
     assert dtypes == [torch.float32]

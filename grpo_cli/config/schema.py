@@ -362,6 +362,10 @@ class RolloutConfig:
     cuda_graphs: bool = True
     """On a GPU, replay each decode step of the rollout engine as one CUDA graph (same tokens, far
     fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""
+    packed_weights: bool = True
+    """On a CPU, run the rollout engine's projections as fused q|k|v and gate|up GEMMs on weights
+    cast and packed for oneDNN once per batch (LoRA adapters merged in): 1.3-1.5x faster decoding,
+    same arithmetic up to GEMM rounding; false calls the model's modules (HF's exact rounding)."""
 
 
 @dataclass

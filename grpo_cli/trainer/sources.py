@@ -201,7 +201,7 @@ class OnlineSource:
         gens = generate(
             policy.model, policy.tokenizer, [ex.prompt for ex in chosen], max_new_tokens=r.max_new_tokens,
             temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size, generator=self.generator,
-            cuda_graphs=r.cuda_graphs,
+            cuda_graphs=r.cuda_graphs, packed_weights=r.packed_weights,
         )
         ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
         correct = [answers_match(extract_answer(g.text), ex.answer) for g, ex in zip(gens, chosen)]
