@@ -102,6 +102,37 @@ def test_bf16_autocast_forward_stays_close_to_fp32_and_log_probs_stay_fp32():
     assert torch.allclose(logp.reshape(-1), selected_logprobs(h, head, targets), atol=1e-6)
 
 
+def test_bf16_matmul_attention_is_causal_attention_with_grouped_heads():
+    from grpo_cli.models.unpadded import bf16_matmul_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 8, requires_grad=True)  # [B, heads, L, D]
+    k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 2 key/value heads, each serving 2 query heads
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    ours, _ = bf16_matmul_attention(None, q, k, v, causal, scaling=8 ** -0.5)  # fp32 inputs: fp32 matmuls
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
+    g_ours, = torch.autograd.grad(ours.sum(), q)
+    g_sdpa, = torch.autograd.grad(sdpa.sum(), q)
+    torch.testing.assert_close(g_ours, g_sdpa, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_bf16_autocast_forward_uses_the_matmul_attention_and_follows_the_padded_forward(monkeypatch):
+    import grpo_cli.models.unpadded as unpadded
+
+    calls = []
+    attend = unpadded.bf16_matmul_attention
+    monkeypatch.setattr(unpadded, "bf16_matmul_attention", lambda *a, **k: calls.append(a[1].dtype) or attend(*a, **k))
+    model, ids, mask = model_and_batch()
+    real = mask.bool()
+    with autocast("bf16", torch.device("cpu")):
+        ours, padded = unpadded_hidden_states(model, ids, mask), padded_hidden_states(model, ids, mask)
+    assert calls == [torch.bfloat16] * 2  # both layers, bf16 q/k/v
+    err = (ours[real].float() - padded[real].float()).abs().max() / padded[real].float().abs().max()
+    assert err < 0.05  # bf16 rounding apart (HF's bf16 autocast forward against ours)
+
+
 def test_unknown_precision_is_a_one_line_config_error():
     with pytest.raises(UserError, match="trainer.precision: expected one of"):
         autocast("fp8", torch.device("cpu"))
