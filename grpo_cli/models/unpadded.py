@@ -94,7 +94,7 @@ def _block(layer, x, cos, sin, slot, B: int, L: int, mask, dtype, compute, rotat
 
 
 def bf16_matmul_attention(attn, q, k, v, causal, scaling: float, dropout: float = 0.0):
-    """Causal attention as two bf16 matmuls around an fp32 softmax: ``softmax(q k^T * scaling)`` with
+    """Causal attention as two bf16 matmuls and a softmax: ``softmax(q k^T * scaling)`` with
     the keys after each query masked, times v. q [B, heads, L, D], k, v [B, kv heads, L, D] (bf16),
     causal [L, L] bool (True: attend) -> ([B, L, heads, D], None), the attention functions' contract.
 
@@ -103,7 +103,9 @@ def bf16_matmul_attention(attn, q, k, v, causal, scaling: float, dropout: float 
     [B, heads, L, L] probabilities kept for backward: one block's worth under activation checkpointing."""
     groups = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `groups`
     k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scaling)  # [B, heads, L, L]
+    scores = torch.matmul(q * scaling, k.transpose(-1, -2))  # [B, heads, L, L] in q's dtype
+    # Softmax accumulates in fp32 whatever its input's dtype; its output is what the second matmul
+    # reads (a bf16 copy of fp32 probabilities would round the same), so no fp32 [B, heads, L, L] exists.
     probs = torch.softmax(scores.masked_fill_(~causal, float("-inf")), dim=-1)
     if dropout:
         probs = torch.nn.functional.dropout(probs, dropout, training=True)
