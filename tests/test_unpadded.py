@@ -1,5 +1,7 @@
 """The padding-free forward (grpo_cli.models.unpadded) against ``decoder(...)``, and bf16 autocast."""
 
+import copy
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -164,6 +166,27 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # pi_ref and pi_theta: the same autocast forward
+    ref = seen["policy"].frozen_reference
+    assert ref.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16  # stored as autocast casts it
+    assert ref.model.norm.weight.dtype == ref.lm_head.weight.dtype == torch.float32
+
+
+def test_a_bf16_reference_gives_the_autocast_log_probs_of_its_fp32_weights_bit_for_bit():
+    from grpo_cli.models.policy import store_projections, token_logprobs
+    from grpo_cli.trainer.batch import Batch
+
+    model, ids, mask = model_and_batch()
+    model.eval()
+    completion = mask.clone()
+    completion[:, :3] = 0
+    batch = Batch(ids, mask, completion, [""] * 3, [""] * 3, [""] * 3, torch.arange(3))
+    compact = copy.deepcopy(model)
+    store_projections(compact, torch.bfloat16)
+    assert compact.model.layers[0].self_attn.q_proj.bias.dtype == torch.bfloat16
+    with torch.no_grad(), autocast("bf16", torch.device("cpu")):
+        expected, _ = token_logprobs(model, batch)
+        ours, _ = token_logprobs(compact, batch)
+    assert torch.equal(ours, expected)
 
 
 @pytest.mark.parametrize("cls,config", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])

@@ -100,6 +100,18 @@ def token_logprobs(
     return logp, None if ent is None else ent.view(B, T - 1)
 
 
+def store_projections(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Keep the decoder blocks' ``nn.Linear`` weights and biases in ``dtype``: for a frozen model only
+    ever run under autocast to ``dtype``, which casts them to exactly these values at every forward.
+    Half the memory in bf16 and no casts per forward, with bit-identical outputs (tested); the
+    embedding, norms and LM head keep their dtype (they run outside autocast's casts)."""
+    base = model.get_base_model() if is_peft(model) else model
+    blocks = getattr(getattr(base, "model", None), "layers", None)
+    for module in (blocks.modules() if blocks is not None else ()):
+        if type(module) is torch.nn.Linear:
+            module.to(dtype)
+
+
 @dataclass
 class Policy:
     """The model being trained, its tokenizer and its reference."""
@@ -121,12 +133,15 @@ class Policy:
 
     @classmethod
     def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None,
-               precision: str = "fp32") -> "Policy":
-        """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked."""
+               precision: str = "fp32", compact_reference: bool = True) -> "Policy":
+        """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked.
+        ``compact_reference``: under bf16 precision that copy keeps its blocks' projections in bf16."""
         ref = None
         if keep_reference and not is_peft(model):
             ref = copy.deepcopy(model).eval()
             ref.requires_grad_(False)
+            if precision == "bf16" and compact_reference:
+                store_projections(ref, torch.bfloat16)
         return cls(model, tokenizer, ref, logprob_backend, base_ref, precision=precision)
 
     def autocast(self):
