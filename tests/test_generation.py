@@ -1,5 +1,7 @@
 """Sampling rules (greedy, temperature, nucleus, EOS) and the rollout engine against HF generate."""
 
+import platform
+
 import pytest
 import torch
 
@@ -183,9 +185,23 @@ def test_packed_weights_give_the_modules_logits(kind):
     model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(kind.split("-")[1])
     assert packing_unsupported(model) is None
     packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
+    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
+        with torch.no_grad():
+            assert KVDecoder(model, 2, 8, packed=True).packed[0].qkv[0].layout == torch._mkldnn
     # fp32 both ways; only the GEMMs' summation order differs (oneDNN's blocked kernel, fused N)
     torch.testing.assert_close(packed, modules, rtol=1e-4, atol=1e-4)
     assert rows_of(model, tok, "fast") == rows_of(model, tok, "fast", packed_weights=False)
+
+
+def test_packed_weights_stay_plain_tensors_where_onednn_packing_is_not_used(monkeypatch):
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    model, tok = chaotic_tiny_model()
+    monkeypatch.setattr(kv_decoder.platform, "machine", lambda: "arm64")
+    with torch.no_grad():
+        decoder = KVDecoder(model, 2, 8, packed=True)
+    assert decoder.packed[0].qkv[0].layout == torch.strided  # fused and pre-cast, not re-blocked
+    torch.testing.assert_close(decoder_logits(model, tok, True), decoder_logits(model, tok, False), rtol=1e-4, atol=1e-4)
 
 
 def test_packed_weights_under_bf16_autocast_are_bf16_and_follow_the_modules():

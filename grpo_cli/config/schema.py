@@ -364,8 +364,10 @@ class RolloutConfig:
     fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""
     packed_weights: bool = True
     """On a CPU, run the rollout engine's projections as fused q|k|v and gate|up GEMMs on weights
-    cast and packed for oneDNN once per batch (LoRA adapters merged in): 1.3-1.5x faster decoding,
-    same arithmetic up to GEMM rounding; false calls the model's modules (HF's exact rounding)."""
+    cast and packed for oneDNN once per batch (LoRA adapters merged in): decode steps 1.2-1.3x faster
+    in bf16 and 1.5-1.7x in fp32 on the benchmark model, the same arithmetic up to GEMM rounding, for
+    one extra copy of the projection weights while a batch decodes; false calls the model's modules
+    (HF's exact rounding)."""
 
 
 @dataclass

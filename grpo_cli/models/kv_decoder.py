@@ -17,6 +17,7 @@ the same columns ``start .. start + S - 1`` of every row; positions are per row.
 
 from __future__ import annotations
 
+import platform
 import sys
 from typing import Optional
 
@@ -127,7 +128,10 @@ def linear_weights(module: torch.nn.Module):
 def packed_linear(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``weight`` [N, K] as oneDNN's blocked layout for ``torch.ops.mkldnn._linear_pointwise``: the
     layout the GEMM kernel reads, so it is not re-packed at every call (20-45% faster at decode's
-    M = B rows on CPU; docs/performance.md). A plain tensor where oneDNN lacks the dtype."""
+    M = B rows on CPU; docs/performance.md). Where that is not measured (not x86-64, no oneDNN, no
+    native bf16), the plain tensor: ``F.linear`` then still gets the fused, pre-cast weights."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return weight
     if weight.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return weight
     return torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
@@ -171,8 +175,8 @@ def packing_unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why :class:`KVDecoder` cannot pack ``model``'s projections (then its modules run), or None."""
     base = _base(model)
     weight = base.model.embed_tokens.weight
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return "packed weights are for CPUs with oneDNN"
+    if weight.device.type != "cpu":
+        return "packed weights are for CPUs (on a GPU, CUDA graphs cut the per-call costs)"
     if any(type(p).__name__ == "DTensor" for p in base.parameters()):
         return "sharded (FSDP) parameters"
     for layer in base.model.layers:
