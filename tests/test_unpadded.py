@@ -105,13 +105,14 @@ def test_bf16_autocast_forward_stays_close_to_fp32_and_log_probs_stay_fp32():
 
 
 def test_bf16_matmul_attention_is_causal_attention_with_grouped_heads():
+    from grpo_cli.models.kv_decoder import additive
     from grpo_cli.models.unpadded import bf16_matmul_attention
 
     torch.manual_seed(0)
     q = torch.randn(2, 4, 5, 8, requires_grad=True)  # [B, heads, L, D]
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 2 key/value heads, each serving 2 query heads
-    causal = torch.ones(5, 5, dtype=torch.bool).tril()
-    ours, _ = bf16_matmul_attention(None, q, k, v, causal, scaling=8 ** -0.5)  # fp32 inputs: fp32 matmuls
+    mask = additive(torch.ones(5, 5, dtype=torch.bool).tril(), torch.float32)  # 0 on and below the diagonal
+    ours, _ = bf16_matmul_attention(None, q, k, v, mask, scaling=8 ** -0.5)  # fp32 inputs: fp32 matmuls
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
     torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)

@@ -62,7 +62,8 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     mask = None if bool_mask else additive(causal_mask(real), dtype)  # sdpa: is_causal; eager: [1, 1, L, L]
     dev = x.device.type
     if dev == "cpu" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
-        attention, dtype, mask = bf16_matmul_attention, torch.bfloat16, causal_mask(real)[0, 0]  # [L, L]
+        attention, dtype = bf16_matmul_attention, torch.bfloat16
+        mask = additive(causal_mask(real)[0, 0], dtype)  # [L, L]: 0 on and below the diagonal
     # Under autocast every projection casts its input: cast once for q/k/v and once for gate/up, so
     # backward keeps one bf16 copy instead of three and two (the same values).
     compute = (lambda t: t.to(torch.get_autocast_dtype(dev))) if torch.is_autocast_enabled(dev) else (lambda t: t)
@@ -93,10 +94,12 @@ def _block(layer, x, cos, sin, slot, B: int, L: int, mask, dtype, compute, rotat
     return x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
 
 
-def bf16_matmul_attention(attn, q, k, v, causal, scaling: float, dropout: float = 0.0):
-    """Causal attention as two bf16 matmuls and a softmax: ``softmax(q k^T * scaling)`` with
-    the keys after each query masked, times v. q [B, heads, L, D], k, v [B, kv heads, L, D] (bf16),
-    causal [L, L] bool (True: attend) -> ([B, L, heads, D], None), the attention functions' contract.
+def bf16_matmul_attention(attn, q, k, v, mask, scaling: float, dropout: float = 0.0):
+    """Causal attention as two bf16 matmuls and a softmax: ``softmax(q k^T * scaling + mask)`` times
+    v. q [B, heads, L, D], k, v [B, kv heads, L, D] (bf16), mask [L, L] additive in q's dtype (0 where
+    a query attends, the dtype's lowest value after it: :func:`additive` of the causal mask; an
+    in-place add measured 3.6x cheaper than ``masked_fill_`` at [32, 8, 138, 138])
+    -> ([B, L, heads, D], None), the attention functions' contract.
 
     For CPU bf16 autocast: CPU SDPA in fp32 took 19.3 + 43.4 ms forward + backward a layer at
     [32, 8, 138, 64], this 12.8 + 22.4 ms (AVX512-BF16 GEMMs; docs/performance.md). The price is the
@@ -106,7 +109,7 @@ def bf16_matmul_attention(attn, q, k, v, causal, scaling: float, dropout: float 
     scores = torch.matmul(q * scaling, k.transpose(-1, -2))  # [B, heads, L, L] in q's dtype
     # Softmax accumulates in fp32 whatever its input's dtype; its output is what the second matmul
     # reads (a bf16 copy of fp32 probabilities would round the same), so no fp32 [B, heads, L, L] exists.
-    probs = torch.softmax(scores.masked_fill_(~causal, float("-inf")), dim=-1)
+    probs = torch.softmax(scores.add_(mask), dim=-1)
     if dropout:
         probs = torch.nn.functional.dropout(probs, dropout, training=True)
     return torch.matmul(probs.to(v.dtype), v).transpose(1, 2), None
