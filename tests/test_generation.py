@@ -122,16 +122,18 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
-def gqa_model(attn: str):
-    """A tiny Qwen2 with 4 query heads sharing 2 key/value heads, ``attn`` attention, diverse greedy rows."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def gqa_model(attn: str, family: str = "qwen2"):
+    """A tiny Qwen2 (q/k/v biases) or Llama (none) with 4 query heads sharing 2 key/value heads,
+    ``attn`` attention, diverse greedy rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tok = build_tokenizer()
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
+    config, cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    cfg = config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = cls(cfg).eval()
     with torch.no_grad():
         model.model.embed_tokens.weight.normal_(0, 1.0)  # diverse greedy rows
     return model, tok
@@ -180,9 +182,10 @@ def decoder_logits(model, tok, packed: bool, steps: int = 4):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager"])
+@pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager", "llama-sdpa"])
 def test_packed_weights_give_the_modules_logits(kind):
-    model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(kind.split("-")[1])
+    family, _, attn = kind.partition("-")
+    model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(attn, "llama" if family == "llama" else "qwen2")
     assert packing_unsupported(model) is None
     packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
