@@ -20,7 +20,7 @@ from rich.table import Table
 from grpo_cli.data import load_examples
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
-from grpo_cli.generation import generate
+from grpo_cli.generation import generate, rollout_options
 from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.policy import autocast
@@ -62,11 +62,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):
-        gens = generate(
-            model, tok, [e.prompt for e in examples], max_new_tokens=cfg.rollout.max_new_tokens,
-            temperature=0.0, batch_size=cfg.rollout.batch_size, cuda_graphs=cfg.rollout.cuda_graphs,
-            packed_weights=cfg.rollout.packed_weights,
-        )
+        gens = generate(model, tok, [e.prompt for e in examples], **rollout_options(cfg.rollout, temperature=0.0))
         rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
@@ -97,11 +93,8 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
     """Sample ``eval.n`` completions per question; add their answers to ``rows``; maj@K and pass@K."""
     n = cfg.eval.n
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed)
-    gens = generate(
-        model, tok, [e.prompt for e in examples for _ in range(n)], max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, batch_size=cfg.rollout.batch_size,
-        generator=generator, cuda_graphs=cfg.rollout.cuda_graphs, packed_weights=cfg.rollout.packed_weights,
-    )
+    gens = generate(model, tok, [e.prompt for e in examples for _ in range(n)], generator=generator,
+                    **rollout_options(cfg.rollout))
     answers = [[extract_answer(g.text) for g in gens[i * n:(i + 1) * n]] for i in range(len(examples))]
     for row, found in zip(rows, answers):
         row["sampled"] = found

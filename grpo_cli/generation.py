@@ -246,6 +246,15 @@ def generate_ids(
     return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, packed_weights=packed_weights, **kwargs)
 
 
+def rollout_options(rollout, **overrides) -> dict:
+    """:func:`generate`'s keyword arguments from a ``RolloutConfig`` (a recipe's ``rollout:``), with
+    ``overrides`` on top: the one place every rollout setting reaches the engine from."""
+    options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                   batch_size=rollout.batch_size, cuda_graphs=rollout.cuda_graphs,
+                   packed_weights=rollout.packed_weights)
+    return {**options, **overrides}
+
+
 def generate(
     model,
     tokenizer,

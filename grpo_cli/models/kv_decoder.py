@@ -103,24 +103,35 @@ def causal_mask(real: torch.Tensor) -> torch.Tensor:
     return ((causal & real[:, None, :]) | torch.eye(T, dtype=torch.bool, device=real.device))[:, None]
 
 
-def linear_weights(module: torch.nn.Module):
-    """(weight, bias) that ``module(x)`` applies in eval mode, or None if that is not a plain affine map:
-    an ``nn.Linear``'s own, or for a peft LoRA layer its base weight plus every active adapter's
-    ``scaling * B @ A`` (peft's ``get_delta_weight``; merging changes only the rounding)."""
+def _adapters(module: torch.nn.Module) -> list:
+    """The active LoRA adapters of a peft layer."""
+    return [a for a in module.active_adapters if a in module.lora_A]
+
+
+def is_affine(module: torch.nn.Module) -> bool:
+    """Whether ``module(x)`` in eval mode is ``x @ W.T + b`` for :func:`linear_weights` to give: an
+    ``nn.Linear``, or a peft LoRA layer over one with plain adapters (not DoRA or other variants, no
+    bias on B, and not merged-then-disabled, whose forward would unmerge first)."""
     if type(module) is torch.nn.Linear:
-        return module.weight, module.bias
+        return True
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
-        return None
-    adapters = [a for a in module.active_adapters if a in module.lora_A]
+        return False
     if module.merged and module.disable_adapters:
-        return None  # its forward would unmerge first
-    if any(a in module.lora_variant or module.lora_bias[a] for a in adapters):
-        return None  # DoRA and other variants, bias on B: not a plain sum
+        return False
+    return not any(a in module.lora_variant or module.lora_bias[a] for a in _adapters(module))
+
+
+def linear_weights(module: torch.nn.Module):
+    """(weight, bias) of an :func:`is_affine` module: an ``nn.Linear``'s own, or for a peft LoRA layer its
+    base weight plus every active adapter's ``scaling * B @ A`` (peft's ``get_delta_weight``; merging
+    changes only the rounding)."""
+    if type(module) is torch.nn.Linear:
+        return module.weight, module.bias
     weight = module.base_layer.weight
     if not (module.merged or module.disable_adapters):
-        for a in adapters:
+        for a in _adapters(module):
             weight = weight + module.get_delta_weight(a).to(weight.dtype)
     return weight, module.base_layer.bias
 
@@ -184,7 +195,7 @@ def packing_unsupported(model: torch.nn.Module) -> Optional[str]:
             return "unexpected MLP layout"
         projections = [getattr(layer.self_attn, f"{n}_proj") for n in "qkvo"]
         projections += [layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj]
-        if any(linear_weights(m) is None for m in projections):
+        if not all(is_affine(m) for m in projections):
             return "a projection that is neither nn.Linear nor a plain LoRA layer"
     return None
 

@@ -59,11 +59,12 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     rotate, attention, bool_mask = model_functions(base)
     dtype = attention_dtype(decoder.embed_tokens.weight)
     real = torch.ones(1, L, dtype=torch.bool, device=x.device)
-    mask = None if bool_mask else additive(causal_mask(real), dtype)  # sdpa: is_causal; eager: [1, 1, L, L]
     dev = x.device.type
     if dev == "cpu" and torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
         attention, dtype = bf16_matmul_attention, torch.bfloat16
         mask = additive(causal_mask(real)[0, 0], dtype)  # [L, L]: 0 on and below the diagonal
+    else:
+        mask = None if bool_mask else additive(causal_mask(real), dtype)  # sdpa: is_causal; eager: [1, 1, L, L]
     # Under autocast every projection casts its input: cast once for q/k/v and once for gate/up, so
     # backward keeps one bf16 copy instead of three and two (the same values).
     compute = (lambda t: t.to(torch.get_autocast_dtype(dev))) if torch.is_autocast_enabled(dev) else (lambda t: t)

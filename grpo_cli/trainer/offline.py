@@ -46,12 +46,11 @@ def sample_questions(policy, examples: List[Example], questions: List[int], *, k
 
 def _scored_samples(policy, examples: List[Example], idx: List[int], rollout, reward, generator) -> List[Sample]:
     """One completion per entry of ``idx`` (question indices, repeated k times), with its reward."""
-    from grpo_cli.generation import generate
+    from grpo_cli.generation import generate, rollout_options
 
     gens = generate(
-        policy.model, policy.tokenizer, [examples[q].prompt for q in idx], max_new_tokens=rollout.max_new_tokens,
-        temperature=rollout.temperature, top_p=rollout.top_p, batch_size=rollout.batch_size, generator=generator,
-        cuda_graphs=rollout.cuda_graphs, packed_weights=rollout.packed_weights,
+        policy.model, policy.tokenizer, [examples[q].prompt for q in idx], generator=generator,
+        **rollout_options(rollout),
     )
     ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
     batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],

@@ -192,17 +192,14 @@ class OnlineSource:
         self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:
-        from grpo_cli.generation import generate
+        from grpo_cli.generation import generate, rollout_options
         from grpo_cli.rewards.answer import answers_match, extract_answer
 
         questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
-        gens = generate(
-            policy.model, policy.tokenizer, [ex.prompt for ex in chosen], max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature, top_p=r.top_p, batch_size=r.batch_size, generator=self.generator,
-            cuda_graphs=r.cuda_graphs, packed_weights=r.packed_weights,
-        )
+        gens = generate(policy.model, policy.tokenizer, [ex.prompt for ex in chosen], generator=self.generator,
+                        **rollout_options(r))
         ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
         correct = [answers_match(extract_answer(g.text), ex.answer) for g, ex in zip(gens, chosen)]
         batch = Batch(
