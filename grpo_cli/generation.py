@@ -102,17 +102,18 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
-                   cuda_graphs=True, packed_weights=True):
+                   cuda_graphs=True, packed_weights=True, compile_attention=True):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
-    ``packed_weights``, from fused oneDNN-packed projections)."""
+    ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_attention`` each
+    step's attention compiled)."""
     from grpo_cli.models.kv_decoder import KVDecoder, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
         return [[] for _ in prompt_ids]
-    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights)
+    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compile_attention)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
@@ -223,6 +224,7 @@ def generate_ids(
     engine: str = "auto",
     cuda_graphs: bool = True,
     packed_weights: bool = True,
+    compile_attention: bool = True,
 ) -> List[List[int]]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
 
@@ -230,7 +232,8 @@ def generate_ids(
     the model is supported, else ``reference``), ``fast`` or ``reference``. ``cuda_graphs``: on a
     GPU the fast engine replays each decode step as a CUDA graph (``rollout.cuda_graphs``).
     ``packed_weights``: on a CPU it runs from fused, oneDNN-packed projections
-    (``rollout.packed_weights``; the same arithmetic up to GEMM rounding).
+    (``rollout.packed_weights``; the same arithmetic up to GEMM rounding). ``compile_attention``: on a
+    CPU each decode step's attention is one compiled kernel (``rollout.compile_attention``).
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
 
@@ -243,7 +246,8 @@ def generate_ids(
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, packed_weights=packed_weights, **kwargs)
+    return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, packed_weights=packed_weights,
+                          compile_attention=compile_attention, **kwargs)
 
 
 def rollout_options(rollout, **overrides) -> dict:
@@ -251,7 +255,7 @@ def rollout_options(rollout, **overrides) -> dict:
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
     options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                    batch_size=rollout.batch_size, cuda_graphs=rollout.cuda_graphs,
-                   packed_weights=rollout.packed_weights)
+                   packed_weights=rollout.packed_weights, compile_attention=rollout.compile_attention)
     return {**options, **overrides}
 
 
@@ -268,6 +272,7 @@ def generate(
     engine: str = "auto",
     cuda_graphs: bool = True,
     packed_weights: bool = True,
+    compile_attention: bool = True,
 ) -> List[Generation]:
     """Sample one completion per prompt (repeat a prompt G times for a group)."""
     was_training = model.training
@@ -280,7 +285,7 @@ def generate(
         rows = generate_ids(
             model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, generator=generator, engine=engine, cuda_graphs=cuda_graphs,
-            packed_weights=packed_weights,
+            packed_weights=packed_weights, compile_attention=compile_attention,
         )
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))

@@ -13,11 +13,13 @@ token for token with HF's.
 
 Engines: ``hf`` (``model.generate``), ``hf-static`` (``generate`` with ``cache_implementation="static"``,
 which transformers compiles with ``torch.compile``), ``fast`` (our rollout engine: ``grpo_cli.generation``
-with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay), ``fast-eager`` (on a GPU, the
-engine without CUDA graphs), ``reference`` (our simple loop over ``model(...)`` and a DynamicCache, the
-engine before the rollout engine existed). All run in one process after one warm-up run each,
-alternately in ``--repeats`` rounds so that load from other processes hits them alike; the table
-shows medians. "others' CPU" is the largest share of the machine that other processes used during
+with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay, on a CPU each step's attention
+is compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdpa`` (on a CPU, the
+engine with SDPA instead of the compiled attention), ``reference`` (our simple loop over ``model(...)``
+and a DynamicCache, the engine before the rollout engine existed). All run in one process after one
+warm-up run each, alternately in ``--repeats`` rounds so that load from other processes hits them
+alike; the table shows medians. "first run s" is the warm-up run: it includes what an engine does
+once per process (``torch.compile`` of the decode attention, cached on disk across processes). "others' CPU" is the largest share of the machine that other processes used during
 any run of that row (/proc/stat minus this process's CPU time): rows taken while it is well above
 0% are not representative.
 """
@@ -108,6 +110,10 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
     return run
 
 
+FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False))}
+"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``)."""
+
+
 def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     import torch
 
@@ -130,11 +136,11 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
         return run
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
-    engine, graphs = ("fast", False) if name == "fast-eager" else (name, True)
+    engine, options = FAST_VARIANTS.get(name, (name, {}))
 
     def run():
         return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                            temperature=temperature, generator=gen, engine=engine, cuda_graphs=graphs)
+                            temperature=temperature, generator=gen, engine=engine, **options)
     return run
 
 
@@ -142,8 +148,10 @@ def measure(engines, model, tok, prompt_ids, new_tokens, mode, repeats, precisio
     """{engine: {"times": [...], "others": max share, "tokens": generated, "rows": greedy output}}."""
     fns = {e: engine_fn(e, model, tok, prompt_ids, new_tokens, mode, precision) for e in engines}
     res = {e: {"times": [], "others": 0.0} for e in engines}
-    for e, fn in fns.items():  # warm-up: thread pools, allocator, lazy imports
+    for e, fn in fns.items():  # warm-up: thread pools, allocator, lazy imports, compiling
+        start = time.perf_counter()
         rows = fn()
+        res[e]["first"] = time.perf_counter() - start
         res[e]["rows"], res[e]["tokens"] = rows, sum(len(r) for r in rows)
     for _ in range(repeats):
         for e, fn in fns.items():
@@ -165,7 +173,7 @@ def print_table(res, mode, batch, new_tokens, ref="hf"):
             same = "yes" if r["rows"] == res[ref]["rows"] else f"NO ({100 * equal:.0f}% of tokens)"
         ratio = f"{base / t:.2f}x" if base else ""
         print(f"| {mode} | {batch}x{new_tokens} | {e} | {r['tokens'] / t:.0f} | {ratio} | {t:.2f} | "
-              f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | "
+              f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | {r['first']:.2f} | "
               f"{100 * r['others']:.0f}% | {same} |", flush=True)
 
 
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; each runs every engine once")
     ap.add_argument("--engines", default="hf,fast",
                     help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
-                         "fast-eager (on a GPU: without CUDA graphs), reference")
+                         "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: SDPA instead of "
+                         "the compiled decode attention), reference")
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
@@ -198,8 +207,8 @@ def main(argv=None) -> int:
           f"repeats {args.repeats}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
     print("| mode | B x N | engine | tokens/s | speed vs hf | s (median) | ms/token step | range s | "
-          "others' CPU | same tokens as hf |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "first run s | others' CPU | same tokens as hf |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     engines = args.engines.split(",")
     for mode in args.modes.split(","):
         res = measure(engines, model, tok, prompt_ids, args.new_tokens, mode, args.repeats, args.precision)

@@ -76,6 +76,10 @@ def chaotic_tiny_model(**overrides):
     return model.eval(), tok
 
 
+EXACT = dict(packed_weights=False, compile_attention=False)
+"""The fast engine on the model's modules and attention function: HF's arithmetic, rounding included."""
+
+
 def rows_of(model, tok, engine, n=24, **kw):
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
     return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
@@ -102,7 +106,7 @@ def count_compactions(monkeypatch) -> list:
 def test_fast_engine_greedy_equals_hf_generate_with_padding_and_early_stops(monkeypatch):
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
-    ours = rows_of(model, tok, "fast", packed_weights=False)  # the model's modules: HF's exact arithmetic
+    ours = rows_of(model, tok, "fast", **EXACT)
     assert compactions and compactions[-1] < len(PROMPTS)  # finished rows left the batch
     eos = tok.eos_token_id
     stops = {row.index(eos) if eos in row else None for row in ours}
@@ -117,7 +121,7 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
     fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3),
-                   packed_weights=False)
+                   **EXACT)
     ref = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
@@ -143,7 +147,7 @@ def test_fast_engine_with_grouped_query_attention_and_eager_attention():
     for attn in ("sdpa", "eager"):
         model, tok = gqa_model(attn)
         assert model.config._attn_implementation == attn
-        assert rows_of(model, tok, "fast", packed_weights=False) == hf_rows(model, tok)
+        assert rows_of(model, tok, "fast", **EXACT) == hf_rows(model, tok)
 
 
 def test_fast_engine_applies_lora_adapters():
@@ -155,15 +159,15 @@ def test_fast_engine_applies_lora_adapters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a trained-looking adapter (fresh ones are zero)
     with model.disable_adapter():
-        assert rows_of(model, tok, "fast", packed_weights=False) == base
-    adapted = rows_of(model, tok, "fast", packed_weights=False)
+        assert rows_of(model, tok, "fast", **EXACT) == base
+    adapted = rows_of(model, tok, "fast", **EXACT)
     assert adapted == rows_of(model, tok, "reference") and adapted != base
 
 
 # --- packed weights (CPU): fused q|k|v and gate|up GEMMs on oneDNN-packed copies, LoRA merged ---
 
 @torch.no_grad()
-def decoder_logits(model, tok, packed: bool, steps: int = 4):
+def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = False):
     """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
     fed fixed tokens (the same on both paths, whatever they would sample)."""
     from grpo_cli.generation import _left_pad
@@ -171,7 +175,7 @@ def decoder_logits(model, tok, packed: bool, steps: int = 4):
 
     ids, attn = _left_pad(tok(PROMPTS, add_special_tokens=False)["input_ids"], tok.pad_token_id, "cpu")
     (B, T0), pos = ids.shape, position_ids(attn)
-    decoder = KVDecoder(model, B, T0 + steps, packed=packed)
+    decoder = KVDecoder(model, B, T0 + steps, packed=packed, compiled=compiled)
     assert (decoder.packed is not None) == packed
     keys = torch.ones(B, T0 + steps, dtype=torch.bool)
     keys[:, :T0] = attn.bool()
@@ -249,6 +253,76 @@ def test_layers_that_are_not_plain_linear_maps_are_not_packed():
     assert rows_of(model, tok, "fast") == rows_of(model, tok, "reference")
 
 
+# --- compiled decode attention (CPU): rotary, cache write and single-query attention in one kernel ---
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_decode_attention_is_sdpa_over_the_written_cache(compiled):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from grpo_cli.models.kv_decoder import compiled_decode_attention, decode_attention
+
+    torch.manual_seed(0)
+    B, H, Hkv, D, T_max, L = 3, 4, 2, 8, 9, 6  # 2 queries per key head; columns 0..5 filled, 5 is new
+    q, k, v = torch.randn(B, 1, H * D), torch.randn(B, 1, Hkv * D), torch.randn(B, 1, Hkv * D)
+    cos, sin = torch.randn(B, 1, D), torch.randn(B, 1, D)
+    keys, values = torch.randn(B, Hkv, T_max, D), torch.randn(B, Hkv, T_max, D)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, :2] = False  # a left-padded row
+    expected_keys, expected_values = keys.clone(), values.clone()
+    fn = compiled_decode_attention() if compiled else decode_attention
+    with torch.no_grad():
+        out = fn(apply_rotary_pos_emb, q, k, v, cos, sin, keys, values, mask, D ** -0.5)
+    qr, kr = apply_rotary_pos_emb(q.view(B, 1, H, D).transpose(1, 2), k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)
+    expected_keys[:, :, L - 1] = kr[:, :, 0]
+    expected_values[:, :, L - 1] = v.view(B, Hkv, D)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        qr, expected_keys[:, :, :L], expected_values[:, :, :L], attn_mask=mask[:, None, None], enable_gqa=True)
+    assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)  # only column 5 changed
+    torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager"])
+def test_compiled_attention_gives_the_sdpa_logits(kind):
+    from grpo_cli.models.kv_decoder import COMPILE_ERRORS
+
+    family, _, attn = kind.partition("-")
+    model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(attn)
+    compiled = decoder_logits(model, tok, packed=False, compiled=True)
+    assert not COMPILE_ERRORS  # it compiled: the environment has what Inductor needs
+    # fp32 both ways; the scores and weighted sums are summed in another order than SDPA's
+    torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=False), rtol=1e-5, atol=1e-5)
+    if kind == "chaotic":
+        assert rows_of(model, tok, "fast", packed_weights=False) == rows_of(model, tok, "fast", **EXACT)
+
+
+def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
+    import grpo_cli.models.kv_decoder as kv_decoder
+    from grpo_cli.models.policy import autocast
+
+    def broken():
+        def fn(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found\n(details)")
+        return fn
+    monkeypatch.setattr(kv_decoder, "compiled_decode_attention", broken)
+    monkeypatch.setattr(kv_decoder, "COMPILE_ERRORS", [])
+    model, tok = chaotic_tiny_model()
+    with pytest.warns(RuntimeWarning, match="torch.compile failed \\(InductorError: no working C\\+\\+ compiler found\\)"):
+        fallen = decoder_logits(model, tok, packed=False, compiled=True)
+    assert torch.equal(fallen, decoder_logits(model, tok, packed=False))  # fp32: exactly the SDPA path
+    assert len(kv_decoder.COMPILE_ERRORS) == 1
+    with autocast("bf16", torch.device("cpu")), torch.no_grad():
+        later = KVDecoder(model, 2, 8, compiled=True)
+    assert not later.compiled and later.k.dtype == torch.float32  # later decoders do not try again
+    kv_decoder.COMPILE_ERRORS.clear()
+    with autocast("bf16", torch.device("cpu")), torch.no_grad():
+        decoder = KVDecoder(model, 2, 8, compiled=True)
+        assert decoder.k.dtype == torch.bfloat16
+        with pytest.warns(RuntimeWarning):
+            decoder(torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), 0,
+                    torch.ones(2, 1, 1, 1, dtype=torch.bool))
+    assert not decoder.compiled and decoder.k.dtype == decoder.v.dtype == torch.float32  # the cache was upcast
+
+
 def test_unsupported_models_fall_back_to_the_reference_loop():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -262,11 +336,12 @@ def test_unsupported_models_fall_back_to_the_reference_loop():
         generate(model, tok, PROMPTS[:2], max_new_tokens=5, engine="fast")
 
 
-def test_fast_engine_under_bf16_autocast_keeps_an_fp32_cache_on_cpu_and_follows_hf(monkeypatch):
-    # trainer.precision=bf16: projections and MLP in bf16; on CPU attention and its cache stay fp32
-    # (faster there) and the head stays fp32, so tokens may differ from HF's all-bf16 arithmetic
-    # only where two logits are within bf16 rounding.
-    from grpo_cli.models.kv_decoder import KVDecoder
+@pytest.mark.parametrize("compiled", [True, False])
+def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
+    # trainer.precision=bf16: projections and MLP in bf16, the head in fp32; on CPU attention computes
+    # in fp32, over a bf16 cache when compiled (half the bytes a step reads), else over an fp32 one.
+    # Tokens may differ from HF's all-bf16 arithmetic only where two logits are within bf16 rounding.
+    from grpo_cli.models.kv_decoder import COMPILE_ERRORS, KVDecoder
     from grpo_cli.models.policy import autocast
 
     model, tok = chaotic_tiny_model()
@@ -274,8 +349,8 @@ def test_fast_engine_under_bf16_autocast_keeps_an_fp32_cache_on_cpu_and_follows_
     init = KVDecoder.__init__
     monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or dtypes.append(self.k.dtype))
     with autocast("bf16", torch.device("cpu")):
-        ours, hf = rows_of(model, tok, "fast"), hf_rows(model, tok)
-    assert dtypes == [torch.float32]
+        ours, hf = rows_of(model, tok, "fast", compile_attention=compiled), hf_rows(model, tok)
+    assert dtypes == [torch.bfloat16 if compiled else torch.float32] and not COMPILE_ERRORS
     pairs = [(a, b) for r, h in zip(ours, hf) for a, b in zip(r, h)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
 
