@@ -20,6 +20,7 @@ from typing import List, Optional
 
 import torch
 
+from grpo_cli.config.schema import RolloutConfig
 from grpo_cli.trainer.batch import position_ids
 
 ENGINES = ("auto", "fast", "reference")
@@ -102,18 +103,20 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
-                   cuda_graphs=True, packed_weights=True, compile_attention=True):
+                   cuda_graphs=True, packed_weights=True, compile_attention=True,
+                   compile_attention_min_mib=RolloutConfig.compile_attention_min_mib):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_attention`` each
-    step's attention compiled)."""
-    from grpo_cli.models.kv_decoder import KVDecoder, causal_mask
+    step's attention compiled where the batch's cache reaches ``compile_attention_min_mib``)."""
+    from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
         return [[] for _ in prompt_ids]
-    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compile_attention)
+    compiled = compile_attention and cache_mib(model, B, T0 + max_new_tokens) >= compile_attention_min_mib
+    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compiled)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
@@ -225,6 +228,7 @@ def generate_ids(
     cuda_graphs: bool = True,
     packed_weights: bool = True,
     compile_attention: bool = True,
+    compile_attention_min_mib: float = RolloutConfig.compile_attention_min_mib,
 ) -> List[List[int]]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
 
@@ -233,7 +237,8 @@ def generate_ids(
     GPU the fast engine replays each decode step as a CUDA graph (``rollout.cuda_graphs``).
     ``packed_weights``: on a CPU it runs from fused, oneDNN-packed projections
     (``rollout.packed_weights``; the same arithmetic up to GEMM rounding). ``compile_attention``: on a
-    CPU each decode step's attention is one compiled kernel (``rollout.compile_attention``).
+    CPU each decode step's attention is one compiled kernel (``rollout.compile_attention``), for batches
+    whose KV cache is at least ``compile_attention_min_mib`` (``rollout.compile_attention_min_mib``).
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
 
@@ -247,7 +252,8 @@ def generate_ids(
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
     return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, packed_weights=packed_weights,
-                          compile_attention=compile_attention, **kwargs)
+                          compile_attention=compile_attention, compile_attention_min_mib=compile_attention_min_mib,
+                          **kwargs)
 
 
 def rollout_options(rollout, **overrides) -> dict:
@@ -255,7 +261,8 @@ def rollout_options(rollout, **overrides) -> dict:
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
     options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                    batch_size=rollout.batch_size, cuda_graphs=rollout.cuda_graphs,
-                   packed_weights=rollout.packed_weights, compile_attention=rollout.compile_attention)
+                   packed_weights=rollout.packed_weights, compile_attention=rollout.compile_attention,
+                   compile_attention_min_mib=rollout.compile_attention_min_mib)
     return {**options, **overrides}
 
 
@@ -273,6 +280,7 @@ def generate(
     cuda_graphs: bool = True,
     packed_weights: bool = True,
     compile_attention: bool = True,
+    compile_attention_min_mib: float = RolloutConfig.compile_attention_min_mib,
 ) -> List[Generation]:
     """Sample one completion per prompt (repeat a prompt G times for a group)."""
     was_training = model.training
@@ -286,6 +294,7 @@ def generate(
             model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
             temperature=temperature, top_p=top_p, generator=generator, engine=engine, cuda_graphs=cuda_graphs,
             packed_weights=packed_weights, compile_attention=compile_attention,
+            compile_attention_min_mib=compile_attention_min_mib,
         )
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))

@@ -292,7 +292,40 @@ def test_compiled_attention_gives_the_sdpa_logits(kind):
     # fp32 both ways; the scores and weighted sums are summed in another order than SDPA's
     torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=False), rtol=1e-5, atol=1e-5)
     if kind == "chaotic":
-        assert rows_of(model, tok, "fast", packed_weights=False) == rows_of(model, tok, "fast", **EXACT)
+        compiled_rows = rows_of(model, tok, "fast", packed_weights=False, compile_attention_min_mib=0)
+        assert compiled_rows == rows_of(model, tok, "fast", **EXACT)
+
+
+def test_compiled_attention_compiles_once_for_every_batch_shape():
+    # Batch size, prompt lengths, cache length, filled columns and rows dropped mid-batch all vary;
+    # the dynamic-shape graph must serve them all (a recompile costs seconds, and past torch's
+    # limit dynamo would run the uncompiled sums, materialising [B, H, L, D] per layer).
+    from torch._dynamo.utils import counters
+
+    model, tok = chaotic_tiny_model()
+    prompts = [p * r for p in PROMPTS for r in (1, 2)]
+    rows_of(model, tok, "fast", n=6, compile_attention_min_mib=0)  # compiles, if no earlier test did
+    graphs = counters["stats"]["unique_graphs"]
+    for n, (first, last), seed in [(20, (0, 8), 0), (9, (2, 7), 1), (31, (1, 3), 2), (13, (0, 12), 3)]:
+        ids = tok(prompts[first:last], add_special_tokens=False)["input_ids"]
+        generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
+                     temperature=1.0, generator=torch.Generator().manual_seed(seed), compile_attention_min_mib=0)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatch):
+    from grpo_cli.models.kv_decoder import cache_mib
+
+    model, tok = chaotic_tiny_model()  # 2 layers, 4 key/value heads of 16
+    # k and v x 2 layers x 6 rows x 4 heads x (12 prompt + 24 new) columns x 16 x 4 bytes = 221184 B
+    assert cache_mib(model, 6, 36) == 221184 / 2**20
+    compiled = []
+    init = KVDecoder.__init__
+    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or compiled.append(self.compiled))
+    for threshold in (0.22, 0.21):  # MiB: just above and below the batch's 0.2109
+        rows_of(model, tok, "fast", compile_attention_min_mib=threshold)
+    rows_of(model, tok, "fast")  # the default, 32 MiB
+    assert compiled == [False, True, False]
 
 
 def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
@@ -349,7 +382,8 @@ def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
     init = KVDecoder.__init__
     monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or dtypes.append(self.k.dtype))
     with autocast("bf16", torch.device("cpu")):
-        ours, hf = rows_of(model, tok, "fast", compile_attention=compiled), hf_rows(model, tok)
+        ours = rows_of(model, tok, "fast", compile_attention=compiled, compile_attention_min_mib=0)
+        hf = hf_rows(model, tok)
     assert dtypes == [torch.bfloat16 if compiled else torch.float32] and not COMPILE_ERRORS
     pairs = [(a, b) for r, h in zip(ours, hf) for a, b in zip(r, h)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)

@@ -122,14 +122,23 @@ def decode_attention(rotate, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out.reshape(B, 1, -1).to(out_dtype)
 
 
+def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
+    """MiB of an fp32 KV cache for ``batch_size`` rows of ``max_len`` tokens: k and v, every layer."""
+    base = _base(model)
+    head_dim = base.model.layers[0].self_attn.head_dim
+    elements = 2 * len(base.model.layers) * batch_size * base.config.num_key_value_heads * max_len * head_dim
+    return 4 * elements / 2**20
+
+
 COMPILE_ERRORS: list = []
 """Errors of compiling :func:`decode_attention` in this process: after the first, decoders use SDPA."""
 
 
 @functools.cache
 def compiled_decode_attention():
-    """:func:`decode_attention` compiled by Inductor with dynamic shapes (one compile per process and
-    dtype, cached on disk; the batch shrinking to one row compiles once more). On the benchmark's CPU
+    """:func:`decode_attention` compiled by Inductor with dynamic shapes (one compile per process,
+    dtype and attention layout, cached on disk; batches of one row take SDPA instead, which a size-1
+    dimension would compile again). On the benchmark's CPU
     it reads a bf16 cache in 3.3 ms per step where SDPA takes 6.1 ms over the fp32 one, whose
     per-(row, head) kernel calls reach a third of the memory bandwidth (docs/performance.md)."""
     return torch.compile(decode_attention, dynamic=True)
