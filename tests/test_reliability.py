@@ -263,6 +263,21 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
     assert all(p.grad is None for p in ckpt.policy.model.parameters())
 
 
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_heap_is_trimmed_after_every_cpu_step_when_enabled(tmp_path, monkeypatch, enabled):
+    calls = []
+    monkeypatch.setattr(loop, "trim_heap", lambda: calls.append(1) or True)
+    loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", f"trainer.trim_memory={enabled}",
+                       f"output_dir={tmp_path}"))
+    assert len(calls) == (3 if enabled else 0)
+
+
+def test_trim_heap_calls_glibc_where_there_is_one():
+    import platform
+
+    assert loop.trim_heap() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
 def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     original, calls = SFT.loss, []
 

@@ -18,6 +18,9 @@ An update whose loss or gradient is not finite is skipped and counted (``skipped
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import functools
 import math
 import random
 import shutil
@@ -204,6 +207,25 @@ def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Po
     return batch, metrics, timers
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+def trim_heap() -> bool:
+    """Return the free memory at the top of glibc's heaps and in its free pages to the OS; whether
+    the C library could. Freed tensors of ever-changing shapes otherwise stay in the process."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
 def train(cfg: DictConfig) -> Path:
     """Run the configured method; returns the run directory. Launched by torchrun, every rank runs
     it as one process of a data-parallel run (docs/distributed.md)."""
@@ -248,6 +270,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
             batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist)
+            if cfg.trainer.trim_memory and device.type == "cpu":
+                trim_heap()
             skipped = metrics.pop("skipped")
             progress.skipped_steps += skipped
             progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0
