@@ -264,12 +264,44 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_the_heap_is_trimmed_after_every_cpu_step_when_enabled(tmp_path, monkeypatch, enabled):
+def test_the_heap_is_trimmed_after_cpu_steps_when_enabled(tmp_path, monkeypatch, enabled):
     calls = []
     monkeypatch.setattr(loop, "trim_heap", lambda: calls.append(1) or True)
+    init = loop.HeapTrimmer.__init__
+    monkeypatch.setattr(loop.HeapTrimmer, "__init__", lambda self: init(self, grow_bytes=0, share=1e9))
     loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", f"trainer.trim_memory={enabled}",
                        f"output_dir={tmp_path}"))
-    assert len(calls) == (3 if enabled else 0)
+    assert len(calls) == (3 if enabled else 0)  # no growth needed and a share this large: every step
+
+
+def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
+    clock = [0.0]
+
+    def trim():  # each trim takes 0.05 s of the clock
+        clock[0] += 0.05
+        return True
+    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(loop, "trim_heap", trim)
+    trimmer, done = loop.HeapTrimmer(grow_bytes=0, share=0.02), []
+    for _ in range(100):  # steps of 0.2 s: 20 s of steps
+        clock[0] += 0.2
+        done.append(trimmer.after_step())
+    # after a trim of 0.05 s the next waits 0.05 / 0.02 = 2.5 s, i.e. 13 steps of 0.2 s (+ the trim):
+    # trims at steps 1, 14, 27, ..., 92: 8 trims, 0.4 s in 20.4 s of the clock, under 2%
+    assert [i for i, d in enumerate(done) if d] == list(range(0, 100, 13))
+    assert 0.05 * sum(done) / clock[0] <= 0.02
+
+
+def test_trimming_waits_for_the_rss_to_grow(monkeypatch):
+    rss = [1000 << 20]
+    monkeypatch.setattr(loop, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(loop, "trim_heap", lambda: rss.__setitem__(0, rss[0] - (30 << 20)) or True)  # frees 30 MB
+    trimmer = loop.HeapTrimmer(grow_bytes=64 << 20, share=1.0)
+    assert trimmer.after_step() and trimmer.level == 970 << 20  # the first step trims
+    rss[0] += 40 << 20  # 1010 MB: grown 40 MB since the trim
+    assert not trimmer.after_step()
+    rss[0] += 30 << 20  # 1040 MB: grown 70 MB
+    assert trimmer.after_step() and trimmer.level == 1010 << 20
 
 
 def test_trim_heap_calls_glibc_where_there_is_one():

@@ -420,10 +420,10 @@ class TrainerConfig:
     ``gradient_checkpointing_enable``, non-reentrant): activation memory of one block instead of all,
     for about one more forward pass of compute in every training micro-batch."""
     trim_memory: bool = True
-    """On a CPU with glibc, hand the heap memory of freed tensors back to the OS after every step
-    (``malloc_trim``): glibc otherwise keeps it, and a run's RSS creeps up with every batch shape
-    (GRPO on the benchmark model, 20 steps: peak RSS 1588 MB against 1852 MB, step times within
-    their spread; docs/performance.md). Not on GPUs, whose steps are too short for its 30-110 ms."""
+    """On a CPU with glibc, hand the heap memory of freed tensors back to the OS after a step once the
+    RSS has grown by 256 MB since the last time (``malloc_trim``; at most 5% of the wall time): glibc
+    otherwise keeps that memory, and a run's RSS creeps up with every batch shape (GRPO on the
+    benchmark model, 20 steps: peak RSS 1852 MB untrimmed; docs/performance.md). Not on GPUs."""
     save_every: int = 0
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2
