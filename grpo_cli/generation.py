@@ -101,6 +101,10 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 
 
+FAST_OPTIONS = ("cuda_graphs", "packed_weights", "compile_attention", "compile_attention_min_mib")
+"""The fast engine's switches: :func:`_generate_fast`'s keyword arguments named as the rollout config's fields."""
+
+
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
                    cuda_graphs=True, packed_weights=True, compile_attention=True,
@@ -225,25 +229,22 @@ def generate_ids(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
-    cuda_graphs: bool = True,
-    packed_weights: bool = True,
-    compile_attention: bool = True,
-    compile_attention_min_mib: float = RolloutConfig.compile_attention_min_mib,
+    **engine_options,
 ) -> List[List[int]]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
 
     ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
-    the model is supported, else ``reference``), ``fast`` or ``reference``. ``cuda_graphs``: on a
-    GPU the fast engine replays each decode step as a CUDA graph (``rollout.cuda_graphs``).
-    ``packed_weights``: on a CPU it runs from fused, oneDNN-packed projections
-    (``rollout.packed_weights``; the same arithmetic up to GEMM rounding). ``compile_attention``: on a
-    CPU each decode step's attention is one compiled kernel (``rollout.compile_attention``), for batches
-    whose KV cache is at least ``compile_attention_min_mib`` (``rollout.compile_attention_min_mib``).
+    the model is supported, else ``reference``), ``fast`` or ``reference``. ``engine_options``: the
+    fast engine's switches (:data:`FAST_OPTIONS`, each documented as the ``rollout.`` field of the
+    same name); the reference loop has none.
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
+    unknown = sorted(set(engine_options) - set(FAST_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown rollout engine options {unknown}; expected some of {FAST_OPTIONS}")
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
@@ -251,18 +252,14 @@ def generate_ids(
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, cuda_graphs=cuda_graphs, packed_weights=packed_weights,
-                          compile_attention=compile_attention, compile_attention_min_mib=compile_attention_min_mib,
-                          **kwargs)
+    return _generate_fast(model, prompt_ids, **engine_options, **kwargs)
 
 
 def rollout_options(rollout, **overrides) -> dict:
     """:func:`generate`'s keyword arguments from a ``RolloutConfig`` (a recipe's ``rollout:``), with
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
     options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                   batch_size=rollout.batch_size, cuda_graphs=rollout.cuda_graphs,
-                   packed_weights=rollout.packed_weights, compile_attention=rollout.compile_attention,
-                   compile_attention_min_mib=rollout.compile_attention_min_mib)
+                   batch_size=rollout.batch_size, **{name: getattr(rollout, name) for name in FAST_OPTIONS})
     return {**options, **overrides}
 
 
@@ -277,12 +274,10 @@ def generate(
     batch_size: int = 64,
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
-    cuda_graphs: bool = True,
-    packed_weights: bool = True,
-    compile_attention: bool = True,
-    compile_attention_min_mib: float = RolloutConfig.compile_attention_min_mib,
+    **engine_options,
 ) -> List[Generation]:
-    """Sample one completion per prompt (repeat a prompt G times for a group)."""
+    """Sample one completion per prompt (repeat a prompt G times for a group); ``engine`` and
+    ``engine_options`` as in :func:`generate_ids`."""
     was_training = model.training
     model.eval()
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -292,9 +287,7 @@ def generate(
         chunk = encoded[i : i + batch_size]
         rows = generate_ids(
             model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator, engine=engine, cuda_graphs=cuda_graphs,
-            packed_weights=packed_weights, compile_attention=compile_attention,
-            compile_attention_min_mib=compile_attention_min_mib,
+            temperature=temperature, top_p=top_p, generator=generator, engine=engine, **engine_options,
         )
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))

@@ -356,6 +356,13 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
     assert not decoder.compiled and decoder.k.dtype == decoder.v.dtype == torch.float32  # the cache was upcast
 
 
+def test_unknown_engine_options_are_refused_whatever_the_engine():
+    model, tok = chaotic_tiny_model()
+    for engine in ("fast", "reference"):
+        with pytest.raises(TypeError, match=r"unknown rollout engine options \['compile_atention'\]"):
+            rows_of(model, tok, engine, n=2, compile_atention=False)
+
+
 def test_unsupported_models_fall_back_to_the_reference_loop():
     from transformers import GPT2Config, GPT2LMHeadModel
 

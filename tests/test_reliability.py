@@ -26,7 +26,7 @@ from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import load_model_and_tokenizer
 from grpo_cli.rewards.registry import build_reward
-from grpo_cli.trainer import loop
+from grpo_cli.trainer import loop, memory
 from grpo_cli.trainer.batch import Batch, pack
 from grpo_cli.trainer.checkpoint import (
     STATE_FILE, Checkpointer, Progress, latest_checkpoint, list_checkpoints, load_weights, recover,
@@ -266,9 +266,9 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_heap_is_trimmed_after_cpu_steps_when_enabled(tmp_path, monkeypatch, enabled):
     calls = []
-    monkeypatch.setattr(loop, "trim_heap", lambda: calls.append(1) or True)
-    init = loop.HeapTrimmer.__init__
-    monkeypatch.setattr(loop.HeapTrimmer, "__init__", lambda self: init(self, grow_bytes=0, share=1e9))
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    init = memory.HeapTrimmer.__init__
+    monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self: init(self, grow_bytes=0, share=1e9))
     loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", f"trainer.trim_memory={enabled}",
                        f"output_dir={tmp_path}"))
     assert len(calls) == (3 if enabled else 0)  # no growth needed and a share this large: every step
@@ -280,9 +280,9 @@ def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
     def trim():  # each trim takes 0.05 s of the clock
         clock[0] += 0.05
         return True
-    monkeypatch.setattr(loop.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(loop, "trim_heap", trim)
-    trimmer, done = loop.HeapTrimmer(grow_bytes=0, share=0.02), []
+    monkeypatch.setattr(memory.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(memory, "trim_heap", trim)
+    trimmer, done = memory.HeapTrimmer(grow_bytes=0, share=0.02), []
     for _ in range(100):  # steps of 0.2 s: 20 s of steps
         clock[0] += 0.2
         done.append(trimmer.after_step())
@@ -294,9 +294,9 @@ def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
 
 def test_trimming_waits_for_the_rss_to_grow(monkeypatch):
     rss = [1000 << 20]
-    monkeypatch.setattr(loop, "resident_bytes", lambda: rss[0])
-    monkeypatch.setattr(loop, "trim_heap", lambda: rss.__setitem__(0, rss[0] - (30 << 20)) or True)  # frees 30 MB
-    trimmer = loop.HeapTrimmer(grow_bytes=64 << 20, share=1.0)
+    monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(memory, "trim_heap", lambda: rss.__setitem__(0, rss[0] - (30 << 20)) or True)  # frees 30 MB
+    trimmer = memory.HeapTrimmer(grow_bytes=64 << 20, share=1e9)  # no waiting: the RSS rule alone
     assert trimmer.after_step() and trimmer.level == 970 << 20  # the first step trims
     rss[0] += 40 << 20  # 1010 MB: grown 40 MB since the trim
     assert not trimmer.after_step()
@@ -307,7 +307,7 @@ def test_trimming_waits_for_the_rss_to_grow(monkeypatch):
 def test_trim_heap_calls_glibc_where_there_is_one():
     import platform
 
-    assert loop.trim_heap() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert memory.trim_heap() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
 def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):

@@ -327,7 +327,7 @@ class KVDecoder:
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         out = None
-        if mask.dtype == torch.bool and self._compiles(x, start):
+        if self._compiles(x, start):  # then __call__ kept the bool mask
             out = self._compiled_attention(attn, q, k, v, i, cos, sin, mask)
         if out is None:
             out = self._sdpa(attn, q, k, v, i, cos, sin, start, mask)
