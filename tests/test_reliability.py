@@ -263,15 +263,21 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
     assert all(p.grad is None for p in ckpt.policy.model.parameters())
 
 
+@pytest.mark.parametrize("recipe, sampled", [("sft_arithmetic", False), ("grpo_arithmetic", True)])
 @pytest.mark.parametrize("enabled", [True, False])
-def test_the_heap_is_trimmed_after_cpu_steps_when_enabled(tmp_path, monkeypatch, enabled):
+def test_the_heap_is_trimmed_around_cpu_updates_when_enabled(tmp_path, monkeypatch, enabled, recipe, sampled):
     calls = []
     monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr(memory.HeapTrimmer, "growth", 0)
+    monkeypatch.setattr(memory.HeapTrimmer, "sampled_growth", 0)
     init = memory.HeapTrimmer.__init__
-    monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self: init(self, grow_bytes=0, share=1e9))
-    loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", f"trainer.trim_memory={enabled}",
+    monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self: init(self, share=1e9))
+    small = ["model.name_or_path=tiny", "source.prompts_per_step=2", "source.group_size=2",
+             "rollout.max_new_tokens=8"] if sampled else []
+    loop.train(compose(recipe, "trainer.steps=3", "trainer.batch_size=4", *small, f"trainer.trim_memory={enabled}",
                        f"output_dir={tmp_path}"))
-    assert len(calls) == (3 if enabled else 0)  # no growth needed and a share this large: every step
+    # no growth needed and a share this large: after every update, and before it when the step sampled
+    assert len(calls) == (3 * (1 + sampled) if enabled else 0)
 
 
 def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
@@ -282,10 +288,10 @@ def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
         return True
     monkeypatch.setattr(memory.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(memory, "trim_heap", trim)
-    trimmer, done = memory.HeapTrimmer(grow_bytes=0, share=0.02), []
+    trimmer, done = memory.HeapTrimmer(share=0.02), []
     for _ in range(100):  # steps of 0.2 s: 20 s of steps
         clock[0] += 0.2
-        done.append(trimmer.after_step())
+        done.append(trimmer.trim(0))
     # after a trim of 0.05 s the next waits 0.05 / 0.02 = 2.5 s, i.e. 13 steps of 0.2 s (+ the trim):
     # trims at steps 1, 14, 27, ..., 92: 8 trims, 0.4 s in 20.4 s of the clock, under 2%
     assert [i for i, d in enumerate(done) if d] == list(range(0, 100, 13))
@@ -296,12 +302,67 @@ def test_trimming_waits_for_the_rss_to_grow(monkeypatch):
     rss = [1000 << 20]
     monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
     monkeypatch.setattr(memory, "trim_heap", lambda: rss.__setitem__(0, rss[0] - (30 << 20)) or True)  # frees 30 MB
-    trimmer = memory.HeapTrimmer(grow_bytes=64 << 20, share=1e9)  # no waiting: the RSS rule alone
-    assert trimmer.after_step() and trimmer.level == 970 << 20  # the first step trims
+    trimmer = memory.HeapTrimmer(share=1e9)  # no waiting: the RSS rule alone
+    assert trimmer.trim(64 << 20) and trimmer.level == 970 << 20  # the first call trims
     rss[0] += 40 << 20  # 1010 MB: grown 40 MB since the trim
-    assert not trimmer.after_step()
+    assert not trimmer.trim(64 << 20)
     rss[0] += 30 << 20  # 1040 MB: grown 70 MB
-    assert trimmer.after_step() and trimmer.level == 1010 << 20
+    assert trimmer.trim(64 << 20) and trimmer.level == 1010 << 20
+
+
+def test_sampled_steps_trim_before_the_update_and_from_less_growth(monkeypatch):
+    rss = [1000 << 20]
+    monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
+    monkeypatch.setattr(memory, "trim_heap", lambda: True)  # frees nothing: the level stays at 1000 MB
+    trimmer = memory.HeapTrimmer(share=1e9)
+    assert trimmer.after_update(sampled=False) and trimmer.level == 1000 << 20
+    rss[0] += 100 << 20  # grown 100 MB: over sampled_growth (64 MB), under growth (256 MB)
+    assert not trimmer.before_update(sampled=False)  # unsampled batches never trim before the update
+    assert not trimmer.after_update(sampled=False)
+    assert trimmer.before_update(sampled=True) and trimmer.level == 1100 << 20
+    rss[0] += 100 << 20
+    assert trimmer.after_update(sampled=True)
+
+
+def test_training_bounds_onednn_cache_and_a_value_in_the_environment_wins(tmp_path, monkeypatch):
+    env = memory.ONEDNN_CACHE_ENV
+    monkeypatch.setenv(env, "x")
+    monkeypatch.delenv(env)  # absent during the test, as it was before it afterwards
+    memory.bound_onednn_cache(0)
+    assert env not in os.environ  # 0: oneDNN's own default
+    loop.train(compose("sft_arithmetic", "trainer.steps=1", "trainer.batch_size=4", "trainer.onednn_cache=8",
+                       f"output_dir={tmp_path}"))
+    assert os.environ[env] == "8"
+    memory.bound_onednn_cache(32)
+    assert os.environ[env] == "8"
+    with pytest.raises(UserError, match="trainer.onednn_cache: expected 0"):
+        memory.bound_onednn_cache(-1)
+
+
+ONEDNN_SHAPES = """
+import sys
+from grpo_cli.trainer.memory import bound_onednn_cache
+bound_onednn_cache(int(sys.argv[1]))
+import torch
+w = torch.randn(64, 64, dtype=torch.bfloat16)
+for _ in range(3):
+    for m in (3, 5, 7):  # three GEMM shapes, three times
+        torch.nn.functional.linear(torch.randn(m, 64, dtype=torch.bfloat16), w)
+"""
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_onednn_keeps_only_as_many_primitives_as_the_bound_set_from_python():
+    env = {k: v for k, v in os.environ.items() if k != memory.ONEDNN_CACHE_ENV}
+    misses = {}
+    for capacity in (2, 0):
+        out = subprocess.run([sys.executable, "-c", ONEDNN_SHAPES, str(capacity)], capture_output=True, text=True,
+                             env=dict(env, ONEDNN_VERBOSE="all", PYTHONPATH=str(REPO)), check=True)
+        misses[capacity] = (out.stdout + out.stderr).count("create:cache_miss")
+    if not misses[0]:
+        pytest.skip("bf16 GEMMs do not run on oneDNN on this CPU")
+    # room for 2 of 3 shapes cycled in order: every call compiles (LRU), 9; oneDNN's default: 3
+    assert misses == {2: 9, 0: 3}
 
 
 def test_trim_heap_calls_glibc_where_there_is_one():

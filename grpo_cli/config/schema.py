@@ -420,10 +420,18 @@ class TrainerConfig:
     ``gradient_checkpointing_enable``, non-reentrant): activation memory of one block instead of all,
     for about one more forward pass of compute in every training micro-batch."""
     trim_memory: bool = True
-    """On a CPU with glibc, hand the heap memory of freed tensors back to the OS after a step once the
-    RSS has grown by 256 MB since the last time (``malloc_trim``; at most 5% of the wall time): glibc
-    otherwise keeps that memory, and a run's RSS creeps up with every batch shape (GRPO on the
-    benchmark model, 20 steps: peak RSS 1852 MB untrimmed; docs/performance.md). Not on GPUs."""
+    """On a CPU with glibc, hand the heap memory of freed tensors back to the OS (``malloc_trim``, at
+    most 5% of the wall time): after a step once the RSS has grown by 256 MB since the last time,
+    and on steps that sample from the policy before and after the update from 64 MB. glibc
+    otherwise keeps that memory, a phase's peak comes on top of what the others left, and a run's
+    RSS creeps up with every batch shape (GRPO on the benchmark model, 20 steps: peak RSS 1852 MB
+    untrimmed; docs/performance.md). Not on GPUs."""
+    onednn_cache: int = 16
+    """On a CPU, the most compiled GEMM primitives oneDNN keeps (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
+    oneDNN's default 1024; 0 keeps that default; a value already in the environment wins). Every
+    batch shape compiles new ones: with 1024 kept, the GRPO benchmark's 20-step peak RSS was 1596
+    MB, with 16 1399 MB at the same step time (docs/performance.md). Read once per process, at its
+    first matmul: ``grpo train`` sets it before any."""
     save_every: int = 0
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
     keep_checkpoints: int = 2

@@ -54,7 +54,8 @@ NAME = re.compile(r"(step_\d+|final)(\.old)?")
 """Checkpoint directory names; ``.old`` is the complete previous copy while a save replaces it."""
 RESUME_FREE = (
     "resume", "output_dir", "recipe", "description", "trainer.steps", "trainer.threads", "trainer.device",
-    "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps", "logging.", "eval.", "sweep.",
+    "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps", "trainer.trim_memory",
+    "trainer.onednn_cache", "logging.", "eval.", "sweep.",
 )
 """Config keys a resumed run may change without changing what it computes (``trainer.steps``
 changes a decaying schedule's length, as asked)."""

@@ -26,7 +26,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, open_dict
@@ -43,7 +43,7 @@ from grpo_cli.trainer.checkpoint import (
     Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, resolve_resume,
 )
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
-from grpo_cli.trainer.memory import HeapTrimmer
+from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
 from grpo_cli.trainer import offline  # noqa: F401  (registers the rft and pairs sources)
@@ -189,8 +189,9 @@ def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, devic
 
 
 def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
-               device: torch.device, dist: Dist = LOCAL) -> Tuple[Batch, Dict[str, float], Timers]:
-    """One step of the loop: batch, rewards, prepare, optimise."""
+               device: torch.device, dist: Dist = LOCAL, trimmer: Optional[HeapTrimmer] = None,
+               ) -> Tuple[Batch, Dict[str, float], Timers]:
+    """One step of the loop: batch, rewards, prepare, optimise; the heap trimmed around the update."""
     timers = Timers()
     with timers("generate"), dist.full_weights(policy.model), policy.autocast():  # fsdp: sampling needs the whole model
         batch = source.next_batch(policy).with_totals()
@@ -200,14 +201,20 @@ def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Po
     batch = batch.to(device)
     with timers("logprob"), policy.autocast():
         batch = dist.global_totals(algorithm.prepare(batch, policy))
+    sampled = getattr(source, "samples_each_step", False)
+    if trimmer:
+        trimmer.before_update(sampled)
     with timers("train"):
         metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist)
+    if trimmer:
+        trimmer.after_update(sampled)
     return batch, metrics, timers
 
 
 def train(cfg: DictConfig) -> Path:
     """Run the configured method; returns the run directory. Launched by torchrun, every rank runs
     it as one process of a data-parallel run (docs/distributed.md)."""
+    bound_onednn_cache(cfg.trainer.onednn_cache)  # before any CPU matmul of the process
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.trainer.seed)
@@ -249,9 +256,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     trimmer = HeapTrimmer() if cfg.trainer.trim_memory and device.type == "cpu" else None
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
-            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist)
-            if trimmer:
-                trimmer.after_step()
+            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer)
             skipped = metrics.pop("skipped")
             progress.skipped_steps += skipped
             progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0

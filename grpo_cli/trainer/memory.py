@@ -1,8 +1,10 @@
-"""Handing the memory of freed tensors back to the OS between training steps on CPUs.
+"""Keeping a CPU training process's memory down: the freed tensors' memory handed back to the OS
+between a step's phases, and oneDNN's cache of compiled primitives bounded.
 
 PyTorch's CPU tensors come from the C library's ``malloc``; glibc keeps freed chunks for reuse, and
-since a step's tensor shapes change with every batch (sequence lengths), the process's RSS creeps
-up over a run although the live tensors do not (docs/performance.md, "Freed heap memory").
+oneDNN keeps the primitives it compiled for every GEMM shape. Since a step's tensor shapes change
+with every batch (sequence lengths), the process's RSS creeps up over a run although the live
+tensors do not (docs/performance.md, "Freed heap memory").
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import ctypes.util
 import functools
 import os
 import time
+
+from grpo_cli.errors import UserError
 
 
 @functools.cache
@@ -33,6 +37,21 @@ def trim_heap() -> bool:
     return True
 
 
+ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def bound_onednn_cache(capacity: int) -> None:
+    """Keep at most ``capacity`` of oneDNN's compiled primitives (its default is 1024). Each new
+    batch shape compiles new GEMM primitives, with JIT code and buffers, and on CPUs a run's RSS
+    grows with every shape kept (docs/performance.md). oneDNN reads the variable once, at the
+    process's first primitive: this must come before any CPU matmul. A value already in the
+    environment wins; 0 leaves oneDNN's default."""
+    if capacity < 0:
+        raise UserError(f"trainer.onednn_cache: expected 0 (oneDNN's default) or more primitives, got {capacity}")
+    if capacity > 0:
+        os.environ.setdefault(ONEDNN_CACHE_ENV, str(capacity))
+
+
 def resident_bytes() -> int:
     """The process's resident set size (Linux ``/proc/self/statm``), or 0 where it cannot be read."""
     try:
@@ -43,20 +62,36 @@ def resident_bytes() -> int:
 
 
 class HeapTrimmer:
-    """:func:`trim_heap` after a step once the RSS has grown by ``grow_bytes`` since the last trim,
-    and at most ``share`` of the wall time (after a trim that took c seconds the next waits
-    c / share). A trim walks every free chunk (30-110 ms measured here): after every step of the
-    tiny model's SFT (0.2 s a step) it made 200 steps take 48-50 s instead of 38 s, and with 64 MB
-    of growth as the trigger it still trimmed 89 times in 200 steps (each step faults ~64 MB back
-    in); with 256 MB, once. The GRPO steps of the benchmark model grow it by hundreds of MB."""
+    """:func:`trim_heap` around a step's update, at most ``share`` of the wall time (after a trim
+    that took c seconds the next waits c / share), and only once the RSS has grown since the last
+    trim: a trim walks every free chunk (10-110 ms measured here), and what it hands back the next
+    phase may fault in again. After every step of the tiny model's SFT (0.2 s a step) it made 200
+    steps take 48-50 s instead of 38 s; with 64 MB of growth as the trigger it still trimmed 89
+    times, with 256 MB once (``growth``).
 
-    def __init__(self, grow_bytes: int = 256 << 20, share: float = 0.05):
-        self.grow, self.share, self.level, self.next_at = grow_bytes, share, 0, 0.0
+    Steps that sample from the policy trim before the update and after it, from 64 MB of growth
+    (``sampled_growth``): the rollout frees memory in sizes the update does not reuse and the
+    other way round, so each phase's peak comes on top of what the other left. On the GRPO
+    benchmark (docs/performance.md, "Freed heap memory") the update's peak fell by 130-150 MB with
+    a trim before it, which trimming after it alone left unchanged."""
 
-    def after_step(self) -> bool:
+    growth, sampled_growth = 256 << 20, 64 << 20
+
+    def __init__(self, share: float = 0.05):
+        self.share, self.level, self.next_at = share, 0, 0.0
+
+    def before_update(self, sampled: bool) -> bool:
+        """Whether it trimmed now: only when the batch was sampled from the policy."""
+        return sampled and self.trim(self.sampled_growth)
+
+    def after_update(self, sampled: bool) -> bool:
         """Whether it trimmed now."""
+        return self.trim(self.sampled_growth if sampled else self.growth)
+
+    def trim(self, min_growth: int) -> bool:
+        """Trim if the RSS grew by ``min_growth`` bytes since the last trim and the time share allows."""
         start = time.perf_counter()
-        if start < self.next_at or resident_bytes() < self.level + self.grow or not trim_heap():
+        if start < self.next_at or resident_bytes() < self.level + min_growth or not trim_heap():
             return False
         self.level = resident_bytes()
         self.next_at = time.perf_counter() + (time.perf_counter() - start) / self.share
