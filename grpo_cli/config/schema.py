@@ -422,7 +422,7 @@ class TrainerConfig:
     trim_memory: bool = True
     """On a CPU with glibc, hand the heap memory of freed tensors back to the OS (``malloc_trim``, at
     most 5% of the wall time): after a step once the RSS has grown by 256 MB since the last time,
-    and on steps that sample from the policy before and after the update from 64 MB. glibc
+    or, on steps that sample from the policy, before the update from 64 MB. glibc
     otherwise keeps that memory, a phase's peak comes on top of what the others left, and a run's
     RSS creeps up with every batch shape (GRPO on the benchmark model, 20 steps: peak RSS 1852 MB
     untrimmed; docs/performance.md). Not on GPUs."""

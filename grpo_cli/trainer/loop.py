@@ -191,7 +191,8 @@ def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, devic
 def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
                device: torch.device, dist: Dist = LOCAL, trimmer: Optional[HeapTrimmer] = None,
                ) -> Tuple[Batch, Dict[str, float], Timers]:
-    """One step of the loop: batch, rewards, prepare, optimise; the heap trimmed around the update."""
+    """One step of the loop: batch, rewards, prepare, optimise; the heap trimmed before or after the
+    update (trainer/memory.py)."""
     timers = Timers()
     with timers("generate"), dist.full_weights(policy.model), policy.autocast():  # fsdp: sampling needs the whole model
         batch = source.next_batch(policy).with_totals()

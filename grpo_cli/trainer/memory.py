@@ -64,16 +64,17 @@ def resident_bytes() -> int:
 class HeapTrimmer:
     """:func:`trim_heap` around a step's update, at most ``share`` of the wall time (after a trim
     that took c seconds the next waits c / share), and only once the RSS has grown since the last
-    trim: a trim walks every free chunk (10-110 ms measured here), and what it hands back the next
+    trim: a trim walks every free chunk (10-120 ms measured here), and what it hands back the next
     phase may fault in again. After every step of the tiny model's SFT (0.2 s a step) it made 200
     steps take 48-50 s instead of 38 s; with 64 MB of growth as the trigger it still trimmed 89
     times, with 256 MB once (``growth``).
 
-    Steps that sample from the policy trim before the update and after it, from 64 MB of growth
-    (``sampled_growth``): the rollout frees memory in sizes the update does not reuse and the
-    other way round, so each phase's peak comes on top of what the other left. On the GRPO
-    benchmark (docs/performance.md, "Freed heap memory") the update's peak fell by 130-150 MB with
-    a trim before it, which trimming after it alone left unchanged."""
+    Steps that sample from the policy trim before the update instead, from 64 MB of growth
+    (``sampled_growth``): the rollout and log-probs free memory in sizes the update does not reuse,
+    and the update's peak, the step's, came on top of it. On the GRPO benchmark
+    (docs/performance.md, "Trimming around the update") that peak fell by 130-150 MB. A second trim
+    after the update kept the next rollout lower too, but handed back the update's own memory (1.2-1.6
+    GB in fp32 without activation checkpointing), which the next update faulted in again: 15% slower."""
 
     growth, sampled_growth = 256 << 20, 64 << 20
 
@@ -85,8 +86,8 @@ class HeapTrimmer:
         return sampled and self.trim(self.sampled_growth)
 
     def after_update(self, sampled: bool) -> bool:
-        """Whether it trimmed now."""
-        return self.trim(self.sampled_growth if sampled else self.growth)
+        """Whether it trimmed now: only when the batch was not sampled."""
+        return not sampled and self.trim(self.growth)
 
     def trim(self, min_growth: int) -> bool:
         """Trim if the RSS grew by ``min_growth`` bytes since the last trim and the time share allows."""
