@@ -271,7 +271,7 @@ def test_the_heap_is_trimmed_around_cpu_updates_when_enabled(tmp_path, monkeypat
     monkeypatch.setattr(memory.HeapTrimmer, "growth", 0)
     monkeypatch.setattr(memory.HeapTrimmer, "sampled_growth", 0)
     init = memory.HeapTrimmer.__init__
-    monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self: init(self, share=1e9))
+    monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self, sampled: init(self, sampled, share=1e9))
     small = ["model.name_or_path=tiny", "source.prompts_per_step=2", "source.group_size=2",
              "rollout.max_new_tokens=8"] if sampled else []
     loop.train(compose(recipe, "trainer.steps=3", "trainer.batch_size=4", *small, f"trainer.trim_memory={enabled}",
@@ -288,7 +288,7 @@ def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
         return True
     monkeypatch.setattr(memory.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(memory, "trim_heap", trim)
-    trimmer, done = memory.HeapTrimmer(share=0.02), []
+    trimmer, done = memory.HeapTrimmer(sampled=False, share=0.02), []
     for _ in range(100):  # steps of 0.2 s: 20 s of steps
         clock[0] += 0.2
         done.append(trimmer.trim(0))
@@ -302,7 +302,7 @@ def test_trimming_waits_for_the_rss_to_grow(monkeypatch):
     rss = [1000 << 20]
     monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
     monkeypatch.setattr(memory, "trim_heap", lambda: rss.__setitem__(0, rss[0] - (30 << 20)) or True)  # frees 30 MB
-    trimmer = memory.HeapTrimmer(share=1e9)  # no waiting: the RSS rule alone
+    trimmer = memory.HeapTrimmer(sampled=False, share=1e9)  # no waiting: the RSS rule alone
     assert trimmer.trim(64 << 20) and trimmer.level == 970 << 20  # the first call trims
     rss[0] += 40 << 20  # 1010 MB: grown 40 MB since the trim
     assert not trimmer.trim(64 << 20)
@@ -314,13 +314,14 @@ def test_sampled_steps_trim_before_the_update_and_from_less_growth(monkeypatch):
     rss = [1000 << 20]
     monkeypatch.setattr(memory, "resident_bytes", lambda: rss[0])
     monkeypatch.setattr(memory, "trim_heap", lambda: True)  # frees nothing: the level stays at 1000 MB
-    trimmer = memory.HeapTrimmer(share=1e9)
-    assert trimmer.after_update(sampled=False) and trimmer.level == 1000 << 20
+    unsampled, sampled = memory.HeapTrimmer(sampled=False, share=1e9), memory.HeapTrimmer(sampled=True, share=1e9)
+    assert unsampled.after_update() and unsampled.level == 1000 << 20
+    assert sampled.before_update() and sampled.level == 1000 << 20
     rss[0] += 100 << 20  # grown 100 MB: over sampled_growth (64 MB), under growth (256 MB)
-    assert not trimmer.before_update(sampled=False)  # unsampled batches: after the update only
-    assert not trimmer.after_update(sampled=False)
-    assert not trimmer.after_update(sampled=True)  # sampled ones: before it only
-    assert trimmer.before_update(sampled=True) and trimmer.level == 1100 << 20
+    assert not unsampled.before_update()  # unsampled batches: after the update only
+    assert not unsampled.after_update()
+    assert not sampled.after_update()  # sampled ones: before it only
+    assert sampled.before_update() and sampled.level == 1100 << 20
 
 
 def test_training_bounds_onednn_cache_and_a_value_in_the_environment_wins(tmp_path, monkeypatch):

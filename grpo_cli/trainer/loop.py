@@ -202,13 +202,12 @@ def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Po
     batch = batch.to(device)
     with timers("logprob"), policy.autocast():
         batch = dist.global_totals(algorithm.prepare(batch, policy))
-    sampled = getattr(source, "samples_each_step", False)
     if trimmer:
-        trimmer.before_update(sampled)
+        trimmer.before_update()
     with timers("train"):
         metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist)
     if trimmer:
-        trimmer.after_update(sampled)
+        trimmer.after_update()
     return batch, metrics, timers
 
 
@@ -254,7 +253,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
     t_start = time.perf_counter() - progress.seconds
     show = cfg.logging.progress and dist.is_main
-    trimmer = HeapTrimmer() if cfg.trainer.trim_memory and device.type == "cpu" else None
+    sampled = getattr(source, "samples_each_step", False)
+    trimmer = HeapTrimmer(sampled) if cfg.trainer.trim_memory and device.type == "cpu" else None
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
             batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer)

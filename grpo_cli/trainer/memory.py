@@ -78,16 +78,16 @@ class HeapTrimmer:
 
     growth, sampled_growth = 256 << 20, 64 << 20
 
-    def __init__(self, share: float = 0.05):
-        self.share, self.level, self.next_at = share, 0, 0.0
+    def __init__(self, sampled: bool, share: float = 0.05):
+        self.sampled, self.share, self.level, self.next_at = sampled, share, 0, 0.0
 
-    def before_update(self, sampled: bool) -> bool:
-        """Whether it trimmed now: only when the batch was sampled from the policy."""
-        return sampled and self.trim(self.sampled_growth)
+    def before_update(self) -> bool:
+        """Whether it trimmed now: only for a source that samples from the policy."""
+        return self.sampled and self.trim(self.sampled_growth)
 
-    def after_update(self, sampled: bool) -> bool:
-        """Whether it trimmed now: only when the batch was not sampled."""
-        return not sampled and self.trim(self.growth)
+    def after_update(self) -> bool:
+        """Whether it trimmed now: only for a source that does not."""
+        return not self.sampled and self.trim(self.growth)
 
     def trim(self, min_growth: int) -> bool:
         """Trim if the RSS grew by ``min_growth`` bytes since the last trim and the time share allows."""

@@ -178,7 +178,7 @@ class OnlineSource:
     in its completion, ``tensors["char_ends"]`` (see grpo_cli/rewards/process.py).
     """
 
-    samples_each_step = True  # the trainer trims the heap around each update (trainer/memory.py)
+    samples_each_step = True  # so the trainer trims the heap before each update (trainer/memory.py)
 
     def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None,
                  rank: int = 0, world_size: int = 1, **_):
