@@ -112,7 +112,8 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_attention`` each
-    step's attention compiled where the batch's cache reaches ``compile_attention_min_mib``)."""
+    step compiled, whole or its attention alone, where the batch's cache reaches
+    ``compile_attention_min_mib``)."""
     from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)

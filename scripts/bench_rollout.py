@@ -13,13 +13,13 @@ token for token with HF's.
 
 Engines: ``hf`` (``model.generate``), ``hf-static`` (``generate`` with ``cache_implementation="static"``,
 which transformers compiles with ``torch.compile``), ``fast`` (our rollout engine: ``grpo_cli.generation``
-with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay, on a CPU each step's attention
-is compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdpa`` (on a CPU, the
-engine with SDPA instead of the compiled attention), ``reference`` (our simple loop over ``model(...)``
+with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay, on a CPU each decode step is
+compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdpa`` (on a CPU, the
+engine uncompiled, with SDPA), ``reference`` (our simple loop over ``model(...)``
 and a DynamicCache, the engine before the rollout engine existed). All run in one process after one
 warm-up run each, alternately in ``--repeats`` rounds so that load from other processes hits them
 alike; the table shows medians. "first run s" is the warm-up run: it includes what an engine does
-once per process (``torch.compile`` of the decode attention, cached on disk across processes). "others' CPU" is the largest share of the machine that other processes used during
+once per process (``torch.compile`` of the decode step, cached on disk across processes). "others' CPU" is the largest share of the machine that other processes used during
 any run of that row (/proc/stat minus this process's CPU time): rows taken while it is well above
 0% are not representative.
 """

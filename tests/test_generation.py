@@ -296,6 +296,39 @@ def test_compiled_attention_gives_the_sdpa_logits(kind):
         assert compiled_rows == rows_of(model, tok, "fast", **EXACT)
 
 
+@pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "llama-sdpa"])
+def test_compiled_step_gives_the_packed_logits(kind, monkeypatch):
+    # With packed weights the whole decode step compiles (decode_layers): norms, rotary, cache
+    # writes, attention, residuals and the MLP's activation around oneDNN's GEMMs.
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    family, _, attn = kind.partition("-")
+    model, tok = gqa_model(attn, "llama" if family == "llama" else "qwen2") if attn else chaotic_tiny_model()
+    with torch.no_grad():
+        whole = KVDecoder(model, 2, 8, packed=True, compiled=True).whole_step
+    assert whole == (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available())
+    calls = []
+    layers = kv_decoder.compiled_decode_layers
+    monkeypatch.setattr(kv_decoder, "compiled_decode_layers", lambda: calls.append(1) or layers())
+    compiled = decoder_logits(model, tok, packed=True, compiled=True)
+    assert not kv_decoder.COMPILE_ERRORS and len(calls) == (4 if whole else 0)  # every decode step, not the prefill
+    # fp32 both ways; reductions (norms, scores, weighted sums) are summed in another order
+    torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=True), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_step_under_bf16_autocast_is_the_eager_packed_step():
+    from grpo_cli.models.policy import autocast
+
+    model, tok = chaotic_tiny_model()
+    with autocast("bf16", torch.device("cpu")):
+        compiled = decoder_logits(model, tok, packed=True, compiled=True)
+        eager = decoder_logits(model, tok, packed=True)  # fp32 cache, SDPA
+    # the same bf16 GEMMs on fp32 residuals; the compiled cache is bf16 (~0.4% per stored value)
+    assert compiled.dtype == eager.dtype == torch.float32
+    assert (compiled - eager).abs().max() <= 0.03 * eager.abs().max()
+    assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
+
+
 def test_compiled_attention_compiles_once_for_every_batch_shape():
     # Batch size, prompt lengths, cache length, filled columns and rows dropped mid-batch all vary;
     # the dynamic-shape graph must serve them all (a recompile costs seconds, and past torch's
@@ -354,6 +387,22 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
             decoder(torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), 0,
                     torch.ones(2, 1, 1, 1, dtype=torch.bool))
     assert not decoder.compiled and decoder.k.dtype == decoder.v.dtype == torch.float32  # the cache was upcast
+
+
+def test_a_failed_step_compile_warns_and_decodes_with_the_packed_modules(monkeypatch):
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    def broken():
+        def fn(*args):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return fn
+    monkeypatch.setattr(kv_decoder, "compiled_decode_layers", broken)
+    monkeypatch.setattr(kv_decoder, "COMPILE_ERRORS", [])
+    model, tok = chaotic_tiny_model()
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        fallen = decoder_logits(model, tok, packed=True, compiled=True)
+    assert torch.equal(fallen, decoder_logits(model, tok, packed=True))  # the eager packed step, SDPA
+    assert len(kv_decoder.COMPILE_ERRORS) == 1
 
 
 def test_unknown_engine_options_are_refused_whatever_the_engine():

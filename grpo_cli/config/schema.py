@@ -369,16 +369,19 @@ class RolloutConfig:
     one extra copy of the projection weights while a batch decodes; false calls the model's modules
     (HF's exact rounding)."""
     compile_attention: bool = True
-    """On a CPU, run each decode step's attention (rotary, cache write, softmax over the cache) as one
-    kernel compiled by ``torch.compile`` (Inductor: needs a C++ compiler; a few seconds once per
-    process, cached on disk), reading a bf16 cache under ``trainer.precision=bf16``: the bf16 decode
-    step 1.3x faster on the benchmark model. Scores and softmax stay fp32; they differ from SDPA's by
-    summation order only. Where compiling fails it warns once and uses SDPA; false always does."""
+    """On a CPU, compile each decode step with ``torch.compile`` (Inductor: needs a C++ compiler).
+    With ``packed_weights`` the whole step through every layer is one compiled call around oneDNN's
+    GEMMs (norms, rotary, cache write, attention, residuals, MLP activation fused; 15-35 s once per
+    process and precision, cached on disk); without, each layer's attention alone (a few seconds).
+    The cache is then bf16 under ``trainer.precision=bf16``. On the benchmark model the fp32 decode
+    step is 1.1-1.2x and the bf16 one 1.5x faster than with SDPA. Scores and softmax stay fp32; the
+    results differ from the uncompiled ones by summation order only. Where compiling fails it warns
+    once and uses SDPA; false always does."""
     compile_attention_min_mib: float = 32.0
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
     least this many MiB: there a step saves milliseconds (3-4 ms on the benchmark model's 145 MiB),
     while on the tiny default model (about 10 MiB) it saves 0.2-0.4 ms, which does not repay the
-    compile (~7 s a process) in a quickstart-sized run. 0 compiles for every batch."""
+    compile (15-35 s a process) in a quickstart-sized run. 0 compiles for every batch."""
 
 
 @dataclass
