@@ -15,7 +15,8 @@ Engines: ``hf`` (``model.generate``), ``hf-static`` (``generate`` with ``cache_i
 which transformers compiles with ``torch.compile``), ``fast`` (our rollout engine: ``grpo_cli.generation``
 with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay, on a CPU each decode step is
 compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdpa`` (on a CPU, the
-engine uncompiled, with SDPA), ``reference`` (our simple loop over ``model(...)``
+engine uncompiled, with SDPA), ``fast-attn`` (on a CPU, each layer's attention compiled instead of
+the whole step: the engine before the step was compiled whole), ``reference`` (our simple loop over ``model(...)``
 and a DynamicCache, the engine before the rollout engine existed). All run in one process after one
 warm-up run each, alternately in ``--repeats`` rounds so that load from other processes hits them
 alike; the table shows medians. "first run s" is the warm-up run: it includes what an engine does
@@ -137,10 +138,17 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
     engine, options = FAST_VARIANTS.get(name, (name, {}))
+    if name == "fast-attn":
+        engine = "fast"
+    from grpo_cli.models import kv_decoder
 
     def run():
-        return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                            temperature=temperature, generator=gen, engine=engine, **options)
+        kv_decoder.WHOLE_STEP = name != "fast-attn"
+        try:
+            return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
+                                temperature=temperature, generator=gen, engine=engine, **options)
+        finally:
+            kv_decoder.WHOLE_STEP = True
     return run
 
 
@@ -184,8 +192,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; each runs every engine once")
     ap.add_argument("--engines", default="hf,fast",
                     help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
-                         "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: SDPA instead of "
-                         "the compiled decode attention), reference")
+                         "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: uncompiled, SDPA), "
+                         "fast-attn (on a CPU: each layer's attention compiled, not the whole step), reference")
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")

@@ -130,6 +130,10 @@ def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
     return 4 * elements / 2**20
 
 
+WHOLE_STEP = True
+"""Whether packed decoders compile the whole step (:func:`compiled_decode_layers`) or, when false, each
+layer's attention alone: a switch for ``scripts/bench_rollout.py``'s ``fast-attn`` comparison."""
+
 COMPILE_ERRORS: list = []
 """Errors of compiling :func:`decode_attention` in this process: after the first, decoders use SDPA."""
 
@@ -294,9 +298,9 @@ def decode_layers(layers, packed: list, rotate, x: torch.Tensor, cos: torch.Tens
 def compiled_decode_layers():
     """:func:`decode_layers` compiled by Inductor, the GEMMs left to oneDNN (:func:`packed_gemm`).
     Against the per-layer compiled attention, the benchmark model's decode step (23.6M parameters,
-    B = 32, 2 threads) took 20.0-22.3 against 21.7-25.1 ms in fp32 and 13.0-13.2 against 14.8-15.5 ms
-    in bf16 (docs/performance.md), for a longer first compile: ~15 s with Inductor's on-disk cache
-    warm, ~35 s cold. Only rows, cache length and filled columns are dynamic (marked by
+    B = 32, 2 threads, alternating in one process) took 20.0-23.4 against 21.7-26.5 ms in fp32 and
+    13.0-15.8 against 14.8-19.2 ms in bf16 (docs/performance.md), for a longer first compile: ~15 s
+    with Inductor's on-disk cache warm, ~35 s cold. Only rows, cache length and filled columns are dynamic (marked by
     :meth:`KVDecoder._compiled_layers`): with every size symbolic, sympy took 95 s to trace it."""
     return torch.compile(decode_layers)  # dynamic only in the sizes KVDecoder._compiled_layers marks
 
@@ -335,7 +339,7 @@ class KVDecoder:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
-        self.whole_step = bool(self.packed) and self.packed[0].qkv[0].layout == torch._mkldnn
+        self.whole_step = WHOLE_STEP and bool(self.packed) and self.packed[0].qkv[0].layout == torch._mkldnn
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start, mask: torch.Tensor) -> torch.Tensor:
         """ids, positions [B, S]; mask [B, 1, S, start + S] bool (True: attend). Fills columns start.. of the cache.
