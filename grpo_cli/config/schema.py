@@ -374,9 +374,9 @@ class RolloutConfig:
     GEMMs (norms, rotary, cache write, attention, residuals, MLP activation fused; 15-35 s once per
     process and precision, cached on disk); without, each layer's attention alone (a few seconds).
     The cache is then bf16 under ``trainer.precision=bf16``. On the benchmark model the fp32 decode
-    step is 1.25x and the bf16 one 1.5x faster than uncompiled, with SDPA. Scores and softmax stay fp32; the
-    results differ from the uncompiled ones by summation order only. Where compiling fails it warns
-    once and uses SDPA; false always does."""
+    step is 1.25x and the bf16 one 1.5x faster than uncompiled, with SDPA. Scores and softmax stay
+    fp32; the results differ from the uncompiled ones by summation order only. Where compiling fails
+    it warns once and uses SDPA; false always does."""
     compile_attention_min_mib: float = 32.0
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
     least this many MiB: there a step saves milliseconds (3-4 ms on the benchmark model's 145 MiB),

@@ -238,11 +238,7 @@ class PackedLayer:
             biases = [b for _, b in pairs if b is not None]
             bias = None if not biases else torch.cat(
                 [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
-            weight = packed_linear(weight, batch_size)
-            for t in (weight, bias):  # fixed sizes in the compiled step (else symbolic: a slow trace)
-                if t is not None:
-                    torch._dynamo.mark_static(t)
-            return weight, bias
+            return packed_linear(weight, batch_size), bias
 
         self.qkv, self.o, self.gate_up, self.down = pack(q, k, v), pack(o), pack(gate, up), pack(down)
         self.act = mlp.act_fn
@@ -300,8 +296,9 @@ def compiled_decode_layers():
     Against the per-layer compiled attention, the benchmark model's decode step (23.6M parameters,
     B = 32, 2 threads, alternating in one process) took 20.0-23.4 against 21.7-26.5 ms in fp32 and
     13.0-15.8 against 14.8-19.2 ms in bf16 (docs/performance.md), for a longer first compile: ~15 s
-    with Inductor's on-disk cache warm, ~35 s cold. Only rows, cache length and filled columns are dynamic (marked by
-    :meth:`KVDecoder._compiled_layers`): with every size symbolic, sympy took 95 s to trace it."""
+    with Inductor's on-disk cache warm, ~35 s cold. Only rows, cache length and filled columns are
+    dynamic (marked by :meth:`KVDecoder._compiled_layers`): with every size symbolic, sympy took 95 s
+    to trace it."""
     return torch.compile(decode_layers)  # dynamic only in the sizes KVDecoder._compiled_layers marks
 
 
@@ -339,7 +336,12 @@ class KVDecoder:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
-        self.whole_step = WHOLE_STEP and bool(self.packed) and self.packed[0].qkv[0].layout == torch._mkldnn
+        self.whole_step = (self.compiled and WHOLE_STEP and bool(self.packed)
+                           and self.packed[0].qkv[0].layout == torch._mkldnn)
+        for layer in self.packed if self.whole_step else ():
+            for t in (*layer.qkv, *layer.o, *layer.gate_up, *layer.down):  # else symbolic sizes: a slow trace
+                if t is not None:
+                    torch._dynamo.mark_static(t)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, start, mask: torch.Tensor) -> torch.Tensor:
         """ids, positions [B, S]; mask [B, 1, S, start + S] bool (True: attend). Fills columns start.. of the cache.
@@ -422,7 +424,7 @@ class KVDecoder:
     def _compiled_layers(self, x, cos, sin, mask) -> Optional[torch.Tensor]:
         """[B, 1, H] from :func:`compiled_decode_layers`, or None where compiling failed (as
         :meth:`_compiled_attention`). Autocast is off inside: the packed weights are already in its
-        dtype and :func:`apply_linear` casts each GEMM's input to them."""
+        dtype and :func:`decode_layers` casts each GEMM's input to them."""
         keys, values, mask = list(self.k), list(self.v), mask[:, 0, 0]
         for t in (x, cos, sin, mask, *keys, *values):  # rows
             torch._dynamo.maybe_mark_dynamic(t, 0)
