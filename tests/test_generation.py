@@ -361,16 +361,24 @@ def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatc
     assert compiled == [False, True, False]
 
 
-def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
+def break_compiler(monkeypatch, factory: str):
+    """kv_decoder with ``factory`` (a compiled-function getter) raising as Inductor does without a C++
+    compiler, and no compile errors recorded yet."""
     import grpo_cli.models.kv_decoder as kv_decoder
-    from grpo_cli.models.policy import autocast
 
     def broken():
         def fn(*args):
             raise RuntimeError("InductorError: no working C++ compiler found\n(details)")
         return fn
-    monkeypatch.setattr(kv_decoder, "compiled_decode_attention", broken)
+    monkeypatch.setattr(kv_decoder, factory, broken)
     monkeypatch.setattr(kv_decoder, "COMPILE_ERRORS", [])
+    return kv_decoder
+
+
+def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
+    from grpo_cli.models.policy import autocast
+
+    kv_decoder = break_compiler(monkeypatch, "compiled_decode_attention")
     model, tok = chaotic_tiny_model()
     with pytest.warns(RuntimeWarning, match="torch.compile failed \\(InductorError: no working C\\+\\+ compiler found\\)"):
         fallen = decoder_logits(model, tok, packed=False, compiled=True)
@@ -390,14 +398,7 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
 
 
 def test_a_failed_step_compile_warns_and_decodes_with_the_packed_modules(monkeypatch):
-    import grpo_cli.models.kv_decoder as kv_decoder
-
-    def broken():
-        def fn(*args):
-            raise RuntimeError("InductorError: no working C++ compiler found")
-        return fn
-    monkeypatch.setattr(kv_decoder, "compiled_decode_layers", broken)
-    monkeypatch.setattr(kv_decoder, "COMPILE_ERRORS", [])
+    kv_decoder = break_compiler(monkeypatch, "compiled_decode_layers")
     model, tok = chaotic_tiny_model()
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
         fallen = decoder_logits(model, tok, packed=True, compiled=True)
