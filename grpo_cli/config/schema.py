@@ -379,9 +379,10 @@ class RolloutConfig:
     it warns once and uses SDPA; false always does."""
     compile_attention_min_mib: float = 32.0
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
-    least this many MiB: there a step saves milliseconds (3-4 ms on the benchmark model's 145 MiB),
-    while on the tiny default model (about 10 MiB) it saves 0.2-0.4 ms, which does not repay the
-    compile (15-35 s a process) in a quickstart-sized run. 0 compiles for every batch."""
+    least this many MiB: there a step saves milliseconds (5-8 ms on the benchmark model's 145 MiB),
+    while on the tiny default model (about 10 MiB) compiling the attention alone saved 0.2-0.4 ms,
+    which does not repay the compile (15-35 s a process, compiled whole) in a quickstart-sized run.
+    0 compiles for every batch."""
 
 
 @dataclass
