@@ -111,14 +111,17 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
     return run
 
 
-FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False))}
-"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``)."""
+FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False)),
+                 "fast-attn": ("fast", {})}
+"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``), or
+(``fast-attn``) with ``kv_decoder.WHOLE_STEP`` off while it runs."""
 
 
 def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     import torch
 
     from grpo_cli.generation import generate_ids
+    from grpo_cli.models import kv_decoder
 
     temperature = 0.0 if mode == "greedy" else 1.0
     if name in ("hf", "hf-static"):
@@ -138,9 +141,6 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
     engine, options = FAST_VARIANTS.get(name, (name, {}))
-    if name == "fast-attn":
-        engine = "fast"
-    from grpo_cli.models import kv_decoder
 
     def run():
         kv_decoder.WHOLE_STEP = name != "fast-attn"
