@@ -214,7 +214,7 @@ def _packed_gemm_shape(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
 
 
 # A plain Library op, not torch.library.custom_op: that wrapper cost 13 us more a call (20 against 31
-# us on a tiny GEMM), and a decode step makes 32 calls.
+# us on a tiny GEMM), and a decode step makes 32 calls (benchmark step, fp32: 20.95 against 22.45 ms).
 LIBRARY = torch.library.Library("grpo_cli", "FRAGMENT")
 LIBRARY.define("packed_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 LIBRARY.impl("packed_gemm", _packed_gemm, "CompositeExplicitAutograd")  # every backend, the packed one included
