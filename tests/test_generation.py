@@ -126,6 +126,20 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
+@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+def test_cpu_cache_columns_are_written_before_any_step_reads_them(monkeypatch, options):
+    # On a CPU the cache starts uninitialised (kv_decoder.cache_buffer): filled with NaN here, any
+    # column read before it is written (a prompt's padding, rows moved by a compaction) would reach
+    # the logits and change the greedy tokens.
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    fresh = kv_decoder.cache_buffer
+    monkeypatch.setattr(kv_decoder, "cache_buffer", lambda *a: fresh(*a).fill_(float("nan")))
+    model, tok = chaotic_tiny_model()
+    compactions = count_compactions(monkeypatch)
+    assert rows_of(model, tok, "fast", **options) == hf_rows(model, tok) and compactions
+
+
 def gqa_model(attn: str, family: str = "qwen2"):
     """A tiny Qwen2 (q/k/v biases) or Llama (none) with 4 query heads sharing 2 key/value heads,
     ``attn`` attention, diverse greedy rows."""

@@ -148,6 +148,13 @@ def compiled_decode_attention():
     return torch.compile(decode_attention, dynamic=True)
 
 
+def cache_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A KV cache buffer. A CUDA graph's step attends over every column (masked), so there unwritten
+    columns must hold zeros, not garbage (0 x NaN is NaN); elsewhere a step reads only the columns
+    written before it, and zeroing the benchmark's 145 MB cache cost 43 ms a rollout (0.34 ms a step)."""
+    return (torch.zeros if device.type == "cuda" else torch.empty)(shape, dtype=dtype, device=device)
+
+
 def causal_mask(real: torch.Tensor) -> torch.Tensor:
     """[B, 1, T, T] bool from real [B, T]: causal over real keys; a padding query sees itself only
     (never a fully masked row, whose softmax would be NaN; its output is never used)."""
@@ -333,8 +340,7 @@ class KVDecoder:
         cache_dtype = self.attn_dtype
         if self.compiled and torch.is_autocast_enabled("cpu"):
             cache_dtype = torch.get_autocast_dtype("cpu")  # half the bytes each step reads
-        self.k = torch.zeros(shape, dtype=cache_dtype, device=weight.device)
-        self.v = torch.zeros_like(self.k)
+        self.k, self.v = (cache_buffer(shape, cache_dtype, weight.device) for _ in "kv")
         positions = torch.arange(max_len, device=weight.device)[None]  # [1, T_max]
         cos, sin = self.decoder.rotary_emb(weight, positions)  # [1, T_max, D] each, in the weights' dtype
         self.cos, self.sin = cos[0], sin[0]
