@@ -26,6 +26,8 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
   backward, as TRL's default gradient checkpointing does).
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
   DynamicCache per token, every row to the end): what the rollout engine adds to the step.
+* ``ours-noshare``: ``ours`` with every row's tokens computed for itself in the log-prob and training
+  forwards (``unpadded.SHARE_PREFIXES`` off): what running a group's common prompt once saves.
 * ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU with its defaults
   except those settings and fp32 (its default is bf16 autocast); its default gradient (activation)
   checkpointing stays on. ``trl-nockpt``: with it off. The step is timed by a callback; generation,
@@ -63,11 +65,14 @@ MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
 """The memory compared: the process's peak RSS on CPU; on a GPU, torch's peak allocated device memory."""
 
 
-def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool) -> dict:
+def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool,
+             share: bool = True) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
+    from grpo_cli.models import unpadded
     from grpo_cli.trainer.loop import train
 
+    unpadded.SHARE_PREFIXES = share
     if engine == "reference":  # the rollout by the reference loop instead of the engine
         import functools
 
@@ -230,7 +235,8 @@ def _phase_peaks(steps: list) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sides", default="ours,ours@4,ours-refloop,trl",
-                    help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], trl, "
+                    help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
+                         "ours-noshare[@GRAD_ACCUM], trl, "
                          "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the --warmup ones included")
@@ -246,7 +252,8 @@ def main(argv=None) -> int:
             res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt", bf16=bf16)
         else:
             engine = "reference" if name == "ours-refloop" else "auto"
-            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16, name == "ours-ckpt")
+            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16, name == "ours-ckpt",
+                           share=name != "ours-noshare")
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         import torch
 

@@ -264,3 +264,111 @@ def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(
     layers = len(seen["policy"].model.model.layers)
     assert len(calls) == layers  # one training forward, every block checkpointed; no-grad forwards never
     assert any(not torch.equal(seen["before"][n], p.detach()) for n, p in seen["policy"].model.named_parameters())
+
+
+# --- rows sharing a prefix (a GRPO group's prompt) run it once ---
+
+def test_prefix_owner_is_the_first_row_with_the_same_tokens_so_far():
+    from grpo_cli.models.unpadded import prefix_owner
+
+    # "abcd", "abxy", "abcz": rows 0 and 1 agree on "ab", rows 0 and 2 on "abc".
+    t = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 9], [1, 2, 3, 8]])
+    assert prefix_owner(t, torch.tensor([4, 4, 4])).tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 0, 2]]
+    # Lengths 4, 3, 5, 5 (-1: padding). Row 1 is row 0's first 3 tokens; row 2 starts elsewhere; row 3
+    # is row 0 and one more token; a row owns its padding (never read).
+    t = torch.tensor([[1, 2, 3, 4, -1], [1, 2, 3, -1, -1], [5, 2, 3, 4, 7], [1, 2, 3, 4, 6]])
+    assert prefix_owner(t, torch.tensor([4, 3, 5, 5])).tolist() == [
+        [0, 0, 0, 0, 0], [0, 0, 0, 1, 1], [2, 2, 2, 2, 2], [0, 0, 0, 0, 3]]
+
+
+def test_prefix_owner_in_chunks_of_rows_is_the_brute_force_search(monkeypatch):
+    import grpo_cli.models.unpadded as unpadded
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 3, (40, 6), generator=g)  # 3 symbols: many rows share a prefix
+    lengths = torch.randint(1, 7, (40,), generator=g)
+
+    def first_sharing(b, p):  # the first row whose tokens 0..p are row b's (both long enough)
+        return next(c for c in range(40) if p < lengths[c] and torch.equal(t[c, :p + 1], t[b, :p + 1]))
+    brute = [[first_sharing(b, p) if p < lengths[b] else b for p in range(6)] for b in range(40)]
+    assert unpadded.prefix_owner(t, lengths).tolist() == brute
+    monkeypatch.setattr(unpadded, "COMPARED_AT_ONCE", 3 * 40 * 6)  # 3 rows against all 40 at a time
+    assert unpadded.prefix_owner(t, lengths).tolist() == brute
+    shared = sum(o != b for b, row in enumerate(brute) for o in row)
+    assert 40 < shared < 200  # of 240 positions: neither no sharing nor all of it
+
+
+def group_batch():
+    """Two prompts (3 and 5 tokens, left-padded) x 3 completions (right-padded); some completions
+    also begin alike. Rows: 5 6 7|20 21 22 23, 5 6 7|20 21 30, 5 6 7|40 41 42 43 44, 8..12|20 21,
+    8..12|25 26 27 28, 8..12|25 26 27 29: 46 real tokens, of which 25 are computed (7 + 1 + 5 +
+    7 + 4 + 1: each row less the prefix an earlier row shares)."""
+    prompts = [[5, 6, 7]] * 3 + [[8, 9, 10, 11, 12]] * 3
+    completions = [[20, 21, 22, 23], [20, 21, 30], [40, 41, 42, 43, 44], [20, 21], [25, 26, 27, 28], [25, 26, 27, 29]]
+    P, C = 5, 5
+    ids = torch.zeros(6, P + C, dtype=torch.long)
+    mask = torch.zeros(6, P + C, dtype=torch.long)
+    for b, (p, c) in enumerate(zip(prompts, completions)):
+        ids[b, P - len(p):P + len(c)] = torch.tensor(p + c)
+        mask[b, P - len(p):P + len(c)] = 1
+    return ids, mask
+
+
+def embedded_tokens(model, fn):
+    """(fn(), number of tokens the decoder embedded while fn ran)."""
+    seen = []
+    handle = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        return fn(), sum(seen)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("cls,config", [(Qwen2ForCausalLM, Qwen2Config), (LlamaForCausalLM, LlamaConfig)])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_shared_prefixes_run_once_and_give_the_padded_forward_and_gradients(cls, config, attn, ckpt):
+    model, _, _ = model_and_batch(cls, config, attn)
+    if ckpt:
+        model.train()
+        enable_activation_checkpointing(model)
+    ids, mask = group_batch()
+    real = mask.bool()
+    padded = padded_hidden_states(model, ids, mask)
+    ours, computed = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
+    assert computed == 25 and int(real.sum()) == 46
+    assert torch.allclose(ours[real], padded[real], atol=1e-5)
+    assert torch.equal(ours[~real], torch.zeros_like(ours[~real]))
+    # Each row's loss reaches the shared tokens: backward sums the rows' gradients into them.
+    weights = torch.randn_like(padded) * real[..., None]
+    params = list(model.model.parameters())
+    g_padded = torch.autograd.grad((padded * weights).sum(), params)
+    g_ours = torch.autograd.grad((ours * weights).sum(), params)
+    for a, b in zip(g_padded, g_ours):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_shared_prefixes_under_bf16_autocast_follow_the_unshared_forward(monkeypatch):
+    import grpo_cli.models.unpadded as unpadded
+
+    model, _, _ = model_and_batch()
+    ids, mask = group_batch()
+    real = mask.bool()
+    with autocast("bf16", torch.device("cpu")):
+        shared, computed = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
+        monkeypatch.setattr(unpadded, "SHARE_PREFIXES", False)
+        every, all_tokens = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
+    assert (computed, all_tokens) == (25, 46)
+    assert torch.allclose(shared[real].float(), every[real].float(), atol=2e-2)
+
+
+def test_dropout_in_training_computes_every_row_for_itself():
+    # Dropout draws noise per token: a shared token would give its rows one draw instead of one each.
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, intermediate_size=96, attention_dropout=0.1))
+    ids, mask = group_batch()
+    assert embedded_tokens(model.train(), lambda: unpadded_hidden_states(model, ids, mask))[1] == 46
+    assert embedded_tokens(model.eval(), lambda: unpadded_hidden_states(model, ids, mask))[1] == 25
+    lora = apply_lora(model_and_batch()[0], LoraConfig(enabled=True, r=4, dropout=0.1)).train()
+    assert embedded_tokens(lora.get_base_model(), lambda: unpadded_hidden_states(lora, ids, mask))[1] == 46
