@@ -125,11 +125,28 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
-    logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
+    # A group's G copies of a prompt: prefill each distinct prompt once, then copy its cache rows.
+    first, copies = distinct_rows(prompt_ids)
+    if len(first) < B:
+        first, copies = torch.tensor(first, device=device), torch.tensor(copies, device=device)
+        decoder.keep_rows(first, 0)
+        logits = decoder(ids[first], pos[first], 0, causal_mask(attn[first].bool()))[copies]
+        decoder.copy_rows(copies, T0)
+    else:
+        logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
     decode = _decode_graphed if cuda_graphs and device.type == "cuda" else _decode_eager
     out = decode(decoder, logits, pos[:, -1:] + 1, keys, T0, pad_id=pad_id, eos_id=eos_id,
                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
     return out.tolist()
+
+
+def distinct_rows(prompt_ids: List[List[int]]) -> tuple[List[int], List[int]]:
+    """(first, copies): the index of each distinct prompt's first occurrence, in order, and for every
+    prompt the position in ``first`` of its own. [[1], [2], [1]] -> ([0, 1], [0, 1, 0])."""
+    seen: dict = {}
+    copies = [seen.setdefault(tuple(p), len(seen)) for p in prompt_ids]
+    first = [copies.index(u) for u in range(len(seen))]
+    return first, copies
 
 
 def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
@@ -174,6 +191,7 @@ def _decode_graphed(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_t
     the same generator gives the same tokens. ``capture=False`` runs the same step eagerly (the CPU
     tests' view of it)."""
     B, device, N = len(logits), logits.device, max_new_tokens
+    decoder.zero_after(T0)  # the step reads every column, the unwritten ones masked
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)
     u = uniforms(B, temperature, generator, device)
     nxt = sample_next(logits, temperature, top_p, u)  # token 0, from the prefill's logits

@@ -127,10 +127,10 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
 
 
 @pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
-def test_cpu_cache_columns_are_written_before_any_step_reads_them(monkeypatch, options):
-    # On a CPU the cache starts uninitialised (kv_decoder.cache_buffer): filled with NaN here, any
-    # column read before it is written (a prompt's padding, rows moved by a compaction) would reach
-    # the logits and change the greedy tokens.
+def test_cache_columns_are_written_before_any_step_reads_them(monkeypatch, options):
+    # The cache starts uninitialised (kv_decoder.cache_buffer): filled with NaN here, any column
+    # read before it is written (a prompt's padding, rows moved by a compaction) would reach the
+    # logits and change the greedy tokens.
     import grpo_cli.models.kv_decoder as kv_decoder
 
     fresh = kv_decoder.cache_buffer
@@ -138,6 +138,37 @@ def test_cpu_cache_columns_are_written_before_any_step_reads_them(monkeypatch, o
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
     assert rows_of(model, tok, "fast", **options) == hf_rows(model, tok) and compactions
+
+
+def test_distinct_rows_finds_each_prompts_first_copy():
+    from grpo_cli.generation import distinct_rows
+
+    assert distinct_rows([[1], [2], [1]]) == ([0, 1], [0, 1, 0])
+    assert distinct_rows([[3, 4]] * 3 + [[5]] * 2) == ([0, 3], [0, 0, 0, 1, 1])
+    assert distinct_rows([[1], [2]]) == ([0, 1], [0, 1])
+
+
+@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+def test_a_groups_prompt_is_prefilled_once_and_its_copies_decode_as_hf_does(monkeypatch, options):
+    # GRPO's batch holds each prompt G times: the prefill runs on the distinct prompts and their
+    # cache rows are copied; every copy then decodes (and samples) as if prefilled itself.
+    model, tok = chaotic_tiny_model()
+    group = [p for p in PROMPTS[:3] for _ in range(3)]
+    ids = tok(group, add_special_tokens=False)["input_ids"]
+    prefills = []
+    call = KVDecoder.__call__
+    monkeypatch.setattr(KVDecoder, "__call__", lambda self, x, *a: (x.shape[1] > 1 and prefills.append(len(x))) or call(self, x, *a))
+    ours = generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
+                        temperature=0.0, engine="fast", **options)
+    assert prefills == [3]  # three distinct prompts for nine rows
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt")
+    hf = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    assert ours == hf
+    sample = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24, temperature=1.0)
+    fast = generate_ids(model, ids, generator=torch.Generator().manual_seed(3), engine="fast", **sample, **options)
+    ref = generate_ids(model, ids, generator=torch.Generator().manual_seed(3), engine="reference", **sample)
+    assert fast == ref and len({tuple(r) for r in fast}) > 3  # copies of a prompt draw their own tokens
 
 
 def gqa_model(attn: str, family: str = "qwen2"):
@@ -487,6 +518,10 @@ def test_fixed_shape_decode_step_gives_the_tokens_of_the_reference_loop(monkeypa
 
 
 def test_fixed_shape_decode_stops_once_every_row_has_finished(monkeypatch):
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    fresh = kv_decoder.cache_buffer  # garbage in the unwritten columns, which this step reads (masked)
+    monkeypatch.setattr(kv_decoder, "cache_buffer", lambda *a: fresh(*a).fill_(float("nan")))
     model, tok = chaotic_tiny_model()
     ids = tok(PROMPTS[4:], add_special_tokens=False)["input_ids"]  # two rows that end early
     static_step_engine(monkeypatch, capture=False)

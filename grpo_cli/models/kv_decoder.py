@@ -149,10 +149,10 @@ def compiled_decode_attention():
 
 
 def cache_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A KV cache buffer. A CUDA graph's step attends over every column (masked), so there unwritten
-    columns must hold zeros, not garbage (0 x NaN is NaN); elsewhere a step reads only the columns
-    written before it, and zeroing the benchmark's 145 MB cache cost 43 ms a rollout (0.34 ms a step)."""
-    return (torch.zeros if device.type == "cuda" else torch.empty)(shape, dtype=dtype, device=device)
+    """A KV cache buffer, uninitialised: a step reads only the columns written before it (the
+    fixed-shape step, which reads them all, zeroes the rest first: :meth:`KVDecoder.zero_after`).
+    Zeroing the benchmark's 145 MB cache cost 43 ms a rollout on the CPU, 0.34 ms a decode step."""
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def causal_mask(real: torch.Tensor) -> torch.Tensor:
@@ -392,6 +392,23 @@ class KVDecoder:
             for layer in cache:  # [B, Hkv, T_max, D] views
                 layer[: len(rows), :, :filled] = layer[:, :, :filled].index_select(0, rows)
             setattr(self, name, cache[:, : len(rows)])
+
+    def copy_rows(self, source: torch.Tensor, filled: int) -> None:
+        """Make the batch ``len(source)`` rows (at most the rows it was built for), row r a copy of
+        the current row ``source[r]``'s first ``filled`` columns (after :meth:`keep_rows` made it
+        fewer): a prompt prefilled once serves each of its copies."""
+        for name in ("k", "v"):
+            cache = getattr(self, name)
+            full = cache if cache._base is None else cache._base  # keep_rows' views of the buffer
+            for i, layer in enumerate(cache):
+                full[i, : len(source), :, :filled] = layer[:, :, :filled].index_select(0, source)
+            setattr(self, name, full[:, : len(source)])
+
+    def zero_after(self, filled: int) -> None:
+        """Zero every column from ``filled`` on: a fixed-shape step attends over all of them (masked),
+        and a masked column must hold numbers, not garbage (0 x NaN is NaN)."""
+        self.k[:, :, :, filled:].zero_()
+        self.v[:, :, :, filled:].zero_()
 
     def _write(self, i: int, k: torch.Tensor, v: torch.Tensor, start):
         """Write k, v [B, Hkv, S, D] of layer i at columns start..; the cache columns to attend over."""
