@@ -136,16 +136,31 @@ def test_cpu_bf16_autocast_forward_uses_the_matmul_attention_and_follows_the_pad
     assert err < 0.05  # bf16 rounding apart (HF's bf16 autocast forward against ours)
 
 
+def test_bf16_warning_only_for_bf16_on_a_cpu_without_bf16_instructions(monkeypatch):
+    import grpo_cli.models.policy as policy_module
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for has, warned in ((False, True), (True, False), (None, False)):  # None: /proc/cpuinfo does not say
+        monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: has)
+        assert (policy_module.bf16_warning("bf16", cpu) is not None) == warned
+        assert policy_module.bf16_warning("fp32", cpu) is None and policy_module.bf16_warning("bf16", cuda) is None
+    monkeypatch.undo()
+    assert policy_module.cpu_has_bf16() in (True, False, None)
+
+
 def test_unknown_precision_is_a_one_line_config_error():
     with pytest.raises(UserError, match="trainer.precision: expected one of"):
         autocast("fp8", torch.device("cpu"))
 
 
-def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch):
+def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch, capsys):
     import json
 
+    import grpo_cli.models.policy as policy_module
     import grpo_cli.trainer.loop as loop
     from grpo_cli.rewards.registry import REWARDS
+
+    monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: False)  # a CPU that emulates bf16: warned
 
     seen = {}
     build = loop.build_policy
@@ -161,6 +176,7 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'bf16'}", "trainer.precision=bf16", "trainer.steps=2",
                   "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "reward.name=length_mod_3")
     run = loop.train(cfg)
+    assert "trainer.precision=fp32 is faster here" in " ".join(capsys.readouterr().err.split())
     after = dict(seen["policy"].model.named_parameters())
     assert all(p.dtype == torch.float32 for p in after.values())  # master weights stay fp32
     assert any(not torch.equal(seen["before"][n], p.detach()) for n, p in after.items())

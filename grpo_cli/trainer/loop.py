@@ -36,7 +36,7 @@ from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, load_model_and_tokenizer,
                                   save_checkpoint_model)
-from grpo_cli.models.policy import Policy, autocast
+from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
 from grpo_cli.trainer.checkpoint import (
@@ -230,6 +230,9 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     autocast(cfg.trainer.precision, device)  # a bad value fails before the run directory exists
+    slow = bf16_warning(cfg.trainer.precision, device)
+    if slow and dist.rank == 0:
+        console.print(f"[yellow]warning:[/yellow] {slow}")
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
