@@ -143,9 +143,14 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
 def distinct_rows(prompt_ids: List[List[int]]) -> tuple[List[int], List[int]]:
     """(first, copies): the index of each distinct prompt's first occurrence, in order, and for every
     prompt the position in ``first`` of its own. [[1], [2], [1]] -> ([0, 1], [0, 1, 0])."""
-    seen: dict = {}
-    copies = [seen.setdefault(tuple(p), len(seen)) for p in prompt_ids]
-    first = [copies.index(u) for u in range(len(seen))]
+    seen: dict = {}  # prompt -> its position in first
+    first: List[int] = []
+    copies: List[int] = []
+    for b, prompt in enumerate(prompt_ids):
+        if tuple(prompt) not in seen:
+            seen[tuple(prompt)] = len(first)
+            first.append(b)
+        copies.append(seen[tuple(prompt)])
     return first, copies
 
 
