@@ -5,6 +5,7 @@
     python scripts/bench_grpo_step.py --sides ours+bf16,ours@4+bf16,trl+bf16   # bf16 autocast, TRL's default
     python scripts/bench_grpo_step.py --sides ours,trl --steps 5 --threads 1
     python scripts/bench_grpo_step.py --quick              # a 1M-parameter model (hidden 128, 4 layers)
+    python scripts/bench_grpo_step.py --fixed-length       # every completion exactly 128 tokens (EOS never drawn)
 
 Model and settings, the same on every side: the 23.6M-parameter Qwen2 of bench_rollout.py (hidden
 512, 8 layers, character vocabulary, seed 0, fp32, full fine-tuning), the arithmetic task, 4 prompts
@@ -41,6 +42,10 @@ the timed steps. On a GPU give more (3): Triton compiles its kernels for each ne
 dtypes and flags it meets, in the first steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
 the completion tokens each side actually produced, and both generate for as long as any of the 32
 rows is unfinished (with this random model, almost always all 128 steps; ours drops finished rows).
+The sides' step times then differ with the lengths they happen to sample (±20% between steps).
+``--fixed-length`` gives both the same work: EOS is never drawn (its probability is set to 0 before
+each draw: TRL ``generation_kwargs={"min_new_tokens": 128}``, ours the same mask around its sampling
+rule), so every completion is 128 tokens on every side.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_rollout import BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0)
+SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)
 PHASES = ("generate", "reward", "logprob", "train")
 MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
 """The memory compared: the process's peak RSS on CPU; on a GPU, torch's peak allocated device memory."""
@@ -73,6 +78,8 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
     from grpo_cli.trainer.loop import train
 
     unpadded.SHARE_PREFIXES = share
+    if SETTINGS["fixed_length"]:
+        never_eos()
     if engine == "reference":  # the rollout by the reference loop instead of the engine
         import functools
 
@@ -103,6 +110,21 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
         step.update({k: v for k, v in r.items() if k.startswith("gpu_mem_")})  # on a GPU: each phase's peak
         out.append(step)
     return {"steps": out}
+
+
+def never_eos() -> None:
+    """``--fixed-length`` for ours: EOS's logit set to -inf before every draw of either engine (what
+    HF's ``min_new_tokens`` does), so every completion runs to ``new_tokens``."""
+    import torch
+
+    import grpo_cli.generation as generation
+    from grpo_cli.models.tiny import build_tokenizer
+
+    eos, draw = torch.tensor([build_tokenizer().eos_token_id]), generation.sample_next
+
+    def sample_next(logits, *args):
+        return draw(logits.index_fill(-1, eos.to(logits.device), float("-inf")), *args)
+    generation.sample_next = sample_next
 
 
 def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bool) -> dict:
@@ -174,6 +196,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
             use_cpu=not torch.cuda.is_available(), bf16=bf16, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
             dataloader_num_workers=0,
+            generation_kwargs={"min_new_tokens": s["new_tokens"]} if s["fixed_length"] else None,
         )
         trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
                               processing_class=tok, callbacks=[StepTimer()])
@@ -188,7 +211,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
     """One side in a fresh process; adds other processes' CPU share."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--steps", str(steps),
-           "--threads", str(threads)] + (["--quick"] if quick else [])
+           "--threads", str(threads)] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with OthersCPU() as probe:
@@ -241,9 +264,12 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the --warmup ones included")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
+    ap.add_argument("--fixed-length", action="store_true",
+                    help="EOS never drawn on any side: every completion has exactly the new-token budget")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    SETTINGS["fixed_length"] = args.fixed_length
     if args.child:
         side, _, precision = args.child.partition("+")
         name, _, accum = side.partition("@")
