@@ -1,6 +1,7 @@
 """The padding-free forward (grpo_cli.models.unpadded) against ``decoder(...)``, and bf16 autocast."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -149,7 +150,8 @@ def test_bf16_warning_only_for_bf16_on_a_cpu_without_bf16_instructions(monkeypat
         assert (policy_module.bf16_warning("bf16", cpu) is not None) == warned
         assert policy_module.bf16_warning("fp32", cpu) is None and policy_module.bf16_warning("bf16", cuda) is None
     monkeypatch.undo()
-    assert policy_module.cpu_has_bf16() in (True, False, None)
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the flags are read, whichever this CPU has
+        assert policy_module.cpu_has_bf16() in (True, False)
 
 
 def test_unknown_precision_is_a_one_line_config_error():
