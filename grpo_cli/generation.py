@@ -14,6 +14,7 @@ Finished sequences (EOS seen) produce pad tokens; the fast engine also drops the
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import List, Optional
@@ -228,8 +229,8 @@ def _decode_graphed(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_t
 
 
 def _graphed(step, draw, warmup: int):
-    """(replay, tokens so far): ``step`` run ``warmup`` times on a side stream, then captured."""
-    side = torch.cuda.Stream()
+    """(replay, tokens so far): ``step`` run ``warmup`` times on a side stream, then captured there."""
+    side = side_stream(torch.cuda.current_device())
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
@@ -237,9 +238,17 @@ def _graphed(step, draw, warmup: int):
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         step()
     return graph.replay, warmup + 1
+
+
+@functools.cache
+def side_stream(device: int) -> "torch.cuda.Stream":
+    """The one stream of every rollout's warm-up and capture on a GPU. cuBLAS keeps a workspace for
+    each stream it has run on until the process ends: a new stream per rollout (and torch's own
+    capture stream beside it) added ~33 MB of allocated memory at every GRPO step (H100, fp32)."""
+    return torch.cuda.Stream(device=device)
 
 
 def generate_ids(
