@@ -382,7 +382,10 @@ def test_compiled_attention_compiles_once_for_every_batch_shape():
 
     model, tok = chaotic_tiny_model()
     prompts = [p * r for p in PROMPTS for r in (1, 2)]
-    rows_of(model, tok, "fast", n=6, compile_attention_min_mib=0)  # compiles, if no earlier test did
+    # Start from no compiled graph: what earlier tests compiled (in whatever order a runner picks)
+    # must not decide which shapes are already served.
+    torch._dynamo.reset()
+    rows_of(model, tok, "fast", n=6, compile_attention_min_mib=0)  # compiles the dynamic-shape graph
     graphs = counters["stats"]["unique_graphs"]
     for n, (first, last), seed in [(20, (0, 8), 0), (9, (2, 7), 1), (31, (1, 3), 2), (13, (0, 12), 3)]:
         ids = tok(prompts[first:last], add_special_tokens=False)["input_ids"]
@@ -563,3 +566,45 @@ def test_cuda_graph_rollout_equals_the_eager_engines_on_gpu(monkeypatch):
         eager_bf16 = rows("fast", False, temperature=0.0)
     pairs = [(a, b) for r, h in zip(bf16, eager_bf16) for a, b in zip(r, h)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
+
+
+@needs_cuda
+def test_cuda_graph_rollout_of_grouped_prompts_reads_no_unwritten_cache_on_gpu(monkeypatch):
+    # GRPO's batch on a GPU: each prompt G times, so the prefill runs once per prompt and its cache
+    # rows are copied (KVDecoder.copy_rows) before the captured step replays; the cache starts as
+    # NaN, so a column read before it is written would change the greedy tokens.
+    import grpo_cli.models.kv_decoder as kv_decoder
+
+    fresh = kv_decoder.cache_buffer
+    monkeypatch.setattr(kv_decoder, "cache_buffer", lambda *a: fresh(*a).fill_(float("nan")))
+    model, tok = chaotic_tiny_model()
+    model = model.cuda()
+    ids = tok([p for p in PROMPTS for _ in range(3)], add_special_tokens=False)["input_ids"]
+    greedy = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24, temperature=0.0)
+    graphed = generate_ids(model, ids, engine="fast", cuda_graphs=True, **greedy)
+    assert graphed == generate_ids(model, ids, engine="fast", cuda_graphs=False, **greedy)
+    batch = tok.pad({"input_ids": ids}, return_tensors="pt").to("cuda")
+    hf = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+                        eos_token_id=tok.eos_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    assert graphed == hf
+    sample = dict(greedy, temperature=1.0)
+    fast = generate_ids(model, ids, engine="fast", cuda_graphs=True,
+                        generator=torch.Generator(device="cuda").manual_seed(3), **sample)
+    ref = generate_ids(model, ids, engine="reference", generator=torch.Generator(device="cuda").manual_seed(3), **sample)
+    assert fast == ref and len({tuple(r) for r in fast}) > len(PROMPTS)
+
+
+@needs_cuda
+def test_cuda_graph_rollouts_leave_no_gpu_memory_behind():
+    # Each rollout captures a new graph; what it allocated (its private pool, cuBLAS's workspace of
+    # the stream it ran on) must not outlive it, or every GRPO step grows the allocated memory.
+    model, tok = chaotic_tiny_model()
+    model = model.cuda()
+    ids = tok([p for p in PROMPTS for _ in range(4)], add_special_tokens=False)["input_ids"]
+    after = []
+    for _ in range(4):
+        generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
+                     temperature=1.0, engine="fast", cuda_graphs=True)
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert after[1] == after[2] == after[3], after  # the first rollout's workspaces are kept for the next
