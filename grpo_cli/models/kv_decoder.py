@@ -340,7 +340,8 @@ class KVDecoder:
         cache_dtype = self.attn_dtype
         if self.compiled and torch.is_autocast_enabled("cpu"):
             cache_dtype = torch.get_autocast_dtype("cpu")  # half the bytes each step reads
-        self.k, self.v = (cache_buffer(shape, cache_dtype, weight.device) for _ in "kv")
+        self.full = {name: cache_buffer(shape, cache_dtype, weight.device) for name in "kv"}  # every row built for
+        self.k, self.v = self.full["k"], self.full["v"]  # views of the rows still in the batch
         positions = torch.arange(max_len, device=weight.device)[None]  # [1, T_max]
         cos, sin = self.decoder.rotary_emb(weight, positions)  # [1, T_max, D] each, in the weights' dtype
         self.cos, self.sin = cos[0], sin[0]
@@ -398,8 +399,7 @@ class KVDecoder:
         the current row ``source[r]``'s first ``filled`` columns (after :meth:`keep_rows` made it
         fewer): a prompt prefilled once serves each of its copies."""
         for name in ("k", "v"):
-            cache = getattr(self, name)
-            full = cache if cache._base is None else cache._base  # keep_rows' views of the buffer
+            cache, full = getattr(self, name), self.full[name]
             for i, layer in enumerate(cache):
                 full[i, : len(source), :, :filled] = layer[:, :, :filled].index_select(0, source)
             setattr(self, name, full[:, : len(source)])
@@ -490,4 +490,6 @@ class KVDecoder:
                           "decoding with SDPA instead", RuntimeWarning, stacklevel=3)
         COMPILE_ERRORS.append(err)
         self.compiled = False
-        self.k, self.v = self.k.to(self.attn_dtype), self.v.to(self.attn_dtype)
+        rows = self.k.shape[1]  # the batch's rows are the buffers' first rows (keep_rows, copy_rows)
+        self.full = {name: cache.to(self.attn_dtype) for name, cache in self.full.items()}
+        self.k, self.v = self.full["k"][:, :rows], self.full["v"][:, :rows]
