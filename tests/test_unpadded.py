@@ -167,6 +167,7 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     from grpo_cli.rewards.registry import REWARDS
 
     monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: False)  # a CPU that emulates bf16: warned
+    monkeypatch.setattr(loop, "WARNED", set())  # once per process: as if no earlier run had warned
 
     seen = {}
     build = loop.build_policy
@@ -193,6 +194,9 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     ref = seen["policy"].frozen_reference
     assert ref.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16  # stored as autocast casts it
     assert ref.model.norm.weight.dtype == ref.lm_head.weight.dtype == torch.float32
+    loop.train(compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'again'}",
+                       "trainer.precision=bf16", "trainer.steps=1", "source.prompts_per_step=2", "source.group_size=2"))
+    assert "is faster here" not in capsys.readouterr().err  # a second run in the process (iterative GRPO's)
 
 
 def test_a_bf16_reference_gives_the_autocast_log_probs_of_its_fp32_weights_bit_for_bit():

@@ -211,6 +211,10 @@ def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Po
     return batch, metrics, timers
 
 
+WARNED: set = set()
+"""Warnings about the machine already printed by this process (each is printed once)."""
+
+
 def train(cfg: DictConfig) -> Path:
     """Run the configured method; returns the run directory. Launched by torchrun, every rank runs
     it as one process of a data-parallel run (docs/distributed.md)."""
@@ -231,7 +235,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
     autocast(cfg.trainer.precision, device)  # a bad value fails before the run directory exists
     slow = bf16_warning(cfg.trainer.precision, device)
-    if slow and dist.rank == 0:
+    if slow and dist.rank == 0 and slow not in WARNED:  # iterative GRPO trains many times in one process
+        WARNED.add(slow)
         console.print(f"[yellow]warning:[/yellow] {slow}")
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
