@@ -208,6 +208,18 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
     return {"steps": timings, "trl": __import__("trl").__version__}
 
 
+def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int = 0) -> dict:
+    """One side (``--sides`` syntax: ours[-ckpt|-refloop|-noshare][@ACCUM][+bf16], trl[-nockpt][+bf16]) here."""
+    side, _, precision = side.partition("+")
+    name, _, accum = side.partition("@")
+    bf16 = precision == "bf16"
+    if name.startswith("trl"):
+        return run_trl(steps, quick, threads, checkpointing=name != "trl-nockpt", bf16=bf16)
+    engine = "reference" if name == "ours-refloop" else "auto"
+    return run_ours(steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt",
+                    share=name != "ours-noshare")
+
+
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
     """One side in a fresh process; adds other processes' CPU share."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--steps", str(steps),
@@ -271,15 +283,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     SETTINGS["fixed_length"] = args.fixed_length
     if args.child:
-        side, _, precision = args.child.partition("+")
-        name, _, accum = side.partition("@")
-        bf16 = precision == "bf16"
-        if name.startswith("trl"):
-            res = run_trl(args.steps, args.quick, args.threads, checkpointing=name != "trl-nockpt", bf16=bf16)
-        else:
-            engine = "reference" if name == "ours-refloop" else "auto"
-            res = run_ours(args.steps, args.quick, engine, args.threads, int(accum or 1), bf16, name == "ours-ckpt",
-                           share=name != "ours-noshare")
+        res = run_in_this_process(args.child, args.steps, args.quick, args.threads)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak
         import torch
 

@@ -22,20 +22,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_grpo_step import run_in_this_process  # noqa: E402
 OWN = ("grpo_cli", "transformers/", "peft/", "trl/", "bench_grpo")
-
-
-def run_side(side: str, steps: int) -> dict:
-    """bench_grpo_step.py's side ``side`` (ours[-ckpt|-noshare][@ACCUM][+bf16], trl[-nockpt][+bf16]) in this process."""
-    import bench_grpo_step as bench
-
-    name, _, precision = side.partition("+")
-    name, _, accum = name.partition("@")
-    bf16 = precision == "bf16"
-    if name.startswith("trl"):
-        return bench.run_trl(steps, False, 0, checkpointing=name != "trl-nockpt", bf16=bf16)
-    return bench.run_ours(steps, False, "auto", 0, int(accum or 1), bf16, name == "ours-ckpt",
-                          share=name != "ours-noshare")
 
 
 def alive_at_peak(trace: list) -> tuple[int, int, dict]:
@@ -70,7 +58,7 @@ def main(argv=None) -> int:
         print("gpu_memory_at_peak.py: needs a CUDA device", file=sys.stderr)
         return 2
     torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
-    res = run_side(args.side, args.steps)
+    res = run_in_this_process(args.side, args.steps)
     trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
     torch.cuda.memory._record_memory_history(enabled=None)
     peak, when, at_peak = alive_at_peak(trace)
