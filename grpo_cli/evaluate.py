@@ -20,7 +20,7 @@ from rich.table import Table
 from grpo_cli.data import load_examples
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
-from grpo_cli.generation import generate, rollout_options
+from grpo_cli.generation import check_rollout, generate, rollout_options
 from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.policy import autocast
@@ -59,6 +59,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     device = pick_device(cfg.trainer.device)
     model.to(device).eval()
+    check_rollout(cfg.rollout, device)
     examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):

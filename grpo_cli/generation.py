@@ -10,6 +10,9 @@ Finished sequences (EOS seen) produce pad tokens; the fast engine also drops the
   leave the batch and the cache. Used for the model families it covers.
 * ``reference`` (the oracle, and the engine for every other model): ``model(...)`` with the
   DynamicCache that transformers grows by one column per token.
+
+A third, optional engine samples the same distribution with other draws: ``vllm``
+(:mod:`grpo_cli.models.vllm_rollout`, on a CUDA GPU with the ``vllm`` package installed).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from grpo_cli.config.schema import RolloutConfig
 from grpo_cli.trainer.batch import position_ids
 
-ENGINES = ("auto", "fast", "reference")
+ENGINES = ("auto", "fast", "reference", "vllm")
 COMPACT_FRACTION = 0.25
 """The fast engine drops finished rows from its batch and cache once this share of them has
 finished: a copy of the filled cache columns, paid back by the steps the finished rows no longer take."""
@@ -267,32 +270,54 @@ def generate_ids(
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
 
     ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
-    the model is supported, else ``reference``), ``fast`` or ``reference``. ``engine_options``: the
-    fast engine's switches (:data:`FAST_OPTIONS`, each documented as the ``rollout.`` field of the
-    same name); the reference loop has none.
+    the model is supported, else ``reference``), ``fast``, ``reference`` or ``vllm``.
+    ``engine_options``: the switches of the fast engine (:data:`FAST_OPTIONS`) and of vLLM's
+    (``VLLM_OPTIONS``), each documented as the ``rollout.`` field of the same name; an engine
+    ignores the others' switches, and the reference loop has none.
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
+    from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, generate_vllm
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    unknown = sorted(set(engine_options) - set(FAST_OPTIONS))
+    unknown = sorted(set(engine_options) - set(FAST_OPTIONS) - set(VLLM_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown rollout engine options {unknown}; expected some of {FAST_OPTIONS}")
+        raise TypeError(f"unknown rollout engine options {unknown}; expected some of {FAST_OPTIONS + VLLM_OPTIONS}")
+    kwargs = dict(pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
+                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    if engine == "vllm":
+        return generate_vllm(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in VLLM_OPTIONS},
+                             **kwargs)
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
-    kwargs = dict(pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
-                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, **engine_options, **kwargs)
+    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in FAST_OPTIONS},
+                          **kwargs)
+
+
+def check_rollout(rollout, device: torch.device) -> None:
+    """A one-line error now, before a run starts, for a ``rollout.engine`` that cannot sample here."""
+    from grpo_cli.errors import UserError
+    from grpo_cli.models.vllm_rollout import check_vllm
+
+    if rollout.engine not in ENGINES:
+        raise UserError(f"rollout.engine: expected one of {ENGINES}, got '{rollout.engine}'")
+    if rollout.engine == "vllm":
+        check_vllm(device)
 
 
 def rollout_options(rollout, **overrides) -> dict:
     """:func:`generate`'s keyword arguments from a ``RolloutConfig`` (a recipe's ``rollout:``), with
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kwargs = rollout.vllm_kwargs
     options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                   batch_size=rollout.batch_size, **{name: getattr(rollout, name) for name in FAST_OPTIONS})
+                   batch_size=rollout.batch_size, engine=rollout.engine, vllm_memory=rollout.vllm_memory,
+                   vllm_kwargs=OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs),
+                   **{name: getattr(rollout, name) for name in FAST_OPTIONS})
     return {**options, **overrides}
 
 

@@ -10,7 +10,7 @@ implementation in the matching registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -359,6 +359,20 @@ class RolloutConfig:
     """Longest completion; longer ones are cut (and usually score incorrect)."""
     batch_size: int = 64
     """Sequences generated at once."""
+    engine: str = "auto"
+    """Which engine samples: ``fast`` (ours: a preallocated KV cache, one model call per token, CUDA
+    graphs on a GPU and a compiled step on a CPU; Qwen2 and Llama families), ``reference`` (the
+    model's own forward with a growing cache: any causal LM, and the test oracle), ``auto`` (``fast``
+    where it applies, else ``reference``), or ``vllm`` (a vLLM engine in this process, on a CUDA GPU
+    only; needs the ``vllm`` package, a release built for the installed torch; it keeps its own copy
+    of the weights, refreshed from the policy before every batch, LoRA merged in)."""
+    vllm_memory: float = 0.3
+    """With ``engine=vllm``: the share of the GPU's memory vLLM may hold for its weight copy,
+    activations and paged KV cache (its ``gpu_memory_utilization``), reserved when it starts; the
+    trainer's own memory must fit beside it."""
+    vllm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """With ``engine=vllm``: further keyword arguments of ``vllm.LLM``, one override each, e.g.
+    ``+rollout.vllm_kwargs.attention_backend=TRITON_ATTN +rollout.vllm_kwargs.enforce_eager=true``."""
     cuda_graphs: bool = True
     """On a GPU, replay each decode step of the rollout engine as one CUDA graph (same tokens, far
     fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""

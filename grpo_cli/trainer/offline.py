@@ -35,6 +35,9 @@ Sample = Dict[str, object]
 def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, reward,
                      generator: torch.Generator) -> List[Sample]:
     """k completions per question from the policy, scored by ``reward``, in chunks of rollout.batch_size."""
+    from grpo_cli.generation import check_rollout
+
+    check_rollout(rollout, policy.device)
     out: List[Sample] = []
     chunk = max(1, rollout.batch_size // k)
     with policy.autocast():  # sampling and learned rewards: forward passes at trainer.precision

@@ -21,6 +21,7 @@ import torch
 
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError, nearest
+from grpo_cli.generation import check_rollout
 from grpo_cli.trainer.batch import Batch, pack
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 
@@ -185,6 +186,7 @@ class OnlineSource:
         self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
+        check_rollout(rollout, policy.device)
         if self.G < 1:
             raise UserError(f"source.group_size: expected at least 1 completion per question, got {self.G}")
         check_divisible(self.P, world_size, "source.prompts_per_step")

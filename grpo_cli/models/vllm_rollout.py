@@ -1,0 +1,139 @@
+"""Rollouts on vLLM (``rollout.engine=vllm``): an optional engine for a policy on a CUDA GPU.
+
+A ``vllm.LLM`` lives in this process (colocated, like TRL's ``vllm_mode="colocate"``) with its own
+copy of the policy's weights in the rollout dtype, its paged KV cache and its CUDA graphs. It is
+built once per model and dtype from the model's config alone (``load_format="dummy"``), and before
+every batch the policy's current weights are copied into it, LoRA adapters merged in, under the names
+of a plain transformers checkpoint. So every rollout samples from pi_theta, as the other engines do.
+Token ids go in and come out: vLLM never sees text, so nothing is re-tokenised.
+
+vLLM samples with its own sampler, seeded per sequence from the run's generator: reproducible for a
+seed, but not the fast engine's draws. Greedy decoding takes the argmax in both, up to the kernels'
+rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import tempfile
+import weakref
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from grpo_cli.errors import UserError
+from grpo_cli.models.kv_decoder import is_affine, linear_weights
+from grpo_cli.models.load import is_peft
+
+VLLM_OPTIONS = ("vllm_memory", "vllm_kwargs")
+"""The vLLM engine's switches, named as the rollout config's fields."""
+
+_ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[torch.dtype, VLLMEngine]]" = weakref.WeakKeyDictionary()
+"""One engine per model and dtype while the model lives: building one compiles and captures CUDA
+graphs (tens of seconds)."""
+
+
+def check_vllm(device: torch.device) -> None:
+    """A one-line error unless vLLM can roll out for a policy on ``device``."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("rollout.engine=vllm: the vllm package is not installed "
+                        "(pip install vllm, a release built for the installed torch)")
+    if device.type != "cuda":
+        raise UserError(f"rollout.engine=vllm: vLLM rolls out on a CUDA GPU, but the policy is on {device}")
+
+
+def checkpoint_weights(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight of ``model`` as a plain transformers checkpoint names it:
+    a peft model's LoRA layers give their base weight plus each active adapter's ``scaling * B @ A``
+    (what merging would store), and ``modules_to_save`` copies their trained copy."""
+    if not is_peft(model):
+        yield from model.named_parameters()
+        return
+    base = model.get_base_model()
+    modules = dict(base.named_modules())
+    for name, param in base.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue  # folded into the base weight below / replaced by the trained copy
+        if ".base_layer." in name:
+            owner, _, kind = name.rpartition(".base_layer.")
+            if not is_affine(modules[owner]):
+                raise UserError(f"rollout.engine=vllm: LoRA layer {owner} is not plain LoRA (DoRA, a bias "
+                                "on B, or merged and disabled); its merged weight is not base + B @ A")
+            weight, bias = linear_weights(modules[owner])
+            param = weight if kind == "weight" else bias
+            name = f"{owner}.{kind}"
+        yield name.replace(".modules_to_save.default.", "."), param.detach()
+
+
+def rollout_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the fast engine would decode in: autocast's on the model's device, else the weights'."""
+    param = next(model.parameters())
+    device = param.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else param.dtype
+
+
+class VLLMEngine:
+    """A ``vllm.LLM`` with the architecture of ``model``, fed the policy's weights before each batch."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, memory: float, kwargs: Dict[str, Any]):
+        # The engine core in this process (not vLLM's default subprocess): weights are then copied
+        # GPU to GPU by apply_model instead of being pickled through a socket.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+
+        base = model.get_base_model() if is_peft(model) else model
+        config = copy.deepcopy(base.config)
+        config.architectures = [type(base).__name__]
+        self._dir = tempfile.TemporaryDirectory(prefix="grpo_vllm_")  # vLLM may reread the config later
+        config.save_pretrained(self._dir.name)
+        options = dict(skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=0,
+                       gpu_memory_utilization=memory, max_model_len=config.max_position_embeddings)
+        self.llm = LLM(model=self._dir.name, **{**options, **kwargs})
+
+    @torch.no_grad()
+    def load(self, model: torch.nn.Module) -> None:
+        """Copy the policy's current weights into vLLM's model (cast to its dtype by its loaders)."""
+        weights = list(checkpoint_weights(model))
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
+
+    def generate(self, prompt_ids: List[List[int]], *, eos_id: int, max_new_tokens: int, temperature: float,
+                 top_p: float, seeds: Optional[List[int]]) -> List[List[int]]:
+        """New token ids of each prompt, ending with ``eos_id`` when it stopped there (``eos_id < 0``: never)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        stop = dict(ignore_eos=True) if eos_id < 0 else dict(stop_token_ids=[eos_id])
+        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, detokenize=False,
+                                 seed=None if seeds is None else seeds[i], **stop) for i in range(len(prompt_ids))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        rows = []
+        for out in outputs:
+            row, reason = list(out.outputs[0].token_ids), out.outputs[0].finish_reason
+            if reason == "stop" and eos_id >= 0 and row[-1:] != [eos_id]:
+                row.append(eos_id)  # a stop token is reported as the stop reason; keep it, it is trained
+            rows.append(row)
+        return rows
+
+
+def generate_vllm(model, prompt_ids: List[List[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                  temperature: float, top_p: float, generator: Optional[torch.Generator],
+                  vllm_memory: float = 0.3, vllm_kwargs: Optional[Dict[str, Any]] = None) -> List[List[int]]:
+    """:func:`grpo_cli.generation.generate_ids` on vLLM: rows padded with ``pad_id`` to the longest."""
+    param = next(model.parameters())
+    check_vllm(param.device)
+    dtype = rollout_dtype(model)
+    seeds = None
+    if generator is not None:  # one seed per sequence, drawn from the run's generator
+        seeds = torch.randint(0, 2**31 - 1, (len(prompt_ids),), generator=generator, device=generator.device).tolist()
+    # vLLM runs its model in ``dtype`` itself: the trainer's autocast must not recast its kernels' inputs.
+    with torch.autocast(param.device.type, enabled=False):
+        engines = _ENGINES.setdefault(model, {})
+        if dtype not in engines:
+            engines[dtype] = VLLMEngine(model, dtype, vllm_memory, dict(vllm_kwargs or {}))
+        engines[dtype].load(model)
+        rows = engines[dtype].generate(prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                                       temperature=temperature, top_p=top_p, seeds=seeds)
+    width = max((len(r) for r in rows), default=0)
+    return [r + [pad_id] * (width - len(r)) for r in rows]
