@@ -29,6 +29,10 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
   DynamicCache per token, every row to the end): what the rollout engine adds to the step.
 * ``ours-noshare``: ``ours`` with every row's tokens computed for itself in the log-prob and training
   forwards (``unpadded.SHARE_PREFIXES`` off): what running a group's common prompt once saves.
+* ``ours-vllm`` (on a GPU with vllm installed): ``ours`` with ``rollout.engine=vllm`` (``--vllm-memory``,
+  ``--vllm-kwargs``); its generate phase includes copying the weights into vLLM, and its first step
+  building the engine. Its peak GPU memory includes the KV cache vLLM reserves (``--vllm-memory`` of
+  the GPU, less its weights and activations).
 * ``trl``: ``trl.GRPOTrainer`` (when installed: ``pip install -e .[bench]``) on CPU with its defaults
   except those settings and fp32 (its default is bf16 autocast); its default gradient (activation)
   checkpointing stays on. ``trl-nockpt``: with it off. The step is timed by a callback; generation,
@@ -61,7 +65,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rollout import BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
+from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)
@@ -80,6 +84,10 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
     unpadded.SHARE_PREFIXES = share
     if SETTINGS["fixed_length"]:
         never_eos()
+    engine_overrides = []
+    if engine == "vllm":
+        engine_overrides = ["rollout.engine=vllm", f"rollout.vllm_memory={VLLM['memory']}",
+                            *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()]]
     if engine == "reference":  # the rollout by the reference loop instead of the engine
         import functools
 
@@ -97,7 +105,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
             f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
             f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.activation_checkpointing={ckpt}",
-            "logging.progress=false", "logging.plot=false", f"output_dir={out}/run",
+            "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
         ])
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -209,13 +217,13 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
 
 
 def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int = 0) -> dict:
-    """One side (``--sides`` syntax: ours[-ckpt|-refloop|-noshare][@ACCUM][+bf16], trl[-nockpt][+bf16]) here."""
+    """One side (``--sides`` syntax: ours[-ckpt|-refloop|-noshare|-vllm][@ACCUM][+bf16], trl[-nockpt][+bf16]) here."""
     side, _, precision = side.partition("+")
     name, _, accum = side.partition("@")
     bf16 = precision == "bf16"
     if name.startswith("trl"):
         return run_trl(steps, quick, threads, checkpointing=name != "trl-nockpt", bf16=bf16)
-    engine = "reference" if name == "ours-refloop" else "auto"
+    engine = {"ours-refloop": "reference", "ours-vllm": "vllm"}.get(name, "auto")
     return run_ours(steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt",
                     share=name != "ours-noshare")
 
@@ -223,7 +231,8 @@ def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
     """One side in a fresh process; adds other processes' CPU share."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--steps", str(steps),
-           "--threads", str(threads)] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
+           "--threads", str(threads), "--vllm-memory", str(VLLM["memory"]), "--vllm-kwargs", json.dumps(VLLM["kwargs"])
+           ] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with OthersCPU() as probe:
@@ -271,7 +280,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sides", default="ours,ours@4,ours-refloop,trl",
                     help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
-                         "ours-noshare[@GRAD_ACCUM], trl, "
+                         "ours-noshare[@GRAD_ACCUM], ours-vllm[@GRAD_ACCUM] (GPU), trl, "
                          "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the --warmup ones included")
@@ -279,9 +288,12 @@ def main(argv=None) -> int:
     ap.add_argument("--fixed-length", action="store_true",
                     help="EOS never drawn on any side: every completion has exactly the new-token budget")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
+    ap.add_argument("--vllm-memory", type=float, default=VLLM["memory"], help="rollout.vllm_memory of ours-vllm")
+    ap.add_argument("--vllm-kwargs", type=json.loads, default={}, help="JSON keyword arguments of vllm.LLM for ours-vllm")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     SETTINGS["fixed_length"] = args.fixed_length
+    VLLM.update(memory=args.vllm_memory, kwargs=args.vllm_kwargs)
     if args.child:
         res = run_in_this_process(args.child, args.steps, args.quick, args.threads)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process's peak

@@ -17,7 +17,9 @@ with ``engine="fast"``; on a GPU each decode step is a CUDA graph replay, on a C
 compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdpa`` (on a CPU, the
 engine uncompiled, with SDPA), ``fast-attn`` (on a CPU, each layer's attention compiled instead of
 the whole step: the engine before the step was compiled whole), ``reference`` (our simple loop over ``model(...)``
-and a DynamicCache, the engine before the rollout engine existed). All run in one process after one
+and a DynamicCache, the engine before the rollout engine existed), ``vllm`` (on a GPU with vllm installed:
+``rollout.engine=vllm``, an in-process ``vllm.LLM`` in the run's dtype; each run first copies the weights
+into it, as every trainer rollout does, and that copy is timed; ``--vllm-kwargs`` go to ``vllm.LLM``). All run in one process after one
 warm-up run each, alternately in ``--repeats`` rounds so that load from other processes hits them
 alike; the table shows medians. "first run s" is the warm-up run: it includes what an engine does
 once per process (``torch.compile`` of the decode step, cached on disk across processes). "others' CPU" is the largest share of the machine that other processes used during
@@ -28,6 +30,7 @@ any run of that row (/proc/stat minus this process's CPU time): rows taken while
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
@@ -111,6 +114,8 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
     return run
 
 
+VLLM = {"memory": 0.2, "kwargs": {}}
+"""``rollout.vllm_memory`` and ``rollout.vllm_kwargs`` of the ``vllm`` engine (``--vllm-memory``, ``--vllm-kwargs``)."""
 FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False)),
                  "fast-attn": ("fast", {})}
 """Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``), or
@@ -141,6 +146,8 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
     engine, options = FAST_VARIANTS.get(name, (name, {}))
+    if name == "vllm":
+        options = dict(vllm_memory=VLLM["memory"], vllm_kwargs=VLLM["kwargs"])
 
     def run():
         kv_decoder.WHOLE_STEP = name != "fast-attn"
@@ -193,13 +200,18 @@ def main(argv=None) -> int:
     ap.add_argument("--engines", default="hf,fast",
                     help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
                          "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: uncompiled, SDPA), "
-                         "fast-attn (on a CPU: each layer's attention compiled, not the whole step), reference")
+                         "fast-attn (on a CPU: each layer's attention compiled, not the whole step), reference, "
+                         "vllm (on a GPU, with vllm installed)")
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="bf16: every engine runs under bf16 autocast (trainer.precision=bf16), weights fp32")
+    ap.add_argument("--vllm-memory", type=float, default=VLLM["memory"], help="rollout.vllm_memory of the vllm engine")
+    ap.add_argument("--vllm-kwargs", type=json.loads, default={},
+                    help='JSON keyword arguments of vllm.LLM, e.g. \'{"attention_backend": "TRITON_ATTN"}\'')
     args = ap.parse_args(argv)
+    VLLM.update(memory=args.vllm_memory, kwargs=args.vllm_kwargs)
     import torch
 
     if args.threads:
