@@ -84,16 +84,10 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
     unpadded.SHARE_PREFIXES = share
     if SETTINGS["fixed_length"]:
         never_eos()
-    engine_overrides = []
+    engine_overrides = [f"rollout.engine={engine}"]  # ours-refloop: the reference loop; ours-vllm: vLLM
     if engine == "vllm":
-        engine_overrides = ["rollout.engine=vllm", f"rollout.vllm_memory={VLLM['memory']}",
-                            *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()]]
-    if engine == "reference":  # the rollout by the reference loop instead of the engine
-        import functools
-
-        import grpo_cli.generation as generation
-
-        generation.generate = functools.partial(generation.generate, engine="reference")
+        engine_overrides += [f"rollout.vllm_memory={VLLM['memory']}",
+                             *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()]]
     s, model = SETTINGS, QUICK_MODEL if quick else BENCH_MODEL
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_run("grpo_arithmetic", [
