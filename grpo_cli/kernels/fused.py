@@ -97,7 +97,8 @@ class _Operands:
         n, h = hidden.shape
         k = 2 + (bias is not None)
         self.hs_aug = hidden.new_empty((n, h + k), dtype=torch.float32)
-        torch.mul(hidden, inv_temp, out=self.hs_aug[:, :h])  # temperature folded in for free
+        # Widen first, then scale: a bf16/fp16 product would be rounded before it reaches fp32.
+        self.hs_aug[:, :h].copy_(hidden).mul_(inv_temp)  # temperature folded in for free
         if bias is not None:
             self.hs_aug[:, h] = 1.0
         self.hs = self.hs_aug[:, :h]
@@ -110,7 +111,7 @@ class _Operands:
         w_aug = self._w_buf[: c1 - c0]
         w_aug[:, : self.h].copy_(self.weight[c0:c1])
         if self.bias is not None:
-            torch.mul(self.bias[c0:c1], self.inv_temp, out=w_aug[:, self.h])
+            w_aug[:, self.h].copy_(self.bias[c0:c1]).mul_(self.inv_temp)  # widened, then scaled
         w_aug[:, -2:] = 1.0
         return w_aug, w_aug[:, : self.h]
 

@@ -12,9 +12,10 @@ Import this module only through ``grpo_cli.kernels.dispatch`` (it imports triton
   grid axis so small N still fills the GPU; the few [splits, N] partials are merged in torch.
   The [N, V] logits never reach global memory.
 * Backward: per chunk of rows, ``_grad_logits_kernel`` recomputes the logits tile by tile and
-  writes dL/dz = g_lp * (onehot - p) - g_ent * p * (log p + entropy) in the input dtype; cuBLAS
-  then does dH = dZ @ W and dW += dZ^T @ H (fp32 accumulator). Peak extra memory is one
-  [chunk, V] block. Recompute (rather than storing p) is forced by the per-row upstream gradient;
+  writes dL/dz = g_lp * (onehot - p) - g_ent * p * (log p + entropy) in fp32; cuBLAS then does
+  dH = dZ @ W and dW += dZ^T @ H with fp32 results (half-precision inputs: dZ split into two
+  half-precision terms, see ``triton_backward``). Peak extra memory is one [chunk, V] fp32 block
+  and its two half-precision terms. Recompute (rather than storing p) is forced by the per-row upstream gradient;
   see grpo_cli/kernels/fused.py for the argument.
 
 Block sizes are fixed, not autotuned. tests/test_kernels.py runs the kernels under
@@ -205,10 +206,18 @@ def _grad_logits(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, out
 
 def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, needs,
                     chunk_size):
-    """Chunked recompute: (grad_hidden, grad_weight, grad_bias), None where not needed."""
+    """Chunked recompute: (grad_hidden, grad_weight, grad_bias), None where not needed.
+
+    dL/dz is kept in fp32. For half-precision inputs it is split into ``hi + lo``, both in the
+    input dtype (hi + lo equals it to ~2^-16 relatively), and each GEMM runs twice on the tensor
+    cores with fp32 accumulation: the gradients are fp32-accurate up to their final rounding,
+    where one half-precision GEMM of dL/dz would be off by ~1e-2 relatively (its rows nearly
+    cancel: sum_v (onehot - p) = 0).
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
-    rows = _chunk_rows(n, vocab, hidden.element_size(), chunk_size)
-    dz = hidden.new_empty(rows * vocab)
+    half = hidden.dtype != torch.float32
+    rows = _chunk_rows(n, vocab, 4 + 2 * hidden.element_size() * half, chunk_size)
+    dz = hidden.new_empty(rows * vocab, dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if needs[0] else None
     grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
         if needs[1] else None
@@ -219,22 +228,40 @@ def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, 
         g = _grad_logits(hidden[r0:r1], weight, bias, ids[r0:r1], lse[r0:r1], pick(ent, r0, r1),
                          pick(g_lp, r0, r1), pick(g_ent, r0, r1), inv_temp,
                          dz[: (r1 - r0) * vocab].view(r1 - r0, vocab))
+        parts = _split_hi_lo(g, hidden.dtype) if half else (g,)
         if grad_h is not None:
-            torch.mm(g, weight, out=grad_h[r0:r1])
-            grad_h[r0:r1] *= inv_temp
-        if grad_w is None:
-            pass
-        elif g.dtype == torch.float32:
-            grad_w.addmm_(g.T, hidden[r0:r1])
-        else:  # half-precision GEMM; add_ casts into the fp32 accumulator as it reads (no fp32 copy)
-            grad_w.add_(g.T @ hidden[r0:r1])
+            gh = sum(_mm_fp32(p, weight) for p in parts)
+            grad_h[r0:r1] = gh.mul_(inv_temp)
+        if grad_w is not None:
+            for p in parts:
+                grad_w += _mm_fp32(p.T, hidden[r0:r1])
         if grad_b is not None:
-            grad_b += g.sum(0, dtype=torch.float32)
+            grad_b += g.sum(0)
     if grad_w is not None:  # in place, then one cast: at most the fp32 and the output [V, H] at once
         grad_w = grad_w.mul_(inv_temp).to(weight.dtype)
     if grad_b is not None:
         grad_b = grad_b.mul_(inv_temp).to(bias.dtype)
     return grad_h, grad_w, grad_b
+
+
+def _split_hi_lo(g: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``g`` as ``hi + lo`` in ``dtype``: hi is g rounded, lo the rounding error rounded."""
+    hi = g.to(dtype)
+    return hi, (g - hi.float()).to(dtype)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 accumulation *and* an fp32 result (a half-precision result would be
+    rounded again). cuBLAS takes ``out_dtype``; elsewhere (the CPU interpreter tests, or an older
+    torch) the operands are widened, which gives the same exact products."""
+    if a.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass  # torch without mm's out_dtype
+    return a.float() @ b.float()
 
 
 class TritonSelectedLogprobsFn(torch.autograd.Function):
