@@ -187,6 +187,31 @@ def test_gae_vectorised_equals_the_plain_loop():
             assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_gae_masks_with_holes_equal_the_plain_loop():
+    """Multi-turn masks: tool-output tokens (masked) sit between the model's tokens."""
+    g = torch.Generator().manual_seed(1)
+    for B, T in [(6, 11), (3, 30)]:
+        rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+        mask = (torch.rand(B, T, generator=g) < 0.6).float()
+        mask[0] = 0.0  # a row with nothing to train on
+        for gamma, lam in [(1.0, 0.95), (0.9, 1.0), (0.99, 0.0)]:
+            fast = F.gae(rewards, values, mask, gamma=gamma, lam=lam)
+            slow = F.gae_reference(rewards, values, mask, gamma=gamma, lam=lam)
+            for a, b in zip(fast, slow):
+                assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_gae_hand_values_across_a_hole():
+    rewards = torch.tensor([[0.0, 5.0, 1.0]])
+    values = torch.tensor([[0.5, 9.0, 0.8]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])  # position 1 is a tool's output: skipped
+    adv, ret = F.gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # delta_2 = 1 + 0 - 0.8 = 0.2;  delta_0 = 0 + V_2 - V_0 = 0.8 - 0.5 = 0.3 (V_1, r_1 unused)
+    # A_2 = 0.2;  A_0 = 0.3 + 0.5 * 0.2 = 0.4;  R = A + V: 0.9, 1.0; the hole stays 0
+    assert torch.allclose(adv, torch.tensor([[0.4, 0.0, 0.2]]))
+    assert torch.allclose(ret, torch.tensor([[0.9, 0.0, 1.0]]))
+
+
 def test_value_loss_with_and_without_clipping():
     v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.0]), torch.tensor([2.0, 0.1])
     # unclipped: 0.5 * (1 - 2)^2 = 0.5;  0.5 * (0 - 0.1)^2 = 0.005

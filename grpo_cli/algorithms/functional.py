@@ -150,12 +150,25 @@ def kl_shaped_rewards(outcome: torch.Tensor, logp: torch.Tensor, ref_logp: torch
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generalized Advantage Estimation over output tokens, vectorised (no loop over T).
 
-        delta_t = r_t + gamma * V_{t+1} - V_t      (V after the last token is 0: the episode ends)
-        A_t     = sum_{j >= t} (gamma * lam)^(j - t) * delta_j        returns R_t = A_t + V_t
+        delta_t = r_t + gamma * V_next(t) - V_t      (V after the last token is 0: the episode ends)
+        A_t     = delta_t + gamma * lam * A_next(t)  returns R_t = A_t + V_t
 
-    rewards, values, mask: [B, T], outputs right-aligned (left padding); masked positions neither
-    contribute nor receive. Returns (advantages [B, T], returns [B, T]), 0 off the mask.
+    rewards, values, mask: [B, T]. ``next(t)`` is the next *unmasked* position of the row: a masked
+    position (padding, or a tool's output between the model's turns) is skipped, neither
+    contributing nor receiving, and the value of the next unmasked token bootstraps across it, one
+    discount per unmasked step (as :func:`gae_reference`, and verl's ``compute_gae_advantage_return``
+    on a response mask). Returns (advantages [B, T], returns [B, T]), 0 off the mask.
     """
+    # Pack each row's unmasked tokens to the left, in order: the holes close and next(t) = t + 1.
+    order = torch.sort((mask == 0).to(torch.uint8), dim=1, stable=True).indices  # [B, T]
+    packed = [x.gather(1, order) for x in (rewards, values, mask)]
+    adv_packed = _gae_contiguous(*packed, gamma=gamma, lam=lam)
+    advantages = torch.zeros_like(adv_packed).scatter_(1, order, adv_packed)
+    return advantages, (advantages + values) * mask
+
+
+def _gae_contiguous(rewards, values, mask, *, gamma: float, lam: float) -> torch.Tensor:
+    """:func:`gae`'s advantages [B, T] for masks whose unmasked positions are one run per row."""
     T = rewards.shape[1]
     values = values * mask
     next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)
@@ -163,8 +176,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     t = torch.arange(T, device=rewards.device, dtype=rewards.dtype)
     power = t[None, :] - t[:, None]  # [T, T]: j - t
     discount = torch.where(power >= 0, (gamma * lam) ** power.clamp(min=0), torch.zeros_like(power))
-    advantages = (delta @ discount.T) * mask  # A[b, t] = sum_j delta[b, j] * discount[t, j]
-    return advantages, (advantages + values) * mask
+    return (delta @ discount.T) * mask  # A[b, t] = sum_j delta[b, j] * discount[t, j]
 
 
 def gae_reference(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float):
