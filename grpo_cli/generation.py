@@ -338,18 +338,23 @@ def generate(
     ``engine_options`` as in :func:`generate_ids`."""
     was_training = model.training
     model.eval()
+    try:
+        return _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, generator=generator,
+                                 engine=engine, **engine_options)
+    finally:  # an engine error (or Ctrl-C) must not leave a training model in eval mode
+        model.train(was_training)
+
+
+def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **options) -> List[Generation]:
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
     results: List[Generation] = []
     for i in range(0, len(prompts), batch_size):
         chunk = encoded[i : i + batch_size]
-        rows = generate_ids(
-            model, chunk, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, generator=generator, engine=engine, **engine_options,
-        )
+        rows = generate_ids(model, chunk, pad_id=pad_id, eos_id=eos_id, **options)
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))
-    model.train(was_training)
     return results
 
 

@@ -608,3 +608,18 @@ def test_cuda_graph_rollouts_leave_no_gpu_memory_behind():
         torch.cuda.synchronize()
         after.append(torch.cuda.memory_allocated())
     assert after[1] == after[2] == after[3], after  # the first rollout's workspaces are kept for the next
+
+
+def test_generate_restores_training_mode_when_the_engine_fails(monkeypatch):
+    import grpo_cli.generation as generation
+
+    model, tok = chaotic_tiny_model()
+    model.train()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine failed")
+
+    monkeypatch.setattr(generation, "generate_ids", broken)
+    with pytest.raises(RuntimeError, match="engine failed"):
+        generate(model, tok, ["1+2\n"], max_new_tokens=4)
+    assert model.training
