@@ -25,7 +25,7 @@ from typing import List, Optional
 import torch
 
 from grpo_cli.config.schema import RolloutConfig
-from grpo_cli.trainer.batch import position_ids
+from grpo_cli.batch import position_ids
 
 ENGINES = ("auto", "fast", "reference", "vllm")
 COMPACT_FRACTION = 0.25

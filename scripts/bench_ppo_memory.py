@@ -32,7 +32,7 @@ def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, toke
     from grpo_cli.config.schema import LoraConfig
     from grpo_cli.models.load import apply_lora
     from grpo_cli.models.policy import Policy
-    from grpo_cli.trainer.batch import Batch
+    from grpo_cli.batch import Batch
     from grpo_cli.trainer.optim import param_groups
 
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def install(fake_rollouts: bool) -> None:
 
 def fixed_batch(tok, prompts: List[str], group_size: int, pairs: bool):
     """The batch an online source (or, ``pairs``, a pairs source) would serve for ``prompts``."""
-    from grpo_cli.trainer.batch import Batch, pack
+    from grpo_cli.batch import Batch, pack
 
     chosen = [p for p in prompts for _ in range(group_size)]
     gens = fake_generate(None, tok, chosen, max_new_tokens=24)

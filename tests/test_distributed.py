@@ -139,7 +139,7 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch(tmp_path, monkeypatc
     import grpo_cli.generation as generation
     from grpo_cli.data import load_examples
     from grpo_cli.models.load import load_model_and_tokenizer
-    from grpo_cli.trainer.sources import build_source
+    from grpo_cli.trainer.source_registry import build_source
 
     monkeypatch.setattr(generation, "generate", fake_generate)
     for recipe, key in [("sft_arithmetic", "trainer.batch_size"), ("grpo_arithmetic", "source.prompts_per_step")]:

@@ -216,7 +216,7 @@ def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = Fa
     """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
     fed fixed tokens (the same on both paths, whatever they would sample)."""
     from grpo_cli.generation import _left_pad
-    from grpo_cli.trainer.batch import position_ids
+    from grpo_cli.batch import position_ids
 
     ids, attn = _left_pad(tok(PROMPTS, add_special_tokens=False)["input_ids"], tok.pad_token_id, "cpu")
     (B, T0), pos = ids.shape, position_ids(attn)

@@ -94,7 +94,7 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
 def test_dpo_rejects_a_micro_batch_that_splits_a_pair():
     from grpo_cli.algorithms.dpo import check_pairs
     from grpo_cli.errors import UserError
-    from grpo_cli.trainer.batch import Batch
+    from grpo_cli.batch import Batch
 
     ids = torch.ones(3, 2, dtype=torch.long)
     batch = Batch(ids, ids, ids, ["a"] * 3, ["b"] * 3, ["1"] * 3, torch.tensor([0, 0, 1]))

@@ -13,7 +13,7 @@ from grpo_cli.errors import UserError
 from grpo_cli.models.tiny import build_tokenizer
 from grpo_cli.rewards.process import char_ends, rule_process_rewards, rule_step_verdicts, step_ends
 from grpo_cli.rewards.steps import split_steps, token_char_offsets
-from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.batch import Batch, pack
 
 from conftest import compose
 

@@ -148,7 +148,7 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     # the reference is still the starting model: its log-probs equal a fresh load's
     start, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
     from grpo_cli.models.policy import token_logprobs
-    from grpo_cli.trainer.batch import Batch, pack
+    from grpo_cli.batch import Batch, pack
 
     ids, attn, comp = pack([tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id)
     batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long)).to(policy.device)
@@ -177,7 +177,7 @@ def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkey
 def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
     """The trainer's fused path (no [N, V] logits) against the naive one: values and gradients."""
     from grpo_cli.models.policy import token_logprobs
-    from grpo_cli.trainer.batch import Batch, pack
+    from grpo_cli.batch import Batch, pack
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
     prompts, comps = ["3+4*2\n", "9-2\n"], ["3+4=7\n7*2=14\n#### 14", "#### 7"]

@@ -86,7 +86,7 @@ def test_other_models_take_the_padded_forward():
 
 def test_bf16_autocast_forward_stays_close_to_fp32_and_log_probs_stay_fp32():
     from grpo_cli.models.policy import token_logprobs
-    from grpo_cli.trainer.batch import Batch
+    from grpo_cli.batch import Batch
 
     model, ids, mask = model_and_batch()
     real = mask.bool()
@@ -201,7 +201,7 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
 
 def test_a_bf16_reference_gives_the_autocast_log_probs_of_its_fp32_weights_bit_for_bit():
     from grpo_cli.models.policy import store_projections, token_logprobs
-    from grpo_cli.trainer.batch import Batch
+    from grpo_cli.batch import Batch
 
     model, ids, mask = model_and_batch()
     model.eval()

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.policy import Policy
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 ALGORITHMS: Dict[str, Type["Algorithm"]] = {}
 

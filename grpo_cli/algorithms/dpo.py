@@ -20,7 +20,7 @@ from grpo_cli.algorithms.base import Algorithm, register_algorithm
 from grpo_cli.algorithms.sft import sft_loss
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 
 @register_algorithm("dpo")

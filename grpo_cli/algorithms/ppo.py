@@ -22,7 +22,7 @@ from grpo_cli.algorithms.grpo import reward_stats
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
 from grpo_cli.models.value import build_value_model
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 
 @register_algorithm("ppo")

@@ -23,7 +23,7 @@ from grpo_cli.algorithms.dpo import check_pairs
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
 from grpo_cli.models.scorer import Scorer, load_head, outcome_scores
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 
 def scorer_for(lm: torch.nn.Module, kind: str, head_from: Optional[str]) -> Scorer:

@@ -14,7 +14,7 @@ import torch
 
 from grpo_cli.algorithms.base import Algorithm, register_algorithm
 from grpo_cli.models.policy import Policy
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, total_tokens: float) -> torch.Tensor:

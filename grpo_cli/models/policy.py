@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft
-from grpo_cli.trainer.batch import Batch, position_ids
+from grpo_cli.batch import Batch, position_ids
 
 
 IGNORE = -100

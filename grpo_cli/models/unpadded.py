@@ -163,7 +163,7 @@ class RowLayout:
     @staticmethod
     def of(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, share: bool) -> "RowLayout":
         """The layout of a [B, T] batch whose real tokens are at flat indices idx [N]."""
-        from grpo_cli.trainer.batch import position_ids
+        from grpo_cli.batch import position_ids
 
         B, T = input_ids.shape
         lengths = attention_mask.sum(-1)

@@ -33,7 +33,7 @@ from grpo_cli.rewards.steps import (
     step_end_token_indices,
     token_char_offsets,
 )
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 CHECKERS = ("arithmetic", "calculator", "auto")
 

@@ -17,7 +17,7 @@ from grpo_cli.errors import UserError, nearest
 from grpo_cli.rewards.answer import outcome_rewards
 from grpo_cli.rewards.guard import GuardedReward, import_function
 from grpo_cli.rewards.process import CHECKERS, process_reward, rule_process_rewards
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 
 RewardFn = Callable[[Batch], torch.Tensor]
 REWARDS: Dict[str, Callable[[Any], Optional[RewardFn]]] = {}

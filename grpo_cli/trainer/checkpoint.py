@@ -46,7 +46,6 @@ from grpo_cli.errors import UserError
 from grpo_cli.models.load import is_peft, save_checkpoint_model
 from grpo_cli.trainer.distributed import LOCAL, Dist, barrier, gather_objects, on_main, rank_seed
 from grpo_cli.trainer.run import atomic_replace_dir, console, remove_dir
-from grpo_cli.trainer.sources import load_source_state, reseed_source, source_state
 
 STATE_FILE = "trainer_state.pt"
 INFO_FILE = "checkpoint.json"
@@ -115,7 +114,7 @@ class Checkpointer:
         return {
             "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": rng_state(), "source": source_state(self.source), "algorithm": algorithm,
+            "rng": rng_state(), "source": self.source.state_dict(), "algorithm": algorithm,
             "extra": [m.state_dict() for m in getattr(self.policy, "extra", [])],  # modules trained beside the model
             **({"ranks": ranks} if len(ranks) > 1 else {}),
         }
@@ -125,7 +124,7 @@ class Checkpointer:
         final = self.root / name
         if self.last == (name, progress.step):  # already saved at this step (a signal during a save)
             return final
-        ranks = gather_objects({"rng": rng_state(), "source": source_state(self.source)})
+        ranks = gather_objects({"rng": rng_state(), "source": self.source.state_dict()})
         with self.dist.full_weights(self.policy.model):
             for module in [self.policy.model, *getattr(self.policy, "extra", [])]:
                 check_finite(module, name)  # on every rank: the same weights, the same verdict
@@ -162,7 +161,7 @@ class Checkpointer:
         self.sched.load_state_dict(state["scheduler"])
         ranks = state.get("ranks") or [{"rng": state["rng"], "source": state["source"]}]
         mine = ranks[self.dist.rank] if self.dist.rank < len(ranks) else None
-        load_source_state(self.source, (mine or ranks[0])["source"])  # the data position is every rank's
+        self.source.load_state_dict((mine or ranks[0])["source"])  # the data position is every rank's
         if state["algorithm"] is not None:
             self.algorithm.load_state_dict(state["algorithm"])
         for module, weights in zip(getattr(self.policy, "extra", []), state.get("extra", [])):
@@ -177,7 +176,7 @@ class Checkpointer:
             set_rng_state(mine["rng"])
         else:  # a rank the checkpoint knows nothing of: new streams, deterministic in (seed, rank, step)
             fresh = rank_seed(self.seed, self.dist.rank, progress.step)
-            reseed_source(self.source, fresh)
+            self.source.reseed(fresh)
             random.seed(fresh)
             torch.manual_seed(fresh)
         console.print(f"[bold]resume[/bold] from {ckpt} (step {progress.step})", soft_wrap=True)

@@ -38,7 +38,7 @@ from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, l
                                   save_checkpoint_model)
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.registry import build_reward
-from grpo_cli.trainer.batch import Batch
+from grpo_cli.batch import Batch
 from grpo_cli.trainer.checkpoint import (
     Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, resolve_resume,
 )
@@ -46,8 +46,8 @@ from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main,
 from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
-from grpo_cli.trainer import offline  # noqa: F401  (registers the rft and pairs sources)
-from grpo_cli.trainer.sources import build_source
+from grpo_cli.trainer.source_registry import build_source
+from grpo_cli.trainer.sources import Source
 
 
 class Timers:
@@ -175,10 +175,10 @@ def stop_if_diverging(progress: Progress, metrics: Dict[str, float], step: int, 
 
 
 @torch.no_grad()
-def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
+def evaluate_heldout(source: Source, reward, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
     """The algorithm's metrics on the source's held-out batches (if any), averaged, ``heldout_`` prefixed."""
     sums: Dict[str, float] = defaultdict(float)
-    batches = source.heldout_batches() if hasattr(source, "heldout_batches") else []
+    batches = source.heldout_batches()
     for batch in batches:
         with policy.autocast():
             if batch.rewards is None and reward is not None:  # labels computed per batch (process rewards)
@@ -188,7 +188,7 @@ def evaluate_heldout(source, reward, algorithm: Algorithm, policy: Policy, devic
     return {f"heldout_{k}": v for k, v in sums.items()}
 
 
-def train_step(cfg: DictConfig, source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
+def train_step(cfg: DictConfig, source: Source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
                device: torch.device, dist: Dist = LOCAL, trimmer: Optional[HeapTrimmer] = None,
                ) -> Tuple[Batch, Dict[str, float], Timers]:
     """One step of the loop: batch, rewards, prepare, optimise; the heap trimmed before or after the
@@ -249,7 +249,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
         rollout=cfg.rollout, seed=cfg.trainer.seed, reward=reward, run=run, rank=dist.rank, world_size=dist.world_size,
     )
-    if getattr(source, "skipped", 0):
+    if source.skipped:
         console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
     # after sampling: a reward model's head, PPO's value model; then the replicas start equal (fsdp: sharded)
     policy = dist.prepare(algorithm.setup(policy))
@@ -261,7 +261,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
     t_start = time.perf_counter() - progress.seconds
     show = cfg.logging.progress and dist.is_main
-    sampled = getattr(source, "samples_each_step", False)
+    sampled = source.samples_each_step
     trimmer = HeapTrimmer(sampled) if cfg.trainer.trim_memory and device.type == "cpu" else None
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):

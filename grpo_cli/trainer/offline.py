@@ -17,16 +17,16 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
-from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.batch import Batch, pack
 from grpo_cli.trainer.distributed import check_divisible, gather_objects, on_main, rank_seed, shard
-from grpo_cli.trainer.sources import EpochSampler, prompts_that_fit, register_source
+from grpo_cli.trainer.sources import EpochSampler, Source, check_state_keys, prompts_that_fit
 
 Sample = Dict[str, object]
 """One stored sample: question (index), prompt, answer, completion, prompt_ids, completion_ids, reward."""
@@ -170,7 +170,7 @@ def split_heldout(samples: List[Sample], share: float, seed: int) -> Tuple[List[
     return [s for s in samples if s["question"] not in held], [s for s in samples if s["question"] in held]
 
 
-class OfflineSource:
+class OfflineSource(Source):
     """Shared by the offline sources: sample (or load), hold out questions, serve ``units`` in epochs.
 
     A unit is a list of samples served together (one sample, or an (o+, o-) pair); subclasses say
@@ -220,8 +220,14 @@ class OfflineSource:
     def heldout_batches(self) -> List[Batch]:
         return [self.batch_of(self.heldout[i:i + self.batch_size]) for i in range(0, len(self.heldout), self.batch_size)]
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
 
-@register_source("rft")
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        check_state_keys(state, {"sampler"})
+        self.sampler.load_state_dict(state["sampler"])
+
+
 class RFTSource(OfflineSource):
     """The start model's correct samples, deduplicated, in shuffled epochs of ``batch_size``."""
 
@@ -231,7 +237,6 @@ class RFTSource(OfflineSource):
         return [[s] for s in keep_correct(samples, cfg.threshold)]
 
 
-@register_source("labelled")
 class LabelledSource(OfflineSource):
     """Every distinct sample with its reward (a pointwise reward model's data)."""
 
@@ -241,7 +246,6 @@ class LabelledSource(OfflineSource):
         return [[s] for s in keep_correct(samples, -float("inf"))]
 
 
-@register_source("pairs")
 class PairSource(OfflineSource):
     """``batch_size`` pairs per step as 2 x batch_size rows: o+ then o- of each pair, adjacent, one group each."""
 

@@ -1,12 +1,10 @@
 """Data sources (the paper's D): what each step trains on.
 
-``dataset``: reference solutions from the data (SFT). Online sources that sample from the live
-policy register here too. Every source returns a :class:`Batch` from ``next_batch(policy)``.
-
-Resume: a checkpoint stores every :class:`EpochSampler`, ``torch.Generator`` and ``random.Random``
-attribute of the source (``source_state``), so a source that keeps its data position and sampling
-randomness in those resumes exactly with no code of its own; a source with other state defines
-``state_dict()`` / ``load_state_dict(state)`` (tensors and plain containers only).
+Every source is a :class:`Source`: ``next_batch(policy)`` returns a :class:`Batch`, and the source
+states what it must save to resume exactly (``state_dict`` / ``load_state_dict``). ``dataset``:
+reference solutions from the data (SFT); ``online``: samples from the live policy; the offline
+sources (samples of the start model) are in :mod:`grpo_cli.trainer.offline`; ``source.name`` picks
+one in :mod:`grpo_cli.trainer.source_registry`.
 
 Data parallel (grpo_cli/trainer/distributed.py): a source gets ``rank`` and ``world_size``; every
 rank draws the same global batch from the same seeded sampler and keeps its slice of whole groups.
@@ -15,31 +13,49 @@ rank draws the same global batch from the same seeded sampler and keeps its slic
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, List, Type
+from typing import Any, Dict, List
 
 import torch
 
+from grpo_cli.batch import Batch, pack
 from grpo_cli.data.types import Example
-from grpo_cli.errors import UserError, nearest
-from grpo_cli.generation import check_rollout
-from grpo_cli.trainer.batch import Batch, pack
+from grpo_cli.errors import UserError
+from grpo_cli.generation import check_rollout, generate, rollout_options
+from grpo_cli.rewards.answer import answers_match, extract_answer
+from grpo_cli.rewards.process import char_ends
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 
-SOURCES: Dict[str, Type] = {}
 
+class Source:
+    """The data source protocol: one :class:`Batch` per step, and its own resume state.
 
-def register_source(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        SOURCES[name] = cls
-        return cls
+    ``state_dict()`` holds the data position and sampling randomness (tensors and plain containers
+    only); a checkpoint stores it and ``load_state_dict`` restores it, so a resumed run draws the
+    same batches. ``reseed(seed)`` gives the source fresh random streams with its data position
+    kept (a rank resuming a checkpoint that holds no state for it: a run resumed on more processes).
+    """
 
-    return deco
+    samples_each_step: bool = False
+    """True when ``next_batch`` samples from the live policy (the trainer trims the heap before the
+    update on such steps: trainer/memory.py)."""
+    skipped: int = 0
+    """Training examples left out because they do not fit the model's context (reported once)."""
 
+    def next_batch(self, policy) -> Batch:
+        raise NotImplementedError
 
-def build_source(cfg: Any, **kwargs) -> Any:
-    if cfg.name not in SOURCES:
-        raise UserError(f"source.name: unknown source '{cfg.name}': {nearest(cfg.name, SOURCES)}")
-    return SOURCES[cfg.name](cfg, **kwargs)
+    def heldout_batches(self) -> List[Batch]:
+        """Batches scored for the ``heldout_*`` metrics; none by default."""
+        return []
+
+    def state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def reseed(self, seed: int) -> None:
+        """Fresh random streams; a source without randomness of its own beyond its sampler keeps all."""
 
 
 class EpochSampler:
@@ -70,47 +86,12 @@ class EpochSampler:
         self.order = list(state["order"])
 
 
-def source_state(source: Any) -> Dict[str, Any]:
-    """Everything a source needs to continue exactly: its samplers, generators and RNGs (found by
-    type among its attributes) and its own ``state_dict()`` if it has one."""
-    state: Dict[str, Any] = {}
-    for name, value in vars(source).items():
-        if isinstance(value, EpochSampler):
-            state[name] = value.state_dict()
-        elif isinstance(value, torch.Generator):
-            state[name] = value.get_state()
-        elif isinstance(value, random.Random):
-            state[name] = value.getstate()
-    if callable(getattr(source, "state_dict", None)):
-        state["state_dict()"] = source.state_dict()
-    return state
-
-
-def load_source_state(source: Any, state: Dict[str, Any]) -> None:
-    """Restore what :func:`source_state` captured."""
-    for name, value in state.items():
-        if name == "state_dict()":
-            source.load_state_dict(value)
-            continue
-        target = getattr(source, name, None)
-        if isinstance(target, EpochSampler):
-            target.load_state_dict(value)
-        elif isinstance(target, torch.Generator):
-            target.set_state(value)
-        elif isinstance(target, random.Random):
-            target.setstate(value)
-        else:
-            raise UserError(f"resume: the checkpoint's data source has '{name}', this source does not (another source.name?)")
-
-
-def reseed_source(source: Any, seed: int) -> None:
-    """Fresh streams for a source's own generators and RNGs, its data position kept (a rank resuming
-    a checkpoint that holds no state for it: a run resumed on more processes)."""
-    for value in vars(source).values():
-        if isinstance(value, torch.Generator):
-            value.manual_seed(seed)
-        elif isinstance(value, random.Random):
-            value.seed(seed)
+def check_state_keys(state: Dict[str, Any], expected: set) -> None:
+    """A checkpoint's source state must be this source's (not another ``source.name``'s)."""
+    extra = sorted(set(state) - expected)
+    if extra or not expected <= set(state):
+        raise UserError(f"resume: the checkpoint's data source saved {sorted(state)}, this source expects "
+                        f"{sorted(expected)} (another source.name?)")
 
 
 def context_length(policy) -> int:
@@ -127,11 +108,8 @@ def prompts_that_fit(examples: List[Example], policy, max_new_tokens: int) -> Li
     return fits
 
 
-@register_source("dataset")
-class DatasetSource:
+class DatasetSource(Source):
     """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step."""
-
-    provides_rewards = False
 
     def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, rank: int = 0,
                  world_size: int = 1, **_):
@@ -168,9 +146,15 @@ class DatasetSource:
             group=torch.arange(len(rows)),
         )
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
 
-@register_source("online")
-class OnlineSource:
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        check_state_keys(state, {"sampler"})
+        self.sampler.load_state_dict(state["sampler"])
+
+
+class OnlineSource(Source):
     """P questions per step, G completions each, sampled from the live policy (pi_old = pi_theta now).
 
     Token ids go straight from the sampler into the batch (never re-tokenised), so the trained
@@ -196,9 +180,6 @@ class OnlineSource:
         self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:
-        from grpo_cli.generation import generate, rollout_options
-        from grpo_cli.rewards.answer import answers_match, extract_answer
-
         questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
@@ -213,8 +194,6 @@ class OnlineSource:
         )
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
         if self.token_offsets:
-            from grpo_cli.rewards.process import char_ends
-
             batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
         batch.stats.update(
             accuracy=sum(correct) / len(correct),
@@ -222,3 +201,14 @@ class OnlineSource:
             truncated=sum(not g.finished for g in gens) / len(gens),
         )
         return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        check_state_keys(state, {"sampler", "generator"})
+        self.sampler.load_state_dict(state["sampler"])
+        self.generator.set_state(state["generator"])
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
