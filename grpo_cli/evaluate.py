@@ -23,9 +23,9 @@ from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, generate, rollout_options
 from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
+from grpo_cli.models.device import pick_device
 from grpo_cli.models.policy import autocast
 from grpo_cli.rewards.answer import answers_match, extract_answer
-from grpo_cli.trainer.loop import pick_device
 
 INHERITED = ("data", "rollout")
 """Sections of a run's config.yaml that ``grpo eval run=<dir>`` reuses unless overridden."""

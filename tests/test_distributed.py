@@ -20,6 +20,7 @@ import torch
 
 from grpo_cli.algorithms import build_algorithm
 from grpo_cli.errors import UserError
+from grpo_cli.models.device import pick_device
 from grpo_cli.trainer import loop
 from grpo_cli.trainer.distributed import LOCAL, rank_seed, shard
 
@@ -167,7 +168,7 @@ def test_ranks_sample_from_their_own_streams():
 
 def test_one_process_is_the_local_no_op():
     row = {"step": 1, "loss": 0.5}
-    assert loop.pick_device("cpu") == LOCAL.device and LOCAL.mean_metrics(row) is row and LOCAL.sum(2.0) == 2.0
+    assert pick_device("cpu") == LOCAL.device and LOCAL.mean_metrics(row) is row and LOCAL.sum(2.0) == 2.0
     assert not LOCAL.any(False) and not LOCAL.enabled and LOCAL.is_main
 
 

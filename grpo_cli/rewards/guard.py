@@ -30,6 +30,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
+from grpo_cli.console import console
 from grpo_cli.errors import UserError
 
 MAX_ABANDONED = 8
@@ -175,8 +176,6 @@ class GuardedReward:
         if kind in self.warned:
             return
         self.warned.add(kind)
-        from grpo_cli.trainer.run import console
-
         counter = "reward_timeouts" if kind == "timeout" else "reward_errors"
         console.print(f"[yellow]warning:[/yellow] reward '{self.name}': {what}; those completions score "
                       f"reward.incorrect (counted in {counter})", highlight=False, soft_wrap=True)

@@ -147,7 +147,7 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     from grpo_cli.models.load import load_model_and_tokenizer
     from grpo_cli.models.policy import Policy
     from grpo_cli.rewards.registry import build_reward
-    from grpo_cli.trainer.loop import pick_device
+    from grpo_cli.models.device import pick_device
     from grpo_cli.trainer.offline import choose_questions, sample_questions
 
     rm = reward_model_config(cfg)

@@ -36,6 +36,7 @@ from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, load_model_and_tokenizer,
                                   save_checkpoint_model)
+from grpo_cli.models.device import pick_device
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.batch import Batch
@@ -84,14 +85,6 @@ def sync_cuda() -> bool:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("trainer.device: 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch.device, loaded) -> Policy:

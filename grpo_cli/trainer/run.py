@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console(stderr=True)
+from grpo_cli.console import console
 
 
 def default_run_dir(recipe: str) -> Path:
