@@ -137,6 +137,21 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
 
 
+def test_resume_of_a_finished_run_leaves_it_untouched_and_more_steps_train_on(sft_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)  # the fixture is shared: resume a copy
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    main(["train", "recipe=sft_arithmetic", *TINY, "trainer.steps=30", "trainer.batch_size=16", "trainer.lr=0.05",
+          f"output_dir={run}", "resume=true"])
+    err = capsys.readouterr().err
+    assert f"already complete (30/30 steps): {run.resolve()}" in err and "done" not in err and "warning" not in err, err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # config.yaml, metrics, checkpoints
+    again = loop.train(compose("sft_arithmetic", "trainer.steps=31", "trainer.batch_size=16", "trainer.lr=3e-3",
+                               f"output_dir={run}", "resume=true"))  # trainer.steps may grow
+    assert [r["step"] for r in rows(again)] == list(range(1, 32)) and latest_checkpoint(again).name == "final"
+    assert "\n  steps: 31\n" in (run / "config.yaml").read_text()
+
+
 def _noisy_copy(src: Path, dest: Path, model: str = "model.safetensors") -> None:
     """A copy of the model (or run) directory ``src`` with other weights (as if retrained, same shapes)."""
     from safetensors.torch import load_file, save_file

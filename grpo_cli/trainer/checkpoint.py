@@ -19,7 +19,8 @@ position and, last, every RNG are restored. On CPU the resumed run's metrics equ
 uninterrupted run's exactly (tests/test_reliability.py). While ``model.name_or_path`` is unchanged, the
 start is the directory the run recorded (``model.resolved_path`` in its config.yaml), not what a
 ``latest`` link points at now; a LoRA adapter is restored only on the base weights it was trained on
-(the fingerprint in the checkpoint's ``base_model.json``).
+(the fingerprint in the checkpoint's ``base_model.json``). A run whose final checkpoint already
+reached ``trainer.steps`` is left untouched ("already complete"); a larger ``trainer.steps`` trains on.
 
 Data parallel (docs/distributed.md): every rank calls ``save``; rank 0 writes, with each rank's RNG
 states and source position (``ranks`` in trainer_state.pt); the ranks meet at a barrier after it.
@@ -321,10 +322,28 @@ def resolve_resume(cfg: DictConfig) -> Optional[Path]:
     run = ckpt.resolve().parent.parent
     if cfg.output_dir and Path(cfg.output_dir).resolve() != run:
         raise UserError(f"resume: checkpoint {ckpt} belongs to run {run}, not to output_dir={cfg.output_dir}")
-    warn_config_changes(run, cfg)
+    if finished_step(ckpt, cfg.trainer.steps) is None:  # a finished run is left as it is: nothing to warn about
+        warn_config_changes(run, cfg)
     with open_dict(cfg):
         cfg.output_dir = str(run)
     return ckpt
+
+
+def finished_step(ckpt: Path, steps: int) -> Optional[int]:
+    """The step of ``ckpt`` when it is a run's final checkpoint at or past ``steps``: resuming it has
+    nothing to train (a larger ``trainer.steps`` does), so the run must stay exactly as it is."""
+    if ckpt.name.split(".")[0] != "final":
+        return None
+    step = int(json.loads((ckpt / INFO_FILE).read_text())["step"])
+    return step if step >= steps else None
+
+
+def already_complete(ckpt: Path, steps: int) -> Path:
+    """Say that the run of the final checkpoint ``ckpt`` has nothing left to train; its directory."""
+    step, run = finished_step(ckpt, steps), ckpt.resolve().parent.parent
+    counted = f"{step}/{steps} steps" if step == steps else f"{step} steps, trainer.steps={steps}"
+    console.print(f"already complete ({counted}): {run}", highlight=False, soft_wrap=True)
+    return run
 
 
 def recorded_start(ckpt: Path, name_or_path: str) -> Optional[str]:

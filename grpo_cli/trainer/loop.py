@@ -40,7 +40,8 @@ from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer.batch import Batch
 from grpo_cli.trainer.checkpoint import (
-    Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, recorded_start, resolve_resume,
+    Checkpointer, Progress, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
+    recorded_start, resolve_resume,
 )
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
 from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache
@@ -255,6 +256,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         console.print(f"[yellow]warning:[/yellow] {slow}")
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
+    if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
+        return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
     record_start(cfg, resume_from)
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
     run = on_main(create_run_dir, cfg)
