@@ -137,6 +137,113 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
         assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
 
 
+def test_resume_of_a_finished_run_leaves_it_untouched_and_more_steps_train_on(sft_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sft_run, run)  # the fixture is shared: resume a copy
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    main(["train", "recipe=sft_arithmetic", *TINY, "trainer.steps=30", "trainer.batch_size=16", "trainer.lr=0.05",
+          f"output_dir={run}", "resume=true"])
+    err = capsys.readouterr().err
+    assert f"already complete (30/30 steps): {run.resolve()}" in err and "done" not in err and "warning" not in err, err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # config.yaml, metrics, checkpoints
+    again = loop.train(compose("sft_arithmetic", "trainer.steps=31", "trainer.batch_size=16", "trainer.lr=3e-3",
+                               f"output_dir={run}", "resume=true"))  # trainer.steps may grow
+    assert [r["step"] for r in rows(again)] == list(range(1, 32)) and latest_checkpoint(again).name == "final"
+    assert "\n  steps: 31\n" in (run / "config.yaml").read_text()
+
+
+def _noisy_copy(src: Path, dest: Path, model: str = "model.safetensors") -> None:
+    """A copy of the model (or run) directory ``src`` with other weights (as if retrained, same shapes)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dest)
+    weights = load_file(dest / model)
+    save_file({k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}, dest / model)
+
+
+def _lora_run(out: str, start: str, steps: int = 2, *overrides: str) -> Path:
+    return loop.train(compose("sft_arithmetic", "lora.enabled=true", "trainer.batch_size=4", f"trainer.steps={steps}",
+                              "trainer.save_every=1", f"model.name_or_path={start}", f"output_dir={out}", *overrides))
+
+
+def _merged(run) -> dict:
+    from grpo_cli.config.schema import ModelConfig
+
+    model, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(run)))
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_lora_run_keeps_its_base_when_the_latest_link_moves(sft_run, tmp_path, monkeypatch):
+    import yaml
+
+    runs = tmp_path / "runs" / "sft_arithmetic"
+    shutil.copytree(sft_run, runs / "a")
+    _noisy_copy(runs / "a", runs / "b", "checkpoints/final/model.safetensors")
+    (runs / "latest").symlink_to("a", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
+    lora = _lora_run("runs/g16", "runs/sft_arithmetic/latest")
+    final = lora / "checkpoints" / "final"
+    base = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((runs / "a" / "checkpoints" / "final").resolve()) == os.path.realpath(base)
+    model = yaml.safe_load((lora / "config.yaml").read_text())["model"]
+    assert model["name_or_path"] == "runs/sft_arithmetic/latest" and model["resolved_path"] == base
+    before = _merged("runs/g16")
+    (runs / "latest").unlink()
+    (runs / "latest").symlink_to("b", target_is_directory=True)  # the next run of the recipe
+    for cwd, run in [(tmp_path, "runs/g16"), (REPO, str(tmp_path / "runs" / "g16"))]:  # and from elsewhere
+        monkeypatch.chdir(cwd)
+        after = _merged(run)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    main(["eval", f"run={tmp_path / 'runs' / 'g16'}", *TINY, "eval.limit=2", f"eval.output_dir={tmp_path / 'ev'}"])
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["total"] == 2
+    monkeypatch.chdir(tmp_path)  # resume as typed at the start: from the recorded base, not the moved link
+    again = _lora_run("runs/g16", "runs/sft_arithmetic/latest", 3, "resume=true")
+    assert json.loads((again / "checkpoints" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert [r["step"] for r in rows(again)] == [1, 2, 3]
+
+
+def test_a_lora_adapter_whose_base_is_gone_or_changed_fails_in_one_line(sft_run, tmp_path, capsys):
+    from grpo_cli.models.load import BASE_FILE, base_fingerprint
+
+    shutil.copytree(sft_run / "checkpoints" / "final", tmp_path / "base")
+    lora = _lora_run(str(tmp_path / "lora"), str(tmp_path / "base"))
+    final = lora / "checkpoints" / "final"
+    record = json.loads((final / BASE_FILE).read_text())
+    copy_print = base_fingerprint(str(sft_run / "checkpoints" / "final"))  # content, not file times: a copy matches
+    assert record["fingerprint"] == base_fingerprint(str(tmp_path / "base")) == copy_print
+    _merged(lora)
+    shutil.rmtree(tmp_path / "base")
+    _noisy_copy(sft_run / "checkpoints" / "final", tmp_path / "base")  # overwritten by another model
+    capsys.readouterr()
+    for argv, expected in [
+        (["eval", f"run={lora}", *TINY], f"the base model {tmp_path / 'base'} changed since the LoRA adapter in {final}"),
+        (["train", "recipe=sft_arithmetic", *TINY, "lora.enabled=true", "trainer.batch_size=4", "trainer.steps=3",
+          f"model.name_or_path={tmp_path / 'base'}", f"output_dir={lora}", "resume=true"],
+         f"resume: the base model {tmp_path / 'base'} is not the one the adapter in"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
+    (final / BASE_FILE).unlink()  # an adapter saved before fingerprints: loaded unchecked
+    _merged(lora)
+    shutil.rmtree(tmp_path / "base")
+    gone = f"trained on the base model {re.escape(str(tmp_path / 'base'))}, which no longer exists"
+    with pytest.raises(UserError, match=gone):
+        _merged(lora)
+
+
+def test_a_lora_run_on_its_own_saved_base_loads_after_the_run_moves(tmp_path):
+    lora = _lora_run(str(tmp_path / "here"), "tiny")  # the tiny base exists only in memory: saved in the run
+    base = json.loads((lora / "checkpoints" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str((tmp_path / "here" / "base_model").resolve())
+    before = _merged(lora)
+    shutil.move(str(lora), str(tmp_path / "there"))  # copied to another machine, renamed
+    after = _merged(tmp_path / "there")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 # ----------------------------------------------------------------------------- 2. signals and kill -9
 
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_path):

@@ -40,6 +40,11 @@ class ModelConfig:
     name_or_path: str = "tiny"
     """``tiny`` (the embedded model), a hub name, a local model directory, or a grpo run directory
     (its latest checkpoint is loaded)."""
+    resolved_path: Optional[str] = None
+    """Set by the trainer, not by hand: the absolute, link-free checkpoint directory a local
+    ``name_or_path`` resolved to when the run started (e.g. through ``runs/<recipe>/latest``),
+    recorded in the run's config.yaml. ``resume`` starts from it again while ``name_or_path`` is
+    unchanged, so a link that moved since cannot change a run's start model."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when ``name_or_path=tiny``."""
     dtype: str = "float32"

@@ -3,10 +3,17 @@
 Checkpoint layout (``<run>/checkpoints/<name>/``): a transformers model directory (full fine-tuning)
 or a peft adapter directory whose ``adapter_config.json`` names its base model, plus the tokenizer.
 An embedded tiny base that LoRA trains on is saved once as ``<run>/base_model`` so adapters reload.
+
+An adapter's base is named by its absolute, link-free path (a run started from
+``runs/<recipe>/latest`` keeps its base when the link moves, and loads from any directory), and
+``base_model.json`` beside the adapter keeps a fingerprint of the base's weights: an adapter whose
+base is gone or was overwritten fails to load with one line instead of silently loading on the wrong
+weights. Adapters saved before the fingerprint existed load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Tuple
@@ -25,6 +32,10 @@ from grpo_cli.errors import UserError
 from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BASE_FILE = "base_model.json"
+"""Written beside an adapter: ``{"base_model_name_or_path": ..., "fingerprint": ...}``."""
+WHOLE_FILE, SAMPLES, CHUNK = 16 << 20, 64, 64 << 10
+"""Weight files up to WHOLE_FILE bytes are hashed whole; larger ones by SAMPLES chunks of CHUNK bytes."""
 
 
 def looks_local(name_or_path: str) -> bool:
@@ -49,6 +60,66 @@ def resolve_model_dir(name_or_path: str) -> str:
     raise UserError(f"model.name_or_path: '{name_or_path}' is a directory with no model, adapter or checkpoint")
 
 
+def resolve_start(name_or_path: str) -> str:
+    """The absolute, link-free checkpoint directory a local ``name_or_path`` names (a run dir's
+    final checkpoint, ``latest`` followed): what a run records as its start, so that moving a link or
+    changing directory later cannot change it. A hub name (or ``tiny``) is returned as is."""
+    if name_or_path == "tiny":
+        return name_or_path
+    path = resolve_model_dir(name_or_path)
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.exists() else path
+
+
+def base_fingerprint(path: Optional[str]) -> Optional[str]:
+    """A sha256 of a local model's weight files (names, sizes and content; big files by evenly spread
+    samples, which any retraining changes): cheap enough for every save of a 7B base, and equal for a
+    copy of the same weights. None for a hub name or a directory without safetensors files."""
+    files = sorted(Path(path).glob("*.safetensors")) if path and Path(path).is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name}:{size}\n".encode())
+        with f.open("rb") as fh:
+            if size <= WHOLE_FILE:
+                digest.update(fh.read())
+                continue
+            for i in range(SAMPLES):  # the first sample holds the safetensors header (names, shapes)
+                fh.seek(i * (size - CHUNK) // (SAMPLES - 1))
+                digest.update(fh.read(CHUNK))
+    return digest.hexdigest()
+
+
+def write_base_record(adapter_dir: Path, base_ref: Optional[str], fingerprint: Optional[str]) -> None:
+    """Record beside an adapter which base it was trained on and that base's fingerprint."""
+    record = {"base_model_name_or_path": base_ref, "fingerprint": fingerprint}
+    (adapter_dir / BASE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter loads on, checked: it still exists and its weights are the ones the
+    adapter was trained on (when a fingerprint was recorded). Either failure is one line: an
+    adapter on other weights gives wrong results without any other sign."""
+    base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"the LoRA adapter in {adapter_dir} names no base model (base_model_name_or_path)")
+    own = adapter_dir.resolve().parent.parent / "base_model"  # a run's own saved base moves with the run
+    if looks_local(base) and not Path(base).expanduser().exists():
+        if Path(base).name != "base_model" or not own.is_dir():
+            where = "" if Path(base).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+            raise UserError(f"the LoRA adapter in {adapter_dir} was trained on the base model {base}, which no "
+                            f"longer exists{where}")
+        base = str(own)
+    record = adapter_dir / BASE_FILE
+    saved = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
+    if saved and base_fingerprint(base) != saved:
+        raise UserError(f"the base model {base} changed since the LoRA adapter in {adapter_dir} was trained on it "
+                        "(its weights differ): restore that base or train the adapter again")
+    return base
+
+
 def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"model.dtype: expected one of {sorted(DTYPES)}, got '{name}'")
@@ -57,15 +128,17 @@ def _dtype(name: str) -> torch.dtype:
 
 def load_model_and_tokenizer(cfg: ModelConfig) -> Tuple[PreTrainedModel, PreTrainedTokenizerBase, Optional[str]]:
     """The starting model (adapters of a LoRA checkpoint merged in), its tokenizer, and the path its
-    weights can be reloaded from (None when they exist only in memory: the tiny model, a merged adapter)."""
+    weights can be reloaded from (None when they exist only in memory: the tiny model, a merged adapter).
+    A local path is loaded and returned resolved (absolute, links followed; ``cfg.resolved_path``
+    when set): adapters trained on it name that base, not a link that may move."""
     dtype = _dtype(cfg.dtype)
     if cfg.name_or_path == "tiny":
         tok = build_tokenizer()
         model = build_tiny_model(cfg.tiny, len(tok), tok.pad_token_id, tok.eos_token_id)
         return model.to(dtype), tok, None
-    path = resolve_model_dir(cfg.name_or_path)
+    path = getattr(cfg, "resolved_path", None) or resolve_start(cfg.name_or_path)
     adapter = Path(path) / "adapter_config.json"
-    base_path = json.loads(adapter.read_text())["base_model_name_or_path"] if adapter.exists() else path
+    base_path = adapter_base(Path(path)) if adapter.exists() else path
     try:
         tok = load_tokenizer(path, cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(

@@ -16,7 +16,11 @@ checkpoint; ``resume=<run or checkpoint dir>`` names one. The policy is first bu
 ``model.name_or_path`` exactly as at the start (so the reference model is the start model, never the
 resumed weights); then the checkpoint's weights or adapter, the optimiser, the scheduler, the data
 position and, last, every RNG are restored. On CPU the resumed run's metrics equal the
-uninterrupted run's exactly (tests/test_reliability.py).
+uninterrupted run's exactly (tests/test_reliability.py). While ``model.name_or_path`` is unchanged, the
+start is the directory the run recorded (``model.resolved_path`` in its config.yaml), not what a
+``latest`` link points at now; a LoRA adapter is restored only on the base weights it was trained on
+(the fingerprint in the checkpoint's ``base_model.json``). A run whose final checkpoint already
+reached ``trainer.steps`` is left untouched ("already complete"); a larger ``trainer.steps`` trains on.
 
 Data parallel (docs/distributed.md): every rank calls ``save``; rank 0 writes, with each rank's RNG
 states and source position (``ranks`` in trainer_state.pt); the ranks meet at a barrier after it.
@@ -43,7 +47,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import is_peft, save_checkpoint_model
+from grpo_cli.models.load import BASE_FILE, base_fingerprint, is_peft, save_checkpoint_model, write_base_record
 from grpo_cli.trainer.distributed import LOCAL, Dist, barrier, gather_objects, on_main, rank_seed
 from grpo_cli.trainer.run import atomic_replace_dir, console, remove_dir
 
@@ -55,6 +59,7 @@ RESUME_FREE = (
     "resume", "output_dir", "recipe", "description", "trainer.steps", "trainer.threads", "trainer.device",
     "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps", "trainer.trim_memory",
     "trainer.onednn_cache", "logging.", "eval.", "sweep.",
+    "model.resolved_path",  # recorded by the run itself; a changed start shows as model.name_or_path
 )
 """Config keys a resumed run may change without changing what it computes (``trainer.steps``
 changes a decaying schedule's length, as asked)."""
@@ -106,6 +111,9 @@ class Checkpointer:
         self.policy, self.opt, self.sched, self.source, self.algorithm = policy, opt, sched, source, algorithm
         self.keep, self.seed, self.dist = keep, seed, dist
         self.last: Optional[Tuple[str, int]] = None
+        # The base's fingerprint as the run starts (read once): every adapter checkpoint records it.
+        adapters = any(is_peft(m) for m in policy.model.modules())
+        self.base_print = base_fingerprint(policy.base_ref) if adapters else None
         on_main(recover, self.root)
 
     def state(self, progress: Progress, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -142,6 +150,8 @@ class Checkpointer:
         if tmp.exists():
             shutil.rmtree(tmp)
         save_checkpoint_model(self.policy.model, self.policy.tokenizer, tmp, self.policy.base_ref, weights)
+        if (tmp / "adapter_config.json").is_file():
+            write_base_record(tmp, self.policy.base_ref, self.base_print)
         torch.save(self.state(progress, ranks), tmp / STATE_FILE)
         (tmp / INFO_FILE).write_text(json.dumps({"step": progress.step}))
         atomic_replace_dir(tmp, final)
@@ -155,6 +165,7 @@ class Checkpointer:
         if self.dist.enabled and self.dist.strategy == "fsdp":
             raise UserError("resume: runs with trainer.distributed=fsdp cannot resume yet; start a new run from the "
                             f"checkpoint's weights (model.name_or_path={ckpt}) or use trainer.distributed=ddp")
+        self.check_base(ckpt)
         load_weights(self.policy.model, ckpt)
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
         self.opt.load_state_dict(state["optimizer"])
@@ -181,6 +192,15 @@ class Checkpointer:
             torch.manual_seed(fresh)
         console.print(f"[bold]resume[/bold] from {ckpt} (step {progress.step})", soft_wrap=True)
         return progress
+
+    def check_base(self, ckpt: Path) -> None:
+        """An adapter restored on other base weights than it was trained on would train on, silently
+        wrong: refuse when both fingerprints are known and differ."""
+        record = ckpt / BASE_FILE
+        saved = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
+        if saved and self.base_print and saved != self.base_print:
+            raise UserError(f"resume: the base model {self.policy.base_ref} is not the one the adapter in {ckpt} was "
+                            "trained on (its weights differ): resume with the run's model.name_or_path, or restore that base")
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
@@ -301,10 +321,44 @@ def resolve_resume(cfg: DictConfig) -> Optional[Path]:
     run = ckpt.resolve().parent.parent
     if cfg.output_dir and Path(cfg.output_dir).resolve() != run:
         raise UserError(f"resume: checkpoint {ckpt} belongs to run {run}, not to output_dir={cfg.output_dir}")
-    warn_config_changes(run, cfg)
+    if finished_step(ckpt, cfg.trainer.steps) is None:  # a finished run is left as it is: nothing to warn about
+        warn_config_changes(run, cfg)
     with open_dict(cfg):
         cfg.output_dir = str(run)
     return ckpt
+
+
+def finished_step(ckpt: Path, steps: int) -> Optional[int]:
+    """The step of ``ckpt`` when it is a run's final checkpoint at or past ``steps``: resuming it has
+    nothing to train (a larger ``trainer.steps`` does), so the run must stay exactly as it is."""
+    if ckpt.name.split(".")[0] != "final":
+        return None
+    step = int(json.loads((ckpt / INFO_FILE).read_text())["step"])
+    return step if step >= steps else None
+
+
+def already_complete(ckpt: Path, steps: int) -> Path:
+    """Say that the run of the final checkpoint ``ckpt`` has nothing left to train; its directory."""
+    step, run = finished_step(ckpt, steps), ckpt.resolve().parent.parent
+    counted = f"{step}/{steps} steps" if step == steps else f"{step} steps, trainer.steps={steps}"
+    console.print(f"already complete ({counted}): {run}", highlight=False, soft_wrap=True)
+    return run
+
+
+def recorded_start(ckpt: Path, name_or_path: str) -> Optional[str]:
+    """The start model the resumed run recorded (``model.resolved_path`` in its config.yaml), while
+    ``model.name_or_path`` is the one it started with: a ``latest`` link moved since must not swap
+    the reference model or the LoRA base under a resumed run. None: resolve ``name_or_path`` anew."""
+    saved = ckpt.resolve().parent.parent / "config.yaml"
+    if not saved.is_file():
+        return None
+    model = (OmegaConf.to_container(OmegaConf.load(saved)) or {}).get("model") or {}
+    start = model.get("resolved_path")
+    if not start or model.get("name_or_path") != name_or_path:
+        return None
+    if not Path(start).exists():
+        raise UserError(f"resume: the run's start model {start} (model.name_or_path={name_or_path}) no longer exists")
+    return start
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

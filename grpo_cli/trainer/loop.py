@@ -35,13 +35,14 @@ from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, load_model_and_tokenizer,
-                                  save_checkpoint_model)
+                                  resolve_start, save_checkpoint_model)
 from grpo_cli.models.device import pick_device
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.batch import Batch
 from grpo_cli.trainer.checkpoint import (
-    Checkpointer, Progress, StopOnSignal, interrupted_message, latest_checkpoint, resolve_resume,
+    Checkpointer, Progress, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
+    recorded_start, resolve_resume,
 )
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
 from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache
@@ -93,7 +94,7 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     if cfg.lora.enabled and base_ref is None:
         # The base exists only in memory (tiny model, merged adapter): save it once so the
         # adapter checkpoints of this run reload on top of it (atomically: they all depend on it).
-        base_ref = str(run / "base_model")
+        base_ref = str((run / "base_model").resolve())  # absolute: the adapters load from any directory
         if is_main() and not (cfg.get("resume") and (run / "base_model" / "config.json").exists()):
             tmp = run / ".tmp-base_model"
             if tmp.exists():
@@ -109,6 +110,21 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
         base_ref=base_ref, precision=cfg.trainer.precision,
         compact_reference=cfg.trainer.distributed != "fsdp",  # FSDP2 shards a block's weights in one dtype
     )
+
+
+def start_model(name_or_path: str, resume_from: Optional[Path]) -> Optional[str]:
+    """The run's start as an absolute, link-free directory: a resumed run's recorded start, else
+    ``name_or_path`` resolved now; None for ``tiny`` and hub names."""
+    start = (recorded_start(resume_from, name_or_path) if resume_from else None) or resolve_start(name_or_path)
+    return start if Path(start).is_absolute() else None
+
+
+def record_start(cfg: DictConfig, resume_from: Optional[Path]) -> None:
+    """Set ``model.resolved_path`` (saved in config.yaml beside what was typed): the model loads from
+    it, and LoRA adapters name it as their base, so a ``latest`` link that moves later changes nothing."""
+    start = on_main(start_model, cfg.model.name_or_path, resume_from)
+    with open_dict(cfg):
+        cfg.model.resolved_path = start
 
 
 def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float,
@@ -233,6 +249,9 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         console.print(f"[yellow]warning:[/yellow] {slow}")
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
+    if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
+        return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
+    record_start(cfg, resume_from)
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
     run = on_main(create_run_dir, cfg)
     with open_dict(cfg):
