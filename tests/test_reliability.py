@@ -28,8 +28,9 @@ from grpo_cli.models.load import load_model_and_tokenizer
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer import loop, memory
 from grpo_cli.batch import Batch, pack
+from grpo_cli.models.load import load_weights
 from grpo_cli.trainer.checkpoint import (
-    STATE_FILE, Checkpointer, Progress, latest_checkpoint, list_checkpoints, load_weights, recover,
+    STATE_FILE, Checkpointer, Progress, latest_checkpoint, list_checkpoints, recover,
 )
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source

@@ -210,3 +210,36 @@ def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str], state_
         model.peft_config["default"].base_model_name_or_path = base_ref
     model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     tok.save_pretrained(out)
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Copy a checkpoint's weights (full model, possibly sharded) or LoRA adapter into ``model``."""
+    from safetensors.torch import load_file
+
+    if callable(getattr(model, "load_checkpoint", None)):  # a model with its own layout (e.g. a scorer)
+        model.load_checkpoint(ckpt)
+        return
+    if is_peft(model):
+        adapter = ckpt / "adapter_model.safetensors"
+        if not adapter.exists():
+            raise UserError(f"resume: {ckpt} holds no LoRA adapter, but lora.enabled=true: resume with the run's lora settings")
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if missing or result.unexpected_keys:
+            raise UserError(f"resume: the adapter in {ckpt} does not fit this model (e.g. {(missing or result.unexpected_keys)[0]})")
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"resume: {ckpt} holds no full model weights (a LoRA adapter?), but lora.enabled=false")
+    weights: Dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in weights if k in params}
+    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]  # tied copies are fine
+    if untied or unexpected:
+        example = (untied or unexpected)[0]
+        raise UserError(f"resume: the weights in {ckpt} do not fit this model (e.g. {example}): resume with the run's model settings")

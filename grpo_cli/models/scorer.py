@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from grpo_cli.config.schema import ModelConfig
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import is_peft, load_model_and_tokenizer, save_checkpoint_model
+from grpo_cli.models.load import is_peft, load_model_and_tokenizer, load_weights, save_checkpoint_model
 from grpo_cli.models.policy import hidden_states
 
 HEAD_FILE, META_FILE = "score_head.safetensors", "scorer.json"
@@ -58,8 +58,6 @@ class Scorer(torch.nn.Module):
 
     def load_checkpoint(self, ckpt: Path) -> None:
         """Resume: the LM's weights (or adapter) and the head from a checkpoint of this layout."""
-        from grpo_cli.trainer.checkpoint import load_weights
-
         load_weights(self.lm, ckpt)
         self.head.load_state_dict(load_file(str(ckpt / HEAD_FILE)))
 

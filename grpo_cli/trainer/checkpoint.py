@@ -47,7 +47,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import BASE_FILE, base_fingerprint, is_peft, save_checkpoint_model, write_base_record
+from grpo_cli.models.load import (BASE_FILE, base_fingerprint, is_peft, load_weights, save_checkpoint_model,
+                                  write_base_record)
 from grpo_cli.trainer.distributed import LOCAL, Dist, barrier, gather_objects, on_main, rank_seed
 from grpo_cli.trainer.run import atomic_replace_dir, console, remove_dir
 
@@ -201,39 +202,6 @@ class Checkpointer:
         if saved and self.base_print and saved != self.base_print:
             raise UserError(f"resume: the base model {self.policy.base_ref} is not the one the adapter in {ckpt} was "
                             "trained on (its weights differ): resume with the run's model.name_or_path, or restore that base")
-
-
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Copy a checkpoint's weights (full model, possibly sharded) or LoRA adapter into ``model``."""
-    from safetensors.torch import load_file
-
-    if callable(getattr(model, "load_checkpoint", None)):  # a model with its own layout (e.g. a scorer)
-        model.load_checkpoint(ckpt)
-        return
-    if is_peft(model):
-        adapter = ckpt / "adapter_model.safetensors"
-        if not adapter.exists():
-            raise UserError(f"resume: {ckpt} holds no LoRA adapter, but lora.enabled=true: resume with the run's lora settings")
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, load_file(adapter))
-        missing = [k for k in result.missing_keys if "lora_" in k]
-        if missing or result.unexpected_keys:
-            raise UserError(f"resume: the adapter in {ckpt} does not fit this model (e.g. {(missing or result.unexpected_keys)[0]})")
-        return
-    files = sorted(ckpt.glob("model*.safetensors"))
-    if not files:
-        raise UserError(f"resume: {ckpt} holds no full model weights (a LoRA adapter?), but lora.enabled=false")
-    weights: Dict[str, torch.Tensor] = {}
-    for f in files:
-        weights.update(load_file(f))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {params[k].data_ptr() for k in weights if k in params}
-    untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]  # tied copies are fine
-    if untied or unexpected:
-        example = (untied or unexpected)[0]
-        raise UserError(f"resume: the weights in {ckpt} do not fit this model (e.g. {example}): resume with the run's model settings")
 
 
 def recover(root: Path) -> None:
