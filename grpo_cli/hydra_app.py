@@ -20,7 +20,7 @@ from typing import List, Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grpo_cli.config import store
+from grpo_cli.config import store, validate
 from grpo_cli.config.compose import PACKAGE_CONF, list_recipes, recipe_dirs
 from grpo_cli.errors import UserError, nearest
 
@@ -45,6 +45,7 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"config key '{missing[0]}' is required (it is ???): pass {missing[0]}=...")
+    validate.check(cfg)  # Hydra composed it, not compose_run: the declared ranges and choices
     with open_dict(cfg):
         cfg.recipe = HydraConfig.get().job.config_name
         cfg.output_dir = cfg.output_dir or HydraConfig.get().runtime.output_dir

@@ -130,8 +130,6 @@ def validate(recipe: str, runs: List[Run], settings: List[str]) -> DictConfig:
         except UserError as e:
             raise UserError(f"run {run.name}: {e}") from None
         first = first if first is not None else cfg
-    if first.sweep.parallel < 1:
-        raise UserError(f"sweep.parallel: expected at least 1, got {first.sweep.parallel}")
     if not first.sweep.eval:  # these would silently summarise nothing
         if (first.sweep.metric or "").startswith("eval."):
             raise UserError(f"sweep.metric={first.sweep.metric} needs sweep.eval=true")

@@ -93,9 +93,10 @@ def test_eval_samples_on_a_user_jsonl(sft_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, expected", [
     (["eval.n=2"], "eval.ks: each K must be in 1..eval.n=2, got [1, 4]"),
-    (["eval.n=4", "eval.ks=[0]"], "eval.ks: each K must be in 1..eval.n=4"),
+    (["eval.n=4", "eval.ks=[2,8]"], "eval.ks: each K must be in 1..eval.n=4, got [2, 8]"),
+    (["eval.n=4", "eval.ks=[0]"], "config key 'eval.ks': expected integers >= 1, got [0]"),
     (["eval.n=4", "rollout.temperature=0"], "rollout.temperature, which is 0 (greedy)"),
-    (["eval.n=-1"], "eval.n: expected 0"),
+    (["eval.n=-1"], "config key 'eval.n': expected an integer >= 0, got -1"),
 ])
 def test_eval_sampling_mistakes_are_one_line(sft_run, capsys, args, expected):
     with pytest.raises(SystemExit) as e:

@@ -61,7 +61,8 @@ def test_a_typo_in_any_grid_point_fails_before_anything_runs(tmp_path, capsys):
 @pytest.mark.parametrize("args, expected", [
     (["sweep.metric=eval.pass@4"], "sweep.metric=eval.pass@4 needs sweep.eval=true"),
     (["eval.limit=5"], "eval.* overrides set each run's evaluation: add sweep.eval=true"),
-    (["sweep.parallel=0"], "sweep.parallel: expected at least 1, got 0"),
+    (["sweep.parallel=0"], "config key 'sweep.parallel': expected an integer >= 1, got 0"),
+    (["trainer.schedule=bogus,constant"], "config key 'trainer.schedule': expected constant, linear or cosine, got 'bogus'"),
 ])
 def test_sweep_settings_mistakes(capsys, args, expected):
     with pytest.raises(SystemExit) as e:
@@ -104,11 +105,12 @@ def _csv(path):
 
 
 def test_sweep_isolates_a_crash_summarises_and_resumes(tmp_path, capsys):
-    """2x2 grid, one schedule invalid: its two runs fail with their error, the others train and are
-    evaluated; the same command again skips the finished runs."""
+    """2x2 grid, one max_ops below min_ops (a relation checked when the data is built, not at
+    composition): its two runs fail with their error, the others train and are evaluated; the same
+    command again skips the finished runs."""
     sweep_dir = tmp_path / "sw"
     args = ["sweep", "recipe=sft_arithmetic", *TINY, "trainer.steps=2", "trainer.threads=1", "trainer.batch_size=8",
-            "trainer.schedule=bogus,constant", "trainer.seed=0,1", f"sweep.dir={sweep_dir}", "sweep.parallel=2",
+            "data.arithmetic.max_ops=1,4", "trainer.seed=0,1", f"sweep.dir={sweep_dir}", "sweep.parallel=2",
             "sweep.eval=true", "eval.limit=4", "eval.n=2", "eval.ks=[2]"]
     with pytest.raises(SystemExit) as e:
         main(args)
@@ -116,10 +118,10 @@ def test_sweep_isolates_a_crash_summarises_and_resumes(tmp_path, capsys):
     printed = " ".join(capsys.readouterr().out.split())  # the tables wrap at the terminal's width
     assert "eval.accuracy, mean and std over trainer.seed" in printed and "2 of 4 runs failed" in printed
     rows = _csv(sweep_dir / "summary.csv")
-    assert [(r["trainer.schedule"], r["trainer.seed"], r["status"]) for r in rows] == [
-        ("bogus", "0", "failed"), ("bogus", "1", "failed"), ("constant", "0", "ok"), ("constant", "1", "ok")]
+    assert [(r["data.arithmetic.max_ops"], r["trainer.seed"], r["status"]) for r in rows] == [
+        ("1", "0", "failed"), ("1", "1", "failed"), ("4", "0", "ok"), ("4", "1", "ok")]
     for r in rows[:2]:
-        assert r["error"] == "trainer.schedule: expected constant, linear or cosine, got 'bogus'"
+        assert r["error"] == "data.arithmetic.min_ops/max_ops: need 1 <= min_ops <= max_ops <= 50, got 2 and 1"
         assert not (sweep_dir / r["run"] / "done.json").exists()
     for r in rows[2:]:
         assert 0.0 <= float(r["eval.accuracy"]) <= 1.0 and r["eval.pass@2"] != ""

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from grpo_cli.config import store
+from grpo_cli.config import store, validate
 from grpo_cli.errors import UserError, nearest
 
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -105,6 +105,7 @@ def compose_file(path: Path, overrides: Sequence[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{path.name}: config key '{missing[0]}' is required (it is ???): pass {missing[0]}=...")
+    validate.check(cfg)  # every declared range and choice, before anything runs
     return cfg
 
 

@@ -5,6 +5,10 @@ unknown key or a wrong type is caught before anything runs. Config groups whose 
 different fields (``algorithm``, ``source``, ``reward``) have one dataclass per option; the option is
 picked by the group's name (``algorithm=grpo``) and the dataclass's ``name`` field selects the
 implementation in the matching registry.
+
+Each number declares its valid range beside it (``num``/``nums``: ``gt``/``ge``/``lt``/``le``) and each
+closed set of strings its options (``choice``); composition checks them all before anything runs
+(:mod:`grpo_cli.config.validate`). A new numeric field must declare one.
 """
 
 from __future__ import annotations
@@ -14,22 +18,25 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from grpo_cli.config.validate import choice, num, nums
+from grpo_cli.data.arithmetic import MAX_DIGITS, MAX_OPS
+
 
 @dataclass
 class TinyModelConfig:
     """Architecture of the embedded default model (a randomly initialised Qwen2)."""
 
-    hidden_size: int = 128
+    hidden_size: int = num(128, ge=1)
     """Width of the residual stream (H)."""
-    num_layers: int = 4
+    num_layers: int = num(4, ge=1)
     """Transformer blocks."""
-    num_heads: int = 4
+    num_heads: int = num(4, ge=1)
     """Attention heads (query and key/value)."""
-    intermediate_size: int = 512
+    intermediate_size: int = num(512, ge=1)
     """Width of the MLP."""
-    max_position_embeddings: int = 256
+    max_position_embeddings: int = num(256, ge=1)
     """Longest sequence, prompt plus completion, in characters."""
-    seed: int = 0
+    seed: int = num(0, ge=0)
     """Seed of the random initialisation, so ``model=tiny`` is the same model on every machine."""
 
 
@@ -47,11 +54,11 @@ class ModelConfig:
     unchanged, so a link that moved since cannot change a run's start model."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Architecture used when ``name_or_path=tiny``."""
-    dtype: str = "float32"
+    dtype: str = choice("float32", among=("float32", "bfloat16", "float16"))
     """Parameter dtype: float32, bfloat16 or float16."""
     trust_remote_code: bool = False
     """Allow a hub model to run its own Python code. Off: turn on only for repositories you trust."""
-    logprob_backend: str = "fused"
+    logprob_backend: str = choice("fused", among=("fused", "naive"))
     """How per-token log-probs are computed: ``fused`` (chunked kernels, never the full [N, V]
     logits) or ``naive`` (log_softmax over full logits, the reference)."""
 
@@ -62,11 +69,11 @@ class LoraConfig:
 
     enabled: bool = False
     """Train low-rank adapters instead of every weight; the reference is then the adapter disabled."""
-    r: int = 16
+    r: int = num(16, ge=1)
     """Rank of each adapter."""
-    alpha: int = 32
+    alpha: int = num(32, ge=1)
     """Scaling numerator: the update is ``alpha / r * B @ A``."""
-    dropout: float = 0.0
+    dropout: float = num(0.0, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,21 +85,21 @@ class LoraConfig:
 class ArithmeticConfig:
     """The embedded synthetic task: chains of +, -, x with one checkable step per line."""
 
-    num_train: int = 20000
+    num_train: int = num(20000, ge=0)
     """Training problems."""
-    num_test: int = 500
+    num_test: int = num(500, ge=0)
     """Held-out problems, disjoint from the training ones."""
-    seed: int = 1234
+    seed: int = num(1234, ge=0)
     """Generator seed: the same seed gives the same problems everywhere."""
-    min_ops: int = 2
+    min_ops: int = num(2, ge=1, le=MAX_OPS)
     """Fewest operations in a problem."""
-    max_ops: int = 4
+    max_ops: int = num(4, ge=1, le=MAX_OPS)
     """Most operations in a problem (the difficulty knob, with ``digits`` and ``ops``)."""
-    digits: int = 1
+    digits: int = num(1, ge=1, le=MAX_DIGITS)
     """Operands have up to this many digits (intermediate results grow past it: 7*8=56, 56*9=504)."""
     ops: str = "+-*"
     """Operators drawn from: any of ``+-*``."""
-    direct_fraction: float = 0.5
+    direct_fraction: float = num(0.5, ge=0, le=1)
     """Fraction of training solutions written as the final line alone (``#### 42``), like terse
     human answers; the test split's solutions are always worked step by step."""
 
@@ -117,7 +124,7 @@ class DataConfig:
     """Field holding the bare final answer; None means: extract it from the solution."""
     prompt_template: str = "{question}\n"
     """How a question becomes the prompt; ``{question}`` is replaced."""
-    max_examples: Optional[int] = None
+    max_examples: Optional[int] = num(None, ge=1)
     """Use only the first N examples of each split."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
     """Settings of the embedded task."""
@@ -137,11 +144,11 @@ class RewardConfig:
     path: Optional[str] = None
     """``name=outcome_rm``: a reward model trained with ``recipe=rm_arithmetic`` (its run or checkpoint
     directory). It must share the policy's tokenizer: it scores the sampled token ids as they are."""
-    correct: float = 1.0
+    correct: float = num(1.0)
     """Reward of a correct final answer."""
-    incorrect: float = 0.0
+    incorrect: float = num(0.0)
     """Reward of a wrong or missing final answer."""
-    timeout_s: float = 2.0
+    timeout_s: float = num(2.0, ge=0)
     """Time limit of one reward call (a call scores a whole batch): a later call scores ``incorrect``
     for its completions, counted in ``reward_timeouts`` (one that raises: ``reward_errors``); 0 means
     no limit. The call runs in a thread that is abandoned, not killed, when late (Python cannot kill
@@ -149,13 +156,13 @@ class RewardConfig:
     delimiter: str = "\n"
     """Process rewards (``steps``): an output's steps are its non-blank pieces between delimiters
     (text after the last delimiter is the final step); each step's reward sits on its last token."""
-    checker: str = "auto"
+    checker: str = choice("auto", among=("arithmetic", "calculator", "auto"))
     """``name=steps``: the rule judging each step: ``arithmetic`` (the embedded task's checker),
     ``calculator`` (GSM8K's ``<<48/2=24>>`` annotations hold; a step without one is correct) or
     ``auto`` (arithmetic when the prompt is an arithmetic chain, else calculator)."""
-    step_correct: float = 1.0
+    step_correct: float = num(1.0)
     """``name=steps``: reward of a correct step."""
-    step_incorrect: float = 0.0
+    step_incorrect: float = num(0.0)
     """``name=steps``: reward of an incorrect step (an output with no step at all is one incorrect step)."""
     last_step_outcome: bool = True
     """``steps`` and ``process_rm``: the last step is judged by the outcome rule (the final answer is
@@ -181,9 +188,9 @@ class DatasetSourceConfig(SourceConfig):
 @dataclass
 class OnlineSourceConfig(SourceConfig):
     name: str = "online"
-    prompts_per_step: int = 8
+    prompts_per_step: int = num(8, ge=1)
     """Questions sampled per step (P); the batch holds P * G completions."""
-    group_size: int = 8
+    group_size: int = num(8, ge=1)
     """Completions sampled per question (G)."""
 
 
@@ -197,17 +204,17 @@ class RFTSourceConfig(SourceConfig):
     """
 
     name: str = "rft"
-    questions: int = 1024
+    questions: int = num(1024, ge=0)
     """Training questions to sample (the first of a seeded shuffle); 0 means all of them."""
-    samples_per_question: int = 8
+    samples_per_question: int = num(8, ge=1)
     """Completions sampled per question (k)."""
-    threshold: float = 0.5
+    threshold: float = num(0.5)
     """A completion is correct when its reward exceeds this (the rule reward gives 1 or 0)."""
     samples: Optional[str] = None
     """Reuse a ``samples.jsonl`` written by an earlier run instead of sampling again."""
-    heldout: float = 0.0
+    heldout: float = num(0.0, ge=0, lt=1)
     """Share of the sampled questions kept out of training, for ``heldout_*`` metrics (reward models)."""
-    pairs_per_question: int = 2
+    pairs_per_question: int = num(2, ge=1)
     """``source=pairs``: most (correct, incorrect) pairs kept per question; each output is used once at most.
     (The sampled sources share their fields so a recipe can switch between them.)"""
 
@@ -244,9 +251,9 @@ class OnlineRFTConfig(AlgorithmConfig):
     """Online rejection-sampling fine-tuning: SFT on the live policy's correct samples (GC = 1 or 0)."""
 
     name: str = "online_rft"
-    threshold: float = 0.5
+    threshold: float = num(0.5)
     """A completion is kept (GC = 1) when its reward exceeds this; the rule reward gives 1 or 0."""
-    aggregation: str = "token"
+    aggregation: str = choice("token", among=("token", "sequence"))
     """``token``: mean over all completion tokens of the batch, like SFT's loss (default); ``sequence``:
     the paradigm's literal 1/|o| per output, which weights a short output's tokens more (measured on
     the arithmetic task: it pushed the SFT model toward terse direct answers and lowered accuracy)."""
@@ -264,11 +271,11 @@ class DPOConfig(AlgorithmConfig):
     """Direct Preference Optimisation on (o+, o-) pairs (DeepSeekMath appendix A.1.4; source=pairs)."""
 
     name: str = "dpo"
-    beta: float = 0.1
+    beta: float = num(0.1, gt=0)
     """Scale of the implicit reward beta * log(pi_theta / pi_ref) in the pairwise logistic loss."""
     length_normalise: bool = True
     """Average the log-ratio over each output's tokens (the paper's 1/|o|); False sums them (original DPO)."""
-    sft_weight: float = 0.0
+    sft_weight: float = num(0.0, ge=0)
     """Weight of an added NLL loss on o+ (token mean over the batch's o+ tokens), as in iterative RPO
     (Pang et al., 2024); 0 is the paper's pure DPO. DPO alone tends to lower the likelihood of o+ too."""
 
@@ -281,10 +288,10 @@ class RewardModelConfig(AlgorithmConfig):
     head_from: Optional[str] = None
     """Start the scalar head from this reward model (its directory) instead of zeros: continue training
     one (iterative GRPO does, with model.name_or_path set to the same directory)."""
-    objective: str = "pairwise"
+    objective: str = choice("pairwise", among=("pairwise", "pointwise"))
     """``pairwise``: Bradley-Terry on (o+, o-) pairs (source=pairs); ``pointwise``: binary
     cross-entropy of the score against correct / incorrect (source=labelled)."""
-    threshold: float = 0.5
+    threshold: float = num(0.5)
     """A sample is correct when its reward exceeds this (pointwise labels)."""
 
 
@@ -296,7 +303,7 @@ class ProcessRewardModelConfig(AlgorithmConfig):
     head_from: Optional[str] = None
     """Start the scalar head from this reward model (its directory) instead of zeros: continue training
     one (iterative GRPO does, with model.name_or_path set to the same directory)."""
-    threshold: float = 0.5
+    threshold: float = num(0.5)
     """A step is labelled correct when its rule step reward exceeds this."""
 
 
@@ -305,26 +312,26 @@ class PPOConfig(AlgorithmConfig):
     """PPO with a value model, GAE and the per-token KL penalty in the reward (DeepSeekMath eq. 1-2)."""
 
     name: str = "ppo"
-    beta: float = 0.04
+    beta: float = num(0.04, ge=0)
     """Weight of the per-token KL penalty -beta * log(pi_theta / pi_ref) added to the reward."""
-    eps: float = 0.2
+    eps: float = num(0.2, gt=0)
     """Clip range of the ratio pi_theta / pi_old."""
-    mu: int = 1
+    mu: int = num(1, ge=1)
     """Policy (and value) updates per batch of rollouts."""
-    gamma: float = 1.0
+    gamma: float = num(1.0, ge=0, le=1)
     """GAE discount."""
-    lam: float = 0.95
+    lam: float = num(0.95, ge=0, le=1)
     """GAE lambda."""
     whiten_advantages: bool = True
     """Normalise the advantages over the batch's output tokens (mean 0, std 1)."""
-    value_model: str = "separate"
+    value_model: str = choice("separate", among=("separate", "lora"))
     """``separate``: a full copy of the start model with a scalar head (the paper's setting, as large as
     the policy); ``lora``: a second LoRA adapter and a head on the policy's frozen base (needs lora.enabled)."""
-    value_clip: float = 0.2
+    value_clip: float = num(0.2, ge=0)
     """Clip the value update to V_old +- value_clip in the value loss; 0 disables it."""
-    vf_coef: float = 0.5
+    vf_coef: float = num(0.5, ge=0)
     """Weight of the value loss in the total loss."""
-    value_lr_scale: float = 10.0
+    value_lr_scale: float = num(10.0, gt=0)
     """The value model's learning rate is trainer.lr times this (a fresh head needs to move faster)."""
 
 
@@ -333,20 +340,20 @@ class GRPOConfig(AlgorithmConfig):
     """Group Relative Policy Optimisation (DeepSeekMath eq. 3); defaults are the paper's form."""
 
     name: str = "grpo"
-    beta: float = 0.04
+    beta: float = num(0.04, ge=0)
     """Weight of the k3 KL penalty against pi_ref, in the loss (not the reward)."""
-    eps: float = 0.2
+    eps: float = num(0.2, gt=0)
     """Clip range of the ratio pi_theta / pi_old: [1 - eps, 1 + eps_high]."""
-    eps_high: Optional[float] = None
+    eps_high: Optional[float] = num(None, gt=0)
     """Upper clip (DAPO's clip-higher); None means eps."""
-    mu: int = 1
+    mu: int = num(1, ge=1)
     """Policy updates per batch of rollouts; with 1, pi_old is pi_theta and the ratio is exactly 1."""
-    aggregation: str = "sequence"
+    aggregation: str = choice("sequence", among=("sequence", "token", "constant"))
     """``sequence`` (paper: 1/G sum_i 1/|o_i| sum_t), ``token`` (DAPO: token mean over the batch),
     ``constant`` (Dr. GRPO: divide by sequences x rollout.max_new_tokens)."""
     scale_rewards: bool = True
     """Divide by the group's reward std (paper); False is Dr. GRPO's mean-centering only."""
-    supervision: str = "outcome"
+    supervision: str = choice("outcome", among=("outcome", "process"))
     """``outcome``: every token of an output gets its normalised reward (4.1.2); ``process``: each
     step's reward is normalised over all step rewards of the group and a token gets the sum over the
     steps ending at or after it (4.1.3). ``process`` needs a process reward (``reward=steps``)."""
@@ -356,22 +363,22 @@ class GRPOConfig(AlgorithmConfig):
 class RolloutConfig:
     """Sampling of completions, shared by online sources and ``grpo eval``."""
 
-    temperature: float = 1.0
+    temperature: float = num(1.0, ge=0)
     """Softmax temperature of sampling; 0 means greedy."""
-    top_p: float = 1.0
+    top_p: float = num(1.0, gt=0, le=1)
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = num(64, ge=1)
     """Longest completion; longer ones are cut (and usually score incorrect)."""
-    batch_size: int = 64
+    batch_size: int = num(64, ge=1)
     """Sequences generated at once."""
-    engine: str = "auto"
+    engine: str = choice("auto", among=("auto", "fast", "reference", "vllm"))
     """Which engine samples: ``fast`` (ours: a preallocated KV cache, one model call per token, CUDA
     graphs on a GPU and a compiled step on a CPU; Qwen2 and Llama families), ``reference`` (the
     model's own forward with a growing cache: any causal LM, and the test oracle), ``auto`` (``fast``
     where it applies, else ``reference``), or ``vllm`` (a vLLM engine in this process, on a CUDA GPU
     only; needs the ``vllm`` package, a release built for the installed torch; it keeps its own copy
     of the weights, refreshed from the policy before every batch, LoRA merged in)."""
-    vllm_memory: float = 0.3
+    vllm_memory: float = num(0.3, gt=0, le=1)
     """With ``engine=vllm``: the share of the GPU's memory vLLM may hold for its weight copy,
     activations and paged KV cache (its ``gpu_memory_utilization``), reserved when it starts; the
     trainer's own memory must fit beside it."""
@@ -396,7 +403,7 @@ class RolloutConfig:
     step is 1.25x and the bf16 one 1.5x faster than uncompiled, with SDPA. Scores and softmax stay
     fp32; the results differ from the uncompiled ones by summation order only. Where compiling fails
     it warns once and uses SDPA; false always does."""
-    compile_attention_min_mib: float = 32.0
+    compile_attention_min_mib: float = num(32.0, ge=0)
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
     least this many MiB: there a step saves milliseconds (5-8 ms on the benchmark model's 145 MiB),
     while on the tiny default model (about 10 MiB) compiling the attention alone saved 0.2-0.4 ms,
@@ -408,33 +415,33 @@ class RolloutConfig:
 class TrainerConfig:
     """Optimisation, shared by every method."""
 
-    steps: int = 100
+    steps: int = num(100, ge=1)
     """Optimiser steps of the whole run (times ``updates_per_batch`` of the algorithm, if any)."""
-    batch_size: int = 32
+    batch_size: int = num(32, ge=1)
     """Sequences per step for offline sources; online sources set P * G themselves."""
-    grad_accum: int = 1
+    grad_accum: int = num(1, ge=1)
     """Micro-batches per optimiser step; each holds batch / grad_accum sequences."""
-    optimizer: str = "adamw"
+    optimizer: str = choice("adamw", among=("adamw", "sgd"))
     """``adamw`` or ``sgd``."""
-    lr: float = 1e-3
+    lr: float = num(1e-3, gt=0)
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = num(0.0, ge=0)
     """Decoupled weight decay of AdamW."""
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: List[float] = nums([0.9, 0.95], ge=0, lt=1)
     """AdamW's beta1, beta2."""
-    schedule: str = "cosine"
+    schedule: str = choice("cosine", among=("constant", "linear", "cosine"))
     """``constant``, ``linear`` (decay to 0) or ``cosine`` (decay to 10%), after warmup."""
-    warmup_steps: int = 10
+    warmup_steps: int = num(10, ge=0)
     """Linear warmup from 0 to ``lr``."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = num(1.0, ge=0)
     """Clip the global gradient norm; 0 disables clipping."""
-    seed: int = 0
+    seed: int = num(0, ge=0)
     """Seed of data order, sampling and initialisation."""
     device: str = "auto"
     """``auto`` (cuda when available), ``cpu`` or ``cuda``."""
-    threads: int = 0
+    threads: int = num(0, ge=0)
     """CPU threads for torch; 0 keeps torch's default."""
-    precision: str = "fp32"
+    precision: str = choice("fp32", among=("fp32", "bf16"))
     """``fp32``, or ``bf16``: the forward passes (rollouts, log-probs, losses; not the backward) run under
     ``torch.autocast`` in bfloat16, so matmuls and attention run in bf16 while weights, gradients and
     optimiser state stay in ``model.dtype``. The log-prob head and sampling logits stay in fp32."""
@@ -449,23 +456,23 @@ class TrainerConfig:
     otherwise keeps that memory, a phase's peak comes on top of what the others left, and a run's
     RSS creeps up with every batch shape (GRPO on the benchmark model, 20 steps: peak RSS 1852 MB
     untrimmed; docs/performance.md). Not on GPUs."""
-    onednn_cache: int = 16
+    onednn_cache: int = num(16, ge=0)
     """On a CPU, the most compiled GEMM primitives oneDNN keeps (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
     oneDNN's default 1024; 0 keeps that default; a value already in the environment wins). Every
     batch shape compiles new ones: with 1024 kept, the GRPO benchmark's 20-step peak RSS was 1596
     MB, with 16 1399 MB at the same step time (docs/performance.md). Read once per process, at its
     first matmul: ``grpo train`` sets it before any."""
-    save_every: int = 0
+    save_every: int = num(0, ge=0)
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = num(2, ge=0)
     """How many step checkpoints to keep (the final one is always kept)."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = num(5, ge=0)
     """Stop the run after this many steps in a row whose update was skipped for a non-finite loss
     or gradient (each skip is counted in ``skipped_steps``); 0 never stops."""
-    eval_every: int = 0
+    eval_every: int = num(0, ge=0)
     """Score the source's held-out batches (e.g. ``source.heldout``) every N steps and at the end;
     0 only at the end. Logged with a ``heldout_`` prefix."""
-    distributed: str = "ddp"
+    distributed: str = choice("ddp", among=("ddp", "fsdp"))
     """Under ``torchrun --nproc_per_node=N`` (ignored in one process): ``ddp``, every process holds the
     whole model and gradients are summed over processes; ``fsdp``, FSDP2 shards each transformer block
     (weights, gradients, optimiser state) over the processes. ``batch_size`` and ``source.prompts_per_step``
@@ -476,7 +483,7 @@ class TrainerConfig:
 class LoggingConfig:
     """What a run reports."""
 
-    log_every: int = 1
+    log_every: int = num(1, ge=1)
     """Write a metrics line every N steps."""
     progress: bool = True
     """Show the rich progress bar (off in non-interactive runs)."""
@@ -498,19 +505,19 @@ class EvalConfig:
     """Field of ``samples`` rows holding the completion."""
     answer_field: str = "answer"
     """Field of ``samples`` rows holding the reference answer."""
-    split: str = "test"
+    split: str = choice("test", among=("test", "train"))
     """``test`` or ``train``: which split of the task to evaluate on."""
-    limit: Optional[int] = None
+    limit: Optional[int] = num(None, ge=1)
     """Evaluate only the first N questions."""
     output_dir: Optional[str] = None
     """Where ``eval.json`` and ``samples.jsonl`` go; default: ``<run>/eval`` or ``runs/eval/<timestamp>``."""
-    n: int = 0
+    n: int = num(0, ge=0)
     """Completions sampled per question (at ``rollout.temperature`` and ``rollout.top_p``) for the
     sampling metrics; 0 evaluates greedy pass@1 (``accuracy``) only."""
-    ks: List[int] = field(default_factory=lambda: [1, 4])
+    ks: List[int] = nums([1, 4], ge=1)
     """The K of ``maj@K`` (majority vote over K samples) and ``pass@K`` (unbiased estimator over the n
     samples) reported when ``n > 0``; each K must be at most n."""
-    seed: int = 0
+    seed: int = num(0, ge=0)
     """Seed of the sampling, so the same model gives the same sampling metrics."""
 
 
@@ -521,7 +528,7 @@ class SweepConfig:
     dir: Optional[str] = None
     """Directory of the sweep, one sub-directory per run; default ``runs/sweeps/<recipe>-<hash>``, the
     hash of the overrides, so the same command finds (and resumes) the same sweep."""
-    parallel: int = 1
+    parallel: int = num(1, ge=1)
     """Runs at once, each in its own process; mind ``trainer.threads`` x parallel <= cores."""
     eval: bool = False
     """Evaluate each finished run with ``grpo eval`` (held-out split); the sweep's ``eval.*`` overrides
@@ -540,21 +547,21 @@ class IterativeConfig:
     followed by continued reward-model training on the policy's samples with replay; the reference
     becomes the current policy at every iteration. Needs a learned reward (``outcome_rm``/``process_rm``)."""
 
-    iterations: int = 0
+    iterations: int = num(0, ge=0)
     """I; 0 is an ordinary single run."""
     rm_recipe: Optional[str] = None
     """Recipe that trains the reward model (``rm_arithmetic`` / ``prm_arithmetic``); default: the one
     matching ``reward.name``. Its settings (lr, batch, LoRA...) apply to the reward-model phases."""
-    rm_steps: int = 50
+    rm_steps: int = num(50, ge=1)
     """Reward-model training steps per iteration (and for the initial one when ``reward.path`` is unset)."""
-    questions: int = 256
+    questions: int = num(256, ge=0)
     """Training questions sampled from the current policy for reward-model data: after each iteration,
     and from the start model for the initial reward model (when ``reward.path`` is unset)."""
-    samples_per_question: int = 4
+    samples_per_question: int = num(4, ge=1)
     """Outputs sampled per question for reward-model data."""
-    replay: float = 0.1
+    replay: float = num(0.1, ge=0, le=1)
     """Share of each iteration's reward-model data drawn from the historical buffer (the paper's 10%)."""
-    eval_limit: int = 200
+    eval_limit: int = num(200, ge=0)
     """Held-out questions for the greedy accuracy logged per iteration; 0 skips the evaluation."""
 
 
