@@ -42,6 +42,10 @@ class Batch:
         """[B, T-1] mask of the targets of next-token log-probs (position t predicts token t+1)."""
         return self.completion_mask[:, 1:].to(torch.float32)
 
+    def completion_token_ids(self) -> List[List[int]]:
+        """Each row's completion tokens, in order (the sampled ids, EOS included where drawn)."""
+        return [row[mask].tolist() for row, mask in zip(self.input_ids, self.completion_mask.bool())]
+
     def select(self, idx: Sequence[int]) -> "Batch":
         index = torch.as_tensor(list(idx), dtype=torch.long)
         pick = lambda xs: [xs[i] for i in index.tolist()]  # noqa: E731

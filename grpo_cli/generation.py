@@ -24,8 +24,10 @@ from typing import List, Optional
 
 import torch
 
+from grpo_cli.batch import Batch, pack, position_ids
 from grpo_cli.config.schema import RolloutConfig
-from grpo_cli.batch import position_ids
+from grpo_cli.data.types import Example
+from grpo_cli.rewards.answer import answers_match, extract_answer
 
 ENGINES = ("auto", "fast", "reference", "vllm")
 COMPACT_FRACTION = 0.25
@@ -356,6 +358,29 @@ def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **o
         for p_ids, row in zip(chunk, rows):
             results.append(_finish(tokenizer, p_ids, row, eos_id))
     return results
+
+
+def sample_batch(model, tokenizer, examples: List[Example], *, group: torch.Tensor,
+                 generator: Optional[torch.Generator] = None, **options) -> tuple[Batch, List[Generation]]:
+    """One completion per example (repeat an example G times for a group), as a :class:`Batch`.
+
+    The one sampling path of online sources, offline samples, iterative RL and evaluation: the
+    sampled token ids go into the batch as they are (never re-tokenised, so the trained tokens are
+    the sampled ones). ``batch.stats`` gets ``accuracy`` (the answer rule, whatever the run's
+    reward), ``completion_length`` and ``truncated``. ``options``: :func:`generate`'s.
+    Returns (batch [B rows], the generations in the same order).
+    """
+    gens = generate(model, tokenizer, [e.prompt for e in examples], generator=generator, **options)
+    ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], tokenizer.pad_token_id)
+    batch = Batch(input_ids=ids, attention_mask=attn, completion_mask=comp, prompts=[e.prompt for e in examples],
+                  completions=[g.text for g in gens], answers=[e.answer for e in examples], group=group)
+    n = max(1, len(gens))
+    batch.stats.update(
+        accuracy=sum(answers_match(extract_answer(g.text), e.answer) for g, e in zip(gens, examples)) / n,
+        completion_length=sum(len(g.completion_ids) for g in gens) / n,
+        truncated=sum(not g.finished for g in gens) / n,
+    )
+    return batch, gens
 
 
 def _finish(tokenizer, prompt_ids: List[int], row: List[int], eos_id: int) -> Generation:

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 from grpo_cli.config.validate import choice, num, nums
-from grpo_cli.data.arithmetic import MAX_DIGITS, MAX_OPS
 
 
 @dataclass
@@ -81,6 +80,12 @@ class LoraConfig:
     """Module names that receive adapters."""
 
 
+ARITHMETIC_MAX_DIGITS = 18
+"""Longest operand of the embedded task (its numbers stay exact integers)."""
+ARITHMETIC_MAX_OPS = 50
+"""Most operations in one embedded-task problem."""
+
+
 @dataclass
 class ArithmeticConfig:
     """The embedded synthetic task: chains of +, -, x with one checkable step per line."""
@@ -91,11 +96,11 @@ class ArithmeticConfig:
     """Held-out problems, disjoint from the training ones."""
     seed: int = num(1234, ge=0)
     """Generator seed: the same seed gives the same problems everywhere."""
-    min_ops: int = num(2, ge=1, le=MAX_OPS)
+    min_ops: int = num(2, ge=1, le=ARITHMETIC_MAX_OPS)
     """Fewest operations in a problem."""
-    max_ops: int = num(4, ge=1, le=MAX_OPS)
+    max_ops: int = num(4, ge=1, le=ARITHMETIC_MAX_OPS)
     """Most operations in a problem (the difficulty knob, with ``digits`` and ``ops``)."""
-    digits: int = num(1, ge=1, le=MAX_DIGITS)
+    digits: int = num(1, ge=1, le=ARITHMETIC_MAX_DIGITS)
     """Operands have up to this many digits (intermediate results grow past it: 7*8=56, 56*9=504)."""
     ops: str = "+-*"
     """Operators drawn from: any of ``+-*``."""

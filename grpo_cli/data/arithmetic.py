@@ -25,14 +25,14 @@ import random
 from typing import List, Optional, Tuple
 
 from grpo_cli.data.types import Example
+from grpo_cli.config.schema import ARITHMETIC_MAX_DIGITS as MAX_DIGITS
+from grpo_cli.config.schema import ARITHMETIC_MAX_OPS as MAX_OPS
 from grpo_cli.errors import UserError
 
 OPERATORS = "+-*"
 _APPLY = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 TEST_BUCKETS = 10
 """One question in ``TEST_BUCKETS`` (by hash) belongs to the test side of the question space."""
-MAX_DIGITS = 18
-MAX_OPS = 50
 
 
 def _validate(cfg) -> None:

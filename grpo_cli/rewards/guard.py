@@ -32,6 +32,7 @@ import torch
 
 from grpo_cli.console import console
 from grpo_cli.errors import UserError
+from grpo_cli.rewards.base import Reward
 
 MAX_ABANDONED = 8
 """Late reward calls allowed to run on in the background before the run stops."""
@@ -73,11 +74,13 @@ def as_rewards(value: Any, n: int) -> List[float]:
     return t.flatten().tolist()
 
 
-class GuardedReward:
-    """``fn(batch)`` with a time limit and error isolation; counts go to ``batch.stats``."""
+class GuardedReward(Reward):
+    """``reward(batch)`` with a time limit and error isolation; counts go to ``batch.stats``. It
+    declares what the reward it wraps declares."""
 
-    def __init__(self, fn: Callable, *, timeout_s: float, incorrect: float, name: str):
-        self.fn, self.timeout_s, self.incorrect, self.name = fn, timeout_s, incorrect, name
+    def __init__(self, reward: Reward, *, timeout_s: float, incorrect: float):
+        self.fn, self.timeout_s, self.incorrect = reward, timeout_s, incorrect
+        self.name, self.per_step, self.modules = reward.name, reward.per_step, reward.modules
         self.abandoned: List[threading.Thread] = []
         self.warned: set = set()
 

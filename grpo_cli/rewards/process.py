@@ -11,15 +11,15 @@ Target position t scores token t+1 of ``input_ids`` (``Batch.target_mask``), so 
 token p sits at position p - 1. The [B] return value is each output's mean step reward, for the
 log (``reward_mean``) and for algorithms that only read outcome rewards.
 
-Step ends are found on the tokens that were sampled: the online source records, when the reward asks
-for it (``wants_token_offsets``), ``batch.tensors["char_ends"]`` [B, T], the number of completion
-characters decoded up to and including each completion token (0 elsewhere).
+Step ends are found on the tokens that were sampled: a process reward declares ``per_step`` and
+``score_batch`` (rewards/registry.py) adds ``batch.tensors["char_ends"]`` [B, T], the number of
+completion characters decoded up to and including each completion token (0 elsewhere).
 """
 
 from __future__ import annotations
 
 from itertools import groupby
-from typing import Callable, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -36,12 +36,6 @@ from grpo_cli.rewards.steps import (
 from grpo_cli.batch import Batch
 
 CHECKERS = ("arithmetic", "calculator", "auto")
-
-
-def process_reward(fn: Callable[[Batch], torch.Tensor]) -> Callable[[Batch], torch.Tensor]:
-    """Mark ``fn`` as a process reward: online sources then record ``char_ends`` for it."""
-    fn.wants_token_offsets = True
-    return fn
 
 
 def char_ends(tokenizer, completion_ids: Sequence[Sequence[int]], texts: Sequence[str], completion_mask: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Reward functions (the paper's pi_rf) chosen by ``reward.name``; each maps a batch to rewards [B].
+"""Reward functions (the paper's pi_rf) chosen by ``reward.name``; each maps a batch to rewards [B]
+(the contract: rewards/base.py). The trainer calls them through :func:`score_batch` only.
 
 Every one is built wrapped in :class:`grpo_cli.rewards.guard.GuardedReward` (time limit
 ``reward.timeout_s``, errors scored ``reward.incorrect`` and counted) unless its factory is
@@ -13,14 +14,15 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grpo_cli.errors import UserError, nearest
-from grpo_cli.rewards.answer import outcome_rewards
-from grpo_cli.rewards.guard import GuardedReward, import_function
-from grpo_cli.rewards.process import CHECKERS, process_reward, rule_process_rewards
 from grpo_cli.batch import Batch
+from grpo_cli.errors import UserError, nearest
+from grpo_cli.models.scorer import load_scorer, outcome_scores
+from grpo_cli.rewards.answer import outcome_rewards
+from grpo_cli.rewards.base import FunctionReward, Reward
+from grpo_cli.rewards.guard import GuardedReward, import_function
+from grpo_cli.rewards.process import CHECKERS, char_ends, learned_process_rewards, rule_process_rewards
 
-RewardFn = Callable[[Batch], torch.Tensor]
-REWARDS: Dict[str, Callable[[Any], Optional[RewardFn]]] = {}
+REWARDS: Dict[str, Callable[[Any], Optional[Reward]]] = {}
 
 
 def register_reward(name: str, guard: bool = True):
@@ -33,69 +35,76 @@ def register_reward(name: str, guard: bool = True):
 
 
 @register_reward("none")
-def _none(cfg) -> Optional[RewardFn]:
+def _none(cfg) -> Optional[Reward]:
     return None
 
 
 @register_reward("outcome")
-def _outcome(cfg) -> RewardFn:
+def _outcome(cfg) -> Reward:
     """Rule: ``reward.correct`` when the final answer equals the reference, else ``reward.incorrect``."""
 
     def score(batch: Batch) -> torch.Tensor:
         r = outcome_rewards(batch.completions, batch.answers, correct=cfg.correct, incorrect=cfg.incorrect)
         return torch.tensor(r, dtype=torch.float32)
 
-    return score
+    return FunctionReward(score, name=cfg.name)
 
 
 @register_reward("custom")
-def _custom(cfg) -> RewardFn:
+def _custom(cfg) -> Reward:
     """``reward.function``: the user's ``f(completions, answers, prompts) -> list[float]`` (trusted code)."""
     fn = import_function(cfg.function)
 
     def score(batch: Batch) -> List[float]:
         return fn(list(batch.completions), list(batch.answers), list(batch.prompts))
 
-    return score
+    return FunctionReward(score, name=cfg.name)
 
 
 # Not guarded: the rule is total and bounded (it never raises on model output), and the guard's
 # fallbacks (one call per completion, a constant on timeout) would drop the step rewards.
 @register_reward("steps", guard=False)
-def _steps(cfg) -> RewardFn:
+def _steps(cfg) -> Reward:
     """Rule process reward: ``reward.step_correct`` / ``step_incorrect`` for each step by ``reward.checker``
     (sets ``step_rewards`` / ``step_mask``, returns the mean step reward; see rewards/process.py)."""
     if cfg.checker not in CHECKERS:
         raise UserError(f"reward.checker: expected one of {CHECKERS}, got '{cfg.checker}'")
     if not cfg.delimiter:
         raise UserError("reward.delimiter: the step delimiter must be a non-empty string")
-    return process_reward(functools.partial(
+    return FunctionReward(functools.partial(
         rule_process_rewards, delimiter=cfg.delimiter, checker=cfg.checker, correct=cfg.step_correct,
         incorrect=cfg.step_incorrect, last_step_outcome=cfg.last_step_outcome,
-    ))
+    ), name=cfg.name, per_step=True)
 
 
-def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[RewardFn]:
-    """The reward ``reward.name`` names; the torch modules it holds (its ``modules`` attribute: a
-    learned reward model) move to ``device``, the run's, so they score where the policy runs."""
+def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[Reward]:
+    """The reward ``reward.name`` names; the torch modules it holds (a learned reward model) move to
+    ``device``, the run's, so they score where the policy runs."""
     if cfg.name not in REWARDS:
         raise UserError(f"reward.name: unknown reward '{cfg.name}': {nearest(cfg.name, REWARDS)}")
     factory = REWARDS[cfg.name]
-    fn = factory(cfg)
-    for module in getattr(fn, "modules", ()) if device is not None else ():
+    reward = factory(cfg)
+    for module in reward.modules if reward is not None and device is not None else ():
         module.to(device)
-    if fn is None or not getattr(factory, "guard", True):
-        return fn
-    return GuardedReward(fn, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect, name=cfg.name)
+    if reward is None or not factory.guard:
+        return reward
+    return GuardedReward(reward, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect)
 
 
-def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.Tensor]) -> RewardFn:
+def score_batch(reward: Reward, batch: Batch, tokenizer) -> torch.Tensor:
+    """The one way a reward is called: first what it declares it reads, then ``reward(batch)`` [B]."""
+    if reward.per_step and "char_ends" not in batch.tensors:
+        batch.tensors["char_ends"] = char_ends(tokenizer, batch.completion_token_ids(), batch.completions,
+                                               batch.completion_mask)
+    return reward(batch)
+
+
+def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.Tensor], *,
+                   per_step: bool = False) -> Reward:
     """A reward model at ``reward.path`` (frozen, scored without gradient); ``read`` turns its scores
     [B, T] into the rewards of the batch."""
     if not cfg.path:
         raise UserError(f"reward.path: reward={cfg.name} needs the directory of a trained {kind} reward model")
-    from grpo_cli.models.scorer import load_scorer
-
     scorer, _ = load_scorer(cfg.path, kind=kind)
     scorer.eval().requires_grad_(False)
 
@@ -105,26 +114,21 @@ def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.T
         device = next(scorer.parameters()).device
         return read(batch, scorer(batch.input_ids.to(device), batch.attention_mask.to(device)).cpu())
 
-    score.modules = (scorer,)  # build_reward moves it to the run's device
-    return score
+    return FunctionReward(score, name=cfg.name, per_step=per_step, modules=(scorer,))
 
 
 @register_reward("outcome_rm", guard=False)  # a model's calls may be slow, and must not fail silently
-def _outcome_rm(cfg) -> RewardFn:
+def _outcome_rm(cfg) -> Reward:
     """A learned outcome reward model (``reward.path``): its score at the last token of each output."""
-    from grpo_cli.models.scorer import outcome_scores
-
     return learned_reward(cfg, "outcome", lambda batch, scores: outcome_scores(scores))
 
 
 @register_reward("process_rm", guard=False)
-def _process_rm(cfg) -> RewardFn:
+def _process_rm(cfg) -> Reward:
     """A learned process reward model (``reward.path``, recipe prm_arithmetic): the probability it gives
     each step (split at ``reward.delimiter``) of being correct, on the step's last token."""
-    from grpo_cli.rewards.process import learned_process_rewards
-
-    return process_reward(learned_reward(cfg, "process", lambda batch, scores: learned_process_rewards(
-        batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome)))
+    return learned_reward(cfg, "process", lambda batch, scores: learned_process_rewards(
+        batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome), per_step=True)
 
 
 def check_vocab(scorer, batch: Batch) -> None:
