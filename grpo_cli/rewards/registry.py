@@ -84,9 +84,13 @@ def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[Reward]
         raise UserError(f"reward.name: unknown reward '{cfg.name}': {nearest(cfg.name, REWARDS)}")
     factory = REWARDS[cfg.name]
     reward = factory(cfg)
-    for module in reward.modules if reward is not None and device is not None else ():
+    if reward is None:
+        return None
+    if not isinstance(reward, Reward):  # a factory may return a plain function of a batch
+        reward = FunctionReward(reward, name=cfg.name)
+    for module in reward.modules if device is not None else ():
         module.to(device)
-    if reward is None or not factory.guard:
+    if not getattr(factory, "guard", True):
         return reward
     return GuardedReward(reward, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect)
 

@@ -18,6 +18,7 @@ An update whose loss or gradient is not finite is skipped and counted (``skipped
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import shutil
@@ -38,7 +39,8 @@ from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, l
                                   resolve_start, save_checkpoint_model)
 from grpo_cli.models.device import pick_device
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
-from grpo_cli.rewards.registry import build_reward
+from grpo_cli.rewards.base import Reward
+from grpo_cli.rewards.registry import build_reward, score_batch
 from grpo_cli.batch import Batch
 from grpo_cli.trainer.checkpoint import (
     Checkpointer, Progress, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
@@ -183,6 +185,15 @@ def stop_if_diverging(progress: Progress, metrics: Dict[str, float], step: int, 
     )
 
 
+def reward_batch(reward: Optional[Reward], batch: Batch, tokenizer) -> None:
+    """``batch.rewards`` from the run's reward (pi_rf): for a batch without stored rewards, and for
+    every batch under a per-step reward (stored rewards are per-output summaries, without the step
+    labels it sets). The only place the trainer calls the reward, besides the ``score`` it hands an
+    offline source for its samples."""
+    if reward is not None and (batch.rewards is None or reward.per_step):
+        batch.rewards = score_batch(reward, batch, tokenizer)
+
+
 @torch.no_grad()
 def evaluate_heldout(source: Source, reward, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
     """The algorithm's metrics on the source's held-out batches (if any), averaged, ``heldout_`` prefixed."""
@@ -190,8 +201,7 @@ def evaluate_heldout(source: Source, reward, algorithm: Algorithm, policy: Polic
     batches = source.heldout_batches()
     for batch in batches:
         with policy.autocast():
-            if batch.rewards is None and reward is not None:  # labels computed per batch (process rewards)
-                batch.rewards = reward(batch)
+            reward_batch(reward, batch, policy.tokenizer)
             for k, v in algorithm.evaluate(batch.with_totals().to(device), policy).items():
                 sums[k] += v / len(batches)
     return {f"heldout_{k}": v for k, v in sums.items()}
@@ -205,9 +215,8 @@ def train_step(cfg: DictConfig, source: Source, reward, algorithm: Algorithm, po
     timers = Timers()
     with timers("generate"), dist.full_weights(policy.model), policy.autocast():  # fsdp: sampling needs the whole model
         batch = source.next_batch(policy).with_totals()
-    with timers("reward"), policy.autocast():
-        if reward is not None and batch.rewards is None:  # offline sources bring stored labels
-            batch.rewards = reward(batch)
+    with timers("reward"), policy.autocast():  # offline sources bring stored rewards
+        reward_batch(reward, batch, policy.tokenizer)
     batch = batch.to(device)
     with timers("logprob"), policy.autocast():
         batch = dist.global_totals(algorithm.prepare(batch, policy))
@@ -259,7 +268,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     policy = build_policy(cfg, algorithm, run, device, loaded)
     source = build_source(
         cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
-        rollout=cfg.rollout, seed=cfg.trainer.seed, reward=reward, run=run, rank=dist.rank, world_size=dist.world_size,
+        rollout=cfg.rollout, seed=cfg.trainer.seed, run=run, rank=dist.rank, world_size=dist.world_size,
+        score=functools.partial(score_batch, reward, tokenizer=policy.tokenizer) if reward is not None else None,
     )
     if source.skipped:
         console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")

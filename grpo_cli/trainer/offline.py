@@ -4,10 +4,11 @@
 ``pairs``: (o+, o-) pairs of the same question, one correct and one not (DPO's D, reward models).
 ``labelled``: every distinct sample with its reward (pointwise reward models).
 
-Both sample ``questions x samples_per_question`` completions with the ``rollout`` settings, score
-them with the configured reward and write every sample with its reward to ``<run>/samples.jsonl``
-(token ids included, so the trained tokens are exactly the sampled ones). ``source.samples=PATH``
-reuses such a file instead of sampling again. Batches carry the stored rewards.
+Each samples ``questions x samples_per_question`` completions with the ``rollout`` settings, rewards
+them with the run's reward (the ``score`` the trainer hands it) and writes every sample with its
+reward to ``<run>/samples.jsonl`` (token ids included, so the trained tokens are exactly the sampled
+ones). ``source.samples=PATH`` reuses such a file instead of sampling again. Batches carry the stored
+rewards.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
+from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.batch import Batch, pack
 from grpo_cli.trainer.distributed import check_divisible, gather_objects, on_main, rank_seed, shard
 from grpo_cli.trainer.sources import EpochSampler, Source, check_state_keys, prompts_that_fit
@@ -32,42 +34,28 @@ Sample = Dict[str, object]
 """One stored sample: question (index), prompt, answer, completion, prompt_ids, completion_ids, reward."""
 
 
-def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, reward,
-                     generator: torch.Generator) -> List[Sample]:
-    """k completions per question from the policy, scored by ``reward``, in chunks of rollout.batch_size."""
-    from grpo_cli.generation import check_rollout
+Score = Callable[[Batch], torch.Tensor]
+"""The run's reward, as the trainer calls it (``score_batch`` with the reward bound): [B] rewards."""
 
+
+def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, score: Score,
+                     generator: torch.Generator) -> List[Sample]:
+    """k completions per question from the policy, rewarded by ``score``, in chunks of rollout.batch_size."""
     check_rollout(rollout, policy.device)
     out: List[Sample] = []
     chunk = max(1, rollout.batch_size // k)
     with policy.autocast():  # sampling and learned rewards: forward passes at trainer.precision
         for start in range(0, len(questions), chunk):
             idx = [q for q in questions[start:start + chunk] for _ in range(k)]
-            out += _scored_samples(policy, examples, idx, rollout, reward, generator)
+            batch, gens = sample_batch(policy.model, policy.tokenizer, [examples[q] for q in idx],
+                                       group=torch.as_tensor(idx), generator=generator, **rollout_options(rollout))
+            rewards = score(batch).tolist()
+            out += [
+                {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
+                 "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
+                for q, g, r in zip(idx, gens, rewards)
+            ]
     return out
-
-
-def _scored_samples(policy, examples: List[Example], idx: List[int], rollout, reward, generator) -> List[Sample]:
-    """One completion per entry of ``idx`` (question indices, repeated k times), with its reward."""
-    from grpo_cli.generation import generate, rollout_options
-
-    gens = generate(
-        policy.model, policy.tokenizer, [examples[q].prompt for q in idx], generator=generator,
-        **rollout_options(rollout),
-    )
-    ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
-    batch = Batch(ids, attn, comp, [examples[q].prompt for q in idx], [g.text for g in gens],
-                  [examples[q].answer for q in idx], torch.as_tensor(idx))
-    if getattr(reward, "wants_token_offsets", False):  # a process reward finds steps on the sampled tokens
-        from grpo_cli.rewards.process import char_ends
-
-        batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
-    rewards = reward(batch).tolist()
-    return [
-        {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
-         "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
-        for q, g, r in zip(idx, gens, rewards)
-    ]
 
 
 def write_samples(samples: List[Sample], path: Path) -> None:
@@ -99,11 +87,11 @@ def stored_samples(cfg, own: Optional[Path]) -> Optional[List[Sample]]:
     return read_samples(path) if path is not None else None
 
 
-def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Optional[Path], rank: int = 0,
-                   world_size: int = 1) -> List[Sample]:
+def load_or_sample(cfg, *, examples, policy, rollout, score: Optional[Score], seed: int, run: Optional[Path],
+                   rank: int = 0, world_size: int = 1) -> List[Sample]:
     """Stored samples (read by rank 0, sent to every rank), else sample now: each of the ``world_size``
     ranks samples its share of the questions (its own random stream) and every rank gets them all."""
-    if reward is None:
+    if score is None:
         raise UserError(f"reward: source '{cfg.name}' labels its samples with a reward; set reward=outcome (or another)")
     own = run / "samples.jsonl" if run is not None else None
     stored = on_main(stored_samples, cfg, own)
@@ -112,7 +100,7 @@ def load_or_sample(cfg, *, examples, policy, rollout, reward, seed: int, run: Op
     chosen = choose_questions(examples, policy, rollout.max_new_tokens, cfg.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))
     mine = sample_questions(policy, examples, shard(chosen, rank, world_size), k=cfg.samples_per_question,
-                            rollout=rollout, reward=reward, generator=generator)
+                            rollout=rollout, score=score, generator=generator)
     samples = [s for part in gather_objects(mine) for s in part]  # in the order of ``chosen``
     if own is not None and rank == 0:
         write_samples(samples, own)
@@ -179,10 +167,10 @@ class OfflineSource(Source):
 
     unit_name = "samples"
 
-    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, reward=None, run=None, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, score: Optional[Score] = None,
+                 run=None, rank: int = 0, world_size: int = 1):
         check_divisible(batch_size, world_size, "trainer.batch_size")
-        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, reward=reward, seed=seed, run=run,
+        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, score=score, seed=seed, run=run,
                                  rank=rank, world_size=world_size)
         train, held = split_heldout(samples, cfg.heldout, seed)
         self.units, self.heldout = self.make_units(train, cfg), self.make_units(held, cfg)
@@ -195,21 +183,11 @@ class OfflineSource(Source):
         self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(self.units), seed)  # the same units on every rank; each keeps its slice
-        # A process reward labels steps, not outputs: it scores every served batch (the stored
-        # reward is its per-output summary) and needs each token's character offset.
-        self.tokenizer = policy.tokenizer if getattr(reward, "wants_token_offsets", False) else None
 
     def batch_of(self, units: List[List[Sample]]) -> Batch:
         rows = [s for unit in units for s in unit]
         group = torch.arange(len(units)).repeat_interleave(len(units[0]))
-        batch = samples_batch(rows, group, self.pad_id)
-        if self.tokenizer is not None:
-            from grpo_cli.rewards.process import char_ends
-
-            batch.rewards = None
-            batch.tensors["char_ends"] = char_ends(self.tokenizer, [r["completion_ids"] for r in rows],
-                                                   batch.completions, batch.completion_mask)
-        return batch
+        return samples_batch(rows, group, self.pad_id)
 
     def next_batch(self, policy) -> Batch:
         units = [self.units[i] for i in self.sampler.take(self.batch_size)]

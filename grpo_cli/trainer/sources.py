@@ -20,9 +20,7 @@ import torch
 from grpo_cli.batch import Batch, pack
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
-from grpo_cli.generation import check_rollout, generate, rollout_options
-from grpo_cli.rewards.answer import answers_match, extract_answer
-from grpo_cli.rewards.process import char_ends
+from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 
 
@@ -157,49 +155,29 @@ class DatasetSource(Source):
 class OnlineSource(Source):
     """P questions per step, G completions each, sampled from the live policy (pi_old = pi_theta now).
 
-    Token ids go straight from the sampler into the batch (never re-tokenised), so the trained
-    tokens are exactly the sampled ones. Logs ``accuracy`` (the answer rule, whatever the reward)
-    and ``completion_length``. For a process reward it also records each token's character offset
-    in its completion, ``tensors["char_ends"]`` (see grpo_cli/rewards/process.py).
+    Logs ``accuracy`` (the answer rule, whatever the reward), ``completion_length`` and ``truncated``.
     """
 
-    samples_each_step = True  # so the trainer trims the heap before each update (trainer/memory.py)
+    samples_each_step = True
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, reward=None,
-                 rank: int = 0, world_size: int = 1, **_):
+    def __init__(self, cfg, *, examples: List[Example], policy, rollout, seed: int, rank: int = 0,
+                 world_size: int = 1, **_):
         self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
         check_rollout(rollout, policy.device)
-        if self.G < 1:
-            raise UserError(f"source.group_size: expected at least 1 completion per question, got {self.G}")
         check_divisible(self.P, world_size, "source.prompts_per_step")
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(self.examples), seed)  # the same questions on every rank
         self.generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))  # each rank its own samples
-        self.token_offsets = bool(getattr(reward, "wants_token_offsets", False))  # a process reward's step ends
 
     def next_batch(self, policy) -> Batch:
         questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
-        gens = generate(policy.model, policy.tokenizer, [ex.prompt for ex in chosen], generator=self.generator,
-                        **rollout_options(r))
-        ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], policy.tokenizer.pad_token_id)
-        correct = [answers_match(extract_answer(g.text), ex.answer) for g, ex in zip(gens, chosen)]
-        batch = Batch(
-            input_ids=ids, attention_mask=attn, completion_mask=comp,
-            prompts=[ex.prompt for ex in chosen], completions=[g.text for g in gens],
-            answers=[ex.answer for ex in chosen], group=torch.arange(len(questions)).repeat_interleave(self.G),
-        )
+        batch, _ = sample_batch(policy.model, policy.tokenizer, chosen, generator=self.generator,
+                                group=torch.arange(len(questions)).repeat_interleave(self.G), **rollout_options(r))
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
-        if self.token_offsets:
-            batch.tensors["char_ends"] = char_ends(policy.tokenizer, [g.completion_ids for g in gens], batch.completions, comp)
-        batch.stats.update(
-            accuracy=sum(correct) / len(correct),
-            completion_length=sum(len(g.completion_ids) for g in gens) / len(gens),
-            truncated=sum(not g.finished for g in gens) / len(gens),
-        )
         return batch
 
     def state_dict(self) -> Dict[str, Any]:
