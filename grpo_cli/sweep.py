@@ -190,7 +190,7 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
         threads = [f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else []
         if _child(["eval", f"run={quoted(run_dir)}", *threads, *eval_args], run_dir / "eval.log", "w") != 0:
             return Outcome(run, "failed", error="eval: " + last_line(run_dir / "eval.log"), seconds=time.perf_counter() - t0)
-        done["eval"] = json.loads((run_dir / "eval" / "eval.json").read_text())
+        done["eval"] = json.loads((run_dir / "eval" / "latest" / "eval.json").read_text())
         status = "ok"
     if status == "ok":
         done["seconds"] = done.get("seconds", 0.0) + round(time.perf_counter() - t0, 2)
