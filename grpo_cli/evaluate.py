@@ -56,6 +56,8 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     if not cfg.eval.run:
         raise UserError("eval: pass run=<run dir, checkpoint, model dir or hub name> or samples=<file.jsonl>")
     check_sampling(cfg)
+    if cfg.eval.run != "tiny":
+        resolve_model_dir(cfg.eval.run, key="run")  # a missing run is named as the user wrote it
     autocast(cfg.trainer.precision, torch.device("cpu"))  # a bad value fails before the model loads
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)

@@ -216,9 +216,12 @@ def last_metrics(run_dir: Path) -> Dict[str, object]:
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:
     """Run the grid (``sweep.parallel`` at a time); the outcomes in grid order."""
+    from grpo_cli.config.usage import check_used
+
     fixed, swept, settings = parse_grid(args)
     runs = expand_grid(fixed, swept)
     cfg = validate(recipe, runs, settings)
+    check_used("grpo sweep", args)
     sweep_dir = Path(cfg.sweep.dir) if cfg.sweep.dir else default_sweep_dir(recipe, fixed, swept)
     console.print(f"[bold]sweep[/bold] {sweep_dir}: {len(runs)} runs, {cfg.sweep.parallel} at a time")
     if dry_run:
