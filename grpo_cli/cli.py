@@ -43,9 +43,12 @@ def train(
 ) -> None:
     """Train with a recipe: grpo train recipe=NAME key=value ..."""
     from grpo_cli.config.compose import compose_run, split_recipe
+    from grpo_cli.config.usage import check_used, check_words
 
+    check_words("grpo train", overrides or [])
     recipe, rest = split_recipe(overrides or [])
     cfg = compose_run(recipe, rest)
+    check_used("grpo train", rest)
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
@@ -54,25 +57,39 @@ def train(
     run_training(cfg)
 
 
-@app.command(name="eval", context_settings=EXTRA)
+EVAL_HELP = (
+    "Evaluate a run or model (greedy pass@1; maj@K and pass@K with eval.n=N samples), or score a JSONL of completions."
+    "\n\nEach evaluation of a run is kept in <run>/eval/<data>-<split>[-limitN][-nN]-<hash of its settings>/ "
+    "(eval.json, samples.jsonl); <run>/eval/latest is the newest. output_dir=DIR writes to DIR instead."
+    "\n\nsamples=FILE.jsonl holds one JSON object per line: the completion (field \"completion\"; another field "
+    "with eval.completion_field=NAME), the reference final answer (field \"answer\", e.g. \"72\"; another with "
+    "eval.answer_field=NAME) and, optionally, the \"prompt\" (copied to samples.jsonl)."
+)
+
+
+@app.command(name="eval", context_settings=EXTRA, help=EVAL_HELP)
 def evaluate(
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="run=<run dir|model dir|hub name> or samples=<file.jsonl>, then overrides (data=gsm8k eval.limit=100)"
+        None, help="run=<run dir|model dir|hub name> or samples=<file.jsonl>, then overrides "
+                   "(data=gsm8k eval.limit=100 output_dir=DIR)"
     ),
     print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
 ) -> None:
-    """Evaluate a run or model (greedy pass@1; maj@K and pass@K with eval.n=N samples), or score a JSONL of completions."""
+    """``grpo eval``: its help is ``EVAL_HELP`` (typer keeps a docstring's line breaks)."""
     from grpo_cli.config.compose import PACKAGE_CONF, compose_file
+    from grpo_cli.config.usage import check_used, check_words
     from grpo_cli.evaluate import evaluate_model, inherit_run_config, results_table, score_samples
 
+    check_words("grpo eval", overrides or [])
     args = [_shorthand(a) for a in (overrides or [])]
     cfg = inherit_run_config(compose_file(PACKAGE_CONF / "eval.yaml", args), args)
+    check_used("grpo eval samples=..." if cfg.eval.samples else "grpo eval", args)
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
     result = score_samples(cfg) if cfg.eval.samples else evaluate_model(cfg)
     out.print(results_table(result))
-    out.print(f"wrote {result['output_dir']}/eval.json and samples.jsonl")
+    out.print(f"wrote {result['output_dir']}/eval.json and samples.jsonl", highlight=False, soft_wrap=True)
 
 
 @app.command(context_settings=EXTRA)
@@ -84,8 +101,10 @@ def sweep(
 ) -> None:
     """Train a grid of runs (resumable, crashes isolated) and summarise them: grpo sweep recipe=NAME 'a=1,2' ..."""
     from grpo_cli.config.compose import split_recipe
+    from grpo_cli.config.usage import check_words
     from grpo_cli.sweep import run_sweep, summarise
 
+    check_words("grpo sweep", overrides or [])
     recipe, rest = split_recipe(overrides or [])
     sweep_dir, cfg, outcomes = run_sweep(recipe, rest, dry_run=dry_run)
     if dry_run:
@@ -102,8 +121,11 @@ def sweep(
 
 
 def _shorthand(arg: str) -> str:
-    """``run=X`` and ``samples=X`` are short for ``eval.run=X`` and ``eval.samples=X``."""
-    for key in ("run", "samples", "split", "limit"):
+    """``run=X`` is short for ``eval.run=X``; so are ``samples``, ``split``, ``limit`` and ``output_dir``
+    (the key ``grpo train`` knows: for ``grpo eval`` it is where the results go)."""
+    from grpo_cli.config.usage import SHORTHANDS
+
+    for key in SHORTHANDS:
         if arg.startswith(key + "="):
             return "eval." + arg
     return arg

@@ -2,12 +2,17 @@
 
 Writes ``eval.json`` (``accuracy`` and counts; with ``eval.n > 0`` also ``maj@K`` and ``pass@K`` for
 each K of ``eval.ks``, see :mod:`grpo_cli.metrics`) and ``samples.jsonl`` (one row per question:
-prompt, greedy completion, extracted answer, reference answer, correct, and the sampled answers).
+prompt, greedy completion, extracted answer, reference answer, correct, and the sampled answers) to
+``eval.output_dir``, else to ``<run>/eval/<data>-<split>[-limitN][-nN]-<hash>/`` (:func:`eval_name`),
+one directory per evaluation, with ``<run>/eval/latest`` pointing at the newest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
 import time
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +56,8 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     if not cfg.eval.run:
         raise UserError("eval: pass run=<run dir, checkpoint, model dir or hub name> or samples=<file.jsonl>")
     check_sampling(cfg)
+    if cfg.eval.run != "tiny":
+        resolve_model_dir(cfg.eval.run, key="run")  # a missing run is named as the user wrote it
     autocast(cfg.trainer.precision, torch.device("cpu"))  # a bad value fails before the model loads
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -72,7 +79,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     if sampled:
         result.update(n=cfg.eval.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    write_results(out_dir, result, rows)
+    write_results(out_dir, result, rows, latest=not cfg.eval.output_dir)
     return result
 
 
@@ -125,7 +132,7 @@ def score_samples(cfg: DictConfig) -> Dict[str, object]:
     if not rows:
         raise UserError(f"{path}: no samples")
     result = summarise(rows, samples=str(path))
-    write_results(eval_output_dir(cfg), result, rows)
+    write_results(eval_output_dir(cfg), result, rows, latest=not cfg.eval.output_dir)
     return result
 
 
@@ -136,20 +143,55 @@ def summarise(rows: List[Dict[str, object]], **info) -> Dict[str, object]:
 
 
 def eval_output_dir(cfg: DictConfig) -> Path:
+    """``eval.output_dir``, else ``<run>/eval/<eval_name>`` for a run or model directory, else
+    ``runs/eval/<timestamp>`` (a hub model, a samples file)."""
     if cfg.eval.output_dir:
         return Path(cfg.eval.output_dir)
     if cfg.eval.run and Path(cfg.eval.run).is_dir():
-        return Path(cfg.eval.run) / "eval"
+        return Path(cfg.eval.run) / "eval" / eval_name(cfg)
     return Path("runs") / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def write_results(out: Path, result: Dict[str, object], rows: List[Dict[str, object]]) -> None:
+def eval_name(cfg: DictConfig) -> str:
+    """``arithmetic-test-limit200-n16-3f9a2c``: the data set, split, limit and samples, then a hash of
+    every setting that changes the result. A second evaluation with other settings (another data set)
+    gets its own directory and keeps the first; the same one again replaces its earlier self."""
+    data = cfg.data.name
+    if cfg.data.path and cfg.data.name != "arithmetic":
+        stem = Path(str(cfg.data.path).rstrip("/")).stem
+        data += f"-{stem}" if stem and stem != data else ""
+    parts = [data, cfg.eval.split]
+    parts += [f"limit{cfg.eval.limit}"] if cfg.eval.limit else []
+    parts += [f"n{cfg.eval.n}"] if cfg.eval.n > 0 else []
+    settings = {"data": OmegaConf.to_container(cfg.data, resolve=True), "split": cfg.eval.split,
+                "limit": cfg.eval.limit, "max_new_tokens": cfg.rollout.max_new_tokens,
+                "precision": cfg.trainer.precision, "dtype": cfg.model.dtype}
+    if cfg.eval.n > 0:
+        settings.update(n=cfg.eval.n, ks=list(cfg.eval.ks), seed=cfg.eval.seed,
+                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(map(str, parts))) + "-" + digest
+
+
+def write_results(out: Path, result: Dict[str, object], rows: List[Dict[str, object]], latest: bool = False) -> None:
+    """``eval.json`` and ``samples.jsonl`` in ``out``; with ``latest``, ``out/../latest`` points at it."""
     out.mkdir(parents=True, exist_ok=True)
     with (out / "samples.jsonl").open("w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    if latest:
+        link_latest(out)
     result["output_dir"] = str(out)
+
+
+def link_latest(out: Path) -> None:
+    """``<parent>/latest`` -> ``out`` (relative), swapped in one rename so readers never miss it."""
+    tmp = out.parent / f".latest-{os.getpid()}"
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(out.name, target_is_directory=True)
+    os.replace(tmp, out.parent / "latest")
 
 
 def results_table(result: Dict[str, object], title: str = "evaluation") -> Table:

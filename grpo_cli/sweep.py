@@ -188,7 +188,7 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
         threads = [f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else []
         if _child(["eval", f"run={quoted(run_dir)}", *threads, *eval_args], run_dir / "eval.log", "w") != 0:
             return Outcome(run, "failed", error="eval: " + last_line(run_dir / "eval.log"), seconds=time.perf_counter() - t0)
-        done["eval"] = json.loads((run_dir / "eval" / "eval.json").read_text())
+        done["eval"] = json.loads((run_dir / "eval" / "latest" / "eval.json").read_text())
         status = "ok"
     if status == "ok":
         done["seconds"] = done.get("seconds", 0.0) + round(time.perf_counter() - t0, 2)
@@ -214,9 +214,12 @@ def last_metrics(run_dir: Path) -> Dict[str, object]:
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:
     """Run the grid (``sweep.parallel`` at a time); the outcomes in grid order."""
+    from grpo_cli.config.usage import check_used
+
     fixed, swept, settings = parse_grid(args)
     runs = expand_grid(fixed, swept)
     cfg = validate(recipe, runs, settings)
+    check_used("grpo sweep", args)
     sweep_dir = Path(cfg.sweep.dir) if cfg.sweep.dir else default_sweep_dir(recipe, fixed, swept)
     console.print(f"[bold]sweep[/bold] {sweep_dir}: {len(runs)} runs, {cfg.sweep.parallel} at a time")
     if dry_run:

@@ -15,8 +15,8 @@ grpo eval run="$out/grpo"
 python - "$out" "$start" <<'PY'
 import json, sys, time
 out, start = sys.argv[1], int(sys.argv[2])
-before = json.load(open(f"{out}/sft/eval/eval.json"))["accuracy"]
-after = json.load(open(f"{out}/grpo/eval/eval.json"))["accuracy"]
+before = json.load(open(f"{out}/sft/eval/latest/eval.json"))["accuracy"]
+after = json.load(open(f"{out}/grpo/eval/latest/eval.json"))["accuracy"]
 print(f"held-out greedy accuracy: SFT {before:.3f} -> GRPO {after:.3f} ({100 * (after - before):+.1f} points)")
 print(f"curves: {out}/sft/curves.png {out}/grpo/curves.png   total {time.time() - start:.0f}s")
 PY

@@ -63,9 +63,9 @@ def test_our_greedy_generation_equals_hf_generate(sft_run):
 
 def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, capsys):
     main(["eval", f"run={sft_run}", "eval.limit=8", "trainer.threads=1"])
-    result = json.loads((sft_run / "eval" / "eval.json").read_text())
+    result = json.loads((sft_run / "eval" / "latest" / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["total"] == 8
-    rows = [json.loads(x) for x in (sft_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (sft_run / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"prompt", "completion", "answer", "correct"} <= set(rows[0])
     assert result["correct"] == sum(r["correct"] for r in rows)
 

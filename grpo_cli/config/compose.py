@@ -127,7 +127,7 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
     root = chain[-1]
     msg, key = str(root), getattr(root, "full_key", None)
     if key and re.search(r"Key '[^']+' not in", msg):
-        return unknown_key(key)
+        return unknown_key(key, overrides)
     m = re.search(r"Value '([^']*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (\w+))", msg)
     if key and m:
         expected = (m.group(2) or m.group(3)).lower()
@@ -141,17 +141,25 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
         return (f"config key '{m.group(1)}' is a mapping: add each entry on its own, "
                 f"+{key}=VALUE (Hydra's + appends a key)")
     if m:
-        return unknown_key(m.group(1))
+        return unknown_key(m.group(1), overrides)
     if type(root).__name__ == "OverrideParseException":
         return f"cannot parse override ({msg.splitlines()[0]}): expected key=value in Hydra's override grammar"
     first = msg.strip().splitlines()[0] if msg.strip() else type(root).__name__
     return f"{path.name}: {first}"
 
 
-def unknown_key(key: str) -> str:
-    """Name the options of a group that do have the key (``source.group_size`` -> source=online),
-    else the nearest valid names."""
+def unknown_key(key: str, overrides: Sequence[str] = ()) -> str:
+    """Name the options of a group that do have the key (``source.group_size`` -> source=online), the
+    full key of a field named without its section (``steps=10`` -> trainer.steps=10), else the nearest
+    valid names."""
+    from grpo_cli.config.usage import full_key_hint, override_key
+
     head, _, field = key.partition(".")
+    if not field:
+        value = next((o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) == key), "VALUE")
+        hint = full_key_hint(key, value)
+        if hint:
+            return f"unknown config key '{key}': {hint}"
     owners = [name for name, node in store.options().get(head, {}).items() if field in store.node_fields(node)]
     if owners and "." not in field:
         return f"unknown config key '{key}' for the chosen {head}; it belongs to {head}={'|'.join(owners)}"

@@ -505,17 +505,22 @@ class EvalConfig:
     run: Optional[str] = None
     """A run directory, a checkpoint, a model directory or a hub name to evaluate."""
     samples: Optional[str] = None
-    """A JSONL file of completions made elsewhere, scored instead of generating."""
+    """A JSONL file of completions made elsewhere, scored instead of generating: one JSON object per
+    line with the completion (``completion_field``), the reference final answer (``answer_field``, e.g.
+    ``"72"``) and, optionally, the ``prompt`` (copied to the results)."""
     completion_field: str = "completion"
-    """Field of ``samples`` rows holding the completion."""
+    """Field of ``samples`` rows holding the completion (the answer is extracted from it)."""
     answer_field: str = "answer"
-    """Field of ``samples`` rows holding the reference answer."""
+    """Field of ``samples`` rows holding the reference final answer (``72``, not a worked solution)."""
     split: str = choice("test", among=("test", "train"))
     """``test`` or ``train``: which split of the task to evaluate on."""
     limit: Optional[int] = num(None, ge=1)
     """Evaluate only the first N questions."""
     output_dir: Optional[str] = None
-    """Where ``eval.json`` and ``samples.jsonl`` go; default: ``<run>/eval`` or ``runs/eval/<timestamp>``."""
+    """Where ``eval.json`` and ``samples.jsonl`` go (``grpo eval output_dir=D`` sets it). Default: for a run,
+    ``<run>/eval/<data>-<split>[-limitN][-nN]-<hash of the settings>``, one directory per data set and
+    settings (the same evaluation again replaces its own) with ``<run>/eval/latest`` the newest;
+    otherwise ``runs/eval/<timestamp>``."""
     n: int = num(0, ge=0)
     """Completions sampled per question (at ``rollout.temperature`` and ``rollout.top_p``) for the
     sampling metrics; 0 evaluates greedy pass@1 (``accuracy``) only."""
@@ -580,7 +585,8 @@ class RunConfig:
     """One line shown by ``grpo recipes``."""
     output_dir: Optional[str] = None
     """Run directory; default ``runs/<recipe>/<timestamp>``. Without ``resume``, an earlier run's
-    checkpoints and metrics found there are moved to ``<output_dir>/previous-<time>/``."""
+    checkpoints and metrics found there are moved to ``<output_dir>/previous-<time>/``. (``grpo eval
+    output_dir=D`` is short for ``eval.output_dir=D``.)"""
     resume: Any = False
     """``false``; ``true``: continue the run in ``output_dir`` (else the recipe's latest run) from its
     newest checkpoint; or a run or checkpoint directory to continue from. Weights, optimiser,

@@ -43,11 +43,16 @@ def looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
 
 
-def resolve_model_dir(name_or_path: str) -> str:
-    """A run directory resolves to its final (or latest) checkpoint; anything else is returned as is."""
+def resolve_model_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
+    """A run directory resolves to its final (or latest) checkpoint; anything else is returned as is.
+    ``key`` is the setting that named it, for the error."""
     p = Path(name_or_path).expanduser()
     if looks_local(name_or_path) and not p.exists():
-        raise UserError(f"model.name_or_path: no such directory '{name_or_path}'")
+        from grpo_cli.config.usage import made_by
+
+        command = made_by(name_or_path)  # runs/sft_arithmetic/latest before any SFT run: say what makes it
+        hint = f": make it with '{command}' or set {key}=<run or model dir>" if command else ""
+        raise UserError(f"{key}: no such directory '{name_or_path}'{hint}")
     if not p.is_dir() or (p / "config.json").exists() or (p / "adapter_config.json").exists():
         return name_or_path
     ckpts = p / "checkpoints"
@@ -57,7 +62,7 @@ def resolve_model_dir(name_or_path: str) -> str:
         steps = sorted(d for d in ckpts.iterdir() if d.name.startswith("step_") and d.name[5:].isdigit())
         if steps:
             return str(steps[-1])
-    raise UserError(f"model.name_or_path: '{name_or_path}' is a directory with no model, adapter or checkpoint")
+    raise UserError(f"{key}: '{name_or_path}' is a directory with no model, adapter or checkpoint")
 
 
 def resolve_start(name_or_path: str) -> str:

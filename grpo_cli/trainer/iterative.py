@@ -192,6 +192,7 @@ def evaluate_policy(cfg: DictConfig, policy: Path, out: Path) -> float:
     ev = derived(cfg, output_dir=out)
     with open_dict(ev):
         ev.eval.run, ev.eval.output_dir, ev.eval.limit, ev.eval.n = str(policy), str(out), cfg.iterative.eval_limit, 0
+        ev.eval.split = "test"  # held-out questions: `grpo train` reads no eval.* key (grpo_cli.config.usage)
     return float(evaluate_model(ev)["accuracy"])
 
 
