@@ -52,7 +52,7 @@ def train(
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
-    from grpo_cli.trainer import run_training
+    from grpo_cli.runner import run_training
 
     run_training(cfg)
 

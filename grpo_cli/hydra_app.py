@@ -38,8 +38,9 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
 
     from grpo_cli.cli import _quiet_libraries
-    from grpo_cli.sweep import last_metrics, metric_name, read_metric
-    from grpo_cli.trainer import run_training
+    from grpo_cli.runner import run_training
+    from grpo_cli.sweep import metric_name, read_metric
+    from grpo_cli.trainer.run import last_row
 
     _quiet_libraries()  # in each job: launchers may run it in a fresh process
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -58,7 +59,7 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
         with open_dict(eval_cfg):
             eval_cfg.eval.run = str(run)
         result = evaluate_model(eval_cfg)
-    metrics = last_metrics(run)
+    metrics = last_row(run)
     (run / "done.json").write_text(json.dumps({"metrics": metrics, "eval": result}, indent=2) + "\n")
     return read_metric(metrics, result, metric_name(cfg))
 

@@ -30,8 +30,9 @@ from omegaconf import DictConfig
 from rich.markup import escape
 from rich.table import Table
 
+from grpo_cli.config.usage import SWEEP_EVAL_KEYS as EVAL_KEYS
 from grpo_cli.errors import UserError
-from grpo_cli.trainer.run import console
+from grpo_cli.trainer.run import console, last_row
 
 SEED_KEY = "trainer.seed"
 DONE = "done.json"
@@ -138,10 +139,6 @@ def validate(recipe: str, runs: List[Run], settings: List[str]) -> DictConfig:
     return first
 
 
-EVAL_KEYS = ("split", "limit", "n", "ks", "seed")
-"""The ``eval.*`` settings a sweep hands to each run's evaluation."""
-
-
 def last_line(log: Path) -> str:
     """The error a failed run reports: the last non-empty line of its log."""
     lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
@@ -180,7 +177,7 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
         if code != 0:
             return Outcome(run, "failed", error=last_line(run_dir / "train.log"), seconds=time.perf_counter() - t0)
         done = {"index": run.index, "overrides": run.overrides, "swept": run.swept, "eval": None,
-                "metrics": last_metrics(run_dir)}
+                "metrics": last_row(run_dir)}
         status = "ok"
     else:
         status = "skipped"
@@ -201,15 +198,6 @@ def eval_overrides(cfg: DictConfig) -> List[str]:
     ``eval.*`` on top) for each run's ``grpo eval``."""
     return [f"eval.{k}={json.dumps(list(cfg.eval[k])) if k == 'ks' else ('null' if cfg.eval[k] is None else cfg.eval[k])}"
             for k in EVAL_KEYS]
-
-
-def last_metrics(run_dir: Path) -> Dict[str, object]:
-    """The run's last complete metrics row ({} when it has none)."""
-    from grpo_cli.trainer.run import read_metrics
-
-    path = run_dir / "metrics.jsonl"
-    rows = read_metrics(path) if path.is_file() else []
-    return rows[-1] if rows else {}
 
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:

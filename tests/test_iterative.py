@@ -24,7 +24,7 @@ def _lines(path):
 
 @pytest.mark.slow
 def test_iterative_grpo_resets_reference_refreshes_reward_model_and_resumes(sft_run, tmp_path, length_rule):
-    from grpo_cli.trainer.iterative import run_iterative
+    from grpo_cli.iterative import run_iterative
 
     common = [f"model.name_or_path={sft_run}", "trainer.steps=2", "source.prompts_per_step=2",
               "source.group_size=3", "iterative.rm_steps=2", "iterative.questions=6", "iterative.samples_per_question=3",
@@ -52,7 +52,7 @@ def test_iterative_grpo_resets_reference_refreshes_reward_model_and_resumes(sft_
 
 
 def test_replay_share_of_the_mix():
-    from grpo_cli.trainer.iterative import with_replay
+    from grpo_cli.iterative import with_replay
 
     fresh, history = [{"i": i} for i in range(90)], [{"h": i} for i in range(50)]
     mix = with_replay(fresh, history, 0.1, seed=0)
@@ -62,7 +62,7 @@ def test_replay_share_of_the_mix():
 
 def test_iterative_needs_a_learned_reward():
     from grpo_cli.errors import UserError
-    from grpo_cli.trainer.iterative import run_iterative
+    from grpo_cli.iterative import run_iterative
 
     with pytest.raises(UserError, match="reward=outcome_rm"):
         run_iterative(compose("grpo_arithmetic", "iterative.iterations=2"))
@@ -71,7 +71,7 @@ def test_iterative_needs_a_learned_reward():
 @pytest.mark.slow
 def test_iterative_grpo_with_a_process_reward_model(sft_run, tmp_path):
     """The process variant: a PRM trained first (rm_0), process advantages, the PRM continued."""
-    from grpo_cli.trainer.iterative import run_iterative
+    from grpo_cli.iterative import run_iterative
 
     cfg = compose("iterative_grpo_arithmetic", f"model.name_or_path={sft_run}", "reward=process_rm",
                   "algorithm.supervision=process", "iterative.iterations=1",

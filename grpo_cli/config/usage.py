@@ -11,7 +11,7 @@ command, the keys it reads (a section, or single fields of a section), found by 
   except ``name_or_path``: the model is ``run=``) and runs (``trainer.precision/threads/device``).
 * ``grpo eval samples=...``: only the file and its fields.
 * ``grpo sweep``: what ``grpo train`` reads (each run is one), ``sweep.*`` and the ``eval.*`` it hands
-  to each run's evaluation (``grpo_cli.sweep.EVAL_KEYS``).
+  to each run's evaluation (``SWEEP_EVAL_KEYS``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from grpo_cli.config import schema as S
 from grpo_cli.errors import UserError
-from grpo_cli.sweep import EVAL_KEYS
+
+SWEEP_EVAL_KEYS = ("split", "limit", "n", "ks", "seed")
+"""The ``eval.*`` settings a sweep hands to each run's evaluation."""
 
 TRAIN = ("recipe", "output_dir", "resume", "model", "lora", "data", "reward", "source", "algorithm", "rollout",
          "trainer", "logging", "iterative")
@@ -31,7 +33,7 @@ EVAL_RUN = ("eval.run", "eval.split", "eval.limit", "eval.n", "eval.ks", "eval.s
             "rollout", "model.tiny", "model.dtype", "model.trust_remote_code", "trainer.precision", "trainer.threads",
             "trainer.device")
 EVAL_SAMPLES = ("eval.samples", "eval.completion_field", "eval.answer_field", "eval.output_dir")
-SWEEP = tuple(k for k in TRAIN if k != "output_dir") + ("sweep",) + tuple(f"eval.{k}" for k in EVAL_KEYS)
+SWEEP = tuple(k for k in TRAIN if k != "output_dir") + ("sweep",) + tuple(f"eval.{k}" for k in SWEEP_EVAL_KEYS)
 
 USES: Dict[str, Tuple[str, ...]] = {
     "grpo train": TRAIN,

@@ -86,6 +86,13 @@ def read_metrics(path: Path) -> List[Dict[str, float]]:
     return rows
 
 
+def last_row(run_dir: Path) -> Dict[str, float]:
+    """The run's last complete metrics row ({} when it has none)."""
+    path = run_dir / "metrics.jsonl"
+    rows = read_metrics(path) if path.is_file() else []
+    return rows[-1] if rows else {}
+
+
 def plot_curves(history: List[Dict[str, float]], main_metric: str, out: Path) -> Optional[Path]:
     """Loss and ``main_metric`` against step, side by side."""
     if not history:

@@ -17,6 +17,7 @@ the base and trains a fresh adapter: the merged weights are both the new start a
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -27,8 +28,19 @@ from typing import Dict, List
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from grpo_cli.config.compose import compose_run
+from grpo_cli.config.schema import ModelConfig
+from grpo_cli.data import load_examples
+from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
-from grpo_cli.trainer.run import console, create_run_dir
+from grpo_cli.evaluate import evaluate_model
+from grpo_cli.models.device import pick_device
+from grpo_cli.models.load import load_model_and_tokenizer
+from grpo_cli.models.policy import Policy
+from grpo_cli.rewards.registry import build_reward, score_batch
+from grpo_cli.trainer.loop import train
+from grpo_cli.trainer.offline import choose_questions, make_pairs, sample_questions, write_samples
+from grpo_cli.trainer.run import console, create_run_dir, last_row
 
 RM_RECIPES = {"outcome_rm": "rm_arithmetic", "process_rm": "prm_arithmetic"}
 CARRIED = ("data", "rollout", "logging")  # sections the reward-model phases take from the iterative run
@@ -69,8 +81,6 @@ def run_iterative(cfg: DictConfig) -> Path:
 
 def iteration(cfg: DictConfig, run: Path, k: int, policy: str, rm: str):
     """One iteration: policy steps against the current reward model, then the reward model's update."""
-    from grpo_cli.trainer.loop import train
-
     here = run / f"iter_{k}"
     policy_cfg = derived(cfg, output_dir=here / "policy", **{"model.name_or_path": policy, "reward.path": rm})
     with open_dict(policy_cfg):
@@ -81,11 +91,11 @@ def iteration(cfg: DictConfig, run: Path, k: int, policy: str, rm: str):
     mix = with_replay(fresh, read_jsonl_rows(run / "rm_buffer.jsonl"), cfg.iterative.replay, seed=cfg.trainer.seed + k)
     write_rows(data, mix)
     append_samples(run / "rm_buffer.jsonl", fresh)
-    row = {"iteration": k, **last_metrics(new_policy, "reward_mean", "accuracy", "kl"),
+    row = {"iteration": k, **metrics_of(new_policy, "reward_mean", "accuracy", "kl"),
            "rm_samples": len(mix), "rm_replayed": len(mix) - len(fresh)}
     if trainable_pairs(cfg, mix):
         new_rm = train_reward_model(cfg, here / "rm", start=rm, head_from=rm, samples=str(data))
-        row.update({f"rm_{a}": b for a, b in last_metrics(new_rm, "heldout_").items()})
+        row.update({f"rm_{a}": b for a, b in metrics_of(new_rm, "heldout_").items()})
     else:  # every sample right (or every one wrong): nothing to compare, keep the reward model
         console.print(f"[yellow]warning:[/yellow] iteration {k}: no (correct, incorrect) pair among the policy's "
                       f"{len(mix)} samples; the reward model is kept as it was")
@@ -98,8 +108,6 @@ def iteration(cfg: DictConfig, run: Path, k: int, policy: str, rm: str):
 
 def trainable_pairs(cfg: DictConfig, rows: List[Dict]) -> bool:
     """A pairwise reward model needs at least one question with a correct and an incorrect sample."""
-    from grpo_cli.trainer.offline import make_pairs
-
     rm = reward_model_config(cfg)
     return rm.source.name != "pairs" or bool(make_pairs(rows, rm.source.threshold, 1))
 
@@ -116,8 +124,6 @@ def derived(cfg: DictConfig, *, output_dir: Path, **keys) -> DictConfig:
 
 def reward_model_config(cfg: DictConfig) -> DictConfig:
     """The reward-model recipe, with the iterative run's data, rollout, logging, model and trainer basics."""
-    from grpo_cli.config.compose import compose_run
-
     recipe = cfg.iterative.rm_recipe or RM_RECIPES[cfg.reward.name]
     rm = compose_run(recipe, [])
     with open_dict(rm):
@@ -131,8 +137,6 @@ def reward_model_config(cfg: DictConfig) -> DictConfig:
 
 
 def train_reward_model(cfg: DictConfig, out: Path, *, start: str, head_from, samples) -> Path:
-    from grpo_cli.trainer.loop import train
-
     rm = reward_model_config(cfg)
     with open_dict(rm):
         rm.output_dir, rm.model.name_or_path = str(out), start
@@ -142,14 +146,6 @@ def train_reward_model(cfg: DictConfig, out: Path, *, start: str, head_from, sam
 
 def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List[Dict]:
     """``questions x samples_per_question`` outputs of the policy, labelled by the reward-model recipe's rule."""
-    from grpo_cli.config.schema import ModelConfig
-    from grpo_cli.data import load_examples
-    from grpo_cli.models.load import load_model_and_tokenizer
-    from grpo_cli.models.policy import Policy
-    from grpo_cli.rewards.registry import build_reward
-    from grpo_cli.models.device import pick_device
-    from grpo_cli.trainer.offline import choose_questions, sample_questions
-
     rm = reward_model_config(cfg)
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=policy_dir, dtype=cfg.model.dtype))
     # sampled as the loop samples: on the run's device, at trainer.precision
@@ -159,7 +155,8 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     with torch.no_grad():
         return sample_questions(policy, examples, questions, k=cfg.iterative.samples_per_question,
-                                rollout=cfg.rollout, reward=build_reward(rm.reward, policy.device), generator=generator)
+                                rollout=cfg.rollout, generator=generator,
+                                score=functools.partial(score_batch, build_reward(rm.reward, policy.device), tokenizer=tok))
 
 
 def with_replay(fresh: List[Dict], history: List[Dict], share: float, seed: int) -> List[Dict]:
@@ -177,18 +174,14 @@ def finished_iterations(run: Path, resume: bool) -> List[Dict]:
     return read_jsonl_rows(path)
 
 
-def last_metrics(run: Path, *keys: str) -> Dict[str, float]:
+def metrics_of(run: Path, *keys: str) -> Dict[str, float]:
     """The last metrics row's values of ``keys`` (a key ending in ``_`` is a prefix)."""
-    from grpo_cli.sweep import last_metrics as last_row
-
     last = last_row(run)
     return {k: round(v, 4) for k, v in last.items()
             if any(k == key or (key.endswith("_") and k.startswith(key)) for key in keys) and isinstance(v, float)}
 
 
 def evaluate_policy(cfg: DictConfig, policy: Path, out: Path) -> float:
-    from grpo_cli.evaluate import evaluate_model
-
     ev = derived(cfg, output_dir=out)
     with open_dict(ev):
         ev.eval.run, ev.eval.output_dir, ev.eval.limit, ev.eval.n = str(policy), str(out), cfg.iterative.eval_limit, 0
@@ -198,14 +191,10 @@ def evaluate_policy(cfg: DictConfig, policy: Path, out: Path) -> float:
 
 def read_jsonl_rows(path: Path) -> List[Dict]:
     """The rows of a JSONL file of this run (none when it does not exist yet)."""
-    from grpo_cli.data.loaders import read_jsonl
-
     return [row for _, row in read_jsonl(path)] if path.exists() else []
 
 
 def write_rows(path: Path, rows: List[Dict]) -> None:
-    from grpo_cli.trainer.offline import write_samples
-
     path.parent.mkdir(parents=True, exist_ok=True)
     write_samples(rows, path)
 
