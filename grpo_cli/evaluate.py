@@ -25,7 +25,7 @@ from rich.table import Table
 from grpo_cli.data import load_examples
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
-from grpo_cli.generation import check_rollout, generate, rollout_options
+from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.device import pick_device
@@ -70,8 +70,9 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):
-        gens = generate(model, tok, [e.prompt for e in examples], **rollout_options(cfg.rollout, temperature=0.0))
-        rows = [score_row(e.prompt, g.text, e.answer) for e, g in zip(examples, gens)]
+        greedy, _ = sample_batch(model, tok, examples, group=torch.arange(len(examples)),
+                                 **rollout_options(cfg.rollout, temperature=0.0))
+        rows = [score_row(e.prompt, text, e.answer) for e, text in zip(examples, greedy.completions)]
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
     result = summarise(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
@@ -101,9 +102,10 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
     """Sample ``eval.n`` completions per question; add their answers to ``rows``; maj@K and pass@K."""
     n = cfg.eval.n
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed)
-    gens = generate(model, tok, [e.prompt for e in examples for _ in range(n)], generator=generator,
-                    **rollout_options(cfg.rollout))
-    answers = [[extract_answer(g.text) for g in gens[i * n:(i + 1) * n]] for i in range(len(examples))]
+    batch, _ = sample_batch(model, tok, [e for e in examples for _ in range(n)], generator=generator,
+                            group=torch.arange(len(examples)).repeat_interleave(n), **rollout_options(cfg.rollout))
+    texts = batch.completions
+    answers = [[extract_answer(t) for t in texts[i * n:(i + 1) * n]] for i in range(len(examples))]
     for row, found in zip(rows, answers):
         row["sampled"] = found
         row["sampled_correct"] = sum(answers_match(a, str(row["answer"])) for a in found)
