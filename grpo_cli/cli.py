@@ -102,7 +102,7 @@ def sweep(
     """Train a grid of runs (resumable, crashes isolated) and summarise them: grpo sweep recipe=NAME 'a=1,2' ..."""
     from grpo_cli.config.compose import split_recipe
     from grpo_cli.config.usage import check_words
-    from grpo_cli.sweep import run_sweep, summarise
+    from grpo_cli.sweep import run_sweep, summary_tables
 
     check_words("grpo sweep", overrides or [])
     recipe, rest = split_recipe(overrides or [])
@@ -111,7 +111,7 @@ def sweep(
         for o in outcomes:
             typer.echo(f"{o.run.name}: grpo train recipe={recipe} {' '.join(o.run.overrides)}")  # unwrapped: copy-pasteable
         return
-    for table in summarise(sweep_dir, cfg, outcomes):
+    for table in summary_tables(sweep_dir, cfg, outcomes):
         out.print(table)
     failed = [o for o in outcomes if o.status == "failed"]
     out.print(f"wrote {sweep_dir}/summary.csv" + (" and summary.png" if (sweep_dir / "summary.png").exists() else "")

@@ -75,7 +75,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
         rows = [score_row(e.prompt, text, e.answer) for e, text in zip(examples, greedy.completions)]
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
-    result = summarise(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
+    result = accuracy_summary(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
     result = {"accuracy": result.pop("accuracy"), **sampled, **result}  # the metrics first, then counts
     if sampled:
         result.update(n=cfg.eval.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
@@ -133,12 +133,12 @@ def score_samples(cfg: DictConfig) -> Dict[str, object]:
         rows.append(score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field])))
     if not rows:
         raise UserError(f"{path}: no samples")
-    result = summarise(rows, samples=str(path))
+    result = accuracy_summary(rows, samples=str(path))
     write_results(eval_output_dir(cfg), result, rows, latest=not cfg.eval.output_dir)
     return result
 
 
-def summarise(rows: List[Dict[str, object]], **info) -> Dict[str, object]:
+def accuracy_summary(rows: List[Dict[str, object]], **info) -> Dict[str, object]:
     correct = sum(bool(r["correct"]) for r in rows)
     no_answer = sum(r["extracted"] is None for r in rows)
     return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "no_answer": no_answer, **info}

@@ -343,7 +343,7 @@ def plot_summary(outcomes: List[Outcome], metric: str, path: Path) -> Optional[P
     return path
 
 
-def summarise(sweep_dir: Path, cfg: DictConfig, outcomes: List[Outcome]) -> List[Table]:
+def summary_tables(sweep_dir: Path, cfg: DictConfig, outcomes: List[Outcome]) -> List[Table]:
     """Write summary.csv and summary.png; the tables to print (the seed aggregate when seeds vary)."""
     metric = metric_name(cfg)
     write_csv(outcomes, metric, sweep_dir / "summary.csv")

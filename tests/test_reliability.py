@@ -30,7 +30,7 @@ from grpo_cli.trainer import loop, memory
 from grpo_cli.batch import Batch, pack
 from grpo_cli.models.load import load_weights
 from grpo_cli.trainer.checkpoint import (
-    STATE_FILE, Checkpointer, Progress, latest_checkpoint, list_checkpoints, recover,
+    STATE_FILE, Checkpointer, RunState, latest_checkpoint, list_checkpoints, recover,
 )
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
@@ -296,9 +296,9 @@ def _save_forever(ckpt: Checkpointer, start: int, done) -> None:
     step = start
     while True:
         step += 1
-        ckpt.save(f"step_{step:06d}", Progress(step=step))
+        ckpt.save(f"step_{step:06d}", RunState(step=step))
         if step % 3 == 0:
-            ckpt.save("final", Progress(step=step))  # replaces an existing directory: the .old path
+            ckpt.save("final", RunState(step=step))  # replaces an existing directory: the .old path
         done.value = step
 
 
@@ -357,7 +357,7 @@ def test_a_non_finite_update_is_skipped(tmp_path, mode):
     assert out["skipped"] == 1 and not (out["loss"] == out["loss"] and out["grad_norm"] == out["grad_norm"])
     assert all(torch.equal(before[n], p) for n, p in policy.model.named_parameters())
     assert not opt.state and sched.last_epoch == 1  # no optimiser state touched; the schedule advanced
-    assert ckpt.save("step_000001", Progress(step=1)).is_dir()  # the weights stayed finite
+    assert ckpt.save("step_000001", RunState(step=1)).is_dir()  # the weights stayed finite
 
 
 @pytest.mark.parametrize("mode", [None, "loss"])
@@ -503,11 +503,11 @@ def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch
 
 def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
     ckpt = tiny_checkpointer(tmp_path)
-    ckpt.save("step_000001", Progress(step=1))
+    ckpt.save("step_000001", RunState(step=1))
     with torch.no_grad():
         next(ckpt.policy.model.parameters())[0, 0] = float("inf")
     with pytest.raises(UserError, match="refusing to save checkpoint step_000002: weight '.*' is not finite"):
-        ckpt.save("step_000002", Progress(step=2))
+        ckpt.save("step_000002", RunState(step=2))
     assert latest_checkpoint(tmp_path).name == "step_000001"
 
 

@@ -2,7 +2,8 @@
 
 Shapes: B sequences, T-1 next-token targets per sequence (written T below), G group size.
 Masks are float tensors [B, T] with 1 on completion tokens. Equation references are to
-DeepSeekMath (Shao et al., 2024), section 4.1; ../docs/method.md restates them.
+DeepSeekMath (Shao et al., 2024, arXiv:2402.03300), section 4.1; docs/paradigm.md maps them
+to the methods.
 """
 
 from __future__ import annotations
@@ -240,3 +241,14 @@ def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, grou
     """
     normalised = _group_normalise(step_rewards, step_mask, group, scale, eps)  # rtilde at each step end
     return normalised.flip(-1).cumsum(-1).flip(-1)  # reverse cumulative sum: steps ending at or after t
+
+
+def reward_stats(rewards: torch.Tensor, group: torch.Tensor) -> Dict[str, float]:
+    """reward_mean, reward_std, and zero_std_groups: the fraction of groups with no signal."""
+    groups = torch.unique(group)
+    flat = sum(bool(rewards[group == g].std(unbiased=False) < 1e-6) for g in groups)
+    return {
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std(unbiased=False)),
+        "zero_std_groups": flat / len(groups),
+    }

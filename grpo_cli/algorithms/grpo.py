@@ -55,7 +55,7 @@ class GRPO(Algorithm):
                 batch.tensors["old_logp"] = policy.logprobs(batch, temperature=temperature)[0]
             if self.beta:
                 batch.tensors["ref_logp"] = policy.reference_logprobs(batch, temperature=temperature)
-        batch.stats.update(reward_stats(batch.rewards, batch.group))
+        batch.stats.update(F.reward_stats(batch.rewards, batch.group))
         return batch
 
     def advantages(self, batch: Batch) -> torch.Tensor:
@@ -94,14 +94,3 @@ class GRPO(Algorithm):
             "gc_negative": float(((parts["gc"] < 0).float() * mask).sum() / n),
         }
         return loss, metrics
-
-
-def reward_stats(rewards: torch.Tensor, group: torch.Tensor) -> Dict[str, float]:
-    """reward_mean, reward_std, and zero_std_groups: the fraction of groups with no signal."""
-    groups = torch.unique(group)
-    flat = sum(bool(rewards[group == g].std(unbiased=False) < 1e-6) for g in groups)
-    return {
-        "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std(unbiased=False)),
-        "zero_std_groups": flat / len(groups),
-    }

@@ -18,7 +18,6 @@ import torch
 
 from grpo_cli.algorithms import functional as F
 from grpo_cli.algorithms.base import Algorithm, register_algorithm
-from grpo_cli.algorithms.grpo import reward_stats
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
 from grpo_cli.models.value import build_value_model
@@ -64,7 +63,7 @@ class PPO(Algorithm):
             adv = F.whiten(adv, mask)
         batch.tensors.update(old_logp=old, old_values=old_values, advantages=adv, returns=returns)
         n = mask.sum().clamp(min=1)
-        batch.stats.update(reward_stats(batch.rewards, batch.group))
+        batch.stats.update(F.reward_stats(batch.rewards, batch.group))
         batch.stats.update(kl=float(((old - ref) * mask).sum() / n),
                            explained_variance=F.explained_variance(old_values, returns, mask))
         return batch

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from grpo_cli.errors import UserError
+from grpo_cli.kernels import selected_logprobs
 from grpo_cli.models.load import is_peft
 from grpo_cli.batch import Batch, position_ids
 
@@ -75,16 +75,6 @@ def padded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attent
     return out.last_hidden_state
 
 
-def naive_token_logprobs(hidden, weight, bias, targets, temperature: float, with_entropy: bool):
-    """Reference: full logits [N, V], log_softmax, gather. hidden [N, H] -> logp [N] (entropy [N])."""
-    logits = F.linear(hidden, weight, bias).float() / temperature  # [N, V]
-    logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-
 def token_logprobs(
     model: torch.nn.Module,
     batch: Batch,
@@ -103,18 +93,14 @@ def token_logprobs(
     head = _unwrap(model).get_output_embeddings()
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # [N, H], N = B * (T-1)
     targets = batch.input_ids[:, 1:].reshape(-1)  # [N]
-    if backend == "naive":
-        logp, ent = naive_token_logprobs(flat_h, head.weight, head.bias, targets, temperature, with_entropy)
-    else:
-        from grpo_cli.kernels import selected_logprobs
-
-        # Prompt and padding targets are never trained on: the kernel skips them (log-prob 0).
-        targets = torch.where(batch.completion_mask[:, 1:].reshape(-1).bool(), targets, IGNORE)
-        out = selected_logprobs(
-            flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy,
-            ignore_index=IGNORE,
-        )
-        logp, ent = out if with_entropy else (out, None)
+    # Prompt and padding targets are never trained on: the kernel skips them (log-prob 0). ``naive``
+    # is the kernels' own oracle (full [N, V] logits), ``fused`` the tiled kernels.
+    targets = torch.where(batch.completion_mask[:, 1:].reshape(-1).bool(), targets, IGNORE)
+    out = selected_logprobs(
+        flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy,
+        ignore_index=IGNORE, backend="reference" if backend == "naive" else "auto",
+    )
+    logp, ent = out if with_entropy else (out, None)
     logp = logp.view(B, T - 1)
     return logp, None if ent is None else ent.view(B, T - 1)
 

@@ -67,7 +67,7 @@ changes a decaying schedule's length, as asked)."""
 
 
 @dataclass
-class Progress:
+class RunState:
     """What the loop carries from step to step; saved in every checkpoint."""
 
     step: int = 0
@@ -117,7 +117,7 @@ class Checkpointer:
         self.base_print = base_fingerprint(policy.base_ref) if adapters else None
         on_main(recover, self.root)
 
-    def state(self, progress: Progress, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def state(self, progress: RunState, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         algorithm = self.algorithm.state_dict() if callable(getattr(self.algorithm, "state_dict", None)) else None
         sharded = self.dist.enabled and self.dist.strategy == "fsdp"  # its optimiser state is split over ranks: not saved
         return {
@@ -128,7 +128,7 @@ class Checkpointer:
             **({"ranks": ranks} if len(ranks) > 1 else {}),
         }
 
-    def save(self, name: str, progress: Progress) -> Path:
+    def save(self, name: str, progress: RunState) -> Path:
         """Write ``checkpoints/<name>`` atomically (rank 0; every rank calls it); keep the last ``keep``."""
         final = self.root / name
         if self.last == (name, progress.step):  # already saved at this step (a signal during a save)
@@ -144,7 +144,7 @@ class Checkpointer:
         self.last = (name, progress.step)
         return final
 
-    def write(self, final: Path, progress: Progress, ranks: List[Dict[str, Any]], weights=None) -> None:
+    def write(self, final: Path, progress: RunState, ranks: List[Dict[str, Any]], weights=None) -> None:
         """The files of one checkpoint, written to a dot directory and renamed into place."""
         name = final.name
         tmp = self.root / f".tmp-{name}"
@@ -161,7 +161,7 @@ class Checkpointer:
             if old != final:  # the checkpoint just written stays, even with keep_checkpoints=0
                 remove_dir(old)
 
-    def restore(self, ckpt: Path) -> Progress:
+    def restore(self, ckpt: Path) -> RunState:
         """Load ``ckpt`` into the freshly built run; the RNGs come last, right before the loop."""
         if self.dist.enabled and self.dist.strategy == "fsdp":
             raise UserError("resume: runs with trainer.distributed=fsdp cannot resume yet; start a new run from the "
@@ -178,7 +178,7 @@ class Checkpointer:
             self.algorithm.load_state_dict(state["algorithm"])
         for module, weights in zip(getattr(self.policy, "extra", []), state.get("extra", [])):
             module.load_state_dict(weights)
-        progress = Progress(**state["progress"])
+        progress = RunState(**state["progress"])
         on_main(discard_after, self.root, progress.step)
         if len(ranks) != self.dist.world_size:
             console.print(f"[yellow]warning:[/yellow] resume: {ckpt} was saved by {len(ranks)} processes, this run has "

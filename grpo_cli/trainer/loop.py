@@ -43,7 +43,7 @@ from grpo_cli.rewards.base import Reward
 from grpo_cli.rewards.registry import build_reward, score_batch
 from grpo_cli.batch import Batch
 from grpo_cli.trainer.checkpoint import (
-    Checkpointer, Progress, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
+    Checkpointer, RunState, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
     recorded_start, resolve_resume,
 )
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
@@ -173,7 +173,7 @@ def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, mic
     return out
 
 
-def stop_if_diverging(progress: Progress, metrics: Dict[str, float], step: int, max_bad: int, run: Path) -> None:
+def stop_if_diverging(progress: RunState, metrics: Dict[str, float], step: int, max_bad: int, run: Path) -> None:
     """``max_bad`` steps in a row with a skipped (non-finite) update stop the run with a clear message."""
     if not max_bad or progress.bad_in_row < max_bad:
         return
@@ -277,7 +277,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     policy = dist.prepare(algorithm.setup(policy))
     opt, sched = build_optimizer(policy.trainable(), cfg.trainer, algorithm.updates_per_batch)
     ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints, cfg.trainer.seed, dist)
-    progress = ckpt.restore(resume_from) if resume_from else Progress()  # RNG states last: nothing may draw after
+    progress = ckpt.restore(resume_from) if resume_from else RunState()  # RNG states last: nothing may draw after
     log = MetricsLog(run, resume_step=progress.step if resume_from else None, enabled=dist.is_main)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
