@@ -20,6 +20,8 @@ TINY = [
     "logging.plot=false",
     "trainer.warmup_steps=0",
 ]
+TINY_EVAL = [o for o in TINY if o.split(".")[0] in ("model", "data", "rollout")]
+"""The part of TINY that ``grpo eval`` reads (it refuses keys it would ignore)."""
 
 
 @pytest.fixture(autouse=True)

@@ -35,7 +35,7 @@ from grpo_cli.trainer.checkpoint import (
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
 
-from conftest import REPO, TINY, compose
+from conftest import REPO, TINY, TINY_EVAL, compose
 
 WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
 
@@ -196,7 +196,7 @@ def test_a_lora_run_keeps_its_base_when_the_latest_link_moves(sft_run, tmp_path,
         monkeypatch.chdir(cwd)
         after = _merged(run)
         assert all(torch.equal(before[k], after[k]) for k in before)
-    main(["eval", f"run={tmp_path / 'runs' / 'g16'}", *TINY, "eval.limit=2", f"eval.output_dir={tmp_path / 'ev'}"])
+    main(["eval", f"run={tmp_path / 'runs' / 'g16'}", *TINY_EVAL, "eval.limit=2", f"eval.output_dir={tmp_path / 'ev'}"])
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["total"] == 2
     monkeypatch.chdir(tmp_path)  # resume as typed at the start: from the recorded base, not the moved link
     again = _lora_run("runs/g16", "runs/sft_arithmetic/latest", 3, "resume=true")
@@ -218,7 +218,7 @@ def test_a_lora_adapter_whose_base_is_gone_or_changed_fails_in_one_line(sft_run,
     _noisy_copy(sft_run / "checkpoints" / "final", tmp_path / "base")  # overwritten by another model
     capsys.readouterr()
     for argv, expected in [
-        (["eval", f"run={lora}", *TINY], f"the base model {tmp_path / 'base'} changed since the LoRA adapter in {final}"),
+        (["eval", f"run={lora}", *TINY_EVAL], f"the base model {tmp_path / 'base'} changed since the LoRA adapter in {final}"),
         (["train", "recipe=sft_arithmetic", *TINY, "lora.enabled=true", "trainer.batch_size=4", "trainer.steps=3",
           f"model.name_or_path={tmp_path / 'base'}", f"output_dir={lora}", "resume=true"],
          f"resume: the base model {tmp_path / 'base'} is not the one the adapter in"),
