@@ -116,17 +116,17 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
 
 VLLM = {"memory": 0.2, "kwargs": {}}
 """``rollout.vllm_memory`` and ``rollout.vllm_kwargs`` of the ``vllm`` engine (``--vllm-memory``, ``--vllm-kwargs``)."""
-FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False)),
-                 "fast-attn": ("fast", {})}
-"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``), or
-(``fast-attn``) with ``kv_decoder.WHOLE_STEP`` off while it runs."""
+FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)),
+                 "fast-sdpa": ("fast", dict(compile_decode_step=False)),
+                 "fast-attn": ("fast", dict(whole_step=False))}
+"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_decode_step``), or
+(``fast-attn``) with the engine's ``whole_step`` off: each layer's attention compiled alone."""
 
 
 def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     import torch
 
     from grpo_cli.generation import generate_ids
-    from grpo_cli.models import kv_decoder
 
     temperature = 0.0 if mode == "greedy" else 1.0
     if name in ("hf", "hf-static"):
@@ -150,12 +150,8 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
         options = dict(vllm_memory=VLLM["memory"], vllm_kwargs=VLLM["kwargs"])
 
     def run():
-        kv_decoder.WHOLE_STEP = name != "fast-attn"
-        try:
-            return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                                temperature=temperature, generator=gen, engine=engine, **options)
-        finally:
-            kv_decoder.WHOLE_STEP = True
+        return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
+                            temperature=temperature, generator=gen, engine=engine, **options)
     return run
 
 

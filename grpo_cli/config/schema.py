@@ -382,7 +382,7 @@ class RolloutConfig:
     in bf16 and 1.5-1.7x in fp32 on the benchmark model, the same arithmetic up to GEMM rounding, for
     one extra copy of the projection weights while a batch decodes; false calls the model's modules
     (HF's exact rounding)."""
-    compile_attention: bool = True
+    compile_decode_step: bool = True
     """On a CPU, compile each decode step with ``torch.compile`` (Inductor: needs a C++ compiler).
     With ``packed_weights`` the whole step through every layer is one compiled call around oneDNN's
     GEMMs (norms, rotary, cache write, attention, residuals, MLP activation fused; 15-35 s once per
@@ -391,7 +391,7 @@ class RolloutConfig:
     step is 1.25x and the bf16 one 1.5x faster than uncompiled, with SDPA. Scores and softmax stay
     fp32; the results differ from the uncompiled ones by summation order only. Where compiling fails
     it warns once and uses SDPA; false always does."""
-    compile_attention_min_mib: float = 32.0
+    compile_decode_min_mib: float = 32.0
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
     least this many MiB: there a step saves milliseconds (5-8 ms on the benchmark model's 145 MiB),
     while on the tiny default model (about 10 MiB) compiling the attention alone saved 0.2-0.4 ms,

@@ -130,12 +130,33 @@ def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
     return 4 * elements / 2**20
 
 
-WHOLE_STEP = True
-"""Whether packed decoders compile the whole step (:func:`compiled_decode_layers`) or, when false, each
-layer's attention alone: a switch for ``scripts/bench_rollout.py``'s ``fast-attn`` comparison."""
+class CompileFailures:
+    """The errors of compiling decode steps that decoders sharing this record have met. After the
+    first, they decode uncompiled without trying again (compiling would fail the same way, slowly),
+    and only the first is warned about. Compiled functions are cached per process, so by default
+    every decoder shares the process's record, :data:`PROCESS_COMPILE_FAILURES`; tests give a decoder
+    a fresh one."""
 
-COMPILE_ERRORS: list = []
-"""Errors of compiling :func:`decode_attention` in this process: after the first, decoders use SDPA."""
+    def __init__(self):
+        self.errors: list = []
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def record(self, err: Exception) -> None:
+        """Keep ``err``; warn if it is the first (decoding goes on with SDPA)."""
+        if not self.errors:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"rollout.compile_decode_step: torch.compile failed ({first}); "
+                          "decoding with SDPA instead", RuntimeWarning, stacklevel=4)
+        self.errors.append(err)
+
+
+PROCESS_COMPILE_FAILURES = CompileFailures()
+"""Every decoder's record unless it is given another: a failed compile stops this process's later ones."""
 
 
 @functools.cache
@@ -325,10 +346,13 @@ class KVDecoder:
     run each decode step as :func:`compiled_decode_layers` where every weight is packed for oneDNN,
     else its attention as :func:`compiled_decode_attention`, over a cache in
     autocast's dtype when autocast is on (SDPA, prefill's too, still computes in fp32 there); where
-    compiling fails, warn once and go on with SDPA over an fp32 cache."""
+    compiling fails, warn once and go on with SDPA over an fp32 cache. ``whole_step=False`` compiles
+    each layer's attention alone even where the weights are packed: the step as it was before it
+    was compiled whole, for benchmarks to compare. ``failures``: the record of failed compiles this
+    decoder reads and adds to (:class:`CompileFailures`; by default the process's)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, packed: bool = False,
-                 compiled: bool = False):
+                 compiled: bool = False, whole_step: bool = True, failures: Optional[CompileFailures] = None):
         base = _base(model)
         self.decoder, self.head = base.model, base.get_output_embeddings()
         weight = self.decoder.embed_tokens.weight
@@ -336,7 +360,8 @@ class KVDecoder:
         kv_heads = base.config.num_key_value_heads
         shape = (len(self.decoder.layers), batch_size, kv_heads, max_len, attn.head_dim)
         self.attn_dtype = attention_dtype(weight)
-        self.compiled = compiled and weight.device.type == "cpu" and not COMPILE_ERRORS
+        self.failures = PROCESS_COMPILE_FAILURES if failures is None else failures
+        self.compiled = compiled and weight.device.type == "cpu" and not self.failures
         cache_dtype = self.attn_dtype
         if self.compiled and torch.is_autocast_enabled("cpu"):
             cache_dtype = torch.get_autocast_dtype("cpu")  # half the bytes each step reads
@@ -351,7 +376,7 @@ class KVDecoder:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
-        self.whole_step = (self.compiled and WHOLE_STEP and bool(self.packed)
+        self.whole_step = (self.compiled and whole_step and bool(self.packed)
                            and self.packed[0].qkv[0].layout == torch._mkldnn)
         for layer in self.packed if self.whole_step else ():
             for t in (*layer.qkv, *layer.o, *layer.gate_up, *layer.down):  # else symbolic sizes: a slow trace
@@ -482,13 +507,10 @@ class KVDecoder:
             return None
 
     def _compile_failed(self, err: Exception) -> None:
-        """Warn (once per process) and go on uncompiled, with SDPA over a cache in the attention dtype.
-        Compiling is an optimisation only: it fails without a C++ compiler or on unsupported platforms."""
-        if not COMPILE_ERRORS:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"rollout.compile_attention: torch.compile failed ({first}); "
-                          "decoding with SDPA instead", RuntimeWarning, stacklevel=3)
-        COMPILE_ERRORS.append(err)
+        """Record ``err`` (warned once per record) and go on uncompiled, with SDPA over a cache in the
+        attention dtype. Compiling is an optimisation only: it fails without a C++ compiler or on
+        unsupported platforms."""
+        self.failures.record(err)
         self.compiled = False
         rows = self.k.shape[1]  # the batch's rows are the buffers' first rows (keep_rows, copy_rows)
         self.full = {name: cache.to(self.attn_dtype) for name, cache in self.full.items()}
