@@ -28,7 +28,7 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
   DynamicCache per token, every row to the end): what the rollout engine adds to the step.
 * ``ours-noshare``: ``ours`` with every row's tokens computed for itself in the log-prob and training
-  forwards (``unpadded.SHARE_PREFIXES`` off): what running a group's common prompt once saves.
+  forwards (``model.share_prefixes=false``): what running a group's common prompt once saves.
 * ``ours-vllm`` (on a GPU with vllm installed): ``ours`` with ``rollout.engine=vllm`` (``--vllm-memory``,
   ``--vllm-kwargs``); its generate phase includes copying the weights into vLLM, and its first step
   building the engine. Its peak GPU memory includes the KV cache vLLM reserves (``--vllm-memory`` of
@@ -78,10 +78,8 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
              share: bool = True) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
-    from grpo_cli.models import unpadded
     from grpo_cli.trainer.loop import train
 
-    unpadded.SHARE_PREFIXES = share
     if SETTINGS["fixed_length"]:
         never_eos()
     engine_overrides = [f"rollout.engine={engine}"]  # ours-refloop: the reference loop; ours-vllm: vLLM
@@ -99,7 +97,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
             f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
             f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.activation_checkpointing={ckpt}",
-            "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
+            f"model.share_prefixes={share}", "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
         ])
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

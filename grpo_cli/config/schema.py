@@ -49,6 +49,10 @@ class ModelConfig:
     logprob_backend: str = "fused"
     """How per-token log-probs are computed: ``fused`` (chunked kernels, never the full [N, V]
     logits) or ``naive`` (log_softmax over full logits, the reference)."""
+    share_prefixes: bool = True
+    """Log-prob forwards of the policy and its reference (Qwen2, Llama) run the tokens that rows share
+    at their start, a group's prompt, once for all of them (not while dropout is active); false
+    computes every row for itself: the same result up to rounding, for benchmarks to compare."""
 
 
 @dataclass

@@ -46,13 +46,16 @@ def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T]."""
+def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           share_prefixes: bool = True) -> torch.Tensor:
+    """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T].
+    ``share_prefixes``: run the tokens rows share at their start once (:func:`prefix_owner`; never
+    while dropout is active); false computes every row for itself, the same result up to rounding."""
     base = _base(model)
     decoder = base.model
     B, T = input_ids.shape
     idx = attention_mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
-    layout = RowLayout.of(input_ids, attention_mask, idx, share=SHARE_PREFIXES and not _dropout_active(model))
+    layout = RowLayout.of(input_ids, attention_mask, idx, share=share_prefixes and not _dropout_active(model))
     L = layout.L
     computed = idx if layout.real is None else idx[layout.computed]  # [U] flat indices of the tokens computed
     x = decoder.embed_tokens(input_ids.reshape(-1)[computed])  # [U, H]
@@ -78,11 +81,6 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
         else:
             x = _block(layer, x, *shared)
     return Scatter.apply(layout.real_tokens(norm(decoder.norm, x)), idx, B * T).view(B, T, -1)
-
-
-SHARE_PREFIXES = True
-"""Whether :func:`unpadded_hidden_states` runs rows' common prefixes once (a switch for
-``scripts/bench_grpo_step.py``'s ``-noshare`` comparison; the result is the same either way)."""
 
 
 def _dropout_active(model: torch.nn.Module) -> bool:
