@@ -57,8 +57,6 @@ MIN_TILE_ELEMENTS = 1024 * 1024
 TILE_FRACTION = 32
 MAX_ROWS = 8192
 COL_MULTIPLE = 64  # vocabulary tile widths are multiples of this (aligned GEMM panels)
-# Fixed vocabulary tile width, overriding the budget (tests use it to force ragged tiles).
-VOCAB_TILE: int | None = None
 
 
 class Plan(NamedTuple):
@@ -68,13 +66,15 @@ class Plan(NamedTuple):
     cols: int
 
 
-def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None) -> Plan:
-    """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile."""
+def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None, vocab_tile: int | None = None) -> Plan:
+    """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile and
+    ``vocab_tile`` (if given) the vocabulary entries per tile, overriding the budget (tests use it
+    to make the last tile ragged)."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
     budget = max(MIN_TILE_ELEMENTS, min(TILE_ELEMENTS, n_rows * vocab // TILE_FRACTION))
-    cols = VOCAB_TILE or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
+    cols = vocab_tile or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
     return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
@@ -343,9 +343,9 @@ class SelectedLogprobsFn(torch.autograd.Function):
 
 
 def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
-                            chunk_size):
+                            chunk_size, vocab_tile=None):
     """Torch backend on validated 2-D inputs with no ignored rows -> (logp, entropy | None)."""
-    plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size)
+    plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size, vocab_tile)
     inv_temp = 1.0 / float(temperature)
     params = [t for t in (hidden, weight, bias) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):
