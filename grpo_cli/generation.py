@@ -253,7 +253,8 @@ def _graphed(step, draw, warmup: int):
 def side_stream(device: int) -> "torch.cuda.Stream":
     """The one stream of every rollout's warm-up and capture on a GPU. cuBLAS keeps a workspace for
     each stream it has run on until the process ends: a new stream per rollout (and torch's own
-    capture stream beside it) added ~33 MB of allocated memory at every GRPO step (H100, fp32)."""
+    capture stream beside it) kept a new set of workspaces allocated at every GRPO step
+    (docs/performance.md, "a leak of GPU memory at every rollout")."""
     return torch.cuda.Stream(device=device)
 
 

@@ -4,14 +4,12 @@ Shapes: N tokens, H hidden size, V vocabulary size; a tile is ``rows x cols`` of
 (rows <= N tokens, cols <= V vocabulary entries). ``z = (hidden @ weight.T + bias) / temperature``
 are the scaled logits, ``p = softmax(z)``, ``lse = logsumexp(z)``, ``logp = z[y] - lse``.
 
-Design (measured on a 2-core AVX-512 CPU, fp32, fwd+bwd; table in docs/performance.md: at
-N,H,V = 8192,512,32000 a trainable head takes 0.82x the naive time at 0.036x its peak memory,
-a frozen head 0.66x at 0.038x):
+Design (time and peak memory against the naive path: docs/performance.md, "Fused log-probs"):
 
 * GEMM count. The upstream gradient ``g`` is per row (a policy-gradient loss, not a scalar
   cross-entropy), and ``dW = sum_i g_i (onehot_i - p_i)^T h_i`` cannot be formed before ``g`` is
   known without keeping all of ``p`` ([N, V]; even in bf16 that alone is 0.5 GB against a
-  0.4 GB budget at the shape above). The fused-linear-loss trick (finish dW in the forward) only
+  0.4 GB budget at N, V = 8192, 32000). The fused-linear-loss trick (finish dW in the forward) only
   works for a scalar loss. So a trainable LM head costs 4 GEMMs (forward logits; backward
   logits, dH, dW) against the naive 3. It still wins on time: the naive path spends more than a
   GEMM's worth on memory traffic and page faults of its four [N, V] fp32 temporaries, while each
@@ -32,8 +30,8 @@ a frozen head 0.66x at 0.038x):
   (a logit ~88 above everything before it) is redone exactly. Keeping ``m`` (a logit value) and
   ``d`` (small) apart makes ``z - m`` cancel exactly, as accurate as naive ``z - max - log sum``.
 * Tiles: vocabulary outer, rows inner, up to 16M fp32 elements (all rows x ~1-4k columns) and at
-  most 1/32 of [N, V]. Tile widths from 512 to 4096 measured within noise (6.4-7.3 s at the shape
-  above); large tiles keep the op count low.
+  most 1/32 of [N, V]. Tile widths from 512 to 4096 took the same time within noise
+  (docs/performance.md, "Fused log-probs"); large tiles keep the op count low.
 * All maths is fp32 whatever the input dtype; grads are cast back at the end. The dW accumulator
   is fp32 [V, H]: for a bf16 head that is twice the gradient's own size.
 
