@@ -65,7 +65,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
+from _bench import OthersCPU, machine_line  # noqa: E402
+from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, build_bench_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)
@@ -226,17 +227,13 @@ def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
            "--threads", str(threads), "--vllm-memory", str(VLLM["memory"]), "--vllm-kwargs", json.dumps(VLLM["kwargs"])
            ] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with OthersCPU() as probe:
+    with OthersCPU(children=True) as probe:  # the child's CPU is the side's, not others'
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
         return {"error": last[:200]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    # The probe counts the child's CPU as "others" (it is not this process): take it out.
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    out["others"] = max(0.0, probe.share - child_cpu / (probe.seconds * (os.cpu_count() or 1)))
+    out["others"] = probe.share
     out["wall_s"] = probe.seconds
     return out
 
@@ -300,7 +297,7 @@ def main(argv=None) -> int:
 
     if torch.cuda.is_available():  # the children run there too
         MEMORY, MEMORY_NAME = "peak_gpu_mb", "peak GPU"
-    print(machine_line())
+    print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
           f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")
