@@ -107,27 +107,30 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
     return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
 
 
-FAST_OPTIONS = ("cuda_graphs", "packed_weights", "compile_attention", "compile_attention_min_mib")
+FAST_OPTIONS = ("cuda_graphs", "packed_weights", "compile_decode_step", "compile_decode_min_mib")
 """The fast engine's switches: :func:`_generate_fast`'s keyword arguments named as the rollout config's fields."""
+FAST_BENCH_OPTIONS = ("whole_step",)
+"""The fast engine's keyword arguments that no config field sets: variants benchmarks compare."""
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
 def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
-                   cuda_graphs=True, packed_weights=True, compile_attention=True,
-                   compile_attention_min_mib=RolloutConfig.compile_attention_min_mib):
+                   cuda_graphs=True, packed_weights=True, compile_decode_step=True,
+                   compile_decode_min_mib=RolloutConfig.compile_decode_min_mib, whole_step=True):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
-    ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_attention`` each
+    ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_decode_step`` each
     step compiled, whole or its attention alone, where the batch's cache reaches
-    ``compile_attention_min_mib``)."""
+    ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
+    (:class:`~grpo_cli.models.kv_decoder.KVDecoder`)."""
     from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask
 
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
         return [[] for _ in prompt_ids]
-    compiled = compile_attention and cache_mib(model, B, T0 + max_new_tokens) >= compile_attention_min_mib
-    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compiled)
+    compiled = compile_decode_step and cache_mib(model, B, T0 + max_new_tokens) >= compile_decode_min_mib
+    decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compiled, whole_step=whole_step)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
@@ -252,7 +255,8 @@ def _graphed(step, draw, warmup: int):
 def side_stream(device: int) -> "torch.cuda.Stream":
     """The one stream of every rollout's warm-up and capture on a GPU. cuBLAS keeps a workspace for
     each stream it has run on until the process ends: a new stream per rollout (and torch's own
-    capture stream beside it) added ~33 MB of allocated memory at every GRPO step (H100, fp32)."""
+    capture stream beside it) kept a new set of workspaces allocated at every GRPO step
+    (docs/performance.md, "a leak of GPU memory at every rollout")."""
     return torch.cuda.Stream(device=device)
 
 
@@ -274,17 +278,19 @@ def generate_ids(
     ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
     the model is supported, else ``reference``), ``fast``, ``reference`` or ``vllm``.
     ``engine_options``: the switches of the fast engine (:data:`FAST_OPTIONS`) and of vLLM's
-    (``VLLM_OPTIONS``), each documented as the ``rollout.`` field of the same name; an engine
-    ignores the others' switches, and the reference loop has none.
+    (``VLLM_OPTIONS``), each documented as the ``rollout.`` field of the same name, and the fast
+    engine's benchmark variants (:data:`FAST_BENCH_OPTIONS`); an engine ignores the others'
+    switches, and the reference loop has none.
     """
     from grpo_cli.models.kv_decoder import unsupported_reason
     from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, generate_vllm
 
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
-    unknown = sorted(set(engine_options) - set(FAST_OPTIONS) - set(VLLM_OPTIONS))
+    fast_options = FAST_OPTIONS + FAST_BENCH_OPTIONS
+    unknown = sorted(set(engine_options) - set(fast_options) - set(VLLM_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown rollout engine options {unknown}; expected some of {FAST_OPTIONS + VLLM_OPTIONS}")
+        raise TypeError(f"unknown rollout engine options {unknown}; expected some of {fast_options + VLLM_OPTIONS}")
     kwargs = dict(pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
     if engine == "vllm":
@@ -295,7 +301,7 @@ def generate_ids(
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in FAST_OPTIONS},
+    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in fast_options},
                           **kwargs)
 
 

@@ -14,28 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 
-
-def status_mb(key: str) -> float:
-    """A /proc/self/status memory line in MB: ``VmRSS`` now, ``VmHWM`` the peak."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets VmHWM, so the peak counts from here."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+from _bench import reset_peak, status_mb  # this script's directory
 
 
 def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: int) -> dict:

@@ -28,7 +28,7 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
   DynamicCache per token, every row to the end): what the rollout engine adds to the step.
 * ``ours-noshare``: ``ours`` with every row's tokens computed for itself in the log-prob and training
-  forwards (``unpadded.SHARE_PREFIXES`` off): what running a group's common prompt once saves.
+  forwards (``model.share_prefixes=false``): what running a group's common prompt once saves.
 * ``ours-vllm`` (on a GPU with vllm installed): ``ours`` with ``rollout.engine=vllm`` (``--vllm-memory``,
   ``--vllm-kwargs``); its generate phase includes copying the weights into vLLM, and its first step
   building the engine. Its peak GPU memory includes the KV cache vLLM reserves (``--vllm-memory`` of
@@ -65,7 +65,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, OthersCPU, build_bench_model, machine_line  # noqa: E402
+from _bench import OthersCPU, machine_line  # noqa: E402
+from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, build_bench_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)
@@ -78,10 +79,8 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
              share: bool = True) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
-    from grpo_cli.models import unpadded
     from grpo_cli.trainer.loop import train
 
-    unpadded.SHARE_PREFIXES = share
     if SETTINGS["fixed_length"]:
         never_eos()
     engine_overrides = [f"rollout.engine={engine}"]  # ours-refloop: the reference loop; ours-vllm: vLLM
@@ -99,7 +98,7 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
             "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
             f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
             f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.activation_checkpointing={ckpt}",
-            "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
+            f"model.share_prefixes={share}", "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
         ])
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -228,17 +227,13 @@ def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
            "--threads", str(threads), "--vllm-memory", str(VLLM["memory"]), "--vllm-kwargs", json.dumps(VLLM["kwargs"])
            ] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    with OthersCPU() as probe:
+    with OthersCPU(children=True) as probe:  # the child's CPU is the side's, not others'
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
         return {"error": last[:200]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    # The probe counts the child's CPU as "others" (it is not this process): take it out.
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    child_cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    out["others"] = max(0.0, probe.share - child_cpu / (probe.seconds * (os.cpu_count() or 1)))
+    out["others"] = probe.share
     out["wall_s"] = probe.seconds
     return out
 
@@ -302,7 +297,7 @@ def main(argv=None) -> int:
 
     if torch.cuda.is_available():  # the children run there too
         MEMORY, MEMORY_NAME = "peak_gpu_mb", "peak GPU"
-    print(machine_line())
+    print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
           f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
           f"load average before: {os.getloadavg()[0]:.2f}\n")

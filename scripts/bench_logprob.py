@@ -30,12 +30,13 @@ import argparse
 import gc
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+
+from _bench import OthersCPU, machine_line, reset_peak, status_kib  # noqa: E402  (this script's directory)
 
 TIMED_RUNS = {"cpu": 1, "cuda": 20}
 """Timed runs per process after the measured one: on a GPU one run is milliseconds, so take many."""
@@ -89,11 +90,6 @@ def _step_fn(method, temperature):
     return step
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
-
-
 def _peak_probe(device):
     """(baseline(), peak_since_baseline_mib(base)) for the device.
 
@@ -117,16 +113,14 @@ def _peak_probe(device):
 
     def baseline():
         gc.collect()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return ("VmHWM", _proc_status_kib("VmRSS"))
-        except OSError:
-            return ("ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        rss = status_kib("VmRSS")
+        if rss is not None and reset_peak():
+            return ("VmHWM", rss)
+        return ("ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
     def peak(base):
         kind, kib = base
-        now = _proc_status_kib("VmHWM") if kind == "VmHWM" else \
+        now = status_kib("VmHWM") if kind == "VmHWM" else \
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return (now - kib) / 1024
     return baseline, peak
@@ -161,35 +155,19 @@ def run_child(cfg: dict) -> dict:
     return {"peak_mb": peak_mb, "first_s": first, "times": times}
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have been busy since boot (/proc/stat), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            vals = [int(x) for x in f.readline().split()[1:]]
-    except OSError:
-        return None
-    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
-    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
 def run_case(cfg: dict) -> dict:
     """Run one measurement in a fresh process; also report how busy *other* processes were."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    busy0, wall0 = _busy_seconds(), time.perf_counter()
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    busy1, wall = _busy_seconds(), time.perf_counter() - wall0
+    with OthersCPU(children=True) as probe:  # the child's CPU is the measurement's, not others'
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         last = (res.stderr.strip().splitlines() or ["exit code %d" % res.returncode])[-1]
         return {"error": last[:160]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    if busy0 is not None:
-        mine = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-        out["others"] = max(0.0, (busy1 - busy0 - mine) / (wall * (os.cpu_count() or 1)))
+    out["others"] = probe.share
     return out
 
 
@@ -221,20 +199,6 @@ def _fmt_row(shape, head, method, r, ref):
     return (f"| {label} | {head} | {method} | {1000 * t:.1f} | {ratio_t} | {r['peak_mb']:.0f} | "
             f"{ratio_m} | {100 * r['others']:.0f}% | "
             f"{len(r['times'])} runs, {1000 * min(r['times']):.1f}-{1000 * max(r['times']):.1f} ms |")
-
-
-def machine_line(device: str) -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores"
-    return (f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"python {platform.python_version()}")
 
 
 def main(argv=None) -> int:

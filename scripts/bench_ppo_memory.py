@@ -20,8 +20,8 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
-from bench_grpo_memory import reset_peak, status_mb  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench import reset_peak, status_mb  # noqa: E402
 
 
 def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, tokens: int) -> dict:

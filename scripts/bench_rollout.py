@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import sys
 import time
@@ -41,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_logprob import _busy_seconds  # noqa: E402  (CPU seconds busy since boot)
+from _bench import OthersCPU, machine_line  # noqa: E402
 
 BENCH_MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232,
                    max_position_embeddings=512, seed=0)
@@ -68,39 +66,6 @@ def bench_prompts(n: int) -> list[str]:
     return [e.prompt for e in load_examples(DataConfig(), "train")[:n]]
 
 
-class OthersCPU:
-    """Share of the machine used by other processes while the block ran (0 to 1)."""
-
-    def __enter__(self):
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        self.busy, self.mine, self.wall = _busy_seconds(), ru.ru_utime + ru.ru_stime, time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        wall = time.perf_counter() - self.wall
-        busy = _busy_seconds()
-        mine = ru.ru_utime + ru.ru_stime - self.mine
-        self.share = 0.0 if busy is None else max(0.0, (busy - self.busy - mine) / (wall * (os.cpu_count() or 1)))
-        self.seconds = wall
-
-
-def machine_line() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu}, {os.cpu_count()} cores"
-    import transformers
-
-    return (f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"transformers {transformers.__version__}; python {platform.python_version()}")
-
-
 def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, precision: str = "fp32"):
     """fn() -> [B, N] new token ids as a list of lists, for one engine, sampling mode and precision."""
     from grpo_cli.models.policy import autocast
@@ -116,17 +81,17 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
 
 VLLM = {"memory": 0.2, "kwargs": {}}
 """``rollout.vllm_memory`` and ``rollout.vllm_kwargs`` of the ``vllm`` engine (``--vllm-memory``, ``--vllm-kwargs``)."""
-FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)), "fast-sdpa": ("fast", dict(compile_attention=False)),
-                 "fast-attn": ("fast", {})}
-"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_attention``), or
-(``fast-attn``) with ``kv_decoder.WHOLE_STEP`` off while it runs."""
+FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)),
+                 "fast-sdpa": ("fast", dict(compile_decode_step=False)),
+                 "fast-attn": ("fast", dict(whole_step=False))}
+"""Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_decode_step``), or
+(``fast-attn``) with the engine's ``whole_step`` off: each layer's attention compiled alone."""
 
 
 def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
     import torch
 
     from grpo_cli.generation import generate_ids
-    from grpo_cli.models import kv_decoder
 
     temperature = 0.0 if mode == "greedy" else 1.0
     if name in ("hf", "hf-static"):
@@ -150,12 +115,8 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
         options = dict(vllm_memory=VLLM["memory"], vllm_kwargs=VLLM["kwargs"])
 
     def run():
-        kv_decoder.WHOLE_STEP = name != "fast-attn"
-        try:
-            return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                                temperature=temperature, generator=gen, engine=engine, **options)
-        finally:
-            kv_decoder.WHOLE_STEP = True
+        return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
+                            temperature=temperature, generator=gen, engine=engine, **options)
     return run
 
 
@@ -220,7 +181,7 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         model = model.to("cuda")  # fp32 weights, as the trainer keeps them; --precision bf16 autocasts
     prompt_ids = tok(bench_prompts(args.batch), add_special_tokens=False)["input_ids"]
-    print(machine_line())
+    print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
     print(f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
           f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; precision {args.precision}; "

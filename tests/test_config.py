@@ -40,6 +40,10 @@ def test_overrides_apply_with_types():
         (["recipe=sft_arithmetic", "source.group_size=4"], "'source.group_size' for the chosen source; it belongs to source=online"),
         (["recipe=sft_arithmetic", "algorithm.beta=0.1"], "it belongs to algorithm=grpo"),
         (["recipe=sft_arithmetic", "trainer=["], "cannot parse override"),
+        (["recipe=grpo_arithmetic", "rollout.compile_attention=false"],
+         "config key 'rollout.compile_attention' was renamed: use rollout.compile_decode_step"),
+        (["recipe=grpo_arithmetic", "+rollout.compile_attention_min_mib=0"],
+         "config key 'rollout.compile_attention_min_mib' was renamed: use rollout.compile_decode_min_mib"),
         ([], "missing recipe"),
     ],
 )
@@ -58,6 +62,18 @@ def test_malformed_recipe_yaml_names_file_and_line(tmp_path, monkeypatch):
     monkeypatch.setenv("GRPO_RECIPE_PATH", str(tmp_path))
     with pytest.raises(UserError, match=r"broken.yaml:\d+: malformed YAML"):
         compose_run("broken", [])
+
+
+def test_a_recipe_with_a_renamed_or_unknown_key_is_one_line(tmp_path, monkeypatch):
+    head = "# grpo train recipe={}\ndefaults:\n  - base\n  - _self_\ndescription: x\n"
+    (tmp_path / "old.yaml").write_text(head.format("old") + "rollout:\n  compile_attention: false\n")
+    (tmp_path / "typo.yaml").write_text(head.format("typo") + "trainer:\n  stepz: 3\n")
+    monkeypatch.setenv("GRPO_RECIPE_PATH", str(tmp_path))
+    renamed = r"^config key 'rollout.compile_attention' was renamed: use rollout.compile_decode_step$"
+    with pytest.raises(UserError, match=renamed):
+        compose_run("old", [])
+    with pytest.raises(UserError, match=r"^unknown config key 'trainer.stepz': did you mean: steps\?$"):
+        compose_run("typo", [])
 
 
 def test_user_recipe_dir_and_print_config(tmp_path, monkeypatch, capsys):

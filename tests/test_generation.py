@@ -76,7 +76,7 @@ def chaotic_tiny_model(**overrides):
     return model.eval(), tok
 
 
-EXACT = dict(packed_weights=False, compile_attention=False)
+EXACT = dict(packed_weights=False, compile_decode_step=False)
 """The fast engine on the model's modules and attention function: HF's arithmetic, rounding included."""
 
 
@@ -126,7 +126,7 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
-@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+@pytest.mark.parametrize("options", [EXACT, dict(compile_decode_min_mib=0)], ids=["modules", "compiled"])
 def test_cache_columns_are_written_before_any_step_reads_them(monkeypatch, options):
     # The cache starts uninitialised (kv_decoder.cache_buffer): filled with NaN here, any column
     # read before it is written (a prompt's padding, rows moved by a compaction) would reach the
@@ -148,7 +148,7 @@ def test_distinct_rows_finds_each_prompts_first_copy():
     assert distinct_rows([[1], [2]]) == ([0, 1], [0, 1])
 
 
-@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+@pytest.mark.parametrize("options", [EXACT, dict(compile_decode_min_mib=0)], ids=["modules", "compiled"])
 def test_a_groups_prompt_is_prefilled_once_and_its_copies_decode_as_hf_does(monkeypatch, options):
     # GRPO's batch holds each prompt G times: the prefill runs on the distinct prompts and their
     # cache rows are copied; every copy then decodes (and samples) as if prefilled itself.
@@ -212,15 +212,16 @@ def test_fast_engine_applies_lora_adapters():
 # --- packed weights (CPU): fused q|k|v and gate|up GEMMs on oneDNN-packed copies, LoRA merged ---
 
 @torch.no_grad()
-def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = False):
+def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = False, failures=None):
     """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
-    fed fixed tokens (the same on both paths, whatever they would sample)."""
+    fed fixed tokens (the same on both paths, whatever they would sample). ``failures``: the
+    decoder's record of failed compiles (None: the process's)."""
     from grpo_cli.generation import _left_pad
     from grpo_cli.batch import position_ids
 
     ids, attn = _left_pad(tok(PROMPTS, add_special_tokens=False)["input_ids"], tok.pad_token_id, "cpu")
     (B, T0), pos = ids.shape, position_ids(attn)
-    decoder = KVDecoder(model, B, T0 + steps, packed=packed, compiled=compiled)
+    decoder = KVDecoder(model, B, T0 + steps, packed=packed, compiled=compiled, failures=failures)
     assert (decoder.packed is not None) == packed
     keys = torch.ones(B, T0 + steps, dtype=torch.bool)
     keys[:, :T0] = attn.bool()
@@ -328,16 +329,17 @@ def test_decode_attention_is_sdpa_over_the_written_cache(compiled):
 
 @pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager"])
 def test_compiled_attention_gives_the_sdpa_logits(kind):
-    from grpo_cli.models.kv_decoder import COMPILE_ERRORS
+    from grpo_cli.models.kv_decoder import CompileFailures
 
     family, _, attn = kind.partition("-")
     model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(attn)
-    compiled = decoder_logits(model, tok, packed=False, compiled=True)
-    assert not COMPILE_ERRORS  # it compiled: the environment has what Inductor needs
+    failures = CompileFailures()
+    compiled = decoder_logits(model, tok, packed=False, compiled=True, failures=failures)
+    assert not failures  # it compiled: the environment has what Inductor needs
     # fp32 both ways; the scores and weighted sums are summed in another order than SDPA's
     torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=False), rtol=1e-5, atol=1e-5)
     if kind == "chaotic":
-        compiled_rows = rows_of(model, tok, "fast", packed_weights=False, compile_attention_min_mib=0)
+        compiled_rows = rows_of(model, tok, "fast", packed_weights=False, compile_decode_min_mib=0)
         assert compiled_rows == rows_of(model, tok, "fast", **EXACT)
 
 
@@ -351,12 +353,14 @@ def test_compiled_step_gives_the_packed_logits(kind, monkeypatch):
     model, tok = gqa_model(attn, "llama" if family == "llama" else "qwen2") if attn else chaotic_tiny_model()
     with torch.no_grad():
         whole = KVDecoder(model, 2, 8, packed=True, compiled=True).whole_step
+        assert not KVDecoder(model, 2, 8, packed=True, compiled=True, whole_step=False).whole_step  # attention alone
     assert whole == (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available())
     calls = []
     layers = kv_decoder.compiled_decode_layers
     monkeypatch.setattr(kv_decoder, "compiled_decode_layers", lambda: calls.append(1) or layers())
-    compiled = decoder_logits(model, tok, packed=True, compiled=True)
-    assert not kv_decoder.COMPILE_ERRORS and len(calls) == (4 if whole else 0)  # every decode step, not the prefill
+    failures = kv_decoder.CompileFailures()
+    compiled = decoder_logits(model, tok, packed=True, compiled=True, failures=failures)
+    assert not failures and len(calls) == (4 if whole else 0)  # every decode step, not the prefill
     # fp32 both ways; reductions (norms, scores, weighted sums) are summed in another order
     torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=True), rtol=1e-4, atol=1e-4)
 
@@ -385,12 +389,12 @@ def test_compiled_attention_compiles_once_for_every_batch_shape():
     # Start from no compiled graph: what earlier tests compiled (in whatever order a runner picks)
     # must not decide which shapes are already served.
     torch._dynamo.reset()
-    rows_of(model, tok, "fast", n=6, compile_attention_min_mib=0)  # compiles the dynamic-shape graph
+    rows_of(model, tok, "fast", n=6, compile_decode_min_mib=0)  # compiles the dynamic-shape graph
     graphs = counters["stats"]["unique_graphs"]
     for n, (first, last), seed in [(20, (0, 8), 0), (9, (2, 7), 1), (31, (1, 3), 2), (13, (0, 12), 3)]:
         ids = tok(prompts[first:last], add_special_tokens=False)["input_ids"]
         generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
-                     temperature=1.0, generator=torch.Generator().manual_seed(seed), compile_attention_min_mib=0)
+                     temperature=1.0, generator=torch.Generator().manual_seed(seed), compile_decode_min_mib=0)
     assert counters["stats"]["unique_graphs"] == graphs
 
 
@@ -404,14 +408,14 @@ def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatc
     init = KVDecoder.__init__
     monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or compiled.append(self.compiled))
     for threshold in (0.22, 0.21):  # MiB: just above and below the batch's 0.2109
-        rows_of(model, tok, "fast", compile_attention_min_mib=threshold)
+        rows_of(model, tok, "fast", compile_decode_min_mib=threshold)
     rows_of(model, tok, "fast")  # the default, 32 MiB
     assert compiled == [False, True, False]
 
 
 def break_compiler(monkeypatch, factory: str):
-    """kv_decoder with ``factory`` (a compiled-function getter) raising as Inductor does without a C++
-    compiler, and no compile errors recorded yet."""
+    """A fresh record of failed compiles (the process's stays untouched), with kv_decoder's
+    ``factory`` (a compiled-function getter) raising as Inductor does without a C++ compiler."""
     import grpo_cli.models.kv_decoder as kv_decoder
 
     def broken():
@@ -419,25 +423,24 @@ def break_compiler(monkeypatch, factory: str):
             raise RuntimeError("InductorError: no working C++ compiler found\n(details)")
         return fn
     monkeypatch.setattr(kv_decoder, factory, broken)
-    monkeypatch.setattr(kv_decoder, "COMPILE_ERRORS", [])
-    return kv_decoder
+    return kv_decoder.CompileFailures()
 
 
 def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
+    from grpo_cli.models.kv_decoder import CompileFailures
     from grpo_cli.models.policy import autocast
 
-    kv_decoder = break_compiler(monkeypatch, "compiled_decode_attention")
+    failures = break_compiler(monkeypatch, "compiled_decode_attention")
     model, tok = chaotic_tiny_model()
     with pytest.warns(RuntimeWarning, match="torch.compile failed \\(InductorError: no working C\\+\\+ compiler found\\)"):
-        fallen = decoder_logits(model, tok, packed=False, compiled=True)
+        fallen = decoder_logits(model, tok, packed=False, compiled=True, failures=failures)
     assert torch.equal(fallen, decoder_logits(model, tok, packed=False))  # fp32: exactly the SDPA path
-    assert len(kv_decoder.COMPILE_ERRORS) == 1
+    assert len(failures) == 1
     with autocast("bf16", torch.device("cpu")), torch.no_grad():
-        later = KVDecoder(model, 2, 8, compiled=True)
+        later = KVDecoder(model, 2, 8, compiled=True, failures=failures)
     assert not later.compiled and later.k.dtype == torch.float32  # later decoders do not try again
-    kv_decoder.COMPILE_ERRORS.clear()
     with autocast("bf16", torch.device("cpu")), torch.no_grad():
-        decoder = KVDecoder(model, 2, 8, compiled=True)
+        decoder = KVDecoder(model, 2, 8, compiled=True, failures=CompileFailures())  # none failed yet
         assert decoder.k.dtype == torch.bfloat16
         with pytest.warns(RuntimeWarning):
             decoder(torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), 0,
@@ -446,12 +449,12 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
 
 
 def test_a_failed_step_compile_warns_and_decodes_with_the_packed_modules(monkeypatch):
-    kv_decoder = break_compiler(monkeypatch, "compiled_decode_layers")
+    failures = break_compiler(monkeypatch, "compiled_decode_layers")
     model, tok = chaotic_tiny_model()
     with pytest.warns(RuntimeWarning, match="torch.compile failed"):
-        fallen = decoder_logits(model, tok, packed=True, compiled=True)
+        fallen = decoder_logits(model, tok, packed=True, compiled=True, failures=failures)
     assert torch.equal(fallen, decoder_logits(model, tok, packed=True))  # the eager packed step, SDPA
-    assert len(kv_decoder.COMPILE_ERRORS) == 1
+    assert len(failures) == 1
 
 
 def test_unknown_engine_options_are_refused_whatever_the_engine():
@@ -479,7 +482,7 @@ def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
     # trainer.precision=bf16: projections and MLP in bf16, the head in fp32; on CPU attention computes
     # in fp32, over a bf16 cache when compiled (half the bytes a step reads), else over an fp32 one.
     # Tokens may differ from HF's all-bf16 arithmetic only where two logits are within bf16 rounding.
-    from grpo_cli.models.kv_decoder import COMPILE_ERRORS, KVDecoder
+    from grpo_cli.models.kv_decoder import PROCESS_COMPILE_FAILURES, KVDecoder
     from grpo_cli.models.policy import autocast
 
     model, tok = chaotic_tiny_model()
@@ -487,9 +490,9 @@ def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
     init = KVDecoder.__init__
     monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or dtypes.append(self.k.dtype))
     with autocast("bf16", torch.device("cpu")):
-        ours = rows_of(model, tok, "fast", compile_attention=compiled, compile_attention_min_mib=0)
+        ours = rows_of(model, tok, "fast", compile_decode_step=compiled, compile_decode_min_mib=0)
         hf = hf_rows(model, tok)
-    assert dtypes == [torch.bfloat16 if compiled else torch.float32] and not COMPILE_ERRORS
+    assert dtypes == [torch.bfloat16 if compiled else torch.float32] and not PROCESS_COMPILE_FAILURES
     pairs = [(a, b) for r, h in zip(ours, hf) for a, b in zip(r, h)]
     assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
 

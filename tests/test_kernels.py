@@ -77,9 +77,10 @@ def oracle(inp, **kw):
 
 
 @pytest.fixture
-def small_tiles(monkeypatch):
-    """Vocabulary tiles of 17 columns: V=101 is not a multiple, so the ragged last tile runs."""
-    monkeypatch.setattr(fused, "VOCAB_TILE", 17)
+def small_tiles():
+    """The torch backend's options for vocabulary tiles of 17 columns: V=101 is not a multiple, so
+    the ragged last tile runs."""
+    return dict(vocab_tile=17)
 
 
 def test_reference_agrees_with_cross_entropy():
@@ -99,7 +100,7 @@ def test_reference_agrees_with_cross_entropy():
 def test_torch_matches_oracle(small_tiles, train_w, bias, chunk_size):
     inp = make_inputs(bias=bias)
     expected = oracle(inp, train_w=train_w)
-    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=chunk_size)
+    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=chunk_size, **small_tiles)
     assert_matches(actual, expected)
 
 
@@ -113,7 +114,7 @@ def test_torch_logits_far_above_first_tile(small_tiles, monkeypatch, train_w):
     inp = make_inputs()
     inp["bias"][60:70] += 100.0  # in the 4th and 5th 17-wide tiles; / temperature 0.7
     expected = oracle(inp, train_w=train_w)
-    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=8)
+    actual = run(selected_logprobs, inp, train_w=train_w, backend="torch", chunk_size=8, **small_tiles)
     assert calls
     # At |z| ~ 143 one float32 ulp is 1.5e-5: the naive fp32 path itself is off by 2e-5 on
     # log-probs and 1.5e-5 on dW here, so 1e-5 is out of reach; a broken rescale is off by >0.1.
@@ -126,9 +127,9 @@ def test_torch_entropy_unused_or_absent(small_tiles, train_w):
     inp = make_inputs()
     expected = oracle(inp, train_w=train_w, use_ent_grad=False)
     actual = run(selected_logprobs, inp, train_w=train_w, use_ent_grad=False, backend="torch",
-                 chunk_size=8)
+                 chunk_size=8, **small_tiles)
     assert_matches(actual, expected)
-    lp_only = run(selected_logprobs, inp, train_w=train_w, with_entropy=False, backend="torch")
+    lp_only = run(selected_logprobs, inp, train_w=train_w, with_entropy=False, backend="torch", **small_tiles)
     assert_matches(lp_only, (expected[0], None, expected[2]))
 
 
@@ -138,7 +139,7 @@ def test_torch_entropy_gradient_alone(small_tiles):
     inp["g_lp"] = torch.zeros_like(inp["g_lp"])
     h = inp["hidden"].clone().requires_grad_()
     _, ent = selected_logprobs(h, inp["weight"], inp["ids"], bias=inp["bias"], temperature=0.7,
-                               with_entropy=True, backend="torch", chunk_size=8)
+                               with_entropy=True, backend="torch", chunk_size=8, **small_tiles)
     (ent * inp["g_ent"]).sum().backward()
     expected = oracle(inp, train_w=False)
     torch.testing.assert_close(h.grad.double(), expected[2]["hidden"], atol=ATOL, rtol=RTOL)
@@ -227,12 +228,11 @@ class _LargestOutput(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend,materialises", [("reference", True), ("torch", False)])
-def test_full_logits_never_materialised(monkeypatch, backend, materialises):
-    monkeypatch.setattr(fused, "VOCAB_TILE", 128)
+def test_full_logits_never_materialised(backend, materialises):
     n, v = 256, 1000
     inp = make_inputs(n=n, h=16, v=v, masked=())
     with _LargestOutput() as probe:
-        run(selected_logprobs, inp, backend=backend)
+        run(selected_logprobs, inp, backend=backend, vocab_tile=128)  # the reference ignores the tile
     assert (probe.largest >= n * v) == materialises, probe.largest
 
 

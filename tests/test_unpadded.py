@@ -366,18 +366,35 @@ def test_shared_prefixes_run_once_and_give_the_padded_forward_and_gradients(cls,
     assert_follows_the_padded_forward(model, ids, mask, ours)
 
 
-def test_shared_prefixes_under_bf16_autocast_follow_the_unshared_forward(monkeypatch):
-    import grpo_cli.models.unpadded as unpadded
-
+def test_shared_prefixes_under_bf16_autocast_follow_the_unshared_forward():
     model, _, _ = model_and_batch()
     ids, mask = group_batch()
     real = mask.bool()
     with autocast("bf16", torch.device("cpu")):
         shared, computed = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
-        monkeypatch.setattr(unpadded, "SHARE_PREFIXES", False)
-        every, all_tokens = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
+        every, all_tokens = embedded_tokens(
+            model, lambda: unpadded_hidden_states(model, ids, mask, share_prefixes=False))
     assert (computed, all_tokens) == (25, 46)
     assert torch.allclose(shared[real].float(), every[real].float(), atol=2e-2)
+
+
+def test_model_share_prefixes_reaches_the_policys_log_probs(tmp_path):
+    from types import SimpleNamespace
+
+    from grpo_cli.config.compose import compose_run
+    from grpo_cli.trainer import loop
+    from grpo_cli.trainer.batch import Batch
+
+    ids, mask = group_batch()
+    batch = Batch(ids, mask, mask, [""] * 6, [""] * 6, [""] * 6, torch.arange(6))
+    tokens = {}
+    for share in (True, False):
+        cfg = compose_run("grpo_arithmetic", [f"model.share_prefixes={share}"])
+        loaded = (model_and_batch()[0], None, "base")
+        policy = loop.build_policy(cfg, SimpleNamespace(needs_reference=True), tmp_path, torch.device("cpu"), loaded)
+        tokens[share] = (embedded_tokens(policy.model, lambda: policy.logprobs(batch))[1],
+                         embedded_tokens(policy.frozen_reference, lambda: policy.reference_logprobs(batch))[1])
+    assert tokens == {True: (25, 25), False: (46, 46)}
 
 
 def test_dropout_in_training_computes_every_row_for_itself():
@@ -394,9 +411,7 @@ def test_dropout_in_training_computes_every_row_for_itself():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("ckpt", [False, True])
-def test_shared_prefixes_on_gpu_give_the_padded_forward_and_gradients(ckpt, monkeypatch):
-    import grpo_cli.models.unpadded as unpadded
-
+def test_shared_prefixes_on_gpu_give_the_padded_forward_and_gradients(ckpt):
     # In float64: in fp32 the padded forward and ours run different CUDA attention kernels, and one
     # weight's gradient differed by more than the 1e-4 tolerance on an H100 (ckpt=False).
     model, _, _ = model_and_batch()
@@ -412,6 +427,5 @@ def test_shared_prefixes_on_gpu_give_the_padded_forward_and_gradients(ckpt, monk
     real = mask.bool()
     with autocast("bf16", ids.device):
         shared = unpadded_hidden_states(model, ids, mask)
-        monkeypatch.setattr(unpadded, "SHARE_PREFIXES", False)
-        every = unpadded_hidden_states(model, ids, mask)
+        every = unpadded_hidden_states(model, ids, mask, share_prefixes=False)
     assert torch.allclose(shared[real].float(), every[real].float(), atol=2e-2)

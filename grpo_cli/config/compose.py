@@ -105,6 +105,7 @@ def compose_file(path: Path, overrides: Sequence[str]) -> DictConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{path.name}: config key '{missing[0]}' is required (it is ???): pass {missing[0]}=...")
+    _refuse_renamed(cfg)
     validate.check(cfg)  # every declared range and choice, before anything runs
     return cfg
 
@@ -125,7 +126,7 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
     root = chain[-1]
-    msg, key = str(root), getattr(root, "full_key", None)
+    msg, key = str(root), getattr(root, "full_key", None) or _full_key_in(str(root))
     if key and re.search(r"Key '[^']+' not in", msg):
         return unknown_key(key, overrides)
     m = re.search(r"Value '([^']*)' (?:of type '\w+' could not be converted to (\w+)|is not a valid (\w+))", msg)
@@ -148,12 +149,39 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
     return f"{path.name}: {first}"
 
 
+def _full_key_in(msg: str) -> Optional[str]:
+    """The key an error in a recipe file names in its text (Hydra keeps only the text of its cause)."""
+    m = re.search(r"^\s*full_key: (\S+)$", msg, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+RENAMED = {
+    "rollout.compile_attention": "rollout.compile_decode_step",
+    "rollout.compile_attention_min_mib": "rollout.compile_decode_min_mib",
+}
+"""Old config key -> its new name: the old one is refused with the new one named, not a guess."""
+
+
+def renamed_key(key: str) -> Optional[str]:
+    """The one-line error for a key that was renamed (:data:`RENAMED`), or None."""
+    return f"config key '{key}' was renamed: use {RENAMED[key]}" if key in RENAMED else None
+
+
+def _refuse_renamed(cfg: DictConfig) -> None:
+    """A renamed key that Hydra's ``+key=value`` appended would be silently ignored: refuse it too."""
+    for key in RENAMED:
+        if OmegaConf.select(cfg, key, default=None) is not None:
+            raise UserError(renamed_key(key))
+
+
 def unknown_key(key: str, overrides: Sequence[str] = ()) -> str:
     """Name the options of a group that do have the key (``source.group_size`` -> source=online), the
     full key of a field named without its section (``steps=10`` -> trainer.steps=10), else the nearest
     valid names."""
     from grpo_cli.config.usage import full_key_hint, override_key
 
+    if renamed_key(key):
+        return renamed_key(key)
     head, _, field = key.partition(".")
     if not field:
         value = next((o.split("=", 1)[1] for o in overrides if "=" in o and override_key(o) == key), "VALUE")

@@ -60,6 +60,10 @@ class ModelConfig:
     logprob_backend: str = choice("fused", among=("fused", "naive"))
     """How per-token log-probs are computed: ``fused`` (chunked kernels, never the full [N, V]
     logits) or ``naive`` (log_softmax over full logits, the reference)."""
+    share_prefixes: bool = True
+    """Log-prob forwards of the policy and its reference (Qwen2, Llama) run the tokens that rows share
+    at their start, a group's prompt, once for all of them (not while dropout is active); false
+    computes every row for itself: the same result up to rounding, for benchmarks to compare."""
 
 
 @dataclass
@@ -395,25 +399,25 @@ class RolloutConfig:
     fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""
     packed_weights: bool = True
     """On a CPU, run the rollout engine's projections as fused q|k|v and gate|up GEMMs on weights
-    cast and packed for oneDNN once per batch (LoRA adapters merged in): decode steps 1.2-1.3x faster
-    in bf16 and 1.5-1.7x in fp32 on the benchmark model, the same arithmetic up to GEMM rounding, for
-    one extra copy of the projection weights while a batch decodes; false calls the model's modules
-    (HF's exact rounding)."""
-    compile_attention: bool = True
+    cast and packed for oneDNN once per batch (LoRA adapters merged in): faster decode steps, since
+    oneDNN no longer re-blocks a weight at every call (docs/performance.md, "Rollout engine"), the
+    same arithmetic up to GEMM rounding, for one extra copy of the projection weights while a batch
+    decodes; false calls the model's modules (HF's exact rounding)."""
+    compile_decode_step: bool = True
     """On a CPU, compile each decode step with ``torch.compile`` (Inductor: needs a C++ compiler).
     With ``packed_weights`` the whole step through every layer is one compiled call around oneDNN's
-    GEMMs (norms, rotary, cache write, attention, residuals, MLP activation fused; 15-35 s once per
-    process and precision, cached on disk); without, each layer's attention alone (a few seconds).
-    The cache is then bf16 under ``trainer.precision=bf16``. On the benchmark model the fp32 decode
-    step is 1.25x and the bf16 one 1.5x faster than uncompiled, with SDPA. Scores and softmax stay
-    fp32; the results differ from the uncompiled ones by summation order only. Where compiling fails
-    it warns once and uses SDPA; false always does."""
-    compile_attention_min_mib: float = num(32.0, ge=0)
+    GEMMs (norms, rotary, cache write, attention, residuals, MLP activation fused; a long compile once
+    per process and precision, cached on disk); without, each layer's attention alone (a shorter one).
+    The cache is then bf16 under ``trainer.precision=bf16``, half the bytes a step reads. A step is
+    then a few fused loops instead of SDPA's and many small operator calls: faster (docs/performance.md,
+    "The whole decode step compiled"). Scores and softmax stay fp32; the results differ from the
+    uncompiled ones by summation order only. Where compiling fails it warns once and uses SDPA; false
+    always does."""
+    compile_decode_min_mib: float = num(32.0, ge=0)
     """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
-    least this many MiB: there a step saves milliseconds (5-8 ms on the benchmark model's 145 MiB),
-    while on the tiny default model (about 10 MiB) compiling the attention alone saved 0.2-0.4 ms,
-    which does not repay the compile (15-35 s a process, compiled whole) in a quickstart-sized run.
-    0 compiles for every batch."""
+    least this many MiB: what a compiled step saves grows with the cache it reads, and on a small one
+    (the tiny default model's is about 10 MiB) it does not repay the compile in a quickstart-sized run
+    (docs/performance.md, "Rollout engine"). 0 compiles for every batch."""
 
 
 @dataclass
@@ -459,13 +463,13 @@ class TrainerConfig:
     most 5% of the wall time): after a step once the RSS has grown by 256 MB since the last time,
     or, on steps that sample from the policy, before the update from 64 MB. glibc
     otherwise keeps that memory, a phase's peak comes on top of what the others left, and a run's
-    RSS creeps up with every batch shape (GRPO on the benchmark model, 20 steps: peak RSS 1852 MB
-    untrimmed; docs/performance.md). Not on GPUs."""
+    RSS creeps up with every batch shape (docs/performance.md, "Freed heap memory handed back to the
+    OS"). Not on GPUs."""
     onednn_cache: int = num(16, ge=0)
     """On a CPU, the most compiled GEMM primitives oneDNN keeps (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``,
     oneDNN's default 1024; 0 keeps that default; a value already in the environment wins). Every
-    batch shape compiles new ones: with 1024 kept, the GRPO benchmark's 20-step peak RSS was 1596
-    MB, with 16 1399 MB at the same step time (docs/performance.md). Read once per process, at its
+    batch shape compiles new ones, and every one kept stays in memory: a small cache bounds a run's
+    RSS at the same step time (docs/performance.md, "oneDNN's cache bounded"). Read once per process, at its
     first matmul: ``grpo train`` sets it before any."""
     save_every: int = num(0, ge=0)
     """Save a checkpoint every N steps; 0 saves only at the end (and on SIGINT/SIGTERM)."""

@@ -59,12 +59,12 @@ def _check_inputs(hidden, weight, token_ids, bias, temperature) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _run_backend(name, hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size):
+def _run_backend(name, hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, vocab_tile):
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= weight.shape[0]):
         raise IndexError(f"token ids must lie in [0, {weight.shape[0]}) or equal ignore_index")
     if name == "torch":
         return torch_selected_logprobs(hidden, weight, token_ids, bias, temperature,
-                                       with_entropy, chunk_size)
+                                       with_entropy, chunk_size, vocab_tile)
     from grpo_cli.kernels.triton_logprob import triton_selected_logprobs
 
     return triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
@@ -72,12 +72,15 @@ def _run_backend(name, hidden, weight, token_ids, bias, temperature, with_entrop
 
 
 def selected_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0,
-                      with_entropy=False, chunk_size=None, backend="auto", ignore_index=-100):
+                      with_entropy=False, chunk_size=None, backend="auto", ignore_index=-100,
+                      vocab_tile=None):
     """log softmax((hidden @ weight.T + bias) / temperature) at ``token_ids``, without [N, V].
 
     hidden [N, H] (any float dtype; extra leading dims are flattened and restored), weight [V, H]
     (the LM head, may or may not require grad), token_ids [N] long, bias [V] or None.
-    ``chunk_size``: tokens per tile (default: sized for ~16 MiB fp32 tiles).
+    ``chunk_size``: tokens per tile (default: sized for ~16 MiB fp32 tiles). ``vocab_tile``: the
+    torch backend's vocabulary entries per tile (default: sized with the rows; tests fix it to
+    exercise ragged tiles); the other backends ignore it.
     Returns logprobs [N] float32, or (logprobs [N], entropy [N]) when ``with_entropy``; entropy
     is of softmax(logits / temperature) and carries a gradient. backend: "auto" (triton on CUDA
     when importable, else torch), "torch", "triton", "reference".
@@ -87,10 +90,11 @@ def selected_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0,
     # dtype (fp32 by default): log-probs are the policy's probabilities, they need the precision.
     with torch.autocast(hidden.device.type, enabled=False):
         return _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend,
-                                  ignore_index)
+                                  ignore_index, vocab_tile)
 
 
-def _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index):
+def _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index,
+                       vocab_tile):
     name = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     h2, ids = hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long()
@@ -102,12 +106,12 @@ def _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entrop
         valid = ids != ignore_index
         if bool(valid.all()):
             logp, entropy = _run_backend(name, h2, weight, ids, bias, temperature, with_entropy,
-                                         chunk_size)
+                                         chunk_size, vocab_tile)
         else:
             # Drop masked rows before the vocabulary sweep; index_copy keeps the graph intact.
             keep = valid.nonzero().squeeze(1)
             lp_k, ent_k = _run_backend(name, h2.index_select(0, keep), weight, ids[keep], bias,
-                                       temperature, with_entropy, chunk_size)
+                                       temperature, with_entropy, chunk_size, vocab_tile)
             zeros = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
             logp = zeros.index_copy(0, keep, lp_k)
             entropy = None if ent_k is None else zeros.index_copy(0, keep, ent_k)

@@ -4,14 +4,12 @@ Shapes: N tokens, H hidden size, V vocabulary size; a tile is ``rows x cols`` of
 (rows <= N tokens, cols <= V vocabulary entries). ``z = (hidden @ weight.T + bias) / temperature``
 are the scaled logits, ``p = softmax(z)``, ``lse = logsumexp(z)``, ``logp = z[y] - lse``.
 
-Design (measured on a 2-core AVX-512 CPU, fp32, fwd+bwd; table in docs/performance.md: at
-N,H,V = 8192,512,32000 a trainable head takes 0.82x the naive time at 0.036x its peak memory,
-a frozen head 0.66x at 0.038x):
+Design (time and peak memory against the naive path: docs/performance.md, "Fused log-probs"):
 
 * GEMM count. The upstream gradient ``g`` is per row (a policy-gradient loss, not a scalar
   cross-entropy), and ``dW = sum_i g_i (onehot_i - p_i)^T h_i`` cannot be formed before ``g`` is
   known without keeping all of ``p`` ([N, V]; even in bf16 that alone is 0.5 GB against a
-  0.4 GB budget at the shape above). The fused-linear-loss trick (finish dW in the forward) only
+  0.4 GB budget at N, V = 8192, 32000). The fused-linear-loss trick (finish dW in the forward) only
   works for a scalar loss. So a trainable LM head costs 4 GEMMs (forward logits; backward
   logits, dH, dW) against the naive 3. It still wins on time: the naive path spends more than a
   GEMM's worth on memory traffic and page faults of its four [N, V] fp32 temporaries, while each
@@ -32,8 +30,8 @@ a frozen head 0.66x at 0.038x):
   (a logit ~88 above everything before it) is redone exactly. Keeping ``m`` (a logit value) and
   ``d`` (small) apart makes ``z - m`` cancel exactly, as accurate as naive ``z - max - log sum``.
 * Tiles: vocabulary outer, rows inner, up to 16M fp32 elements (all rows x ~1-4k columns) and at
-  most 1/32 of [N, V]. Tile widths from 512 to 4096 measured within noise (6.4-7.3 s at the shape
-  above); large tiles keep the op count low.
+  most 1/32 of [N, V]. Tile widths from 512 to 4096 took the same time within noise
+  (docs/performance.md, "Fused log-probs"); large tiles keep the op count low.
 * All maths is fp32 whatever the input dtype; grads are cast back at the end. The dW accumulator
   is fp32 [V, H]: for a bf16 head that is twice the gradient's own size.
 
@@ -57,8 +55,6 @@ MIN_TILE_ELEMENTS = 1024 * 1024
 TILE_FRACTION = 32
 MAX_ROWS = 8192
 COL_MULTIPLE = 64  # vocabulary tile widths are multiples of this (aligned GEMM panels)
-# Fixed vocabulary tile width, overriding the budget (tests use it to force ragged tiles).
-VOCAB_TILE: int | None = None
 
 
 class Plan(NamedTuple):
@@ -68,13 +64,15 @@ class Plan(NamedTuple):
     cols: int
 
 
-def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None) -> Plan:
-    """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile."""
+def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None, vocab_tile: int | None = None) -> Plan:
+    """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile and
+    ``vocab_tile`` (if given) the vocabulary entries per tile, overriding the budget (tests use it
+    to make the last tile ragged)."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
     budget = max(MIN_TILE_ELEMENTS, min(TILE_ELEMENTS, n_rows * vocab // TILE_FRACTION))
-    cols = VOCAB_TILE or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
+    cols = vocab_tile or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
     return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
@@ -343,9 +341,9 @@ class SelectedLogprobsFn(torch.autograd.Function):
 
 
 def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
-                            chunk_size):
+                            chunk_size, vocab_tile=None):
     """Torch backend on validated 2-D inputs with no ignored rows -> (logp, entropy | None)."""
-    plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size)
+    plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size, vocab_tile)
     inv_temp = 1.0 / float(temperature)
     params = [t for t in (hidden, weight, bias) if t is not None]
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in params)):

@@ -81,7 +81,7 @@ FUSED_NORMS = ("Qwen2RMSNorm", "LlamaRMSNorm")
 
 def norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``module(x)``; for the RMSNorms of :data:`FUSED_NORMS` on fp32 the fused ``F.rms_norm`` instead,
-    bit-identical there (tests/test_unpadded.py), 2.5x faster forward + backward, fewer ops per token."""
+    bit-identical there (tests/test_unpadded.py): one op instead of five, forward and backward."""
     if type(module).__name__ in FUSED_NORMS and x.dtype == module.weight.dtype == torch.float32:
         return torch.nn.functional.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
     return module(x)
@@ -89,8 +89,8 @@ def norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def attention_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype attention (and the KV cache) runs in. Under autocast on a GPU, autocast's (what its
-    flash kernels take); on CPU the weights': CPU SDPA in bf16 measured 3-5x slower than in fp32
-    (docs/performance.md), so CPU autocast speeds up the projections and MLP only."""
+    flash kernels take); on CPU the weights': CPU SDPA is slower in bf16 than in fp32
+    (docs/performance.md, "Rollout engine"), so CPU autocast speeds up the projections and MLP only."""
     dev = weight.device.type
     if dev != "cpu" and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -130,28 +130,50 @@ def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
     return 4 * elements / 2**20
 
 
-WHOLE_STEP = True
-"""Whether packed decoders compile the whole step (:func:`compiled_decode_layers`) or, when false, each
-layer's attention alone: a switch for ``scripts/bench_rollout.py``'s ``fast-attn`` comparison."""
+class CompileFailures:
+    """The errors of compiling decode steps that decoders sharing this record have met. After the
+    first, they decode uncompiled without trying again (compiling would fail the same way, slowly),
+    and only the first is warned about. Compiled functions are cached per process, so by default
+    every decoder shares the process's record, :data:`PROCESS_COMPILE_FAILURES`; tests give a decoder
+    a fresh one."""
 
-COMPILE_ERRORS: list = []
-"""Errors of compiling :func:`decode_attention` in this process: after the first, decoders use SDPA."""
+    def __init__(self):
+        self.errors: list = []
+
+    def __bool__(self) -> bool:
+        return bool(self.errors)
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    def record(self, err: Exception) -> None:
+        """Keep ``err``; warn if it is the first (decoding goes on with SDPA)."""
+        if not self.errors:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            warnings.warn(f"rollout.compile_decode_step: torch.compile failed ({first}); "
+                          "decoding with SDPA instead", RuntimeWarning, stacklevel=4)
+        self.errors.append(err)
+
+
+PROCESS_COMPILE_FAILURES = CompileFailures()
+"""Every decoder's record unless it is given another: a failed compile stops this process's later ones."""
 
 
 @functools.cache
 def compiled_decode_attention():
     """:func:`decode_attention` compiled by Inductor with dynamic shapes (one compile per process,
     dtype and attention layout, cached on disk; batches of one row take SDPA instead, which a size-1
-    dimension would compile again). On the benchmark's CPU
-    it reads a bf16 cache in 3.3 ms per step where SDPA takes 6.1 ms over the fp32 one, whose
-    per-(row, head) kernel calls reach a third of the memory bandwidth (docs/performance.md)."""
+    dimension would compile again). It reads each layer's cache in one pass, in bf16 under
+    autocast, where SDPA's per-(row, head) kernel calls read the fp32 one far below the memory's
+    bandwidth (docs/performance.md, "Rollout engine")."""
     return torch.compile(decode_attention, dynamic=True)
 
 
 def cache_buffer(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A KV cache buffer, uninitialised: a step reads only the columns written before it (the
     fixed-shape step, which reads them all, zeroes the rest first: :meth:`KVDecoder.zero_after`).
-    Zeroing the benchmark's 145 MB cache cost 43 ms a rollout on the CPU, 0.34 ms a decode step."""
+    Zeroing it all would be a write of the whole cache at every rollout (docs/performance.md,
+    "Another CPU host")."""
     return torch.empty(shape, dtype=dtype, device=device)
 
 
@@ -198,8 +220,8 @@ def linear_weights(module: torch.nn.Module):
 
 def packed_linear(weight: torch.Tensor, batch_size: int) -> torch.Tensor:
     """``weight`` [N, K] as oneDNN's blocked layout for ``torch.ops.mkldnn._linear_pointwise``: the
-    layout the GEMM kernel reads, so it is not re-packed at every call (20-45% faster at decode's
-    M = B rows on CPU; docs/performance.md). Where that is not measured (not x86-64, no oneDNN, no
+    layout the GEMM kernel reads, so it is not re-packed at every call (a large share of a call at
+    decode's M = B rows on CPU; docs/performance.md). Where that is not measured (not x86-64, no oneDNN, no
     native bf16), the plain tensor: ``F.linear`` then still gets the fused, pre-cast weights."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return weight
@@ -220,8 +242,8 @@ def _packed_gemm_shape(x: torch.Tensor, weight: torch.Tensor, bias: Optional[tor
     return x.new_empty(*x.shape[:-1], weight.shape[0])  # a packed weight keeps its logical [N, K] shape
 
 
-# A plain Library op, not torch.library.custom_op: that wrapper cost 13 us more a call (20 against 31
-# us on a tiny GEMM), and a decode step makes 32 calls (benchmark step, fp32: 20.95 against 22.45 ms).
+# A plain Library op, not torch.library.custom_op: that wrapper costs more a call, and a decode step
+# makes 32 calls (docs/performance.md, "What is left of the CPU decode step").
 LIBRARY = torch.library.Library("grpo_cli", "FRAGMENT")
 LIBRARY.define("packed_gemm(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 LIBRARY.impl("packed_gemm", _packed_gemm, "CompositeExplicitAutograd")  # every backend, the packed one included
@@ -239,8 +261,9 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 class PackedLayer:
     """One decoder layer's projections as three GEMMs, q|k|v and gate|up fused, cast once to the
-    compute dtype and packed for oneDNN: the CPU decode step's GEMMs at M = B rows run 20-45% faster
-    packed, and 7 projections (each an autocast cast, a module call and peft's hooks) become 4 calls."""
+    compute dtype and packed for oneDNN: the CPU decode step's GEMMs at M = B rows are not re-blocked
+    at every call (docs/performance.md), and 7 projections (each an autocast cast, a module call and
+    peft's hooks) become 4 calls."""
 
     def __init__(self, layer: torch.nn.Module, dtype: torch.dtype, batch_size: int):
         attn, mlp = layer.self_attn, layer.mlp
@@ -286,7 +309,7 @@ def decode_layers(layers, packed: list, rotate, x: torch.Tensor, cos: torch.Tens
     """A decode step (S = 1) through every layer from :class:`PackedLayer` weights, written to be compiled
     whole (:func:`compiled_decode_layers`): the norms, rotary, cache writes, attention, residual adds and
     the MLP's activation fuse into a few loops around the GEMMs, and the step is one compiled call
-    instead of one per layer (each costs dynamo's guards and wrapper, ~77 us) plus ~10 operator calls
+    instead of one per layer (each costs dynamo's guards and wrapper) plus ~10 operator calls
     per layer.
 
     layers: the decoder's layers (their norms and attention scalings); x [B, 1, H] the embedded new
@@ -308,12 +331,11 @@ def decode_layers(layers, packed: list, rotate, x: torch.Tensor, cos: torch.Tens
 @functools.cache
 def compiled_decode_layers():
     """:func:`decode_layers` compiled by Inductor, the GEMMs left to oneDNN (:func:`packed_gemm`).
-    Against the per-layer compiled attention, the benchmark model's decode step (23.6M parameters,
-    B = 32, 2 threads, alternating in one process) took 20.0-23.4 against 21.7-26.5 ms in fp32 and
-    13.0-15.8 against 14.8-19.2 ms in bf16 (docs/performance.md), for a longer first compile: ~15 s
-    with Inductor's on-disk cache warm, ~35 s cold. Only rows, cache length and filled columns are
-    dynamic (marked by :meth:`KVDecoder._compiled_layers`): with every size symbolic, sympy took 95 s
-    to trace it."""
+    Faster than the per-layer compiled attention (one compiled call a step, the work between the
+    GEMMs fused), for a longer first compile (docs/performance.md, "The whole decode step compiled").
+    Only rows, cache length and filled columns are dynamic (marked by
+    :meth:`KVDecoder._compiled_layers`): with every size symbolic, tracing it spent far longer in
+    sympy than the compile itself takes."""
     return torch.compile(decode_layers)  # dynamic only in the sizes KVDecoder._compiled_layers marks
 
 
@@ -325,10 +347,13 @@ class KVDecoder:
     run each decode step as :func:`compiled_decode_layers` where every weight is packed for oneDNN,
     else its attention as :func:`compiled_decode_attention`, over a cache in
     autocast's dtype when autocast is on (SDPA, prefill's too, still computes in fp32 there); where
-    compiling fails, warn once and go on with SDPA over an fp32 cache."""
+    compiling fails, warn once and go on with SDPA over an fp32 cache. ``whole_step=False`` compiles
+    each layer's attention alone even where the weights are packed: the step as it was before it
+    was compiled whole, for benchmarks to compare. ``failures``: the record of failed compiles this
+    decoder reads and adds to (:class:`CompileFailures`; by default the process's)."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, packed: bool = False,
-                 compiled: bool = False):
+                 compiled: bool = False, whole_step: bool = True, failures: Optional[CompileFailures] = None):
         base = _base(model)
         self.decoder, self.head = base.model, base.get_output_embeddings()
         weight = self.decoder.embed_tokens.weight
@@ -336,7 +361,8 @@ class KVDecoder:
         kv_heads = base.config.num_key_value_heads
         shape = (len(self.decoder.layers), batch_size, kv_heads, max_len, attn.head_dim)
         self.attn_dtype = attention_dtype(weight)
-        self.compiled = compiled and weight.device.type == "cpu" and not COMPILE_ERRORS
+        self.failures = PROCESS_COMPILE_FAILURES if failures is None else failures
+        self.compiled = compiled and weight.device.type == "cpu" and not self.failures
         cache_dtype = self.attn_dtype
         if self.compiled and torch.is_autocast_enabled("cpu"):
             cache_dtype = torch.get_autocast_dtype("cpu")  # half the bytes each step reads
@@ -351,7 +377,7 @@ class KVDecoder:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
-        self.whole_step = (self.compiled and WHOLE_STEP and bool(self.packed)
+        self.whole_step = (self.compiled and whole_step and bool(self.packed)
                            and self.packed[0].qkv[0].layout == torch._mkldnn)
         for layer in self.packed if self.whole_step else ():
             for t in (*layer.qkv, *layer.o, *layer.gate_up, *layer.down):  # else symbolic sizes: a slow trace
@@ -482,13 +508,10 @@ class KVDecoder:
             return None
 
     def _compile_failed(self, err: Exception) -> None:
-        """Warn (once per process) and go on uncompiled, with SDPA over a cache in the attention dtype.
-        Compiling is an optimisation only: it fails without a C++ compiler or on unsupported platforms."""
-        if not COMPILE_ERRORS:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"rollout.compile_attention: torch.compile failed ({first}); "
-                          "decoding with SDPA instead", RuntimeWarning, stacklevel=3)
-        COMPILE_ERRORS.append(err)
+        """Record ``err`` (warned once per record) and go on uncompiled, with SDPA over a cache in the
+        attention dtype. Compiling is an optimisation only: it fails without a C++ compiler or on
+        unsupported platforms."""
+        self.failures.record(err)
         self.compiled = False
         rows = self.k.shape[1]  # the batch's rows are the buffers' first rows (keep_rows, copy_rows)
         self.full = {name: cache.to(self.attn_dtype) for name, cache in self.full.items()}

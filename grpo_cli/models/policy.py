@@ -56,15 +56,17 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if is_peft(model) else model
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  share_prefixes: bool = True) -> torch.Tensor:
     """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply).
 
     Models the unpadded forward covers (Qwen2, Llama) skip padding in every projection and MLP and
-    return 0 at padding positions; others run ``decoder(...)`` (:func:`padded_hidden_states`)."""
+    return 0 at padding positions (and with ``share_prefixes`` run rows' common first tokens once:
+    ``model.share_prefixes``); others run ``decoder(...)`` (:func:`padded_hidden_states`)."""
     from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
 
     if unpadded_unsupported(model) is None:
-        return unpadded_hidden_states(model, input_ids, attention_mask)
+        return unpadded_hidden_states(model, input_ids, attention_mask, share_prefixes)
     return padded_hidden_states(model, input_ids, attention_mask)
 
 
@@ -82,14 +84,16 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     backend: str = "fused",
+    share_prefixes: bool = True,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """log pi(o_t | q, o_<t) for every next-token target: logp [B, T-1] (and entropy [B, T-1]).
 
     Position t of the result scores token t+1 of ``batch.input_ids``; only completion targets are
-    meaningful (``batch.target_mask``): the fused backend returns 0 elsewhere.
+    meaningful (``batch.target_mask``): the fused backend returns 0 elsewhere. ``share_prefixes``:
+    as :func:`hidden_states`.
     """
     B, T = batch.input_ids.shape
-    hidden = hidden_states(model, batch.input_ids, batch.attention_mask)[:, :-1]  # [B, T-1, H]
+    hidden = hidden_states(model, batch.input_ids, batch.attention_mask, share_prefixes)[:, :-1]  # [B, T-1, H]
     head = _unwrap(model).get_output_embeddings()
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # [N, H], N = B * (T-1)
     targets = batch.input_ids[:, 1:].reshape(-1)  # [N]
@@ -131,6 +135,8 @@ class Policy:
     """Modules an algorithm trains beside the model (PPO's value model), added by its ``setup``."""
     precision: str = "fp32"
     """``trainer.precision``: the forward passes of :meth:`autocast`."""
+    share_prefixes: bool = True
+    """``model.share_prefixes``: log-prob forwards run rows' common first tokens once."""
 
     def trainable(self) -> torch.nn.ModuleList:
         """Everything the optimiser updates (the parameters with requires_grad)."""
@@ -138,7 +144,7 @@ class Policy:
 
     @classmethod
     def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None,
-               precision: str = "fp32", compact_reference: bool = True) -> "Policy":
+               precision: str = "fp32", compact_reference: bool = True, share_prefixes: bool = True) -> "Policy":
         """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked.
         ``compact_reference``: under bf16 precision that copy keeps its blocks' projections in bf16."""
         ref = None
@@ -147,7 +153,7 @@ class Policy:
             ref.requires_grad_(False)
             if precision == "bf16" and compact_reference:
                 store_projections(ref, torch.bfloat16)
-        return cls(model, tokenizer, ref, logprob_backend, base_ref, precision=precision)
+        return cls(model, tokenizer, ref, logprob_backend, base_ref, precision=precision, share_prefixes=share_prefixes)
 
     def autocast(self):
         """Wrap forward passes (sampling, log-probs, losses; never ``backward``) in this."""
@@ -159,7 +165,8 @@ class Policy:
 
     def logprobs(self, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False):
         return token_logprobs(
-            self.model, batch, temperature=temperature, with_entropy=with_entropy, backend=self.logprob_backend
+            self.model, batch, temperature=temperature, with_entropy=with_entropy, backend=self.logprob_backend,
+            share_prefixes=self.share_prefixes,
         )
 
     @contextlib.contextmanager
@@ -176,4 +183,5 @@ class Policy:
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
         with self.reference() as ref:
-            return token_logprobs(ref, batch, temperature=temperature, backend=self.logprob_backend)[0]
+            return token_logprobs(ref, batch, temperature=temperature, backend=self.logprob_backend,
+                                  share_prefixes=self.share_prefixes)[0]

@@ -46,13 +46,16 @@ def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T]."""
+def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           share_prefixes: bool = True) -> torch.Tensor:
+    """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T].
+    ``share_prefixes``: run the tokens rows share at their start once (:func:`prefix_owner`; never
+    while dropout is active); false computes every row for itself, the same result up to rounding."""
     base = _base(model)
     decoder = base.model
     B, T = input_ids.shape
     idx = attention_mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
-    layout = RowLayout.of(input_ids, attention_mask, idx, share=SHARE_PREFIXES and not _dropout_active(model))
+    layout = RowLayout.of(input_ids, attention_mask, idx, share=share_prefixes and not _dropout_active(model))
     L = layout.L
     computed = idx if layout.real is None else idx[layout.computed]  # [U] flat indices of the tokens computed
     x = decoder.embed_tokens(input_ids.reshape(-1)[computed])  # [U, H]
@@ -78,11 +81,6 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
         else:
             x = _block(layer, x, *shared)
     return Scatter.apply(layout.real_tokens(norm(decoder.norm, x)), idx, B * T).view(B, T, -1)
-
-
-SHARE_PREFIXES = True
-"""Whether :func:`unpadded_hidden_states` runs rows' common prefixes once (a switch for
-``scripts/bench_grpo_step.py``'s ``-noshare`` comparison; the result is the same either way)."""
 
 
 def _dropout_active(model: torch.nn.Module) -> bool:
@@ -205,12 +203,12 @@ class RowLayout:
 def bf16_matmul_attention(attn, q, k, v, mask, scaling: float, dropout: float = 0.0):
     """Causal attention as two bf16 matmuls and a softmax: ``softmax(q k^T * scaling + mask)`` times
     v. q [B, heads, L, D], k, v [B, kv heads, L, D] (bf16), mask [L, L] additive in q's dtype (0 where
-    a query attends, the dtype's lowest value after it: :func:`additive` of the causal mask; an
-    in-place add measured 3.6x cheaper than ``masked_fill_`` at [32, 8, 138, 138])
+    a query attends, the dtype's lowest value after it: :func:`additive` of the causal mask; added
+    in place, cheaper than ``masked_fill_``)
     -> ([B, L, heads, D], None), the attention functions' contract.
 
-    For CPU bf16 autocast: CPU SDPA in fp32 took 19.3 + 43.4 ms forward + backward a layer at
-    [32, 8, 138, 64], this 12.8 + 22.4 ms (AVX512-BF16 GEMMs; docs/performance.md). The price is the
+    For CPU bf16 autocast: faster than CPU SDPA in fp32, forward and backward, where the CPU has bf16
+    GEMMs (AVX512-BF16; docs/performance.md, "bf16 training attention"). The price is the
     [B, heads, L, L] probabilities kept for backward: one block's worth under activation checkpointing."""
     groups = q.shape[1] // k.shape[1]  # grouped-query attention: each key/value head serves `groups`
     k, v = (t.repeat_interleave(groups, dim=1) if groups > 1 else t for t in (k, v))

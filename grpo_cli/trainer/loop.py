@@ -109,7 +109,7 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     model.train()
     return Policy.create(
         model, tok, keep_reference=algorithm.needs_reference, logprob_backend=cfg.model.logprob_backend,
-        base_ref=base_ref, precision=cfg.trainer.precision,
+        base_ref=base_ref, precision=cfg.trainer.precision, share_prefixes=cfg.model.share_prefixes,
         compact_reference=cfg.trainer.distributed != "fsdp",  # FSDP2 shards a block's weights in one dtype
     )
 

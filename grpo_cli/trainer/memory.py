@@ -64,17 +64,16 @@ def resident_bytes() -> int:
 class HeapTrimmer:
     """:func:`trim_heap` around a step's update, at most ``share`` of the wall time (after a trim
     that took c seconds the next waits c / share), and only once the RSS has grown since the last
-    trim: a trim walks every free chunk (10-120 ms measured here), and what it hands back the next
-    phase may fault in again. After every step of the tiny model's SFT (0.2 s a step) it made 200
-    steps take 48-50 s instead of 38 s; with 64 MB of growth as the trigger it still trimmed 89
-    times, with 256 MB once (``growth``).
+    trim: a trim walks every free chunk, and what it hands back the next phase may fault in again,
+    so trimming after every short step, or from a small growth, made the steps slower; from 256 MB
+    (``growth``) they rarely trim.
 
     Steps that sample from the policy trim before the update instead, from 64 MB of growth
     (``sampled_growth``): the rollout and log-probs free memory in sizes the update does not reuse,
-    and the update's peak, the step's, came on top of it. On the GRPO benchmark
-    (docs/performance.md, "Trimming around the update") that peak fell by 130-150 MB. A second trim
-    after the update kept the next rollout lower too, but handed back the update's own memory (1.2-1.6
-    GB in fp32 without activation checkpointing), which the next update faulted in again: 15% slower."""
+    and the update's peak, the step's, came on top of it. A second trim after the update kept the
+    next rollout lower too, but handed back the update's own memory, which the next update faulted
+    in again, a slower step. Measured in docs/performance.md, "Freed heap memory handed back to the
+    OS" and "Trimming around the update"."""
 
     growth, sampled_growth = 256 << 20, 64 << 20
 

@@ -38,9 +38,9 @@ def param_groups(modules: torch.nn.ModuleList, lr: float) -> List[Dict]:
 
 def fused_adamw_supported(params) -> bool:
     """torch's fused AdamW (one kernel over all tensors; the default loop's arithmetic to float rounding)
-    for plain CPU/CUDA float tensors: 4x faster than the default on CPU (12.7 against 50 ms a step
-    for 23.6M fp32 parameters, 2 threads) and no [P]-sized temporaries on CUDA, where the default is
-    the foreach loop. FSDP's sharded DTensors keep the default."""
+    for plain CPU/CUDA float tensors: far faster than the default on CPU (docs/performance.md, "A GRPO
+    step, ours and TRL") and no [P]-sized temporaries on CUDA, where the default is the foreach loop.
+    FSDP's sharded DTensors keep the default."""
     flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else list(params)
     return bool(flat) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
                               and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in flat)

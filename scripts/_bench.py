@@ -1,0 +1,97 @@
+"""What the benchmark scripts share: the machine line that heads a report, and Linux's /proc
+counters (a process's resident memory and its peak, the machine's busy CPU time).
+
+The scripts run as ``python scripts/bench_x.py``: their own directory is on ``sys.path``, so they
+import this module as ``_bench``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+
+
+def machine_line(device: str) -> str:
+    """``device: ...; torch ..., N threads; transformers ...; python ...``: what ran a report.
+    ``device``: ``cuda`` names the GPU, anything else the CPU and its cores."""
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    dev = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores"
+    return (f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"transformers {transformers.__version__}; python {platform.python_version()}")
+
+
+def status_kib(field: str) -> int | None:
+    """A memory line of /proc/self/status in KiB (``VmRSS``: resident now, ``VmHWM``: its peak,
+    the high-water mark), or None where there is none (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+
+
+def status_mb(field: str) -> float:
+    """:func:`status_kib` in MB; where /proc cannot say, the peak RSS ``getrusage`` reports."""
+    kib = status_kib(field)
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS, so a peak read later
+    counts from here even when earlier work went higher: write 5 to /proc/self/clear_refs (Linux).
+    False where that is not possible (then only ``ru_maxrss``, the process's all-time peak, is left)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds all processes have been busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)  # idle + iowait
+    return (sum(vals[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class OthersCPU:
+    """Share of the machine used by other processes while the block ran (0 to 1): the machine's busy
+    time less this process's own CPU time, and with ``children`` also that of the child processes
+    it waited for in the block (a measurement run in a subprocess). ``seconds``: the block's wall time."""
+
+    def __init__(self, children: bool = False):
+        self.children = children
+
+    def _own(self) -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        own = ru.ru_utime + ru.ru_stime
+        if self.children:
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own += ru.ru_utime + ru.ru_stime
+        return own
+
+    def __enter__(self):
+        self.busy, self.mine, self.wall = busy_seconds(), self._own(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall
+        busy = busy_seconds()
+        mine = self._own() - self.mine
+        self.share = 0.0 if busy is None else max(0.0, (busy - self.busy - mine) / (wall * (os.cpu_count() or 1)))
+        self.seconds = wall
