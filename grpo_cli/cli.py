@@ -22,6 +22,9 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from grpo_cli.config.compose import PACKAGE_CONF, compose_file, compose_run, split_recipe
+from grpo_cli.config.recipes import list_recipes, recipe_description
+from grpo_cli.config.usage import SHORTHANDS, check_used, check_words
 from grpo_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -42,9 +45,6 @@ def train(
     print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
 ) -> None:
     """Train with a recipe: grpo train recipe=NAME key=value ..."""
-    from grpo_cli.config.compose import compose_run, split_recipe
-    from grpo_cli.config.usage import check_used, check_words
-
     check_words("grpo train", overrides or [])
     recipe, rest = split_recipe(overrides or [])
     cfg = compose_run(recipe, rest)
@@ -52,7 +52,7 @@ def train(
     if print_config:
         typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
         return
-    from grpo_cli.runner import run_training
+    from grpo_cli.runner import run_training  # deferred: torch and transformers load only when a command needs them
 
     run_training(cfg)
 
@@ -76,9 +76,7 @@ def evaluate(
     print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
 ) -> None:
     """``grpo eval``: its help is ``EVAL_HELP`` (typer keeps a docstring's line breaks)."""
-    from grpo_cli.config.compose import PACKAGE_CONF, compose_file
-    from grpo_cli.config.usage import check_used, check_words
-    from grpo_cli.evaluate import evaluate_model, inherit_run_config, results_table, score_samples
+    from grpo_cli.evaluate import evaluate_model, inherit_run_config, results_table, score_samples  # deferred: torch
 
     check_words("grpo eval", overrides or [])
     args = [_shorthand(a) for a in (overrides or [])]
@@ -100,9 +98,7 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs of the grid and exit."),
 ) -> None:
     """Train a grid of runs (resumable, crashes isolated) and summarise them: grpo sweep recipe=NAME 'a=1,2' ..."""
-    from grpo_cli.config.compose import split_recipe
-    from grpo_cli.config.usage import check_words
-    from grpo_cli.sweep import run_sweep, summary_tables
+    from grpo_cli.sweep import run_sweep, summary_tables  # deferred: torch
 
     check_words("grpo sweep", overrides or [])
     recipe, rest = split_recipe(overrides or [])
@@ -123,8 +119,6 @@ def sweep(
 def _shorthand(arg: str) -> str:
     """``run=X`` is short for ``eval.run=X``; so are ``samples``, ``split``, ``limit`` and ``output_dir``
     (the key ``grpo train`` knows: for ``grpo eval`` it is where the results go)."""
-    from grpo_cli.config.usage import SHORTHANDS
-
     for key in SHORTHANDS:
         if arg.startswith(key + "="):
             return "eval." + arg
@@ -134,8 +128,6 @@ def _shorthand(arg: str) -> str:
 @app.command()
 def recipes() -> None:
     """List the recipes found (./recipes, $GRPO_RECIPE_PATH, the packaged ones)."""
-    from grpo_cli.config.compose import list_recipes, recipe_description
-
     table = Table(title="recipes")
     table.add_column("recipe", style="bold")
     table.add_column("description")
@@ -147,7 +139,7 @@ def recipes() -> None:
 
 def _quiet_libraries() -> None:
     """Our own progress bar and tables say what is happening; silence the libraries' bars and notices."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # deferred: transformers loads only when needed
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -27,8 +27,8 @@ from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.metrics import sampling_metrics
-from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.device import pick_device
+from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.policy import autocast
 from grpo_cli.rewards.answer import answers_match, extract_answer
 

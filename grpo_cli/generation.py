@@ -23,10 +23,14 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from grpo_cli.batch import Batch, pack, position_ids
 from grpo_cli.config.schema import RolloutConfig
 from grpo_cli.data.types import Example
+from grpo_cli.errors import UserError
+from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask, unsupported_reason
+from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, check_vllm, generate_vllm
 from grpo_cli.rewards.answer import answers_match, extract_answer
 
 ENGINES = ("auto", "fast", "reference", "vllm")
@@ -123,8 +127,6 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     step compiled, whole or its attention alone, where the batch's cache reaches
     ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
     (:class:`~grpo_cli.models.kv_decoder.KVDecoder`)."""
-    from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask
-
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
@@ -282,9 +284,6 @@ def generate_ids(
     engine's benchmark variants (:data:`FAST_BENCH_OPTIONS`); an engine ignores the others'
     switches, and the reference loop has none.
     """
-    from grpo_cli.models.kv_decoder import unsupported_reason
-    from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, generate_vllm
-
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
     fast_options = FAST_OPTIONS + FAST_BENCH_OPTIONS
@@ -307,9 +306,6 @@ def generate_ids(
 
 def check_rollout(rollout, device: torch.device) -> None:
     """A one-line error now, before a run starts, for a ``rollout.engine`` that cannot sample here."""
-    from grpo_cli.errors import UserError
-    from grpo_cli.models.vllm_rollout import check_vllm
-
     if rollout.engine not in ENGINES:
         raise UserError(f"rollout.engine: expected one of {ENGINES}, got '{rollout.engine}'")
     if rollout.engine == "vllm":
@@ -319,8 +315,6 @@ def check_rollout(rollout, device: torch.device) -> None:
 def rollout_options(rollout, **overrides) -> dict:
     """:func:`generate`'s keyword arguments from a ``RolloutConfig`` (a recipe's ``rollout:``), with
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
-    from omegaconf import DictConfig, OmegaConf
-
     kwargs = rollout.vllm_kwargs
     options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                    batch_size=rollout.batch_size, engine=rollout.engine, vllm_memory=rollout.vllm_memory,

@@ -18,11 +18,18 @@ import sys
 from typing import List, Optional
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from grpo_cli.cli import _quiet_libraries
 from grpo_cli.config import store, validate
-from grpo_cli.config.compose import PACKAGE_CONF, list_recipes, recipe_dirs
+from grpo_cli.config.compose import PACKAGE_CONF
+from grpo_cli.config.recipes import list_recipes, recipe_dirs
 from grpo_cli.errors import UserError, nearest
+from grpo_cli.evaluate import evaluate_model
+from grpo_cli.runner import run_training
+from grpo_cli.sweep import metric_name, read_metric
+from grpo_cli.trainer.run import last_row
 
 store.register()  # the schema and groups must be in the ConfigStore before Hydra composes
 
@@ -35,13 +42,6 @@ def search_path_override() -> str:
 
 def train_and_measure(cfg: DictConfig) -> Optional[float]:
     """Train into the job's output directory, evaluate if asked; the metric ``sweep.metric`` names."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from grpo_cli.cli import _quiet_libraries
-    from grpo_cli.runner import run_training
-    from grpo_cli.sweep import metric_name, read_metric
-    from grpo_cli.trainer.run import last_row
-
     _quiet_libraries()  # in each job: launchers may run it in a fresh process
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
@@ -53,8 +53,6 @@ def train_and_measure(cfg: DictConfig) -> Optional[float]:
     run = run_training(cfg)
     result = None
     if cfg.sweep.eval:
-        from grpo_cli.evaluate import evaluate_model
-
         eval_cfg = cfg.copy()  # the run's own data and rollout settings, and the eval.* overrides
         with open_dict(eval_cfg):
             eval_cfg.eval.run = str(run)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -26,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig
 from rich.markup import escape
 from rich.table import Table
 
+from grpo_cli.config.compose import compose_run
 from grpo_cli.config.usage import SWEEP_EVAL_KEYS as EVAL_KEYS
+from grpo_cli.config.usage import check_used
 from grpo_cli.errors import UserError
 from grpo_cli.trainer.run import console, last_row
 
@@ -63,8 +67,6 @@ class Outcome:
 def parse_grid(args: Sequence[str]) -> Tuple[List[str], List[Tuple[str, List[str]]], List[str]]:
     """Split the overrides into fixed ones, swept ones (key, values) and the settings of the sweep
     and of its evaluations (``sweep.*``, ``eval.*``: not swept, not passed to training)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         parsed = OverridesParser.create().parse_overrides(list(args))
     except Exception as e:  # Hydra's OverrideParseException, with a multi-line message
@@ -89,8 +91,6 @@ def parse_grid(args: Sequence[str]) -> Tuple[List[str], List[Tuple[str, List[str
 
 def expand_grid(fixed: List[str], swept: List[Tuple[str, List[str]]]) -> List[Run]:
     """The cartesian product of the swept values, first key slowest (Hydra's order)."""
-    import itertools
-
     runs = []
     for index, values in enumerate(itertools.product(*[vals for _, vals in swept])):
         chosen = {key: value for (key, _), value in zip(swept, values)}
@@ -122,8 +122,6 @@ def default_sweep_dir(recipe: str, fixed: List[str], swept: List[Tuple[str, List
 def validate(recipe: str, runs: List[Run], settings: List[str]) -> DictConfig:
     """Compose every grid point now, so a typo or a wrong type fails before anything runs; returns the
     first point's config (for the ``sweep`` settings)."""
-    from grpo_cli.config.compose import compose_run
-
     first = None
     for run in runs:
         try:
@@ -202,8 +200,6 @@ def eval_overrides(cfg: DictConfig) -> List[str]:
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:
     """Run the grid (``sweep.parallel`` at a time); the outcomes in grid order."""
-    from grpo_cli.config.usage import check_used
-
     fixed, swept, settings = parse_grid(args)
     runs = expand_grid(fixed, swept)
     cfg = validate(recipe, runs, settings)
@@ -315,7 +311,7 @@ def plot_summary(outcomes: List[Outcome], metric: str, path: Path) -> Optional[P
     groups = [(v, f) for v, f in group_by_seed(outcomes, metric) if f]
     if not groups:
         return None
-    import matplotlib
+    import matplotlib  # deferred: only a sweep that draws its summary pays for matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

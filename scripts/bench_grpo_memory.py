@@ -26,8 +26,8 @@ def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_cli.algorithms.grpo import GRPO
-    from grpo_cli.models.policy import Policy
     from grpo_cli.batch import Batch
+    from grpo_cli.models.policy import Policy
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,

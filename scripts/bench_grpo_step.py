@@ -66,7 +66,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import OthersCPU, machine_line  # noqa: E402
-from bench_rollout import VLLM, BENCH_MODEL, QUICK_MODEL, build_bench_model  # noqa: E402
+from bench_rollout import BENCH_MODEL, QUICK_MODEL, VLLM, build_bench_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)

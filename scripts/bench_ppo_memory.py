@@ -29,10 +29,10 @@ def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, toke
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_cli.algorithms.ppo import PPO
+    from grpo_cli.batch import Batch
     from grpo_cli.config.schema import LoraConfig
     from grpo_cli.models.load import apply_lora
     from grpo_cli.models.policy import Policy
-    from grpo_cli.batch import Batch
     from grpo_cli.trainer.optim import param_groups
 
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_grpo_step import run_in_this_process  # noqa: E402
+
 OWN = ("grpo_cli", "transformers/", "peft/", "trl/", "bench_grpo")
 
 

@@ -19,7 +19,6 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as torch_dist
-
 from conftest import TINY, compose
 
 PROMPTS = ["3+4\n", "12-5*2\n", "7*8\n", "9-1+2\n"]

@@ -1,13 +1,13 @@
 """Recipes compose; bad configs give one line naming the key and exit 2."""
 
 import pytest
+from conftest import REPO
 from omegaconf import OmegaConf
 
 from grpo_cli.cli import main
-from grpo_cli.config.compose import compose_run, list_recipes, recipe_description
+from grpo_cli.config.compose import compose_run
+from grpo_cli.config.recipes import list_recipes, recipe_description
 from grpo_cli.errors import UserError
-
-from conftest import REPO
 
 
 def test_every_recipe_composes_and_starts_with_its_command():
@@ -93,7 +93,7 @@ def test_recipes_command_lists_descriptions(capsys):
 
 
 def test_packaged_recipes_are_the_repository_ones():
-    from grpo_cli.config.compose import _packaged_recipes
+    from grpo_cli.config.recipes import _packaged_recipes
 
     assert (_packaged_recipes() / "sft_arithmetic.yaml").exists()
     assert (REPO / "recipes" / "sft_arithmetic.yaml").exists()

@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, compose
+from distributed_worker import PROMPTS, fake_generate, fixed_batch, length_mod_3
 
 from grpo_cli.algorithms import build_algorithm
 from grpo_cli.errors import UserError
 from grpo_cli.models.device import pick_device
 from grpo_cli.trainer import loop
 from grpo_cli.trainer.distributed import LOCAL, rank_seed, shard
-
-from conftest import REPO, compose
-from distributed_worker import PROMPTS, fake_generate, fixed_batch, length_mod_3
 
 WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
 CPU = ["trainer.device=cpu", "trainer.threads=1"]  # gloo on CPU, also on a machine with a GPU

@@ -216,8 +216,8 @@ def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = Fa
     """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
     fed fixed tokens (the same on both paths, whatever they would sample). ``failures``: the
     decoder's record of failed compiles (None: the process's)."""
-    from grpo_cli.generation import _left_pad
     from grpo_cli.batch import position_ids
+    from grpo_cli.generation import _left_pad
 
     ids, attn = _left_pad(tok(PROMPTS, add_special_tokens=False)["input_ids"], tok.pad_token_id, "cpu")
     (B, T0), pos = ids.shape, position_ids(attn)
@@ -288,7 +288,8 @@ def test_packed_weights_merge_the_active_lora_adapters():
 
 
 def test_layers_that_are_not_plain_linear_maps_are_not_packed():
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     model, tok = chaotic_tiny_model()
     model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True))

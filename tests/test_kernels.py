@@ -15,8 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from grpo_cli.kernels import reference_selected_logprobs, selected_logprobs
-from grpo_cli.kernels import fused
+from grpo_cli.kernels import fused, reference_selected_logprobs, selected_logprobs
 from grpo_cli.kernels.dispatch import resolve_backend
 
 ATOL = RTOL = 1e-5

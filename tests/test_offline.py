@@ -81,8 +81,8 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
     assert first["gc_mean"] == pytest.approx(0.0, abs=1e-6) and first["gc_std"] == pytest.approx(0.5, abs=1e-6)
     assert last["dpo_margin"] != pytest.approx(0.0, abs=1e-6)
     # the reference still gives the start model's log-probs
-    from grpo_cli.models.load import load_model_and_tokenizer
     from grpo_cli.config.schema import ModelConfig
+    from grpo_cli.models.load import load_model_and_tokenizer
 
     policy = seen["policy"]
     start, _, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
@@ -93,8 +93,8 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
 
 def test_dpo_rejects_a_micro_batch_that_splits_a_pair():
     from grpo_cli.algorithms.dpo import check_pairs
-    from grpo_cli.errors import UserError
     from grpo_cli.batch import Batch
+    from grpo_cli.errors import UserError
 
     ids = torch.ones(3, 2, dtype=torch.long)
     batch = Batch(ids, ids, ids, ["a"] * 3, ["b"] * 3, ["1"] * 3, torch.tensor([0, 0, 1]))

@@ -4,10 +4,9 @@ couple of steps, through `grpo sweep` exactly as docs/results.md runs it."""
 import csv
 
 import pytest
+from conftest import TINY
 
 from grpo_cli.cli import main
-
-from conftest import TINY
 
 METHODS = ["start", "sft", "rft", "online_rft", "dpo", "ppo", "grpo", "grpo_process", "iterative_grpo"]
 
@@ -30,10 +29,10 @@ def tiny_reward_model(sft_run, tmp_path, monkeypatch):
     """A reward model for the iterative method (the test's barely trained model gets no answer right,
     so the answer rule alone could not train one): labelled by length, two steps."""
     import torch
+    from conftest import compose
 
     from grpo_cli.rewards.registry import REWARDS
     from grpo_cli.trainer.loop import train
-    from conftest import compose
 
     monkeypatch.setitem(REWARDS, "outcome", lambda cfg: lambda b: torch.tensor(
         [float(len(c) % 3 == 0) for c in b.completions], dtype=torch.float32))

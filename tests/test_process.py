@@ -7,15 +7,14 @@ import random
 
 import pytest
 import torch
+from conftest import compose
 
 from grpo_cli.algorithms import functional as F
+from grpo_cli.batch import Batch, pack
 from grpo_cli.errors import UserError
 from grpo_cli.models.tiny import build_tokenizer
 from grpo_cli.rewards.process import char_ends, rule_process_rewards, rule_step_verdicts, step_ends
 from grpo_cli.rewards.steps import split_steps, token_char_offsets
-from grpo_cli.batch import Batch, pack
-
-from conftest import compose
 
 # ----------------------------------------------------------------------------- process_advantages
 

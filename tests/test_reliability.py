@@ -18,24 +18,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, TINY_EVAL, compose
 
 from grpo_cli.algorithms import build_algorithm
 from grpo_cli.algorithms.sft import SFT
+from grpo_cli.batch import Batch, pack
 from grpo_cli.cli import main
 from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
-from grpo_cli.models.load import load_model_and_tokenizer
+from grpo_cli.models.load import load_model_and_tokenizer, load_weights
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer import loop, memory
-from grpo_cli.batch import Batch, pack
-from grpo_cli.models.load import load_weights
 from grpo_cli.trainer.checkpoint import (
-    STATE_FILE, Checkpointer, RunState, latest_checkpoint, list_checkpoints, recover,
+    STATE_FILE,
+    Checkpointer,
+    RunState,
+    latest_checkpoint,
+    list_checkpoints,
+    recover,
 )
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
-
-from conftest import REPO, TINY, TINY_EVAL, compose
 
 WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
 

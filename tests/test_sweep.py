@@ -8,12 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO, TINY
 
 from grpo_cli.cli import main
 from grpo_cli.errors import UserError
 from grpo_cli.sweep import Outcome, default_sweep_dir, expand_grid, group_by_seed, mean_std, parse_grid, read_done
-
-from conftest import REPO, TINY
 
 
 def test_parse_grid_splits_fixed_swept_and_settings():

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import compose
 from transformers import AutoModelForCausalLM
 
 from grpo_cli.cli import main
@@ -12,8 +13,6 @@ from grpo_cli.config.schema import ModelConfig
 from grpo_cli.generation import generate
 from grpo_cli.models.load import load_model_and_tokenizer, load_tokenizer
 from grpo_cli.trainer.loop import train
-
-from conftest import compose
 
 GRPO_METRICS = [
     "reward_mean", "reward_std", "accuracy", "zero_std_groups", "kl", "clip_fraction", "entropy",
@@ -147,8 +146,8 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # first update: pi_theta == pi_ref
     # the reference is still the starting model: its log-probs equal a fresh load's
     start, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
-    from grpo_cli.models.policy import token_logprobs
     from grpo_cli.batch import Batch, pack
+    from grpo_cli.models.policy import token_logprobs
 
     ids, attn, comp = pack([tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id)
     batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long)).to(policy.device)
@@ -176,8 +175,8 @@ def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkey
 
 def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
     """The trainer's fused path (no [N, V] logits) against the naive one: values and gradients."""
-    from grpo_cli.models.policy import token_logprobs
     from grpo_cli.batch import Batch, pack
+    from grpo_cli.models.policy import token_logprobs
 
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(sft_run)))
     prompts, comps = ["3+4*2\n", "9-2\n"], ["3+4=7\n7*2=14\n#### 14", "#### 7"]

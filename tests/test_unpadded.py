@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import compose
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from grpo_cli.config.schema import LoraConfig
@@ -12,8 +13,6 @@ from grpo_cli.errors import UserError
 from grpo_cli.models.load import apply_lora, enable_activation_checkpointing
 from grpo_cli.models.policy import autocast, hidden_states, padded_hidden_states
 from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
-
-from conftest import compose
 
 
 def model_and_batch(cls=Qwen2ForCausalLM, config=Qwen2Config, attn="sdpa"):
@@ -85,8 +84,8 @@ def test_other_models_take_the_padded_forward():
 
 
 def test_bf16_autocast_forward_stays_close_to_fp32_and_log_probs_stay_fp32():
-    from grpo_cli.models.policy import token_logprobs
     from grpo_cli.batch import Batch
+    from grpo_cli.models.policy import token_logprobs
 
     model, ids, mask = model_and_batch()
     real = mask.bool()
@@ -200,8 +199,8 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
 
 
 def test_a_bf16_reference_gives_the_autocast_log_probs_of_its_fp32_weights_bit_for_bit():
-    from grpo_cli.models.policy import store_projections, token_logprobs
     from grpo_cli.batch import Batch
+    from grpo_cli.models.policy import store_projections, token_logprobs
 
     model, ids, mask = model_and_batch()
     model.eval()

@@ -6,14 +6,13 @@ import json
 import re
 
 import pytest
+from conftest import REPO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from typer.testing import CliRunner
 
 from grpo_cli.cli import _shorthand, app, main
 from grpo_cli.config import schema as S
 from grpo_cli.config.usage import USES, is_used, override_key, unused_message
-
-from conftest import REPO
 
 COMMANDS = {  # command -> (arguments before the override, after it): composes, runs nothing
     "grpo train": (["train", "recipe=sft_arithmetic"], ["--print-config"]),

@@ -12,6 +12,7 @@ import sys
 import typing
 
 import pytest
+from conftest import REPO
 
 from grpo_cli.cli import main
 from grpo_cli.config import schema as S
@@ -19,8 +20,6 @@ from grpo_cli.config import store
 from grpo_cli.config.compose import compose_run
 from grpo_cli.config.validate import CHOICES, RANGE
 from grpo_cli.errors import UserError
-
-from conftest import REPO
 
 RECIPE = "sft_arithmetic"
 """Every section composes on it; source=... and algorithm=... select the other options."""

@@ -8,13 +8,13 @@ import types
 
 import pytest
 import torch
+from test_generation import PROMPTS, chaotic_tiny_model
 
 from grpo_cli.config.schema import LoraConfig, RolloutConfig
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, generate_ids
 from grpo_cli.models import vllm_rollout
 from grpo_cli.models.load import apply_lora
-from test_generation import PROMPTS, chaotic_tiny_model
 
 
 class FakeVLLMModel:
@@ -109,7 +109,8 @@ def test_lora_weights_go_to_vllm_merged_as_merge_and_unload_stores_them():
 
 
 def test_dora_is_refused_with_the_layer_named():
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
     model, _ = chaotic_tiny_model()
     model = get_peft_model(model, PeftLoraConfig(r=4, target_modules=["q_proj"], use_dora=True))

@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, Mapping, Tuple, Type
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.policy import Policy
-from grpo_cli.batch import Batch
 
 ALGORITHMS: Dict[str, Type["Algorithm"]] = {}
 

@@ -18,9 +18,9 @@ import torch
 from grpo_cli.algorithms import functional as F
 from grpo_cli.algorithms.base import Algorithm, register_algorithm
 from grpo_cli.algorithms.sft import sft_loss
+from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
-from grpo_cli.batch import Batch
 
 
 @register_algorithm("dpo")

@@ -20,10 +20,10 @@ import torch
 from grpo_cli.algorithms import functional as F
 from grpo_cli.algorithms.base import Algorithm, register_algorithm
 from grpo_cli.algorithms.dpo import check_pairs
+from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError
 from grpo_cli.models.policy import Policy
 from grpo_cli.models.scorer import Scorer, load_head, outcome_scores
-from grpo_cli.batch import Batch
 
 
 def scorer_for(lm: torch.nn.Module, kind: str, head_from: Optional[str]) -> Scorer:

@@ -13,8 +13,8 @@ from typing import Dict, Tuple
 import torch
 
 from grpo_cli.algorithms.base import Algorithm, register_algorithm
-from grpo_cli.models.policy import Policy
 from grpo_cli.batch import Batch
+from grpo_cli.models.policy import Policy
 
 
 def sft_loss(logp: torch.Tensor, mask: torch.Tensor, total_tokens: float) -> torch.Tensor:

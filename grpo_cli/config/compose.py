@@ -1,17 +1,15 @@
 """Compose a run config from a recipe and Hydra overrides, turning Hydra's errors into one line.
 
-Recipes are searched, in order, in ``./recipes``, the directories of ``$GRPO_RECIPE_PATH``
-(colon-separated) and the recipes shipped with the package. Config groups (``model``, ``data``,
+Recipes are found by :mod:`grpo_cli.config.recipes`. Config groups (``model``, ``data``,
 ``reward``, ``source``, ``algorithm``) and ``base.yaml`` ship inside the package (``grpo_cli/conf``
 and the structured configs registered in :mod:`grpo_cli.config.store`).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import yaml
 from hydra import compose, initialize_config_dir
@@ -19,49 +17,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.config import store, validate
+from grpo_cli.config.recipes import list_recipes
+from grpo_cli.config.usage import full_key_hint, override_key
 from grpo_cli.errors import UserError, nearest
 
 PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def recipe_dirs() -> List[Path]:
-    """Directories searched for recipes, first match wins."""
-    dirs = [Path.cwd() / "recipes"]
-    dirs += [Path(p) for p in os.environ.get("GRPO_RECIPE_PATH", "").split(":") if p]
-    dirs.append(_packaged_recipes())
-    seen, out = set(), []
-    for d in dirs:
-        if d.is_dir() and d.resolve() not in seen:
-            seen.add(d.resolve())
-            out.append(d)
-    return out
-
-
-def _packaged_recipes() -> Path:
-    try:
-        import grpo_cli.recipes as pkg  # installed wheel: recipes/ is mapped to this package
-
-        return Path(list(pkg.__path__)[0])
-    except ImportError:  # source checkout without install
-        return Path(__file__).resolve().parents[2] / "recipes"
-
-
-def list_recipes() -> Dict[str, Path]:
-    """Recipe name -> file, first directory wins."""
-    found: Dict[str, Path] = {}
-    for d in recipe_dirs():
-        for f in sorted(d.glob("*.yaml")):
-            found.setdefault(f.stem, f)
-    return found
-
-
-def recipe_description(path: Path) -> str:
-    """The recipe's ``description:`` field, read without composing."""
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        return f"(unreadable: {str(e).splitlines()[0]})"
-    return str(data.get("description", "")) if isinstance(data, dict) else ""
 
 
 def split_recipe(args: Sequence[str], default: Optional[str] = None) -> tuple[str, List[str]]:
@@ -178,8 +138,6 @@ def unknown_key(key: str, overrides: Sequence[str] = ()) -> str:
     """Name the options of a group that do have the key (``source.group_size`` -> source=online), the
     full key of a field named without its section (``steps=10`` -> trainer.steps=10), else the nearest
     valid names."""
-    from grpo_cli.config.usage import full_key_hint, override_key
-
     if renamed_key(key):
         return renamed_key(key)
     head, _, field = key.partition(".")

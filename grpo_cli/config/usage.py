@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from grpo_cli.config import schema as S
+from grpo_cli.config import store
+from grpo_cli.config.recipes import list_recipes, recipe_dirs
 from grpo_cli.errors import UserError
 
 SWEEP_EVAL_KEYS = ("split", "limit", "n", "ks", "seed")
@@ -70,8 +72,6 @@ def is_used(command: str, key: str) -> bool:
 
 def recipe_groups() -> List[str]:
     """Config groups of the recipe directories (``recipes/method/``)."""
-    from grpo_cli.config.compose import recipe_dirs
-
     return sorted({d.name for root in recipe_dirs() for d in root.iterdir() if d.is_dir() and any(d.glob("*.yaml"))})
 
 
@@ -103,8 +103,6 @@ def check_used(command: str, overrides: Sequence[str]) -> None:
 
 def schema_keys(node: object = S.RunConfig, prefix: str = "") -> List[str]:
     """Every dotted leaf key of the schema, group options included (``source.group_size``)."""
-    from grpo_cli.config import store
-
     keys: List[str] = []
     for f in dataclasses.fields(node):
         key = f"{prefix}{f.name}"
@@ -175,8 +173,6 @@ def _word_hint(command: str, word: str) -> str:
     """``did you mean run=PATH?`` for ``grpo eval``, ``did you mean recipe=NAME?`` otherwise."""
     if command == "grpo eval":
         return f"did you mean {'samples' if word.endswith('.jsonl') else 'run'}={word}?"
-    from grpo_cli.config.compose import list_recipes
-
     close = difflib.get_close_matches(word, list(list_recipes()), n=1, cutoff=0.6)
     if close:
         return f"did you mean recipe={close[0]}?"
@@ -188,8 +184,6 @@ def made_by(path: str) -> Optional[str]:
     ``output_dir``, where the GRPO recipes start from), else None."""
     parts = Path(path).parts
     if len(parts) == 3 and parts[0] == "runs" and parts[2] == "latest":
-        from grpo_cli.config.compose import list_recipes
-
         if parts[1] in list_recipes():
             return f"grpo train recipe={parts[1]}"
     return None

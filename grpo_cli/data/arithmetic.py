@@ -24,9 +24,9 @@ import operator
 import random
 from typing import List, Optional, Tuple
 
-from grpo_cli.data.types import Example
 from grpo_cli.config.schema import ARITHMETIC_MAX_DIGITS as MAX_DIGITS
 from grpo_cli.config.schema import ARITHMETIC_MAX_OPS as MAX_OPS
+from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 
 OPERATORS = "+-*"

@@ -24,21 +24,18 @@ import warnings
 from typing import Optional
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from grpo_cli.models.load import is_peft
+from grpo_cli.models.load import unwrap_peft
 
 MODEL_TYPES = ("qwen2", "llama")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only
 ATTENTION = ("sdpa", "eager")  # implementations whose mask is a plain [B, 1, S, T] tensor
 
 
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if is_peft(model) else model
-
-
 def unsupported_reason(model: torch.nn.Module) -> Optional[str]:
     """Why :class:`KVDecoder` cannot run ``model`` (then use ``model(...)``), or None."""
-    base = _base(model)
+    base = unwrap_peft(model)
     cfg = getattr(base, "config", None)
     if getattr(cfg, "model_type", None) not in MODEL_TYPES:
         return f"model_type {getattr(cfg, 'model_type', None)!r} is not one of {MODEL_TYPES}"
@@ -64,8 +61,6 @@ def model_functions(base: torch.nn.Module):
     """(apply_rotary_pos_emb, attention function, whether its mask is bool) from the model's module."""
     module = sys.modules[type(base.model.layers[0].self_attn).__module__]
     if base.config._attn_implementation == "sdpa":
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         return module.apply_rotary_pos_emb, ALL_ATTENTION_FUNCTIONS["sdpa"], True
     return module.apply_rotary_pos_emb, module.eager_attention_forward, False
 
@@ -124,7 +119,7 @@ def decode_attention(rotate, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
     """MiB of an fp32 KV cache for ``batch_size`` rows of ``max_len`` tokens: k and v, every layer."""
-    base = _base(model)
+    base = unwrap_peft(model)
     head_dim = base.model.layers[0].self_attn.head_dim
     elements = 2 * len(base.model.layers) * batch_size * base.config.num_key_value_heads * max_len * head_dim
     return 4 * elements / 2**20
@@ -196,7 +191,7 @@ def is_affine(module: torch.nn.Module) -> bool:
     bias on B, and not merged-then-disabled, whose forward would unmerge first)."""
     if type(module) is torch.nn.Linear:
         return True
-    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.layer import Linear as LoraLinear  # deferred: peft loads only for LoRA runs
 
     if type(module) is not LoraLinear or type(module.base_layer) is not torch.nn.Linear:
         return False
@@ -288,7 +283,7 @@ class PackedLayer:
 
 def packing_unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why :class:`KVDecoder` cannot pack ``model``'s projections (then its modules run), or None."""
-    base = _base(model)
+    base = unwrap_peft(model)
     weight = base.model.embed_tokens.weight
     if weight.device.type != "cpu":
         return "packed weights are for CPUs (on a GPU, CUDA graphs cut the per-call costs)"
@@ -354,7 +349,7 @@ class KVDecoder:
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, packed: bool = False,
                  compiled: bool = False, whole_step: bool = True, failures: Optional[CompileFailures] = None):
-        base = _base(model)
+        base = unwrap_peft(model)
         self.decoder, self.head = base.model, base.get_output_embeddings()
         weight = self.decoder.embed_tokens.weight
         attn = self.decoder.layers[0].self_attn

@@ -16,9 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -28,6 +29,7 @@ from transformers import (
 )
 
 from grpo_cli.config.schema import LoraConfig, ModelConfig
+from grpo_cli.config.usage import made_by
 from grpo_cli.errors import UserError
 from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 
@@ -48,8 +50,6 @@ def resolve_model_dir(name_or_path: str, key: str = "model.name_or_path") -> str
     ``key`` is the setting that named it, for the error."""
     p = Path(name_or_path).expanduser()
     if looks_local(name_or_path) and not p.exists():
-        from grpo_cli.config.usage import made_by
-
         command = made_by(name_or_path)  # runs/sft_arithmetic/latest before any SFT run: say what makes it
         hint = f": make it with '{command}' or set {key}=<run or model dir>" if command else ""
         raise UserError(f"{key}: no such directory '{name_or_path}'{hint}")
@@ -152,7 +152,7 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> Tuple[PreTrainedModel, PreTrai
     except (OSError, ValueError) as e:
         raise UserError(f"model.name_or_path: cannot load '{cfg.name_or_path}': {str(e).splitlines()[0]}") from None
     if adapter.exists():
-        from peft import PeftModel
+        from peft import PeftModel  # deferred: peft loads only for LoRA runs
 
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     if tok.pad_token is None:
@@ -177,7 +177,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
     """Wrap ``model`` with fresh LoRA adapters (only they train); a no-op when LoRA is off."""
     if not cfg.enabled:
         return model
-    from peft import LoraConfig as PeftLora, get_peft_model
+    from peft import LoraConfig as PeftLora  # deferred: peft loads only for LoRA runs
+    from peft import get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     targets = [t for t in cfg.target_modules if t in present]
@@ -204,6 +205,11 @@ def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (LoRA layers stay injected in it), else ``model``."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str], state_dict: Optional[dict] = None) -> None:
     """Write ``model`` (or only its adapter, pointing at ``base_ref``) and the tokenizer to ``out``;
     ``state_dict`` replaces the model's own (the gathered weights of a sharded model)."""
@@ -219,8 +225,6 @@ def save_checkpoint_model(model, tok, out: Path, base_ref: Optional[str], state_
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Copy a checkpoint's weights (full model, possibly sharded) or LoRA adapter into ``model``."""
-    from safetensors.torch import load_file
-
     if callable(getattr(model, "load_checkpoint", None)):  # a model with its own layout (e.g. a scorer)
         model.load_checkpoint(ckpt)
         return
@@ -228,7 +232,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         adapter = ckpt / "adapter_model.safetensors"
         if not adapter.exists():
             raise UserError(f"resume: {ckpt} holds no LoRA adapter, but lora.enabled=true: resume with the run's lora settings")
-        from peft import set_peft_model_state_dict
+        from peft import set_peft_model_state_dict  # deferred: peft loads only for LoRA runs
 
         result = set_peft_model_state_dict(model, load_file(adapter))
         missing = [k for k in result.missing_keys if "lora_" in k]

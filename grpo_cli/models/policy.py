@@ -15,11 +15,11 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
+from grpo_cli.batch import Batch, position_ids
 from grpo_cli.errors import UserError
 from grpo_cli.kernels import selected_logprobs
-from grpo_cli.models.load import is_peft
-from grpo_cli.batch import Batch, position_ids
-
+from grpo_cli.models.load import is_peft, unwrap_peft
+from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
 
 IGNORE = -100
 """Target id the fused kernel skips."""
@@ -52,10 +52,6 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if is_peft(model) else model
-
-
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   share_prefixes: bool = True) -> torch.Tensor:
     """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply).
@@ -63,8 +59,6 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
     Models the unpadded forward covers (Qwen2, Llama) skip padding in every projection and MLP and
     return 0 at padding positions (and with ``share_prefixes`` run rows' common first tokens once:
     ``model.share_prefixes``); others run ``decoder(...)`` (:func:`padded_hidden_states`)."""
-    from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupported
-
     if unpadded_unsupported(model) is None:
         return unpadded_hidden_states(model, input_ids, attention_mask, share_prefixes)
     return padded_hidden_states(model, input_ids, attention_mask)
@@ -72,7 +66,7 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mas
 
 def padded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The reference: ``decoder(...)`` over every position, padding included."""
-    decoder = _unwrap(model).get_decoder()
+    decoder = unwrap_peft(model).get_decoder()
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
     return out.last_hidden_state
 
@@ -94,7 +88,7 @@ def token_logprobs(
     """
     B, T = batch.input_ids.shape
     hidden = hidden_states(model, batch.input_ids, batch.attention_mask, share_prefixes)[:, :-1]  # [B, T-1, H]
-    head = _unwrap(model).get_output_embeddings()
+    head = unwrap_peft(model).get_output_embeddings()
     flat_h = hidden.reshape(-1, hidden.shape[-1])  # [N, H], N = B * (T-1)
     targets = batch.input_ids[:, 1:].reshape(-1)  # [N]
     # Prompt and padding targets are never trained on: the kernel skips them (log-prob 0). ``naive``
@@ -114,7 +108,7 @@ def store_projections(model: torch.nn.Module, dtype: torch.dtype) -> None:
     ever run under autocast to ``dtype``, which casts them to exactly these values at every forward.
     Half the memory in bf16 and no casts per forward, with bit-identical outputs (tested); the
     embedding, norms and LM head keep their dtype (they run outside autocast's casts)."""
-    base = model.get_base_model() if is_peft(model) else model
+    base = unwrap_peft(model)
     blocks = getattr(getattr(base, "model", None), "layers", None)
     for module in (blocks.modules() if blocks is not None else ()):
         if type(module) is torch.nn.Linear:

@@ -20,7 +20,13 @@ from safetensors.torch import load_file, save_file
 
 from grpo_cli.config.schema import ModelConfig
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import is_peft, load_model_and_tokenizer, load_weights, save_checkpoint_model
+from grpo_cli.models.load import (
+    load_model_and_tokenizer,
+    load_weights,
+    resolve_model_dir,
+    save_checkpoint_model,
+    unwrap_peft,
+)
 from grpo_cli.models.policy import hidden_states
 
 HEAD_FILE, META_FILE = "score_head.safetensors", "scorer.json"
@@ -29,7 +35,7 @@ HEAD_FILE, META_FILE = "score_head.safetensors", "scorer.json"
 def zero_head(lm: torch.nn.Module) -> torch.nn.Linear:
     """A linear head H -> 1 of zeros for ``lm``: it scores everything 0 at the start, a neutral reward
     or value before training."""
-    base = lm.get_base_model() if is_peft(lm) else lm
+    base = unwrap_peft(lm)
     weight = next(lm.parameters())
     head = torch.nn.Linear(base.config.hidden_size, 1, dtype=weight.dtype, device=weight.device)  # beside the LM
     torch.nn.init.zeros_(head.weight)
@@ -45,7 +51,7 @@ class Scorer(torch.nn.Module):
 
     @property
     def config(self):
-        return (self.lm.get_base_model() if is_peft(self.lm) else self.lm).config
+        return unwrap_peft(self.lm).config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scores [B, T]: the head on the last hidden state of every position (left padding aware)."""
@@ -64,8 +70,6 @@ class Scorer(torch.nn.Module):
 
 def scorer_dir(path: str, kind: Optional[str]) -> Tuple[Path, str]:
     """The checkpoint directory of the reward model at ``path`` (a run or checkpoint dir) and its kind."""
-    from grpo_cli.models.load import resolve_model_dir
-
     root = Path(resolve_model_dir(path))
     if not (root / HEAD_FILE).is_file():
         raise UserError(f"reward.path: '{path}' is not a reward model (no {HEAD_FILE}); train one with recipe=rm_arithmetic")

@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-from grpo_cli.models.kv_decoder import (_base, additive, attention_dtype, causal_mask, model_functions, norm,
-                                        unsupported_reason)
+from grpo_cli.batch import position_ids
+from grpo_cli.models.kv_decoder import additive, attention_dtype, causal_mask, model_functions, norm, unsupported_reason
+from grpo_cli.models.load import unwrap_peft
 
 
 def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
@@ -37,10 +38,10 @@ def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
     if reason:
         return reason
     try:
-        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.fsdp import FSDPModule  # deferred: torch.distributed's FSDP, only where it exists
     except ImportError:  # pragma: no cover - torch without FSDP2
         return None
-    decoder = _base(model).model  # FSDP2 wraps the decoder and its blocks (distributed.shard_blocks)
+    decoder = unwrap_peft(model).model  # FSDP2 wraps the decoder and its blocks (distributed.shard_blocks)
     if isinstance(decoder, FSDPModule) or isinstance(decoder.layers[0], FSDPModule):
         return "FSDP-sharded blocks gather their weights in their own forward"  # never bypass it
     return None
@@ -51,7 +52,7 @@ def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, atte
     """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T].
     ``share_prefixes``: run the tokens rows share at their start once (:func:`prefix_owner`; never
     while dropout is active); false computes every row for itself, the same result up to rounding."""
-    base = _base(model)
+    base = unwrap_peft(model)
     decoder = base.model
     B, T = input_ids.shape
     idx = attention_mask.reshape(-1).nonzero().squeeze(-1)  # [N] flat indices of the real tokens
@@ -161,8 +162,6 @@ class RowLayout:
     @staticmethod
     def of(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, share: bool) -> "RowLayout":
         """The layout of a [B, T] batch whose real tokens are at flat indices idx [N]."""
-        from grpo_cli.batch import position_ids
-
         B, T = input_ids.shape
         lengths = attention_mask.sum(-1)
         L = int(lengths.max())

@@ -25,7 +25,7 @@ import torch
 
 from grpo_cli.errors import UserError
 from grpo_cli.models.kv_decoder import is_affine, linear_weights
-from grpo_cli.models.load import is_peft
+from grpo_cli.models.load import is_peft, unwrap_peft
 
 VLLM_OPTIONS = ("vllm_memory", "vllm_kwargs")
 """The vLLM engine's switches, named as the rollout config's fields."""
@@ -83,7 +83,7 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
-        base = model.get_base_model() if is_peft(model) else model
+        base = unwrap_peft(model)
         config = copy.deepcopy(base.config)
         config.architectures = [type(base).__name__]
         self._dir = tempfile.TemporaryDirectory(prefix="grpo_vllm_")  # vLLM may reread the config later

@@ -23,6 +23,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError
 from grpo_cli.rewards.answer import answers_match, extract_answer
 from grpo_cli.rewards.steps import (
@@ -33,7 +34,6 @@ from grpo_cli.rewards.steps import (
     step_end_token_indices,
     token_char_offsets,
 )
-from grpo_cli.batch import Batch
 
 CHECKERS = ("arithmetic", "calculator", "auto")
 

@@ -47,8 +47,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.errors import UserError
-from grpo_cli.models.load import (BASE_FILE, base_fingerprint, is_peft, load_weights, save_checkpoint_model,
-                                  write_base_record)
+from grpo_cli.models.load import (
+    BASE_FILE,
+    base_fingerprint,
+    is_peft,
+    load_weights,
+    save_checkpoint_model,
+    write_base_record,
+)
 from grpo_cli.trainer.distributed import LOCAL, Dist, barrier, gather_objects, on_main, rank_seed
 from grpo_cli.trainer.run import atomic_replace_dir, console, remove_dir
 

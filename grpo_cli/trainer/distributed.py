@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from grpo_cli.errors import UserError
+from grpo_cli.models.load import unwrap_peft
+from grpo_cli.trainer.run import console
 
 STRATEGIES = ("ddp", "fsdp")
 BUCKET = 2**24
@@ -132,7 +134,7 @@ def _coalesced(tensors: List[torch.Tensor], op: Callable[[torch.Tensor], None]) 
 
 
 def _is_sharded(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor  # deferred: FSDP's modules load only in data-parallel runs
 
     return isinstance(t, DTensor)
 
@@ -252,7 +254,10 @@ class Dist:
         None otherwise (savers read the model itself)."""
         if not any(_is_fsdp(m) for m in model.modules()):
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (  # deferred: FSDP's modules load only in data-parallel runs
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -274,7 +279,7 @@ LOCAL = Dist()
 
 
 def _is_fsdp(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule  # deferred: FSDP's modules load only in data-parallel runs
 
     return isinstance(module, FSDPModule)
 
@@ -298,8 +303,6 @@ def init_distributed(strategy: str, device: torch.device) -> Dist:
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    from grpo_cli.trainer.run import console
-
     console.quiet = dist.get_rank() != 0  # one rank speaks; errors still reach every rank's stderr
     return Dist(dist.get_rank(), dist.get_world_size(), local, device, strategy, owns)
 
@@ -309,12 +312,12 @@ def shard_blocks(model: torch.nn.Module) -> None:
     becomes a sharded unit; the decoder is the root unit, its embeddings and final norm left out
     (replicated), like the output head, whose weight the fused log-prob kernel reads directly.
     Gradients are summed (not averaged) over ranks: losses are normalised by global totals."""
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import (
+        init_device_mesh,  # deferred: FSDP's modules load only in data-parallel runs
+    )
     from torch.distributed.fsdp import fully_shard
 
-    from grpo_cli.models.load import is_peft
-
-    base = model.get_base_model() if is_peft(model) else model
+    base = unwrap_peft(model)
     if not callable(getattr(base, "get_decoder", None)):
         raise UserError(f"trainer.distributed=fsdp: shards causal LMs only, not a {type(base).__name__}; "
                         "use trainer.distributed=ddp")

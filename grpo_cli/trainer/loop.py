@@ -33,18 +33,30 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from grpo_cli.algorithms import Algorithm, build_algorithm
+from grpo_cli.batch import Batch
 from grpo_cli.data import load_examples
 from grpo_cli.errors import Interrupted, UserError
-from grpo_cli.models.load import (apply_lora, enable_activation_checkpointing, load_model_and_tokenizer,
-                                  resolve_start, save_checkpoint_model)
 from grpo_cli.models.device import pick_device
+from grpo_cli.models.load import (
+    apply_lora,
+    enable_activation_checkpointing,
+    load_model_and_tokenizer,
+    resolve_start,
+    save_checkpoint_model,
+)
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.base import Reward
 from grpo_cli.rewards.registry import build_reward, score_batch
-from grpo_cli.batch import Batch
 from grpo_cli.trainer.checkpoint import (
-    Checkpointer, RunState, StopOnSignal, already_complete, finished_step, interrupted_message, latest_checkpoint,
-    recorded_start, resolve_resume,
+    Checkpointer,
+    RunState,
+    StopOnSignal,
+    already_complete,
+    finished_step,
+    interrupted_message,
+    latest_checkpoint,
+    recorded_start,
+    resolve_resume,
 )
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
 from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache

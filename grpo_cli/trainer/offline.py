@@ -22,11 +22,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from grpo_cli.batch import Batch, pack
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
-from grpo_cli.batch import Batch, pack
 from grpo_cli.trainer.distributed import check_divisible, gather_objects, on_main, rank_seed, shard
 from grpo_cli.trainer.sources import EpochSampler, Source, check_state_keys, prompts_that_fit
 

@@ -97,7 +97,7 @@ def plot_curves(history: List[Dict[str, float]], main_metric: str, out: Path) ->
     """Loss and ``main_metric`` against step, side by side."""
     if not history:
         return None
-    import matplotlib
+    import matplotlib  # deferred: only a run that draws its curves pays for matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
