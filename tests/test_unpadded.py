@@ -66,10 +66,10 @@ def test_unpadded_forward_applies_lora_adapters_and_the_trainer_uses_it(monkeypa
     with model.disable_adapter():
         base = unpadded_hidden_states(model, ids, mask)
     assert not torch.allclose(adapted[real], base[real], atol=1e-3)
-    import grpo_cli.models.unpadded as unpadded
+    import grpo_cli.models.policy as policy
 
     calls = []
-    monkeypatch.setattr(unpadded, "unpadded_hidden_states", lambda *a: calls.append(1) or adapted)
+    monkeypatch.setattr(policy, "unpadded_hidden_states", lambda *a: calls.append(1) or adapted)
     hidden_states(model, ids, mask)
     assert calls  # supported models take the padding-free path
 
@@ -382,7 +382,7 @@ def test_model_share_prefixes_reaches_the_policys_log_probs(tmp_path):
 
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer import loop
-    from grpo_cli.trainer.batch import Batch
+    from grpo_cli.batch import Batch
 
     ids, mask = group_batch()
     batch = Batch(ids, mask, mask, [""] * 6, [""] * 6, [""] * 6, torch.arange(6))
