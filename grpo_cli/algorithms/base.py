@@ -12,7 +12,7 @@ then ``loss`` on each micro-batch, ``updates_per_batch`` times (GRPO's mu). It n
 from __future__ import annotations
 
 from dataclasses import asdict, is_dataclass
-from typing import Any, Callable, Dict, Mapping, Tuple, Type
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Type
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -60,6 +60,15 @@ class Algorithm:
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Loss of one micro-batch, normalised by ``batch.totals`` so micro-batch losses add up."""
         raise NotImplementedError
+
+    def state_dict(self) -> Optional[Dict[str, Any]]:
+        """State the algorithm carries from step to step (tensors and plain containers), saved in every
+        checkpoint so a resumed run continues exactly; None: it carries none (the default)."""
+        return None
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        raise NotImplementedError(f"algorithm '{self.name}' saved state but cannot load it")
 
 
 def build_algorithm(cfg: Any) -> Algorithm:

@@ -1,4 +1,6 @@
-"""Rewards: rule-based outcome and step checks (learned reward models and a registry come later)."""
+"""Rewards (the paper's pi_rf): rule-based outcome and step checks here; the contract every reward
+follows is rewards/base.py, the ones ``reward.name`` picks (rules, custom functions, learned reward
+models) are in rewards/registry.py."""
 
 from grpo_cli.rewards.answer import answers_match, extract_answer, outcome_rewards, parse_number
 from grpo_cli.rewards.steps import (

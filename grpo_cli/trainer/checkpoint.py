@@ -111,7 +111,7 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
 
 class Checkpointer:
     """Saves and restores everything a run needs to continue: weights (or adapter), optimiser,
-    scheduler, RNGs, the data source's position and the algorithm's state (``state_dict()``, if any)."""
+    scheduler, RNGs, the data source's position and the algorithm's state (its ``state_dict()``)."""
 
     def __init__(self, run: Path, policy, opt, sched, source, algorithm, keep: int, seed: int = 0, dist: Dist = LOCAL):
         self.root = run / "checkpoints"
@@ -124,13 +124,13 @@ class Checkpointer:
         on_main(recover, self.root)
 
     def state(self, progress: RunState, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
-        algorithm = self.algorithm.state_dict() if callable(getattr(self.algorithm, "state_dict", None)) else None
+        algorithm = self.algorithm.state_dict()
         sharded = self.dist.enabled and self.dist.strategy == "fsdp"  # its optimiser state is split over ranks: not saved
         return {
             "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "rng": rng_state(), "source": self.source.state_dict(), "algorithm": algorithm,
-            "extra": [m.state_dict() for m in getattr(self.policy, "extra", [])],  # modules trained beside the model
+            "extra": [m.state_dict() for m in self.policy.extra],  # modules trained beside the model
             **({"ranks": ranks} if len(ranks) > 1 else {}),
         }
 
@@ -141,7 +141,7 @@ class Checkpointer:
             return final
         ranks = gather_objects({"rng": rng_state(), "source": self.source.state_dict()})
         with self.dist.full_weights(self.policy.model):
-            for module in [self.policy.model, *getattr(self.policy, "extra", [])]:
+            for module in [self.policy.model, *self.policy.extra]:
                 check_finite(module, name)  # on every rank: the same weights, the same verdict
         weights = self.dist.gathered_state(self.policy.model)
         if self.dist.is_main:
@@ -182,7 +182,7 @@ class Checkpointer:
         self.source.load_state_dict((mine or ranks[0])["source"])  # the data position is every rank's
         if state["algorithm"] is not None:
             self.algorithm.load_state_dict(state["algorithm"])
-        for module, weights in zip(getattr(self.policy, "extra", []), state.get("extra", [])):
+        for module, weights in zip(self.policy.extra, state.get("extra", [])):
             module.load_state_dict(weights)
         progress = RunState(**state["progress"])
         on_main(discard_after, self.root, progress.step)
