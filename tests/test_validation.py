@@ -230,3 +230,10 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr == "error: config key 'lora.r': expected an integer >= 1, got 0\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interpolation_that_does_not_resolve_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "recipe=sft_arithmetic", "trainer.lr=${nope}", "--print-config"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: config key 'trainer.lr': Interpolation key 'nope' not found\n"

@@ -62,12 +62,22 @@ def compose_file(path: Path, overrides: Sequence[str]) -> DictConfig:
         GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.pop("hydra", None)
+    _check_interpolations(cfg)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{path.name}: config key '{missing[0]}' is required (it is ???): pass {missing[0]}=...")
     _refuse_renamed(cfg)
     validate.check(cfg)  # every declared range and choice, before anything runs
     return cfg
+
+
+def _check_interpolations(cfg: DictConfig) -> None:
+    """A ``${...}`` that does not resolve (``trainer.lr=${nope}``) is the user's: one line, naming the key."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except Exception as e:  # OmegaConf's interpolation errors carry the key they happened at
+        key = getattr(e, "full_key", None) or "?"
+        raise UserError(f"config key '{key}': {str(e).strip().splitlines()[0]}") from None
 
 
 def _check_yaml(path: Path) -> None:
