@@ -256,6 +256,24 @@ def train(cfg: DictConfig) -> Path:
         return train_on(cfg, dist)
 
 
+def check_precision(precision: str, device: torch.device, rank: int) -> None:
+    """A bad ``trainer.precision`` fails before the run directory exists; bf16 emulated on this CPU is
+    warned about once per process (iterative GRPO trains many times in one)."""
+    autocast(precision, device)
+    slow = bf16_warning(precision, device)
+    if slow and rank == 0 and slow not in WARNED:
+        WARNED.add(slow)
+        console.print(f"[yellow]warning:[/yellow] {slow}")
+
+
+def advance(progress: RunState, step: int, skipped: int, tokens: int, t_start: float) -> None:
+    """The run's state after ``step``: a skipped update counts toward ``trainer.max_bad_steps``."""
+    progress.skipped_steps += skipped
+    progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0
+    progress.step, progress.tokens = step, progress.tokens + tokens
+    progress.seconds = time.perf_counter() - t_start
+
+
 def train_on(cfg: DictConfig, dist: Dist) -> Path:
     """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
     device = dist.device
@@ -263,11 +281,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     reward = build_reward(cfg.reward, device)
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
-    autocast(cfg.trainer.precision, device)  # a bad value fails before the run directory exists
-    slow = bf16_warning(cfg.trainer.precision, device)
-    if slow and dist.rank == 0 and slow not in WARNED:  # iterative GRPO trains many times in one process
-        WARNED.add(slow)
-        console.print(f"[yellow]warning:[/yellow] {slow}")
+    check_precision(cfg.trainer.precision, device, dist.rank)
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
@@ -300,11 +314,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
             batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer)
-            skipped = metrics.pop("skipped")
-            progress.skipped_steps += skipped
-            progress.bad_in_row = progress.bad_in_row + 1 if skipped else 0
-            progress.step, progress.tokens = step, progress.tokens + int(dist.sum(float(batch.attention_mask.sum())))
-            progress.seconds = time.perf_counter() - t_start
+            advance(progress, step, metrics.pop("skipped"), int(dist.sum(float(batch.attention_mask.sum()))), t_start)
             row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": progress.tokens, "seconds": round(progress.seconds, 3),
                    "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds,
                    **timers.gpu_mem}
