@@ -34,15 +34,7 @@ from grpo_cli.trainer.checkpoint import (
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.sources import build_source
 
-from conftest import REPO, TINY, compose
-
-WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
-
-
-def rows(run: Path):
-    """metrics.jsonl without the wall-clock fields (the only ones a resumed run may change)."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not WALL_CLOCK.match(k)} for line in lines]
+from conftest import REPO, TINY, compose, rows
 
 
 def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
@@ -78,12 +70,8 @@ def _weights(run: Path):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, monkeypatch):
+def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, length_rewards):
     """Online sampling (temperature 1), a reward that varies within groups, the reference model (KL)."""
-    from grpo_cli.rewards.registry import REWARDS
-
-    length_mod_3 = lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32)  # noqa: E731
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: length_mod_3)
     common = [f"model.name_or_path={sft_run}", f"lora.enabled={lora}", "reward.name=length_mod_3", "trainer.steps=4",
               "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "trainer.save_every=2",
               "trainer.keep_checkpoints=4"]

@@ -1,7 +1,6 @@
 """Tiny-model integration tests of the shared trainer: SFT, GRPO (LoRA on and off), eval, loading."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,16 +12,12 @@ from grpo_cli.generation import generate
 from grpo_cli.models.load import load_model_and_tokenizer, load_tokenizer
 from grpo_cli.trainer.loop import train
 
-from conftest import compose
+from conftest import compose, metrics
 
 GRPO_METRICS = [
     "reward_mean", "reward_std", "accuracy", "zero_std_groups", "kl", "clip_fraction", "entropy",
     "completion_length", "gc_mean", "gc_std", "time_generate", "time_reward", "time_logprob", "time_train",
 ]
-
-
-def metrics(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_sft_run_learns_and_writes_its_run_directory(sft_run):
@@ -107,7 +102,7 @@ def _trainable(model):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch):
+def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch, length_rewards):
     """A few GRPO steps: trainable parameters move, pi_ref's log-probs do not, every metric is logged."""
     import grpo_cli.trainer.loop as loop
 
@@ -122,10 +117,6 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     monkeypatch.setattr(loop, "build_policy", spy)
     # A barely trained model gets every answer wrong: all advantages would be 0. A reward that
     # varies within groups (completion length mod 3) makes every step carry a gradient.
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
-
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'g'}", f"lora.enabled={lora}",
                   "reward.name=length_mod_3",
                   "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
@@ -160,11 +151,8 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert not torch.allclose(moved, expected, atol=1e-5)
 
 
-def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch):
+def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, length_rewards):
     """mu = 2: two optimiser steps per batch, the second one against the stored pi_old."""
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'mu'}", "algorithm.mu=2",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4",
                   "trainer.lr=1e-2", "trainer.schedule=linear")
@@ -195,10 +183,7 @@ def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, monkeypatch):
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, length_rewards):
     cfg = compose("online_rft_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'rft'}",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-3")
     run = train(cfg)
