@@ -1,6 +1,7 @@
 """Tiny-model integration tests of the shared trainer: SFT, GRPO (LoRA on and off), eval, loading."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -56,11 +57,13 @@ def test_our_greedy_generation_equals_hf_generate(sft_run):
         assert g.completion_ids == ref[0, ids.shape[1]:].tolist()
 
 
-def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, capsys):
-    main(["eval", f"run={sft_run}", "eval.limit=8", "trainer.threads=1"])
-    result = json.loads((sft_run / "eval" / "eval.json").read_text())
+def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, tmp_path, capsys):
+    run = shutil.copytree(sft_run, tmp_path / "sft")  # eval writes into the run: not into the shared fixture
+    main(["eval", f"run={run}", "eval.limit=8", "trainer.threads=1"])
+    assert not (sft_run / "eval").exists()
+    result = json.loads((run / "eval" / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["total"] == 8
-    rows = [json.loads(x) for x in (sft_run / "eval" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"prompt", "completion", "answer", "correct"} <= set(rows[0])
     assert result["correct"] == sum(r["correct"] for r in rows)
 
