@@ -154,15 +154,49 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert not torch.allclose(moved, expected, atol=1e-5)
 
 
-def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, length_rewards):
-    """mu = 2: two optimiser steps per batch, the second one against the stored pi_old."""
+def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch, length_rewards):
+    """mu = 2: two optimiser steps per batch, the second one against the stored pi_old: the sampling
+    policy's log-probs, computed once in prepare, so the ratio pi_theta / pi_old moves off 1."""
+    import grpo_cli.algorithms.functional as F
+    import grpo_cli.algorithms.grpo as grpo
+
+    calls = []  # per loss call (one micro-batch): pi_theta's and pi_old's log-probs, clipped tokens, the mask
+    token_loss, loss = F.grpo_token_loss, grpo.GRPO.loss
+
+    def token_loss_spy(logp, old, ref, adv, **kw):
+        per_token, parts = token_loss(logp, old, ref, adv, **kw)
+        calls.append({"logp": logp.detach().clone(), "old": old.detach().clone(), "clipped": parts["clipped"]})
+        return per_token, parts
+
+    def loss_spy(self, batch, policy):
+        out = loss(self, batch, policy)
+        calls[-1]["mask"] = batch.target_mask.bool()
+        return out
+
+    monkeypatch.setattr(F, "grpo_token_loss", token_loss_spy)
+    monkeypatch.setattr(grpo.GRPO, "loss", loss_spy)
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'mu'}", "algorithm.mu=2",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4",
-                  "trainer.lr=1e-2", "trainer.schedule=linear")
+                  "trainer.lr=1e-2", "trainer.schedule=linear", "algorithm.eps=0.01", "rollout.temperature=0.7")
     rows = metrics(train(cfg))
     # linear decay over steps * mu = 4 optimiser steps: after 2 batches (4 updates) the lr is 0
     assert rows[-1]["lr"] == pytest.approx(0.0)
     assert rows[0]["lr"] == pytest.approx(1e-2 * (1 - 2 / 4))
+    # 2 batches x mu = 2 inner updates x 1 micro-batch: calls (first, second) of batch 1, then of batch 2
+    assert len(calls) == 4
+    for first, second in (calls[0:2], calls[2:4]):
+        mask = first["mask"]
+        assert mask.any() and torch.equal(mask, second["mask"])
+        # inner update 1: pi_theta is still the sampling policy, so old_logp is its own log-probs (at the
+        # sampling temperature, 0.7, like the loss's): ratio 1
+        torch.testing.assert_close(first["logp"][mask], first["old"][mask], rtol=0, atol=1e-5)
+        assert not (first["clipped"] & mask).any()  # |ratio - 1| < eps: nothing is clipped
+        # inner update 2: the same stored pi_old (not recomputed from pi_theta), while pi_theta has moved
+        assert torch.equal(second["old"], first["old"])
+        assert (second["logp"][mask] - second["old"][mask]).abs().max() > 1e-3
+        assert (second["clipped"] & mask).any()  # after an lr 1e-2 step some tokens' ratios leave [0.99, 1.01]
+    # the logged clip fraction is the mean over both updates: (0 + f) / 2 with 0 < f <= 1
+    assert all(0.0 < r["clip_fraction"] <= 0.5 for r in rows)
 
 
 def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
