@@ -1,5 +1,11 @@
 """Shared fixtures and helpers: a tiny model and a small task so integration tests run in seconds on
-CPU, the test rewards, and readers of a run's metrics.jsonl."""
+CPU, the test rewards, and readers of a run's metrics.jsonl.
+
+``@pytest.mark.slow`` marks a test that trains a model (runs the training loop, in this process or
+another, a sweep included) or takes more than ~10 s on 2 cores (torch.compile's Inductor tests):
+``pytest -m "not slow"`` is the quick loop, ``./scripts/test.sh`` runs everything. Tests that only read
+the session's finished ``sft_run`` are not slow: the one SFT run is shared by all of them.
+"""
 
 import json
 import re

@@ -79,6 +79,10 @@ def chaotic_tiny_model(**overrides):
 EXACT = dict(packed_weights=False, compile_attention=False)
 """The fast engine on the model's modules and attention function: HF's arithmetic, rounding included."""
 
+COMPILED = pytest.param(dict(compile_attention_min_mib=0), marks=pytest.mark.slow)
+"""The fast engine with its decode attention compiled: slow, as every test that runs torch.compile
+(Inductor and a C++ compiler: ~5-15 s a test with a warm cache, 20-90 s on a cold one, 2 cores)."""
+
 
 def rows_of(model, tok, engine, n=24, **kw):
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
@@ -126,7 +130,7 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
 
-@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+@pytest.mark.parametrize("options", [EXACT, COMPILED], ids=["modules", "compiled"])
 def test_cache_columns_are_written_before_any_step_reads_them(monkeypatch, options):
     # The cache starts uninitialised (kv_decoder.cache_buffer): filled with NaN here, any column
     # read before it is written (a prompt's padding, rows moved by a compaction) would reach the
@@ -151,7 +155,7 @@ def test_distinct_rows_finds_each_prompts_first_copy():
     assert distinct_rows([[1], [2]]) == ([0, 1], [0, 1])
 
 
-@pytest.mark.parametrize("options", [EXACT, dict(compile_attention_min_mib=0)], ids=["modules", "compiled"])
+@pytest.mark.parametrize("options", [EXACT, COMPILED], ids=["modules", "compiled"])
 def test_a_groups_prompt_is_prefilled_once_and_its_copies_decode_as_hf_does(monkeypatch, options):
     # GRPO's batch holds each prompt G times: the prefill runs on the distinct prompts and their
     # cache rows are copied; every copy then decodes (and samples) as if prefilled itself.
@@ -319,7 +323,7 @@ def require_cpp_compiler():
         pytest.skip(f"torch.compile on CPU needs a C++ compiler: {(str(err).strip() or type(err).__name__).splitlines()[0]}")
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: torch.compile
 def test_decode_attention_is_sdpa_over_the_written_cache(compiled):
     from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
@@ -345,6 +349,7 @@ def test_decode_attention_is_sdpa_over_the_written_cache(compiled):
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager"])
 def test_compiled_attention_gives_the_sdpa_logits(kind):
     from grpo_cli.models.kv_decoder import COMPILE_ERRORS
@@ -360,6 +365,7 @@ def test_compiled_attention_gives_the_sdpa_logits(kind):
         assert compiled_rows == rows_of(model, tok, "fast", **EXACT)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "llama-sdpa"])
 def test_compiled_step_gives_the_packed_logits(kind, monkeypatch):
     # With packed weights the whole decode step compiles (decode_layers): norms, rotary, cache
@@ -380,6 +386,7 @@ def test_compiled_step_gives_the_packed_logits(kind, monkeypatch):
     torch.testing.assert_close(compiled, decoder_logits(model, tok, packed=True), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_compiled_step_under_bf16_autocast_is_the_eager_packed_step():
     import grpo_cli.models.kv_decoder as kv_decoder
     from grpo_cli.models.policy import autocast
@@ -397,6 +404,7 @@ def test_compiled_step_under_bf16_autocast_is_the_eager_packed_step():
     assert (compiled.argmax(-1) == eager.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.slow
 def test_compiled_attention_compiles_once_for_every_batch_shape():
     # Batch size, prompt lengths, cache length, filled columns and rows dropped mid-batch all vary;
     # the dynamic-shape graph must serve them all (a recompile costs seconds, and past torch's
@@ -422,6 +430,7 @@ def test_compiled_attention_compiles_once_for_every_batch_shape():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow
 def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatch):
     from grpo_cli.models.kv_decoder import cache_mib
 
@@ -502,7 +511,7 @@ def test_unsupported_models_fall_back_to_the_reference_loop():
         generate(model, tok, PROMPTS[:2], max_new_tokens=5, engine="fast")
 
 
-@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("compiled", [pytest.param(True, marks=pytest.mark.slow), False])  # True: torch.compile
 def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
     # trainer.precision=bf16: projections and MLP in bf16, the head in fp32; on CPU attention computes
     # in fp32, over a bf16 cache when compiled (half the bytes a step reads), else over an fp32 one.

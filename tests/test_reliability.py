@@ -50,6 +50,7 @@ def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
 
 # ----------------------------------------------------------------------------- 1. exact resume
 
+@pytest.mark.slow
 def test_sft_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     common = ["trainer.steps=6", "trainer.batch_size=8", "trainer.save_every=3", "trainer.keep_checkpoints=5"]
     full = loop.train(compose("sft_arithmetic", *common, f"output_dir={tmp_path / 'full'}"))
@@ -69,6 +70,7 @@ def _weights(run: Path):
     return list(load_file(run / "checkpoints" / "final" / "model.safetensors").values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, length_rewards):
     """Online sampling (temperature 1), a reward that varies within groups, the reference model (KL)."""
@@ -84,6 +86,7 @@ def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_pat
     assert rows(full)[-1]["kl"] > 0  # the resumed steps are measured against the start model
 
 
+@pytest.mark.slow
 def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
@@ -95,6 +98,7 @@ def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_se
     assert re.search(r"resuming with a config that differs from .*: trainer\.lr=0\.01 \(was 0\.003\)", err), err
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_left_as_old_by_a_kill_between_renames(tmp_path):
     # A save replaces <name> by renaming it to <name>.old, then the new copy in; killed in between,
     # <name>.old is the only copy. resume=true must restore it, not a path renamed under its feet.
@@ -107,6 +111,7 @@ def test_resume_from_a_checkpoint_left_as_old_by_a_kill_between_renames(tmp_path
     assert [r["step"] for r in rows(again)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path):
     common = ["trainer.batch_size=4", "trainer.save_every=1", f"output_dir={tmp_path}"]
     loop.train(compose("sft_arithmetic", "trainer.steps=3", *common))
@@ -127,6 +132,7 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- 2. signals and kill -9
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_path):
     common = [*TINY, "trainer.batch_size=4", "trainer.schedule=constant", "trainer.threads=1"]
     run = tmp_path / "run"
@@ -152,6 +158,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_p
     assert len(rows(resumed)) == step + 2 and rows(resumed) == rows(full)
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_saves_and_restores_the_handlers(tmp_path, monkeypatch):
     original, calls = loop.optimise, []
 
@@ -251,6 +258,7 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
     assert all(p.grad is None for p in ckpt.policy.model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, sampled", [("sft_arithmetic", False), ("grpo_arithmetic", True)])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_heap_is_trimmed_around_cpu_updates_when_enabled(tmp_path, monkeypatch, enabled, recipe, sampled):
@@ -312,6 +320,7 @@ def test_sampled_steps_trim_before_the_update_and_from_less_growth(monkeypatch):
     assert sampled.before_update() and sampled.level == 1100 << 20
 
 
+@pytest.mark.slow
 def test_training_bounds_onednn_cache_and_a_value_in_the_environment_wins(tmp_path, monkeypatch):
     env = memory.ONEDNN_CACHE_ENV
     monkeypatch.setenv(env, "x")
@@ -359,6 +368,7 @@ def test_trim_heap_calls_glibc_where_there_is_one():
     assert memory.trim_heap() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
+@pytest.mark.slow
 def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     original, calls = SFT.loss, []
 
@@ -471,6 +481,7 @@ def test_pathological_answers_are_scored_exactly_through_the_reward(text, expect
 
 # ----------------------------------------------------------------------------- 4. bad input: prompts longer than the context
 
+@pytest.mark.slow
 def test_an_example_longer_than_the_context_is_skipped_with_a_warning(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1", "answer": "1+1=2\n#### 2"}) + "\n"

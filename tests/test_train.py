@@ -104,6 +104,7 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
 def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch, length_rewards):
     """A few GRPO steps: trainable parameters move, pi_ref's log-probs do not, every metric is logged."""
@@ -154,6 +155,7 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert not torch.allclose(moved, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch, length_rewards):
     """mu = 2: two optimiser steps per batch, the second one against the stored pi_old: the sampling
     policy's log-probs, computed once in prepare, so the ratio pi_theta / pi_old moves off 1."""
@@ -220,6 +222,7 @@ def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, length_rewards):
     cfg = compose("online_rft_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'rft'}",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-3")

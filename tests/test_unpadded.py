@@ -159,6 +159,7 @@ def test_unknown_precision_is_a_one_line_config_error():
         autocast("fp8", torch.device("cpu"))
 
 
+@pytest.mark.slow
 def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch, capsys, length_rewards):
     import json
 
@@ -265,6 +266,7 @@ def test_activation_checkpointing_gives_the_same_gradients_from_a_fraction_of_th
     assert kept_ckpt < 0.35 * kept_plain, (kept_ckpt, kept_plain)
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(tmp_path, monkeypatch, length_rewards):
     import grpo_cli.trainer.loop as loop
 
