@@ -69,11 +69,11 @@ def test_the_head_reads_the_last_hidden_state_of_each_real_token():
         hidden = padded_hidden_states(lm, ids, attn)  # the reference forward, positions from the mask
     expected = hidden @ scorer.head.weight[0] + 0.25  # [B, T]: the head at position t, not t - 1 or t + 1
     real = attn.bool()
-    torch.testing.assert_close(scores[real], expected[real], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores[real], expected[real], rtol=1e-3, atol=1e-4)
     # left padding moves nothing: each row alone, unpadded, gets the same scores on its tokens
     for b, text in enumerate(TEXTS):
         alone_ids, alone_attn = encode([text])
-        torch.testing.assert_close(scores[b][real[b]], scorer(alone_ids, alone_attn)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(scores[b][real[b]], scorer(alone_ids, alone_attn)[0], rtol=1e-3, atol=1e-4)
     # causal: a changed last token changes the last column only
     changed = ids.clone()
     changed[:, -1] = TOK.convert_tokens_to_ids("9")
@@ -90,7 +90,7 @@ def test_outcome_scores_are_the_last_columns_which_is_every_rows_last_token():
     last = outcome_scores(scorer(ids, attn))
     for b, text in enumerate(TEXTS):  # the score of the row's last token, read alone
         alone = scorer(*encode([text]))[0, -1]
-        torch.testing.assert_close(last[b], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(last[b], alone, rtol=1e-3, atol=1e-4)
 
 
 def test_scorer_gradients_reach_the_head_and_the_trunk_and_with_lora_only_the_adapters():
@@ -151,7 +151,7 @@ def test_lora_scorer_saves_its_adapter_and_reloads_merged(tmp_path):
     assert (tmp_path / "rm" / "adapter_config.json").is_file() and not (tmp_path / "rm" / "model.safetensors").exists()
     ids, attn = encode()
     again, _ = load_scorer(str(tmp_path / "rm"))
-    torch.testing.assert_close(again(ids, attn), scorer(ids, attn), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(again(ids, attn), scorer(ids, attn), rtol=1e-3, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- value models
@@ -179,9 +179,14 @@ def test_separate_value_model_of_a_lora_policy_merges_the_adapter_away():
     value = separate_value_model(policy, lr_scale=1.0)
     assert not any("lora_" in n for n, _ in value.named_parameters())
     ids, attn = encode()
-    with torch.no_grad():  # merged: the policy's function, adapter included, in plain weights
-        torch.testing.assert_close(padded_hidden_states(value.lm, ids, attn), padded_hidden_states(policy, ids, attn),
-                                   rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        merged, adapted = padded_hidden_states(value.lm, ids, attn), padded_hidden_states(policy, ids, attn)
+        with policy.disable_adapter():
+            base = padded_hidden_states(policy, ids, attn)
+    # merged: the policy's function, adapter included, in plain weights (W + BA summed in another order:
+    # ~4e-5 apart), far from the base without the adapter
+    torch.testing.assert_close(merged, adapted, rtol=1e-3, atol=1e-4)
+    assert (merged - base).abs().max() > 0.1
     assert any("lora_" in n for n, _ in policy.named_parameters())  # the policy keeps its adapter
 
 
