@@ -64,7 +64,8 @@ class Batch:
         )
 
     def micro_batches(self, n: int) -> List["Batch"]:
-        """Split into ``n`` contiguous micro-batches (groups stay together when B is a multiple of n*G)."""
+        """Split into contiguous micro-batches of ceil(B / n) rows: ``n`` of them when B is a multiple of
+        ``n`` (groups stay together when it is a multiple of n*G), fewer otherwise (5 rows, n=4: 2+2+1)."""
         size = -(-len(self) // n)
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 

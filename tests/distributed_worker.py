@@ -19,7 +19,8 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as torch_dist
-from conftest import TINY, compose
+
+from conftest import TINY, compose, length_mod_3
 
 PROMPTS = ["3+4\n", "12-5*2\n", "7*8\n", "9-1+2\n"]
 
@@ -36,10 +37,6 @@ def fake_generate(model, tokenizer, prompts: List[str], *, max_new_tokens: int, 
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [tokenizer.eos_token_id]
         out.append(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"], ids, text, True))
     return out
-
-
-def length_mod_3(batch) -> torch.Tensor:
-    return torch.tensor([len(c) % 3 for c in batch.completions], dtype=torch.float32)
 
 
 def install(fake_rollouts: bool) -> None:

@@ -26,7 +26,8 @@ from grpo_cli.models.device import pick_device
 from grpo_cli.trainer import loop
 from grpo_cli.trainer.distributed import LOCAL, rank_seed, shard
 
-WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
+from conftest import REPO, compose, register_length_rewards, rows
+from distributed_worker import PROMPTS, fake_generate, fixed_batch
 CPU = ["trainer.device=cpu", "trainer.threads=1"]  # gloo on CPU, also on a machine with a GPU
 GRPO = ["model.name_or_path=tiny", "reward.name=length_mod_3", "source.prompts_per_step=4", "source.group_size=4",
         "trainer.lr=1e-2", *CPU]
@@ -55,11 +56,6 @@ GRADIENT_CASES = {  # name: (recipe, strategy, overrides) for one SGD step on a 
     "grpo_fsdp_token": ("grpo_arithmetic", "fsdp", "algorithm.aggregation=token"),
     "grpo_fsdp_lora": ("grpo_arithmetic", "fsdp", "lora.enabled=true"),
 }
-
-
-def rows(run: Path):
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not WALL_CLOCK.match(k)} for line in lines]
 
 
 def weights(run: Path):
@@ -95,10 +91,9 @@ def two_processes(tmp_path_factory):
 def one_process(name: str, tmp_path: Path, monkeypatch) -> Path:
     """The same run as the 2-process job ``name``, in this process."""
     import grpo_cli.generation as generation
-    from grpo_cli.rewards.registry import REWARDS
 
     recipe, fake, args = RUNS[name]
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: length_mod_3)
+    register_length_rewards(monkeypatch)
     if fake:
         monkeypatch.setattr(generation, "generate", fake_generate)
     return loop.train(compose(recipe, *args, f"output_dir={tmp_path / name}"))
@@ -213,9 +208,7 @@ def test_sampling_runs_resume_exactly_at_the_same_world_size_and_at_another(two_
     shutil.copytree(full, tmp_path / "one")
     shutil.rmtree(tmp_path / "one" / "checkpoints" / "final")
     shutil.rmtree(tmp_path / "one" / "checkpoints" / "step_000004")
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: length_mod_3)
+    register_length_rewards(monkeypatch)
     again = loop.train(compose(SAMPLED[0], *SAMPLED[1], f"output_dir={tmp_path / 'one'}", "resume=true"))
     assert rows(again)[:2] == rows(full)[:2] and len(rows(again)) == 4
     assert "was saved by 2 processes, this run has 1" in capsys.readouterr().err

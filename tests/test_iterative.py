@@ -3,10 +3,9 @@
 import json
 
 import pytest
-import torch
 import yaml
 
-from tests.conftest import compose
+from tests.conftest import compose, length_mod_3_is_0
 
 
 @pytest.fixture
@@ -14,8 +13,7 @@ def length_rule(monkeypatch):
     """The answer rule almost never fires on the test's barely trained model: label by length instead."""
     from grpo_cli.rewards.registry import REWARDS
 
-    monkeypatch.setitem(REWARDS, "outcome", lambda cfg: lambda b: torch.tensor(
-        [float(len(c) % 3 == 0) for c in b.completions], dtype=torch.float32))
+    monkeypatch.setitem(REWARDS, "outcome", lambda cfg: length_mod_3_is_0)
 
 
 def _lines(path):

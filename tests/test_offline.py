@@ -32,19 +32,11 @@ def test_make_pairs_one_correct_one_incorrect_of_the_same_question():
     assert [(a["completion_ids"], b["completion_ids"]) for a, b in pairs] == [([1], [2]), ([3], [4])]
 
 
-@pytest.fixture
-def length_reward(monkeypatch):
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor(
-        [float(len(c) % 3 == 0) for c in b.completions], dtype=torch.float32))
-
-
 @pytest.mark.slow
-def test_rft_samples_once_saves_and_reuses_its_set(sft_run, tmp_path, length_reward):
+def test_rft_samples_once_saves_and_reuses_its_set(sft_run, tmp_path, length_rewards):
     from grpo_cli.trainer.loop import train
 
-    common = [f"model.name_or_path={sft_run}", "reward.name=length_mod_3", "source.questions=8",
+    common = [f"model.name_or_path={sft_run}", "reward.name=length_mod_3_is_0", "source.questions=8",
               "source.samples_per_question=4", "trainer.steps=2", "trainer.batch_size=4"]
     run = train(compose("rft_arithmetic", *common, f"output_dir={tmp_path / 'a'}"))
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
@@ -59,7 +51,7 @@ def test_rft_samples_once_saves_and_reuses_its_set(sft_run, tmp_path, length_rew
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
-def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length_reward, lora, monkeypatch):
+def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length_rewards, lora, monkeypatch):
     from grpo_cli.trainer import loop
 
     seen = {}
@@ -70,7 +62,7 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
         return seen["policy"]
 
     monkeypatch.setattr(loop, "build_policy", spy)
-    cfg = compose("dpo_arithmetic", f"model.name_or_path={sft_run}", "reward.name=length_mod_3", "source.questions=8",
+    cfg = compose("dpo_arithmetic", f"model.name_or_path={sft_run}", "reward.name=length_mod_3_is_0", "source.questions=8",
                   "source.samples_per_question=6", "trainer.steps=4", "trainer.batch_size=2", "trainer.grad_accum=2",
                   "trainer.lr=1e-2", "algorithm.sft_weight=0", f"lora.enabled={lora}", f"output_dir={tmp_path / 'dpo'}")
     run = loop.train(cfg)

@@ -29,13 +29,11 @@ def tiny_reward_model(sft_run, tmp_path, monkeypatch):
     """A reward model for the iterative method (the test's barely trained model gets no answer right,
     so the answer rule alone could not train one): labelled by length, two steps."""
     import torch
-    from conftest import compose
-
     from grpo_cli.rewards.registry import REWARDS
     from grpo_cli.trainer.loop import train
+    from conftest import compose, length_mod_3_is_0
 
-    monkeypatch.setitem(REWARDS, "outcome", lambda cfg: lambda b: torch.tensor(
-        [float(len(c) % 3 == 0) for c in b.completions], dtype=torch.float32))
+    monkeypatch.setitem(REWARDS, "outcome", lambda cfg: length_mod_3_is_0)
     return train(compose("rm_arithmetic", f"model.name_or_path={sft_run}", "source.questions=8", "source.samples_per_question=4",
                          "trainer.steps=2", "trainer.batch_size=2", f"output_dir={tmp_path / 'rm'}"))
 

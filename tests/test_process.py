@@ -234,6 +234,7 @@ def test_grpo_process_supervision_needs_step_rewards_and_valid_config():
 # ----------------------------------------------------------------------------- through the trainer
 
 
+@pytest.mark.slow
 def test_grpo_process_supervision_trains_through_the_loop(sft_run, tmp_path, monkeypatch):
     """reward=steps + algorithm.supervision=process: step metrics logged, advantages per token, the
     policy's parameters move."""

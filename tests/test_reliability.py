@@ -40,13 +40,7 @@ from grpo_cli.trainer.checkpoint import (
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
 
-WALL_CLOCK = re.compile(r"^(seconds|time_.*|gpu_mem_.*)$")  # and the GPU memory peaks
-
-
-def rows(run: Path):
-    """metrics.jsonl without the wall-clock fields (the only ones a resumed run may change)."""
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if not WALL_CLOCK.match(k)} for line in lines]
+from conftest import REPO, TINY, TINY_EVAL, compose, rows
 
 
 def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
@@ -62,6 +56,7 @@ def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
 
 # ----------------------------------------------------------------------------- 1. exact resume
 
+@pytest.mark.slow
 def test_sft_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     common = ["trainer.steps=6", "trainer.batch_size=8", "trainer.save_every=3", "trainer.keep_checkpoints=5"]
     full = loop.train(compose("sft_arithmetic", *common, f"output_dir={tmp_path / 'full'}"))
@@ -81,13 +76,10 @@ def _weights(run: Path):
     return list(load_file(run / "checkpoints" / "final" / "model.safetensors").values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
-def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, monkeypatch):
+def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, length_rewards):
     """Online sampling (temperature 1), a reward that varies within groups, the reference model (KL)."""
-    from grpo_cli.rewards.registry import REWARDS
-
-    length_mod_3 = lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32)  # noqa: E731
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: length_mod_3)
     common = [f"model.name_or_path={sft_run}", f"lora.enabled={lora}", "reward.name=length_mod_3", "trainer.steps=4",
               "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "trainer.save_every=2",
               "trainer.keep_checkpoints=4"]
@@ -100,6 +92,7 @@ def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_pat
     assert rows(full)[-1]["kl"] > 0  # the resumed steps are measured against the start model
 
 
+@pytest.mark.slow
 def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_settings(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
@@ -111,6 +104,7 @@ def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_se
     assert re.search(r"resuming with a config that differs from .*: trainer\.lr=0\.01 \(was 0\.003\)", err), err
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_left_as_old_by_a_kill_between_renames(tmp_path):
     # A save replaces <name> by renaming it to <name>.old, then the new copy in; killed in between,
     # <name>.old is the only copy. resume=true must restore it, not a path renamed under its feet.
@@ -123,6 +117,7 @@ def test_resume_from_a_checkpoint_left_as_old_by_a_kill_between_renames(tmp_path
     assert [r["step"] for r in rows(again)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path):
     common = ["trainer.batch_size=4", "trainer.save_every=1", f"output_dir={tmp_path}"]
     loop.train(compose("sft_arithmetic", "trainer.steps=3", *common))
@@ -250,6 +245,7 @@ def test_a_lora_run_on_its_own_saved_base_loads_after_the_run_moves(tmp_path):
 
 # ----------------------------------------------------------------------------- 2. signals and kill -9
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_path):
     common = [*TINY, "trainer.batch_size=4", "trainer.schedule=constant", "trainer.threads=1"]
     run = tmp_path / "run"
@@ -275,6 +271,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_p
     assert len(rows(resumed)) == step + 2 and rows(resumed) == rows(full)
 
 
+@pytest.mark.slow
 def test_sigint_finishes_the_step_saves_and_restores_the_handlers(tmp_path, monkeypatch):
     original, calls = loop.optimise, []
 
@@ -374,6 +371,7 @@ def test_gradients_are_freed_after_every_update(tmp_path, mode):
     assert all(p.grad is None for p in ckpt.policy.model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, sampled", [("sft_arithmetic", False), ("grpo_arithmetic", True)])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_the_heap_is_trimmed_around_cpu_updates_when_enabled(tmp_path, monkeypatch, enabled, recipe, sampled):
@@ -435,6 +433,7 @@ def test_sampled_steps_trim_before_the_update_and_from_less_growth(monkeypatch):
     assert sampled.before_update() and sampled.level == 1100 << 20
 
 
+@pytest.mark.slow
 def test_training_bounds_onednn_cache_and_a_value_in_the_environment_wins(tmp_path, monkeypatch):
     env = memory.ONEDNN_CACHE_ENV
     monkeypatch.setenv(env, "x")
@@ -482,6 +481,7 @@ def test_trim_heap_calls_glibc_where_there_is_one():
     assert memory.trim_heap() == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
 
 
+@pytest.mark.slow
 def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch):
     original, calls = SFT.loss, []
 
@@ -594,6 +594,7 @@ def test_pathological_answers_are_scored_exactly_through_the_reward(text, expect
 
 # ----------------------------------------------------------------------------- 4. bad input: prompts longer than the context
 
+@pytest.mark.slow
 def test_an_example_longer_than_the_context_is_skipped_with_a_warning(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"question": "1+1", "answer": "1+1=2\n#### 2"}) + "\n"

@@ -103,6 +103,7 @@ def _csv(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_sweep_isolates_a_crash_summarises_and_resumes(tmp_path, capsys):
     """2x2 grid, one max_ops below min_ops (a relation checked when the data is built, not at
     composition): its two runs fail with their error, the others train and are evaluated; the same
@@ -137,6 +138,7 @@ def test_sweep_isolates_a_crash_summarises_and_resumes(tmp_path, capsys):
     assert {run: (sweep_dir / run / "done.json").read_text() for run in finished} == finished
 
 
+@pytest.mark.slow
 def test_hydra_entry_runs_the_grid_with_hydras_multirun(tmp_path):
     """The same grid through Hydra's multirun (basic launcher): one job per seed, each a finished run."""
     cmd = [sys.executable, "-m", "grpo_cli.hydra_app", "--config-name", "sft_arithmetic", "-m", *TINY,

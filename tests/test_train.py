@@ -1,7 +1,7 @@
 """Tiny-model integration tests of the shared trainer: SFT, GRPO (LoRA on and off), eval, loading."""
 
 import json
-from pathlib import Path
+import shutil
 
 import pytest
 import torch
@@ -14,14 +14,12 @@ from grpo_cli.generation import generate
 from grpo_cli.models.load import load_model_and_tokenizer, load_tokenizer
 from grpo_cli.trainer.loop import train
 
+from conftest import compose, metrics
+
 GRPO_METRICS = [
     "reward_mean", "reward_std", "accuracy", "zero_std_groups", "kl", "clip_fraction", "entropy",
     "completion_length", "gc_mean", "gc_std", "time_generate", "time_reward", "time_logprob", "time_train",
 ]
-
-
-def metrics(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_sft_run_learns_and_writes_its_run_directory(sft_run):
@@ -60,11 +58,13 @@ def test_our_greedy_generation_equals_hf_generate(sft_run):
         assert g.completion_ids == ref[0, ids.shape[1]:].tolist()
 
 
-def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, capsys):
-    main(["eval", f"run={sft_run}", "eval.limit=8", "trainer.threads=1"])
-    result = json.loads((sft_run / "eval" / "latest" / "eval.json").read_text())
+def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, tmp_path, capsys):
+    run = shutil.copytree(sft_run, tmp_path / "sft")  # eval writes into the run: not into the shared fixture
+    main(["eval", f"run={run}", "eval.limit=8", "trainer.threads=1"])
+    assert not (sft_run / "eval").exists()
+    result = json.loads((run / "eval" / "latest" / "eval.json").read_text())
     assert 0.0 <= result["accuracy"] <= 1.0 and result["total"] == 8
-    rows = [json.loads(x) for x in (sft_run / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8 and {"prompt", "completion", "answer", "correct"} <= set(rows[0])
     assert result["correct"] == sum(r["correct"] for r in rows)
 
@@ -105,8 +105,9 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True])
-def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch):
+def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_path, lora, monkeypatch, length_rewards):
     """A few GRPO steps: trainable parameters move, pi_ref's log-probs do not, every metric is logged."""
     import grpo_cli.trainer.loop as loop
 
@@ -121,10 +122,6 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     monkeypatch.setattr(loop, "build_policy", spy)
     # A barely trained model gets every answer wrong: all advantages would be 0. A reward that
     # varies within groups (completion length mod 3) makes every step carry a gradient.
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
-
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'g'}", f"lora.enabled={lora}",
                   "reward.name=length_mod_3",
                   "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
@@ -159,18 +156,50 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     assert not torch.allclose(moved, expected, atol=1e-5)
 
 
-def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch):
-    """mu = 2: two optimiser steps per batch, the second one against the stored pi_old."""
-    from grpo_cli.rewards.registry import REWARDS
+@pytest.mark.slow
+def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkeypatch, length_rewards):
+    """mu = 2: two optimiser steps per batch, the second one against the stored pi_old: the sampling
+    policy's log-probs, computed once in prepare, so the ratio pi_theta / pi_old moves off 1."""
+    import grpo_cli.algorithms.functional as F
+    import grpo_cli.algorithms.grpo as grpo
 
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+    calls = []  # per loss call (one micro-batch): pi_theta's and pi_old's log-probs, clipped tokens, the mask
+    token_loss, loss = F.grpo_token_loss, grpo.GRPO.loss
+
+    def token_loss_spy(logp, old, ref, adv, **kw):
+        per_token, parts = token_loss(logp, old, ref, adv, **kw)
+        calls.append({"logp": logp.detach().clone(), "old": old.detach().clone(), "clipped": parts["clipped"]})
+        return per_token, parts
+
+    def loss_spy(self, batch, policy):
+        out = loss(self, batch, policy)
+        calls[-1]["mask"] = batch.target_mask.bool()
+        return out
+
+    monkeypatch.setattr(F, "grpo_token_loss", token_loss_spy)
+    monkeypatch.setattr(grpo.GRPO, "loss", loss_spy)
     cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'mu'}", "algorithm.mu=2",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4",
-                  "trainer.lr=1e-2", "trainer.schedule=linear")
+                  "trainer.lr=1e-2", "trainer.schedule=linear", "algorithm.eps=0.01", "rollout.temperature=0.7")
     rows = metrics(train(cfg))
     # linear decay over steps * mu = 4 optimiser steps: after 2 batches (4 updates) the lr is 0
     assert rows[-1]["lr"] == pytest.approx(0.0)
     assert rows[0]["lr"] == pytest.approx(1e-2 * (1 - 2 / 4))
+    # 2 batches x mu = 2 inner updates x 1 micro-batch: calls (first, second) of batch 1, then of batch 2
+    assert len(calls) == 4
+    for first, second in (calls[0:2], calls[2:4]):
+        mask = first["mask"]
+        assert mask.any() and torch.equal(mask, second["mask"])
+        # inner update 1: pi_theta is still the sampling policy, so old_logp is its own log-probs (at the
+        # sampling temperature, 0.7, like the loss's): ratio 1
+        torch.testing.assert_close(first["logp"][mask], first["old"][mask], rtol=0, atol=1e-5)
+        assert not (first["clipped"] & mask).any()  # |ratio - 1| < eps: nothing is clipped
+        # inner update 2: the same stored pi_old (not recomputed from pi_theta), while pi_theta has moved
+        assert torch.equal(second["old"], first["old"])
+        assert (second["logp"][mask] - second["old"][mask]).abs().max() > 1e-3
+        assert (second["clipped"] & mask).any()  # after an lr 1e-2 step some tokens' ratios leave [0.99, 1.01]
+    # the logged clip fraction is the mean over both updates: (0 + f) / 2 with 0 < f <= 1
+    assert all(0.0 < r["clip_fraction"] <= 0.5 for r in rows)
 
 
 def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
@@ -194,10 +223,8 @@ def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
         assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, monkeypatch):
-    from grpo_cli.rewards.registry import REWARDS
-
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
+@pytest.mark.slow
+def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, length_rewards):
     cfg = compose("online_rft_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'rft'}",
                   "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-3")
     run = train(cfg)

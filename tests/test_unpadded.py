@@ -158,12 +158,12 @@ def test_unknown_precision_is_a_one_line_config_error():
         autocast("fp8", torch.device("cpu"))
 
 
-def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch, capsys):
+@pytest.mark.slow
+def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch, capsys, length_rewards):
     import json
 
     import grpo_cli.models.policy as policy_module
     import grpo_cli.trainer.loop as loop
-    from grpo_cli.rewards.registry import REWARDS
 
     monkeypatch.setattr(policy_module, "cpu_has_bf16", lambda: False)  # a CPU that emulates bf16: warned
     monkeypatch.setattr(loop, "WARNED", set())  # once per process: as if no earlier run had warned
@@ -178,7 +178,6 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "build_policy", spy)
     # An untrained model answers nothing right: a reward that varies within groups gives gradients.
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
     cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'bf16'}", "trainer.precision=bf16", "trainer.steps=2",
                   "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "reward.name=length_mod_3")
     run = loop.train(cfg)
@@ -266,9 +265,9 @@ def test_activation_checkpointing_gives_the_same_gradients_from_a_fraction_of_th
     assert kept_ckpt < 0.35 * kept_plain, (kept_ckpt, kept_plain)
 
 
-def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(tmp_path, monkeypatch, length_rewards):
     import grpo_cli.trainer.loop as loop
-    from grpo_cli.rewards.registry import REWARDS
 
     calls, seen, build = [], {}, loop.build_policy
 
@@ -282,7 +281,6 @@ def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(
         return policy
 
     monkeypatch.setattr(loop, "build_policy", spy)
-    monkeypatch.setitem(REWARDS, "length_mod_3", lambda cfg: lambda b: torch.tensor([len(c) % 3 for c in b.completions], dtype=torch.float32))
     cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'ckpt'}", "trainer.steps=1",
                   "trainer.activation_checkpointing=true", "source.prompts_per_step=2", "source.group_size=4",
                   "trainer.lr=1e-2", "reward.name=length_mod_3")

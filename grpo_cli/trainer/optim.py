@@ -10,8 +10,13 @@ import torch
 from grpo_cli.errors import UserError
 
 
+SCHEDULES = ("constant", "linear", "cosine")
+
+
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     """Multiplier of the peak lr at optimiser step ``step`` (0-based)."""
+    if schedule not in SCHEDULES:  # checked first: a warmup step must not let a misspelt name through
+        raise UserError(f"trainer.schedule: expected constant, linear or cosine, got '{schedule}'")
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
@@ -19,9 +24,7 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
         return 1.0
     if schedule == "linear":
         return 1.0 - progress
-    if schedule == "cosine":  # decays to 10% of the peak
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise UserError(f"trainer.schedule: expected constant, linear or cosine, got '{schedule}'")
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine: decays to 10% of the peak
 
 
 def param_groups(modules: torch.nn.ModuleList, lr: float) -> List[Dict]:
