@@ -136,7 +136,7 @@ def test_out_of_range_number_is_rejected_at_composition(overrides, expected):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["trainer.lr=-1"], "config key 'trainer.lr': expected a number > 0, got -1.0"),
-    (["trainer.steps=-3"], "config key 'trainer.steps': expected an integer >= 1, got -3"),
+    (["trainer.steps=-3"], "config key 'trainer.steps': expected an integer >= 0, got -3"),
     (["lora.r=0"], "config key 'lora.r': expected an integer >= 1, got 0"),
     (["trainer.batch_size=0"], "config key 'trainer.batch_size': expected an integer >= 1, got 0"),
     (["rollout.temperature=-1"], "config key 'rollout.temperature': expected a number >= 0, got -1.0"),
@@ -217,7 +217,7 @@ def test_hydra_entry_checks_the_config_it_is_given():
 
     cfg = compose_run(RECIPE, [])
     cfg.trainer.steps = -3
-    with pytest.raises(UserError, match=re.escape("config key 'trainer.steps': expected an integer >= 1, got -3")):
+    with pytest.raises(UserError, match=re.escape("config key 'trainer.steps': expected an integer >= 0, got -3")):
         train_and_measure(cfg)
 
 

@@ -424,8 +424,9 @@ class RolloutConfig:
 class TrainerConfig:
     """Optimisation, shared by every method."""
 
-    steps: int = num(100, ge=1)
-    """Optimiser steps of the whole run (times ``updates_per_batch`` of the algorithm, if any)."""
+    steps: int = num(100, ge=0)
+    """Optimiser steps of the whole run (times ``updates_per_batch`` of the algorithm, if any); 0 trains
+    nothing and saves the start model as the run (the paradigm sweep's ``method=start``)."""
     batch_size: int = num(32, ge=1)
     """Sequences per step for offline sources; online sources set P * G themselves."""
     grad_accum: int = num(1, ge=1)
