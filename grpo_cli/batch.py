@@ -46,7 +46,7 @@ class Batch:
         """Each row's completion tokens, in order (the sampled ids, EOS included where drawn)."""
         return [row[mask].tolist() for row, mask in zip(self.input_ids, self.completion_mask.bool())]
 
-    def select(self, idx: Sequence[int]) -> "Batch":
+    def select(self, idx: Sequence[int]) -> Batch:
         index = torch.as_tensor(list(idx), dtype=torch.long)
         pick = lambda xs: [xs[i] for i in index.tolist()]  # noqa: E731
         return replace(
@@ -63,17 +63,17 @@ class Batch:
             totals=dict(self.totals),
         )
 
-    def micro_batches(self, n: int) -> List["Batch"]:
+    def micro_batches(self, n: int) -> List[Batch]:
         """Split into contiguous micro-batches of ceil(B / n) rows: ``n`` of them when B is a multiple of
         ``n`` (groups stay together when it is a multiple of n*G), fewer otherwise (5 rows, n=4: 2+2+1)."""
         size = -(-len(self) // n)
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
-    def with_totals(self) -> "Batch":
+    def with_totals(self) -> Batch:
         self.totals.update(sequences=float(len(self)), tokens=float(self.target_mask.sum().clamp(min=1)))
         return self
 
-    def to(self, device: torch.device) -> "Batch":
+    def to(self, device: torch.device) -> Batch:
         return replace(
             self,
             input_ids=self.input_ids.to(device),
@@ -99,7 +99,7 @@ def pack(
         start = T - len(p) - len(c)
         ids[b, start:] = torch.tensor(p + c, dtype=torch.long)
         attn[b, start:] = 1
-        comp[b, start + len(p):] = 1
+        comp[b, start + len(p) :] = 1
     return ids, attn, comp
 
 

@@ -36,7 +36,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True}
-OVERRIDES = typer.Argument(None, help="recipe=NAME and Hydra overrides key=value (e.g. trainer.lr=1e-4 lora.enabled=true)")
+OVERRIDES = typer.Argument(
+    None, help="recipe=NAME and Hydra overrides key=value (e.g. trainer.lr=1e-4 lora.enabled=true)"
+)
 
 
 @app.command(context_settings=EXTRA)
@@ -61,17 +63,18 @@ EVAL_HELP = (
     "Evaluate a run or model (greedy pass@1; maj@K and pass@K with eval.n=N samples), or score a JSONL of completions."
     "\n\nEach evaluation of a run is kept in <run>/eval/<data>-<split>[-limitN][-nN]-<hash of its settings>/ "
     "(eval.json, samples.jsonl); <run>/eval/latest is the newest. output_dir=DIR writes to DIR instead."
-    "\n\nsamples=FILE.jsonl holds one JSON object per line: the completion (field \"completion\"; another field "
-    "with eval.completion_field=NAME), the reference final answer (field \"answer\", e.g. \"72\"; another with "
-    "eval.answer_field=NAME) and, optionally, the \"prompt\" (copied to samples.jsonl)."
+    '\n\nsamples=FILE.jsonl holds one JSON object per line: the completion (field "completion"; another field '
+    'with eval.completion_field=NAME), the reference final answer (field "answer", e.g. "72"; another with '
+    'eval.answer_field=NAME) and, optionally, the "prompt" (copied to samples.jsonl).'
 )
 
 
 @app.command(name="eval", context_settings=EXTRA, help=EVAL_HELP)
 def evaluate(
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="run=<run dir|model dir|hub name> or samples=<file.jsonl>, then overrides "
-                   "(data=gsm8k eval.limit=100 output_dir=DIR)"
+        None,
+        help="run=<run dir|model dir|hub name> or samples=<file.jsonl>, then overrides "
+        "(data=gsm8k eval.limit=100 output_dir=DIR)",
     ),
     print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
 ) -> None:
@@ -93,7 +96,9 @@ def evaluate(
 @app.command(context_settings=EXTRA)
 def sweep(
     overrides: Optional[List[str]] = typer.Argument(
-        None, help="recipe=NAME, overrides, swept ones in Hydra's grammar ('trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)'), sweep.* settings"
+        None,
+        help="recipe=NAME, overrides, swept ones in Hydra's grammar "
+        "('trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)'), sweep.* settings",
     ),
     dry_run: bool = typer.Option(False, "--dry-run", "-n", help="List the runs of the grid and exit."),
 ) -> None:
@@ -105,13 +110,18 @@ def sweep(
     sweep_dir, cfg, outcomes = run_sweep(recipe, rest, dry_run=dry_run)
     if dry_run:
         for o in outcomes:
-            typer.echo(f"{o.run.name}: grpo train recipe={recipe} {' '.join(o.run.overrides)}")  # unwrapped: copy-pasteable
+            typer.echo(
+                f"{o.run.name}: grpo train recipe={recipe} {' '.join(o.run.overrides)}"
+            )  # unwrapped: copy-pasteable
         return
     for table in summary_tables(sweep_dir, cfg, outcomes):
         out.print(table)
     failed = [o for o in outcomes if o.status == "failed"]
-    out.print(f"wrote {sweep_dir}/summary.csv" + (" and summary.png" if (sweep_dir / "summary.png").exists() else "")
-              + (f"; {len(failed)} of {len(outcomes)} runs failed (see their train.log)" if failed else ""))
+    out.print(
+        f"wrote {sweep_dir}/summary.csv"
+        + (" and summary.png" if (sweep_dir / "summary.png").exists() else "")
+        + (f"; {len(failed)} of {len(outcomes)} runs failed (see their train.log)" if failed else "")
+    )
     if failed:
         sys.exit(1)  # a script running the sweep sees that some runs failed
 

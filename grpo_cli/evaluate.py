@@ -70,8 +70,9 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):
-        greedy, _ = sample_batch(model, tok, examples, group=torch.arange(len(examples)),
-                                 **rollout_options(cfg.rollout, temperature=0.0))
+        greedy, _ = sample_batch(
+            model, tok, examples, group=torch.arange(len(examples)), **rollout_options(cfg.rollout, temperature=0.0)
+        )
         rows = [score_row(e.prompt, text, e.answer) for e, text in zip(examples, greedy.completions)]
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
@@ -102,10 +103,16 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
     """Sample ``eval.n`` completions per question; add their answers to ``rows``; maj@K and pass@K."""
     n = cfg.eval.n
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed)
-    batch, _ = sample_batch(model, tok, [e for e in examples for _ in range(n)], generator=generator,
-                            group=torch.arange(len(examples)).repeat_interleave(n), **rollout_options(cfg.rollout))
+    batch, _ = sample_batch(
+        model,
+        tok,
+        [e for e in examples for _ in range(n)],
+        generator=generator,
+        group=torch.arange(len(examples)).repeat_interleave(n),
+        **rollout_options(cfg.rollout),
+    )
     texts = batch.completions
-    answers = [[extract_answer(t) for t in texts[i * n:(i + 1) * n]] for i in range(len(examples))]
+    answers = [[extract_answer(t) for t in texts[i * n : (i + 1) * n]] for i in range(len(examples))]
     for row, found in zip(rows, answers):
         row["sampled"] = found
         row["sampled_correct"] = sum(answers_match(a, str(row["answer"])) for a in found)
@@ -114,8 +121,13 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
 
 def score_row(prompt: str, completion: str, answer: str) -> Dict[str, object]:
     pred = extract_answer(completion)
-    return {"prompt": prompt, "completion": completion, "extracted": pred, "answer": answer,
-            "correct": bool(answers_match(pred, answer))}
+    return {
+        "prompt": prompt,
+        "completion": completion,
+        "extracted": pred,
+        "answer": answer,
+        "correct": bool(answers_match(pred, answer)),
+    }
 
 
 def score_samples(cfg: DictConfig) -> Dict[str, object]:
@@ -130,7 +142,9 @@ def score_samples(cfg: DictConfig) -> Dict[str, object]:
         for key, field in (("completion_field", cfg.eval.completion_field), ("answer_field", cfg.eval.answer_field)):
             if field not in obj:
                 raise UserError(f"{where}: missing field '{field}' (eval.{key})")
-        rows.append(score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field])))
+        rows.append(
+            score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field]))
+        )
     if not rows:
         raise UserError(f"{path}: no samples")
     result = accuracy_summary(rows, samples=str(path))
@@ -165,12 +179,22 @@ def eval_name(cfg: DictConfig) -> str:
     parts = [data, cfg.eval.split]
     parts += [f"limit{cfg.eval.limit}"] if cfg.eval.limit else []
     parts += [f"n{cfg.eval.n}"] if cfg.eval.n > 0 else []
-    settings = {"data": OmegaConf.to_container(cfg.data, resolve=True), "split": cfg.eval.split,
-                "limit": cfg.eval.limit, "max_new_tokens": cfg.rollout.max_new_tokens,
-                "precision": cfg.trainer.precision, "dtype": cfg.model.dtype}
+    settings = {
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "split": cfg.eval.split,
+        "limit": cfg.eval.limit,
+        "max_new_tokens": cfg.rollout.max_new_tokens,
+        "precision": cfg.trainer.precision,
+        "dtype": cfg.model.dtype,
+    }
     if cfg.eval.n > 0:
-        settings.update(n=cfg.eval.n, ks=list(cfg.eval.ks), seed=cfg.eval.seed,
-                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+        settings.update(
+            n=cfg.eval.n,
+            ks=list(cfg.eval.ks),
+            seed=cfg.eval.seed,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+        )
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     return re.sub(r"[^A-Za-z0-9._+-]", "_", "-".join(map(str, parts))) + "-" + digest
 

@@ -78,8 +78,8 @@ def _left_pad(prompt_ids: List[List[int]], pad_id: int, device) -> tuple[torch.T
     ids = torch.full((len(prompt_ids), T0), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for b, p in enumerate(prompt_ids):
-        ids[b, T0 - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[b, T0 - len(p):] = 1
+        ids[b, T0 - len(p) :] = torch.tensor(p, dtype=torch.long)
+        attn[b, T0 - len(p) :] = 1
     return ids.to(device), attn.to(device)
 
 
@@ -118,9 +118,22 @@ FAST_BENCH_OPTIONS = ("whole_step",)
 
 
 @torch.no_grad()  # not inference_mode: under it autocast re-casts every weight at every step
-def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator,
-                   cuda_graphs=True, packed_weights=True, compile_decode_step=True,
-                   compile_decode_min_mib=RolloutConfig.compile_decode_min_mib, whole_step=True):
+def _generate_fast(
+    model,
+    prompt_ids,
+    *,
+    pad_id,
+    eos_id,
+    max_new_tokens,
+    temperature,
+    top_p,
+    generator,
+    cuda_graphs=True,
+    packed_weights=True,
+    compile_decode_step=True,
+    compile_decode_min_mib=RolloutConfig.compile_decode_min_mib,
+    whole_step=True,
+):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_decode_step`` each
@@ -146,8 +159,19 @@ def _generate_fast(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, tempera
     else:
         logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
     decode = _decode_graphed if cuda_graphs and device.type == "cuda" else _decode_eager
-    out = decode(decoder, logits, pos[:, -1:] + 1, keys, T0, pad_id=pad_id, eos_id=eos_id,
-                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    out = decode(
+        decoder,
+        logits,
+        pos[:, -1:] + 1,
+        keys,
+        T0,
+        pad_id=pad_id,
+        eos_id=eos_id,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+    )
     return out.tolist()
 
 
@@ -197,8 +221,9 @@ GRAPH_WARMUP = 2
 and autocast's weight casts are set up outside the graph."""
 
 
-def _decode_graphed(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p,
-                    generator, capture=True):
+def _decode_graphed(
+    decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator, capture=True
+):
     """``_decode_eager`` on a GPU as one CUDA graph replayed per token: a decode step is ~15 small
     kernels per layer, so launching them from Python costs more than running them. A graph needs the
     same shapes at every step: every row stays in the batch (a finished one feeds and emits pad), the
@@ -254,7 +279,7 @@ def _graphed(step, draw, warmup: int):
 
 
 @functools.cache
-def side_stream(device: int) -> "torch.cuda.Stream":
+def side_stream(device: int) -> torch.cuda.Stream:
     """The one stream of every rollout's warm-up and capture on a GPU. cuBLAS keeps a workspace for
     each stream it has run on until the process ends: a new stream per rollout (and torch's own
     capture stream beside it) kept a new set of workspaces allocated at every GRPO step
@@ -290,18 +315,24 @@ def generate_ids(
     unknown = sorted(set(engine_options) - set(fast_options) - set(VLLM_OPTIONS))
     if unknown:
         raise TypeError(f"unknown rollout engine options {unknown}; expected some of {fast_options + VLLM_OPTIONS}")
-    kwargs = dict(pad_id=pad_id, eos_id=-1 if eos_id is None else eos_id,  # -1: no token
-                  max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=generator)
+    kwargs = dict(
+        pad_id=pad_id,
+        eos_id=-1 if eos_id is None else eos_id,  # -1: no token
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        generator=generator,
+    )
     if engine == "vllm":
-        return generate_vllm(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in VLLM_OPTIONS},
-                             **kwargs)
+        return generate_vllm(
+            model, prompt_ids, **{k: v for k, v in engine_options.items() if k in VLLM_OPTIONS}, **kwargs
+        )
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in fast_options},
-                          **kwargs)
+    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in fast_options}, **kwargs)
 
 
 def check_rollout(rollout, device: torch.device) -> None:
@@ -316,10 +347,16 @@ def rollout_options(rollout, **overrides) -> dict:
     """:func:`generate`'s keyword arguments from a ``RolloutConfig`` (a recipe's ``rollout:``), with
     ``overrides`` on top: the one place every rollout setting reaches the engine from."""
     kwargs = rollout.vllm_kwargs
-    options = dict(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
-                   batch_size=rollout.batch_size, engine=rollout.engine, vllm_memory=rollout.vllm_memory,
-                   vllm_kwargs=OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs),
-                   **{name: getattr(rollout, name) for name in FAST_OPTIONS})
+    options = dict(
+        max_new_tokens=rollout.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        batch_size=rollout.batch_size,
+        engine=rollout.engine,
+        vllm_memory=rollout.vllm_memory,
+        vllm_kwargs=OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs),
+        **{name: getattr(rollout, name) for name in FAST_OPTIONS},
+    )
     return {**options, **overrides}
 
 
@@ -341,9 +378,18 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _generate_batches(model, tokenizer, prompts, batch_size, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, generator=generator,
-                                 engine=engine, **engine_options)
+        return _generate_batches(
+            model,
+            tokenizer,
+            prompts,
+            batch_size,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+            engine=engine,
+            **engine_options,
+        )
     finally:  # an engine error (or Ctrl-C) must not leave a training model in eval mode
         model.train(was_training)
 
@@ -360,8 +406,15 @@ def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **o
     return results
 
 
-def sample_batch(model, tokenizer, examples: List[Example], *, group: torch.Tensor,
-                 generator: Optional[torch.Generator] = None, **options) -> tuple[Batch, List[Generation]]:
+def sample_batch(
+    model,
+    tokenizer,
+    examples: List[Example],
+    *,
+    group: torch.Tensor,
+    generator: Optional[torch.Generator] = None,
+    **options,
+) -> tuple[Batch, List[Generation]]:
     """One completion per example (repeat an example G times for a group), as a :class:`Batch`.
 
     The one sampling path of online sources, offline samples, iterative RL and evaluation: the
@@ -372,8 +425,15 @@ def sample_batch(model, tokenizer, examples: List[Example], *, group: torch.Tens
     """
     gens = generate(model, tokenizer, [e.prompt for e in examples], generator=generator, **options)
     ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], tokenizer.pad_token_id)
-    batch = Batch(input_ids=ids, attention_mask=attn, completion_mask=comp, prompts=[e.prompt for e in examples],
-                  completions=[g.text for g in gens], answers=[e.answer for e in examples], group=group)
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=attn,
+        completion_mask=comp,
+        prompts=[e.prompt for e in examples],
+        completions=[g.text for g in gens],
+        answers=[e.answer for e in examples],
+        group=group,
+    )
     n = max(1, len(gens))
     batch.stats.update(
         accuracy=sum(answers_match(extract_answer(g.text), e.answer) for g, e in zip(gens, examples)) / n,

@@ -49,11 +49,15 @@ CARRIED = ("data", "rollout", "logging")  # sections the reward-model phases tak
 def run_iterative(cfg: DictConfig) -> Path:
     it = cfg.iterative
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("iterative.iterations: iterative RL runs in one process (its phases and files are not "
-                        "rank-aware); launch it without torchrun")
+        raise UserError(
+            "iterative.iterations: iterative RL runs in one process (its phases and files are not "
+            "rank-aware); launch it without torchrun"
+        )
     if cfg.reward.name not in RM_RECIPES:
-        raise UserError(f"iterative.iterations: iterative RL refreshes a learned reward; set reward=outcome_rm or "
-                        f"process_rm (got reward={cfg.reward.name})")
+        raise UserError(
+            f"iterative.iterations: iterative RL refreshes a learned reward; set reward=outcome_rm or "
+            f"process_rm (got reward={cfg.reward.name})"
+        )
     resume = bool(cfg.resume)
     with open_dict(cfg):
         cfg.resume = False
@@ -91,14 +95,20 @@ def iteration(cfg: DictConfig, run: Path, k: int, policy: str, rm: str):
     mix = with_replay(fresh, read_jsonl_rows(run / "rm_buffer.jsonl"), cfg.iterative.replay, seed=cfg.trainer.seed + k)
     write_rows(data, mix)
     append_samples(run / "rm_buffer.jsonl", fresh)
-    row = {"iteration": k, **metrics_of(new_policy, "reward_mean", "accuracy", "kl"),
-           "rm_samples": len(mix), "rm_replayed": len(mix) - len(fresh)}
+    row = {
+        "iteration": k,
+        **metrics_of(new_policy, "reward_mean", "accuracy", "kl"),
+        "rm_samples": len(mix),
+        "rm_replayed": len(mix) - len(fresh),
+    }
     if trainable_pairs(cfg, mix):
         new_rm = train_reward_model(cfg, here / "rm", start=rm, head_from=rm, samples=str(data))
         row.update({f"rm_{a}": b for a, b in metrics_of(new_rm, "heldout_").items()})
     else:  # every sample right (or every one wrong): nothing to compare, keep the reward model
-        console.print(f"[yellow]warning:[/yellow] iteration {k}: no (correct, incorrect) pair among the policy's "
-                      f"{len(mix)} samples; the reward model is kept as it was")
+        console.print(
+            f"[yellow]warning:[/yellow] iteration {k}: no (correct, incorrect) pair among the policy's "
+            f"{len(mix)} samples; the reward model is kept as it was"
+        )
         new_rm, row["rm_skipped"] = Path(rm), 1
     if cfg.iterative.eval_limit:
         row["eval_accuracy"] = evaluate_policy(cfg, new_policy, here / "eval")
@@ -130,9 +140,16 @@ def reward_model_config(cfg: DictConfig) -> DictConfig:
         for section in CARRIED:
             rm[section] = cfg[section]
         rm.model.tiny, rm.model.dtype = cfg.model.tiny, cfg.model.dtype
-        rm.trainer.threads, rm.trainer.device, rm.trainer.seed = cfg.trainer.threads, cfg.trainer.device, cfg.trainer.seed
+        rm.trainer.threads, rm.trainer.device, rm.trainer.seed = (
+            cfg.trainer.threads,
+            cfg.trainer.device,
+            cfg.trainer.seed,
+        )
         rm.trainer.steps = cfg.iterative.rm_steps
-        rm.source.questions, rm.source.samples_per_question = cfg.iterative.questions, cfg.iterative.samples_per_question
+        rm.source.questions, rm.source.samples_per_question = (
+            cfg.iterative.questions,
+            cfg.iterative.samples_per_question,
+        )
     return rm
 
 
@@ -154,9 +171,15 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     questions = choose_questions(examples, policy, cfg.rollout.max_new_tokens, cfg.iterative.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     with torch.no_grad():
-        return sample_questions(policy, examples, questions, k=cfg.iterative.samples_per_question,
-                                rollout=cfg.rollout, generator=generator,
-                                score=functools.partial(score_batch, build_reward(rm.reward, policy.device), tokenizer=tok))
+        return sample_questions(
+            policy,
+            examples,
+            questions,
+            k=cfg.iterative.samples_per_question,
+            rollout=cfg.rollout,
+            generator=generator,
+            score=functools.partial(score_batch, build_reward(rm.reward, policy.device), tokenizer=tok),
+        )
 
 
 def with_replay(fresh: List[Dict], history: List[Dict], share: float, seed: int) -> List[Dict]:
@@ -170,15 +193,20 @@ def finished_iterations(run: Path, resume: bool) -> List[Dict]:
     if not path.exists():
         return []
     if not resume:
-        raise UserError(f"output_dir: {run} already holds iterations; pass resume=true to continue it, or another output_dir")
+        raise UserError(
+            f"output_dir: {run} already holds iterations; pass resume=true to continue it, or another output_dir"
+        )
     return read_jsonl_rows(path)
 
 
 def metrics_of(run: Path, *keys: str) -> Dict[str, float]:
     """The last metrics row's values of ``keys`` (a key ending in ``_`` is a prefix)."""
     last = last_row(run)
-    return {k: round(v, 4) for k, v in last.items()
-            if any(k == key or (key.endswith("_") and k.startswith(key)) for key in keys) and isinstance(v, float)}
+    return {
+        k: round(v, 4)
+        for k, v in last.items()
+        if any(k == key or (key.endswith("_") and k.startswith(key)) for key in keys) and isinstance(v, float)
+    }
 
 
 def evaluate_policy(cfg: DictConfig, policy: Path, out: Path) -> float:

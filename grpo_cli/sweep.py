@@ -148,7 +148,9 @@ def _child(args: List[str], log: Path, mode: str) -> int:
     with log.open(mode) as f:
         f.write("$ grpo " + " ".join(args) + "\n")
         f.flush()
-        return subprocess.run([sys.executable, "-m", "grpo_cli.cli", *args], stdout=f, stderr=subprocess.STDOUT).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "grpo_cli.cli", *args], stdout=f, stderr=subprocess.STDOUT
+        ).returncode
 
 
 def read_done(run_dir: Path, run: Run) -> Optional[Dict[str, object]]:
@@ -171,18 +173,27 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
         if run_dir.exists():  # an interrupted or failed attempt: start it over, not on top of it
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        code = _child(["train", f"recipe={recipe}", *run.overrides, f"output_dir={quoted(run_dir)}"], run_dir / "train.log", "w")
+        code = _child(
+            ["train", f"recipe={recipe}", *run.overrides, f"output_dir={quoted(run_dir)}"], run_dir / "train.log", "w"
+        )
         if code != 0:
             return Outcome(run, "failed", error=last_line(run_dir / "train.log"), seconds=time.perf_counter() - t0)
-        done = {"index": run.index, "overrides": run.overrides, "swept": run.swept, "eval": None,
-                "metrics": last_row(run_dir)}
+        done = {
+            "index": run.index,
+            "overrides": run.overrides,
+            "swept": run.swept,
+            "eval": None,
+            "metrics": last_row(run_dir),
+        }
         status = "ok"
     else:
         status = "skipped"
     if cfg.sweep.eval and done.get("eval") is None:  # a finished run is evaluated without retraining
         threads = [f"trainer.threads={cfg.trainer.threads}"] if cfg.trainer.threads else []
         if _child(["eval", f"run={quoted(run_dir)}", *threads, *eval_args], run_dir / "eval.log", "w") != 0:
-            return Outcome(run, "failed", error="eval: " + last_line(run_dir / "eval.log"), seconds=time.perf_counter() - t0)
+            return Outcome(
+                run, "failed", error="eval: " + last_line(run_dir / "eval.log"), seconds=time.perf_counter() - t0
+            )
         done["eval"] = json.loads((run_dir / "eval" / "latest" / "eval.json").read_text())
         status = "ok"
     if status == "ok":
@@ -194,8 +205,10 @@ def execute(run: Run, recipe: str, sweep_dir: Path, cfg: DictConfig, eval_args: 
 def eval_overrides(cfg: DictConfig) -> List[str]:
     """The evaluation settings of the sweep (its recipe's ``eval`` section with the command line's
     ``eval.*`` on top) for each run's ``grpo eval``."""
-    return [f"eval.{k}={json.dumps(list(cfg.eval[k])) if k == 'ks' else ('null' if cfg.eval[k] is None else cfg.eval[k])}"
-            for k in EVAL_KEYS]
+    return [
+        f"eval.{k}={json.dumps(list(cfg.eval[k])) if k == 'ks' else ('null' if cfg.eval[k] is None else cfg.eval[k])}"
+        for k in EVAL_KEYS
+    ]
 
 
 def run_sweep(recipe: str, args: Sequence[str], dry_run: bool = False) -> Tuple[Path, DictConfig, List[Outcome]]:
@@ -228,7 +241,9 @@ def metric_name(cfg: DictConfig) -> str:
     return cfg.sweep.metric or ("eval.accuracy" if cfg.sweep.eval else "loss")
 
 
-def read_metric(metrics: Optional[Dict[str, object]], evaluation: Optional[Dict[str, object]], metric: str) -> Optional[float]:
+def read_metric(
+    metrics: Optional[Dict[str, object]], evaluation: Optional[Dict[str, object]], metric: str
+) -> Optional[float]:
     """``eval.<key>`` from eval.json, else a key of the last metrics line; None when absent."""
     source, key = (evaluation or {}, metric[5:]) if metric.startswith("eval.") else (metrics or {}, metric)
     value = source.get(key)
@@ -272,8 +287,14 @@ def runs_table(outcomes: List[Outcome], metric: str) -> Table:
     for o in outcomes:
         style = {"failed": "red", "skipped": "dim"}.get(o.status, "")
         error = o.error if len(o.error) <= 60 else o.error[:59] + "…"  # in full in summary.csv
-        table.add_row(str(o.run.index), *o.run.swept.values(), f"[{style}]{o.status}[/{style}]" if style else o.status,
-                      _fmt(metric_value(o, metric)), f"{o.seconds:.1f}", escape(error))
+        table.add_row(
+            str(o.run.index),
+            *o.run.swept.values(),
+            f"[{style}]{o.status}[/{style}]" if style else o.status,
+            _fmt(metric_value(o, metric)),
+            f"{o.seconds:.1f}",
+            escape(error),
+        )
     return table
 
 
@@ -293,15 +314,27 @@ def groups_table(outcomes: List[Outcome], metric: str) -> Table:
 def write_csv(outcomes: List[Outcome], metric: str, path: Path) -> Path:
     """``summary.csv``: one row per run, its swept values, the metric, every eval metric, the error."""
     keys = list(outcomes[0].run.swept) if outcomes else []
-    eval_keys = sorted({f"eval.{k}" for o in outcomes for k in (o.eval or {})
-                        if k == "accuracy" or k.startswith(("maj@", "pass@"))} - {metric})
+    eval_keys = sorted(
+        {f"eval.{k}" for o in outcomes for k in (o.eval or {}) if k == "accuracy" or k.startswith(("maj@", "pass@"))}
+        - {metric}
+    )
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["index", "run", "status", *keys, metric, *eval_keys, "seconds", "error"])
         for o in outcomes:
             extra = [metric_value(o, k) for k in eval_keys]
-            w.writerow([o.run.index, o.run.name, o.status, *o.run.swept.values(), metric_value(o, metric),
-                        *["" if v is None else v for v in extra], round(o.seconds, 2), o.error])
+            w.writerow(
+                [
+                    o.run.index,
+                    o.run.name,
+                    o.status,
+                    *o.run.swept.values(),
+                    metric_value(o, metric),
+                    *["" if v is None else v for v in extra],
+                    round(o.seconds, 2),
+                    o.error,
+                ]
+            )
     return path
 
 

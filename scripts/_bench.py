@@ -26,8 +26,10 @@ def machine_line(device: str) -> str:
     except (OSError, StopIteration):
         pass
     dev = torch.cuda.get_device_name() if device == "cuda" else f"{cpu}, {os.cpu_count()} cores"
-    return (f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-            f"transformers {transformers.__version__}; python {platform.python_version()}")
+    return (
+        f"device: {dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"transformers {transformers.__version__}; python {platform.python_version()}"
+    )
 
 
 def status_kib(field: str) -> int | None:

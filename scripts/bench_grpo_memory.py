@@ -30,15 +30,31 @@ def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: 
     from grpo_cli.models.policy import Policy
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=tokens, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=tokens,
+        tie_word_embeddings=True,
+    )
     model = Qwen2ForCausalLM(cfg)
     policy = Policy.create(model, tokenizer=None, keep_reference=True, logprob_backend=backend)
     ids = torch.randint(0, vocab, (batch, tokens))
     comp = torch.zeros_like(ids)
-    comp[:, tokens // 4:] = 1  # the first quarter is the prompt
-    b = Batch(ids, torch.ones_like(ids), comp, [""] * batch, [""] * batch, [""] * batch,
-              torch.arange(batch) // 8, rewards=torch.rand(batch)).with_totals()
+    comp[:, tokens // 4 :] = 1  # the first quarter is the prompt
+    b = Batch(
+        ids,
+        torch.ones_like(ids),
+        comp,
+        [""] * batch,
+        [""] * batch,
+        [""] * batch,
+        torch.arange(batch) // 8,
+        rewards=torch.rand(batch),
+    ).with_totals()
     algo = GRPO(beta=0.04, eps=0.2, eps_high=None, mu=1, aggregation="sequence", scale_rewards=True)
     base = status_mb("VmRSS")
     reset_peak()
@@ -47,7 +63,13 @@ def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: 
     loss, _ = algo.loss(b, policy)
     loss.backward()
     seconds = time.perf_counter() - t0
-    return {"backend": backend, "vocab": vocab, "seconds": seconds, "peak_mb": status_mb("VmHWM") - base, "loss": float(loss)}
+    return {
+        "backend": backend,
+        "vocab": vocab,
+        "seconds": seconds,
+        "peak_mb": status_mb("VmHWM") - base,
+        "loss": float(loss),
+    }
 
 
 def main() -> None:
@@ -58,21 +80,32 @@ def main() -> None:
     if args.child:
         print(json.dumps(one(**json.loads(args.child))))
         return
-    shape = dict(hidden=128, layers=2, batch=8, tokens=64) if args.quick else dict(hidden=512, layers=4, batch=32, tokens=160)
+    shape = (
+        dict(hidden=128, layers=2, batch=8, tokens=64)
+        if args.quick
+        else dict(hidden=512, layers=4, batch=32, tokens=160)
+    )
     vocabs = [4096] if args.quick else [32000, 151936]
     rows = []
     for vocab in vocabs:
         for backend in ("naive", "fused"):
             spec = json.dumps(dict(backend=backend, vocab=vocab, **shape))
-            out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"GRPO update (ref log-probs + loss + backward), B={shape['batch']} T={shape['tokens']} "
-          f"H={shape['hidden']} layers={shape['layers']}, fp32, {__import__('os').cpu_count()} CPU cores")
+    print(
+        f"GRPO update (ref log-probs + loss + backward), B={shape['batch']} T={shape['tokens']} "
+        f"H={shape['hidden']} layers={shape['layers']}, fp32, {__import__('os').cpu_count()} CPU cores"
+    )
     print(f"{'V':>7} {'backend':>8} {'time s':>8} {'peak +MB':>9} {'time x':>7} {'mem x':>7} {'loss':>10}")
     for r in rows:
         naive = next(x for x in rows if x["vocab"] == r["vocab"] and x["backend"] == "naive")
-        print(f"{r['vocab']:>7} {r['backend']:>8} {r['seconds']:>8.2f} {r['peak_mb']:>9.0f} "
-              f"{r['seconds'] / naive['seconds']:>7.2f} {r['peak_mb'] / max(naive['peak_mb'], 1e-9):>7.2f} {r['loss']:>10.6f}")
+        print(
+            f"{r['vocab']:>7} {r['backend']:>8} {r['seconds']:>8.2f} {r['peak_mb']:>9.0f} "
+            f"{r['seconds'] / naive['seconds']:>7.2f} {r['peak_mb'] / max(naive['peak_mb'], 1e-9):>7.2f} "
+            f"{r['loss']:>10.6f}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
 
 The first ``--warmup`` steps of each side (default 1) are not counted; the table shows medians over
 the timed steps. On a GPU give more (3): Triton compiles its kernels for each new combination of
-dtypes and flags it meets, in the first steps. Completions end at EOS, so the tokens generated differ between sides: tokens/s counts
-the completion tokens each side actually produced, and both generate for as long as any of the 32
-rows is unfinished (with this random model, almost always all 128 steps; ours drops finished rows).
+dtypes and flags it meets, in the first steps. Completions end at EOS, so the tokens generated
+differ between sides: tokens/s counts the completion tokens each side actually produced, and both
+generate for as long as any of the 32 rows is unfinished (with this random model, almost always all
+128 steps; ours drops finished rows).
 The sides' step times then differ with the lengths they happen to sample (±20% between steps).
 ``--fixed-length`` gives both the same work: EOS is never drawn (its probability is set to 0 before
 each draw: TRL ``generation_kwargs={"min_new_tokens": 128}``, ours the same mask around its sampling
@@ -75,8 +76,9 @@ MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
 """The memory compared: the process's peak RSS on CPU; on a GPU, torch's peak allocated device memory."""
 
 
-def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool,
-             share: bool = True) -> dict:
+def run_ours(
+    steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool, share: bool = True
+) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer.loop import train
@@ -85,21 +87,43 @@ def run_ours(steps: int, quick: bool, engine: str, threads: int, grad_accum: int
         never_eos()
     engine_overrides = [f"rollout.engine={engine}"]  # ours-refloop: the reference loop; ours-vllm: vLLM
     if engine == "vllm":
-        engine_overrides += [f"rollout.vllm_memory={VLLM['memory']}",
-                             *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()]]
+        engine_overrides += [
+            f"rollout.vllm_memory={VLLM['memory']}",
+            *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()],
+        ]
     s, model = SETTINGS, QUICK_MODEL if quick else BENCH_MODEL
     with tempfile.TemporaryDirectory() as out:
-        cfg = compose_run("grpo_arithmetic", [
-            "model.name_or_path=tiny", *[f"model.tiny.{k}={v}" for k, v in model.items()],
-            f"source.prompts_per_step={s['prompts']}", f"source.group_size={s['group']}",
-            f"rollout.max_new_tokens={s['new_tokens']}", "rollout.temperature=1.0", "rollout.top_p=1.0",
-            f"algorithm.beta={s['beta']}", f"algorithm.eps={s['eps']}", "algorithm.mu=1",
-            "algorithm.aggregation=sequence", f"trainer.lr={s['lr']}", "trainer.schedule=constant",
-            "trainer.warmup_steps=0", "trainer.max_grad_norm=1.0", f"trainer.seed={s['seed']}",
-            f"trainer.grad_accum={grad_accum}", f"trainer.steps={steps}", f"trainer.threads={threads}",
-            f"trainer.precision={'bf16' if bf16 else 'fp32'}", f"trainer.activation_checkpointing={ckpt}",
-            f"model.share_prefixes={share}", "logging.progress=false", "logging.plot=false", f"output_dir={out}/run", *engine_overrides,
-        ])
+        cfg = compose_run(
+            "grpo_arithmetic",
+            [
+                "model.name_or_path=tiny",
+                *[f"model.tiny.{k}={v}" for k, v in model.items()],
+                f"source.prompts_per_step={s['prompts']}",
+                f"source.group_size={s['group']}",
+                f"rollout.max_new_tokens={s['new_tokens']}",
+                "rollout.temperature=1.0",
+                "rollout.top_p=1.0",
+                f"algorithm.beta={s['beta']}",
+                f"algorithm.eps={s['eps']}",
+                "algorithm.mu=1",
+                "algorithm.aggregation=sequence",
+                f"trainer.lr={s['lr']}",
+                "trainer.schedule=constant",
+                "trainer.warmup_steps=0",
+                "trainer.max_grad_norm=1.0",
+                f"trainer.seed={s['seed']}",
+                f"trainer.grad_accum={grad_accum}",
+                f"trainer.steps={steps}",
+                f"trainer.threads={threads}",
+                f"trainer.precision={'bf16' if bf16 else 'fp32'}",
+                f"trainer.activation_checkpointing={ckpt}",
+                f"model.share_prefixes={share}",
+                "logging.progress=false",
+                "logging.plot=false",
+                f"output_dir={out}/run",
+                *engine_overrides,
+            ],
+        )
         run = train(cfg)
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     seconds = [r["seconds"] for r in rows]
@@ -125,6 +149,7 @@ def never_eos() -> None:
 
     def sample_next(logits, *args):
         return draw(logits.index_fill(-1, eos.to(logits.device), float("-inf")), *args)
+
     generation.sample_next = sample_next
 
 
@@ -165,6 +190,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             finally:
                 sync_cuda()
                 current[name] = current.get(name, 0.0) + time.perf_counter() - t0
+
         return wrapper
 
     class StepTimer(TrainerCallback):
@@ -190,21 +216,50 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
         tok.save_pretrained(f"{out}/model")
         del model
         args = GRPOConfig(
-            output_dir=out, per_device_train_batch_size=s["prompts"] * s["group"], num_generations=s["group"],
-            max_completion_length=s["new_tokens"], temperature=1.0, top_p=1.0, top_k=0, beta=s["beta"],
-            epsilon=s["eps"], num_iterations=1, loss_type="grpo", scale_rewards="group", learning_rate=s["lr"],
-            lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.95,
-            weight_decay=0.0, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-            use_cpu=not torch.cuda.is_available(), bf16=bf16, gradient_checkpointing=checkpointing, seed=s["seed"], disable_tqdm=True,
+            output_dir=out,
+            per_device_train_batch_size=s["prompts"] * s["group"],
+            num_generations=s["group"],
+            max_completion_length=s["new_tokens"],
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=s["beta"],
+            epsilon=s["eps"],
+            num_iterations=1,
+            loss_type="grpo",
+            scale_rewards="group",
+            learning_rate=s["lr"],
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+            adam_beta1=0.9,
+            adam_beta2=0.95,
+            weight_decay=0.0,
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=not torch.cuda.is_available(),
+            bf16=bf16,
+            gradient_checkpointing=checkpointing,
+            seed=s["seed"],
+            disable_tqdm=True,
             dataloader_num_workers=0,
             generation_kwargs={"min_new_tokens": s["new_tokens"]} if s["fixed_length"] else None,
         )
-        trainer = GRPOTrainer(model=f"{out}/model", reward_funcs=outcome, args=args, train_dataset=data,
-                              processing_class=tok, callbacks=[StepTimer()])
+        trainer = GRPOTrainer(
+            model=f"{out}/model",
+            reward_funcs=outcome,
+            args=args,
+            train_dataset=data,
+            processing_class=tok,
+            callbacks=[StepTimer()],
+        )
         trainer._generate = timed("generate", trainer._generate)
         trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
         trainer._get_per_token_logps_and_entropies = timed(
-            "logprob", trainer._get_per_token_logps_and_entropies, only_no_grad=True)
+            "logprob", trainer._get_per_token_logps_and_entropies, only_no_grad=True
+        )
         trainer.train()
     return {"steps": timings, "trl": __import__("trl").__version__}
 
@@ -217,15 +272,31 @@ def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int
     if name.startswith("trl"):
         return run_trl(steps, quick, threads, checkpointing=name != "trl-nockpt", bf16=bf16)
     engine = {"ours-refloop": "reference", "ours-vllm": "vllm"}.get(name, "auto")
-    return run_ours(steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt",
-                    share=name != "ours-noshare")
+    return run_ours(
+        steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt", share=name != "ours-noshare"
+    )
 
 
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
     """One side in a fresh process; adds other processes' CPU share."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", side, "--steps", str(steps),
-           "--threads", str(threads), "--vllm-memory", str(VLLM["memory"]), "--vllm-kwargs", json.dumps(VLLM["kwargs"])
-           ] + (["--quick"] if quick else []) + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
+    cmd = (
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            side,
+            "--steps",
+            str(steps),
+            "--threads",
+            str(threads),
+            "--vllm-memory",
+            str(VLLM["memory"]),
+            "--vllm-kwargs",
+            json.dumps(VLLM["kwargs"]),
+        ]
+        + (["--quick"] if quick else [])
+        + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     with OthersCPU(children=True) as probe:  # the child's CPU is the side's, not others'
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -250,11 +321,15 @@ def summarise(side: str, r: dict, ref: dict | None, warmup: int) -> str:
         ratio_t = f"{med['step'] / ref_step:.2f}x"
         ratio_m = f"{r[MEMORY] / ref[MEMORY]:.2f}x"
     steps = [st["step"] for st in timed]
-    return (f"| {side} | {med['step']:.2f} | {ratio_t} | {med['generate']:.2f} | {med['reward']:.3f} | "
-            f"{med['logprob']:.2f} | {med['train']:.2f} | {tokens / med['generate']:.0f} | "
-            f"{tokens / med['step']:.0f} | {r[MEMORY]:.0f} | {ratio_m} | "
-            f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}%"
-            + (f", peak RSS {r['peak_rss_mb']:.0f} MB" if MEMORY != "peak_rss_mb" else "") + _phase_peaks(r["steps"]) + " |")
+    return (
+        f"| {side} | {med['step']:.2f} | {ratio_t} | {med['generate']:.2f} | {med['reward']:.3f} | "
+        f"{med['logprob']:.2f} | {med['train']:.2f} | {tokens / med['generate']:.0f} | "
+        f"{tokens / med['step']:.0f} | {r[MEMORY]:.0f} | {ratio_m} | "
+        f"{len(steps)} steps {min(steps):.2f}-{max(steps):.2f} s, others' CPU {100 * r['others']:.0f}%"
+        + (f", peak RSS {r['peak_rss_mb']:.0f} MB" if MEMORY != "peak_rss_mb" else "")
+        + _phase_peaks(r["steps"])
+        + " |"
+    )
 
 
 def _phase_peaks(steps: list) -> str:
@@ -267,18 +342,26 @@ def _phase_peaks(steps: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sides", default="ours,ours@4,ours-refloop,trl",
-                    help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
-                         "ours-noshare[@GRAD_ACCUM], ours-vllm[@GRAD_ACCUM] (GPU), trl, "
-                         "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16")
+    ap.add_argument(
+        "--sides",
+        default="ours,ours@4,ours-refloop,trl",
+        help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
+        "ours-noshare[@GRAD_ACCUM], ours-vllm[@GRAD_ACCUM] (GPU), trl, "
+        "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16",
+    )
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
     ap.add_argument("--steps", type=int, default=4, help="steps per side, the --warmup ones included")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
-    ap.add_argument("--fixed-length", action="store_true",
-                    help="EOS never drawn on any side: every completion has exactly the new-token budget")
+    ap.add_argument(
+        "--fixed-length",
+        action="store_true",
+        help="EOS never drawn on any side: every completion has exactly the new-token budget",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
     ap.add_argument("--vllm-memory", type=float, default=VLLM["memory"], help="rollout.vllm_memory of ours-vllm")
-    ap.add_argument("--vllm-kwargs", type=json.loads, default={}, help="JSON keyword arguments of vllm.LLM for ours-vllm")
+    ap.add_argument(
+        "--vllm-kwargs", type=json.loads, default={}, help="JSON keyword arguments of vllm.LLM for ours-vllm"
+    )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     SETTINGS["fixed_length"] = args.fixed_length
@@ -298,17 +381,20 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():  # the children run there too
         MEMORY, MEMORY_NAME = "peak_gpu_mb", "peak GPU"
     print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
-          f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
-          f"load average before: {os.getloadavg()[0]:.2f}\n")
+    print(
+        f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
+        f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
+        f"load average before: {os.getloadavg()[0]:.2f}\n"
+    )
     sides = args.sides.split(",")
     results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
-    print("| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
-          f"generate tokens/s | step tokens/s | {MEMORY_NAME} MB | {MEMORY_NAME.split()[1]} vs TRL | notes |")
+    print(
+        "| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
+        f"generate tokens/s | step tokens/s | {MEMORY_NAME} MB | {MEMORY_NAME.split()[1]} vs TRL | notes |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for side, r in results.items():  # each side against TRL at the same precision
-        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl"), args.warmup),
-              flush=True)
+        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl"), args.warmup), flush=True)
     versions = {r["trl"] for r in results.values() if "trl" in r}
     if versions:
         print(f"\ntrl {versions.pop()}")

@@ -61,6 +61,7 @@ def _step_fn(method, temperature):
     import torch
 
     if method == "naive":
+
         def step(hidden, weight, ids, adv):
             logits = (hidden @ weight.T).float()
             if temperature != 1.0:
@@ -73,8 +74,7 @@ def _step_fn(method, temperature):
         backend = method.split("-", 1)[1] if "-" in method else "auto"
 
         def step(hidden, weight, ids, adv):
-            logp = selected_logprobs(hidden, weight, ids, temperature=temperature,
-                                     backend=backend)
+            logp = selected_logprobs(hidden, weight, ids, temperature=temperature, backend=backend)
             (logp * adv).sum().backward()
     elif method == "liger":
         # Liger computes a scalar cross-entropy (sum of -logp): same GEMMs, no per-row adv.
@@ -101,6 +101,7 @@ def _peak_probe(device):
     import torch
 
     if device == "cuda":
+
         def baseline():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -109,6 +110,7 @@ def _peak_probe(device):
         def peak(base):
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - base) / 2**20
+
         return baseline, peak
 
     def baseline():
@@ -120,9 +122,9 @@ def _peak_probe(device):
 
     def peak(base):
         kind, kib = base
-        now = status_kib("VmHWM") if kind == "VmHWM" else \
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        now = status_kib("VmHWM") if kind == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return (now - kib) / 1024
+
     return baseline, peak
 
 
@@ -159,12 +161,11 @@ def run_case(cfg: dict) -> dict:
     """Run one measurement in a fresh process; also report how busy *other* processes were."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     with OthersCPU(children=True) as probe:  # the child's CPU is the measurement's, not others'
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["exit code %d" % res.returncode])[-1]
+        last = (res.stderr.strip().splitlines() or [f"exit code {res.returncode}"])[-1]
         return {"error": last[:160]}
     out = json.loads(res.stdout.strip().splitlines()[-1])
     out["others"] = probe.share
@@ -182,9 +183,11 @@ def _merge(runs: list[dict]) -> dict:
     errors = [r for r in runs if "error" in r]
     if errors:
         return errors[0]
-    return {"peak_mb": statistics.median(r["peak_mb"] for r in runs),
-            "times": [t for r in runs for t in r["times"]],
-            "others": max((r.get("others", 0.0) for r in runs), default=0.0)}
+    return {
+        "peak_mb": statistics.median(r["peak_mb"] for r in runs),
+        "times": [t for r in runs for t in r["times"]],
+        "others": max((r.get("others", 0.0) for r in runs), default=0.0),
+    }
 
 
 def _fmt_row(shape, head, method, r, ref):
@@ -196,16 +199,19 @@ def _fmt_row(shape, head, method, r, ref):
     if ref and "error" not in ref:
         ratio_t = f"{t / statistics.median(ref['times']):.2f}x"
         ratio_m = f"{r['peak_mb'] / ref['peak_mb']:.3f}x"
-    return (f"| {label} | {head} | {method} | {1000 * t:.1f} | {ratio_t} | {r['peak_mb']:.0f} | "
-            f"{ratio_m} | {100 * r['others']:.0f}% | "
-            f"{len(r['times'])} runs, {1000 * min(r['times']):.1f}-{1000 * max(r['times']):.1f} ms |")
+    return (
+        f"| {label} | {head} | {method} | {1000 * t:.1f} | {ratio_t} | {r['peak_mb']:.0f} | "
+        f"{ratio_m} | {100 * r['others']:.0f}% | "
+        f"{len(r['times'])} runs, {1000 * min(r['times']):.1f}-{1000 * max(r['times']):.1f} ms |"
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (seconds)")
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="rounds; each round runs every method once in a fresh process")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="rounds; each round runs every method once in a fresh process"
+    )
     ap.add_argument("--heads", default="trainable", help="comma list of trainable,frozen")
     ap.add_argument("--shapes", help="comma list of NxHxV (default: the two full shapes)")
     ap.add_argument("--temperature", type=float, default=1.0)
@@ -217,14 +223,17 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "bfloat16" if device == "cuda" else "float32"
     print(machine_line(device))
-    print(f"dtype {dtype}, temperature {args.temperature}, repeats {args.repeats}, "
-          f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| N x H x V | LM head | method | fwd+bwd ms (median) | time vs naive | "
-          "peak extra MiB | memory vs naive | others' CPU | timed runs |")
+    print(
+        f"dtype {dtype}, temperature {args.temperature}, repeats {args.repeats}, "
+        f"load average before: {os.getloadavg()[0]:.2f}\n"
+    )
+    print(
+        "| N x H x V | LM head | method | fwd+bwd ms (median) | time vs naive | "
+        "peak extra MiB | memory vs naive | others' CPU | timed runs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     if args.shapes:
@@ -238,9 +247,16 @@ def main(argv=None) -> int:
                 for m in methods:
                     if rnd and runs[m] and "error" in runs[m][-1]:
                         continue  # a method that cannot run here will not start to
-                    cfg = dict(method=m, n=shape[0], h=shape[1], v=shape[2], dtype=dtype,
-                               device=device, train_head=head == "trainable",
-                               temperature=args.temperature)
+                    cfg = dict(
+                        method=m,
+                        n=shape[0],
+                        h=shape[1],
+                        v=shape[2],
+                        dtype=dtype,
+                        device=device,
+                        train_head=head == "trainable",
+                        temperature=args.temperature,
+                    )
                     runs[m].append(run_case(cfg))
             ref = _merge(runs["naive"])
             for m in methods:

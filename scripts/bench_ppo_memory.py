@@ -36,19 +36,45 @@ def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, toke
     from grpo_cli.trainer.optim import param_groups
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=tokens, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=tokens,
+        tie_word_embeddings=True,
+    )
     model = apply_lora(Qwen2ForCausalLM(cfg), LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0))
     policy = Policy.create(model, tokenizer=None, keep_reference=True, logprob_backend="fused")
     ids = torch.randint(0, vocab, (batch, tokens))
     comp = torch.zeros_like(ids)
-    comp[:, tokens // 4:] = 1
-    b = Batch(ids, torch.ones_like(ids), comp, [""] * batch, [""] * batch, [""] * batch, torch.arange(batch),
-              rewards=torch.rand(batch)).with_totals()
+    comp[:, tokens // 4 :] = 1
+    b = Batch(
+        ids,
+        torch.ones_like(ids),
+        comp,
+        [""] * batch,
+        [""] * batch,
+        [""] * batch,
+        torch.arange(batch),
+        rewards=torch.rand(batch),
+    ).with_totals()
     base = status_mb("VmRSS")
     reset_peak()
-    algo = PPO(beta=0.04, eps=0.2, mu=1, gamma=1.0, lam=0.95, whiten_advantages=True, value_model=value_model,
-               value_clip=0.2, vf_coef=0.5, value_lr_scale=10.0)
+    algo = PPO(
+        beta=0.04,
+        eps=0.2,
+        mu=1,
+        gamma=1.0,
+        lam=0.95,
+        whiten_advantages=True,
+        value_model=value_model,
+        value_clip=0.2,
+        vf_coef=0.5,
+        value_lr_scale=10.0,
+    )
     policy = algo.setup(policy)
     opt = torch.optim.AdamW(param_groups(policy.trainable(), 1e-5))
     b = algo.prepare(b, policy)
@@ -57,10 +83,15 @@ def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, toke
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     value_params = sum(p.numel() for p in algo.value.parameters())
-    return {"value_model": value_model, "peak_mb": status_mb("VmHWM"), "growth_mb": status_mb("VmHWM") - base,
-            "value_params": value_params,
-            "trainable": sum(p.numel() for p in policy.trainable().parameters() if p.requires_grad),
-            "opt_state_mb": state / 2**20, "policy_params": sum(p.numel() for p in model.parameters())}
+    return {
+        "value_model": value_model,
+        "peak_mb": status_mb("VmHWM"),
+        "growth_mb": status_mb("VmHWM") - base,
+        "value_params": value_params,
+        "trainable": sum(p.numel() for p in policy.trainable().parameters() if p.requires_grad),
+        "opt_state_mb": state / 2**20,
+        "policy_params": sum(p.numel() for p in model.parameters()),
+    }
 
 
 def main() -> None:
@@ -72,21 +103,30 @@ def main() -> None:
     if args.child:
         print(json.dumps(one(**json.loads(args.child))))
         return
-    shape = dict(vocab=4096, hidden=128, layers=2, batch=8, tokens=64) if args.quick else \
-        dict(vocab=32000, hidden=512, layers=8, batch=args.batch, tokens=160)
+    shape = (
+        dict(vocab=4096, hidden=128, layers=2, batch=8, tokens=64)
+        if args.quick
+        else dict(vocab=32000, hidden=512, layers=8, batch=args.batch, tokens=160)
+    )
     rows = []
     for value_model in ("separate", "lora"):
         spec = json.dumps(dict(value_model=value_model, **shape))
         out = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"PPO step, policy LoRA r=16 on Qwen2 V={shape['vocab']} H={shape['hidden']} layers={shape['layers']} "
-          f"({rows[0]['policy_params'] / 1e6:.1f}M), B={shape['batch']} T={shape['tokens']}, fp32, CPU")
-    print(f"{'value model':>12} {'value params':>13} {'trainable':>11} {'opt state MB':>13} {'peak RSS MB':>12} "
-          f"{'growth MB':>10} {'growth x':>9}")
+    print(
+        f"PPO step, policy LoRA r=16 on Qwen2 V={shape['vocab']} H={shape['hidden']} layers={shape['layers']} "
+        f"({rows[0]['policy_params'] / 1e6:.1f}M), B={shape['batch']} T={shape['tokens']}, fp32, CPU"
+    )
+    print(
+        f"{'value model':>12} {'value params':>13} {'trainable':>11} {'opt state MB':>13} {'peak RSS MB':>12} "
+        f"{'growth MB':>10} {'growth x':>9}"
+    )
     for r in rows:
-        print(f"{r['value_model']:>12} {r['value_params'] / 1e6:>12.2f}M {r['trainable'] / 1e6:>10.2f}M "
-              f"{r['opt_state_mb']:>13.1f} {r['peak_mb']:>12.0f} {r['growth_mb']:>10.0f} "
-              f"{r['growth_mb'] / rows[0]['growth_mb']:>9.2f}")
+        print(
+            f"{r['value_model']:>12} {r['value_params'] / 1e6:>12.2f}M {r['trainable'] / 1e6:>10.2f}M "
+            f"{r['opt_state_mb']:>13.1f} {r['peak_mb']:>12.0f} {r['growth_mb']:>10.0f} "
+            f"{r['growth_mb'] / rows[0]['growth_mb']:>9.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -18,13 +18,14 @@ compiled), ``fast-eager`` (on a GPU, the engine without CUDA graphs), ``fast-sdp
 engine uncompiled, with SDPA), ``fast-attn`` (on a CPU, each layer's attention compiled instead of
 the whole step: the engine before the step was compiled whole), ``reference`` (our simple loop over ``model(...)``
 and a DynamicCache, the engine before the rollout engine existed), ``vllm`` (on a GPU with vllm installed:
-``rollout.engine=vllm``, an in-process ``vllm.LLM`` in the run's dtype; each run first copies the weights
-into it, as every trainer rollout does, and that copy is timed; ``--vllm-kwargs`` go to ``vllm.LLM``). All run in one process after one
-warm-up run each, alternately in ``--repeats`` rounds so that load from other processes hits them
-alike; the table shows medians. "first run s" is the warm-up run: it includes what an engine does
-once per process (``torch.compile`` of the decode step, cached on disk across processes). "others' CPU" is the largest share of the machine that other processes used during
-any run of that row (/proc/stat minus this process's CPU time): rows taken while it is well above
-0% are not representative.
+``rollout.engine=vllm``, an in-process ``vllm.LLM`` in the run's dtype; each run first copies the
+weights into it, as every trainer rollout does, and that copy is timed; ``--vllm-kwargs`` go to
+``vllm.LLM``). All run in one process after one warm-up run each, alternately in ``--repeats``
+rounds so that load from other processes hits them alike; the table shows medians. "first run s" is
+the warm-up run: it includes what an engine does once per process (``torch.compile`` of the decode
+step, cached on disk across processes). "others' CPU" is the largest share of the machine that other
+processes used during any run of that row (/proc/stat minus this process's CPU time): rows taken
+while it is well above 0% are not representative.
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench import OthersCPU, machine_line  # noqa: E402
 
-BENCH_MODEL = dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232,
-                   max_position_embeddings=512, seed=0)
+BENCH_MODEL = dict(
+    hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232, max_position_embeddings=512, seed=0
+)
 """The issue's 23.6M-parameter Qwen2 (``TinyModelConfig`` fields)."""
-QUICK_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
-                   max_position_embeddings=512, seed=0)
+QUICK_MODEL = dict(
+    hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=512, seed=0
+)
 
 
 def build_bench_model(quick: bool = False):
@@ -76,14 +79,17 @@ def engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str, pre
     def run():
         with autocast(precision, device):  # the same context for every engine
             return fn()
+
     return run
 
 
 VLLM = {"memory": 0.2, "kwargs": {}}
 """``rollout.vllm_memory`` and ``rollout.vllm_kwargs`` of the ``vllm`` engine (``--vllm-memory``, ``--vllm-kwargs``)."""
-FAST_VARIANTS = {"fast-eager": ("fast", dict(cuda_graphs=False)),
-                 "fast-sdpa": ("fast", dict(compile_decode_step=False)),
-                 "fast-attn": ("fast", dict(whole_step=False))}
+FAST_VARIANTS = {
+    "fast-eager": ("fast", dict(cuda_graphs=False)),
+    "fast-sdpa": ("fast", dict(compile_decode_step=False)),
+    "fast-attn": ("fast", dict(whole_step=False)),
+}
 """Our engine with one rollout option off (``rollout.cuda_graphs``, ``rollout.compile_decode_step``), or
 (``fast-attn``) with the engine's ``whole_step`` off: each layer's attention compiled alone."""
 
@@ -99,14 +105,22 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
 
         model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id)  # no EOS: fixed length
         static = dict(cache_implementation="static") if name == "hf-static" else {}  # compiled by generate
-        gen_cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=mode != "greedy", temperature=1.0,
-                                   top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id, **static)
+        gen_cfg = GenerationConfig(
+            max_new_tokens=new_tokens,
+            do_sample=mode != "greedy",
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=tok.pad_token_id,
+            **static,
+        )
         device = next(model.parameters()).device
         batch = tok.pad({"input_ids": prompt_ids}, return_tensors="pt").to(device)  # left-padded
 
         def run():
             out = model.generate(**batch, generation_config=gen_cfg)
-            return out[:, batch["input_ids"].shape[1]:].tolist()
+            return out[:, batch["input_ids"].shape[1] :].tolist()
+
         return run
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
 
@@ -115,8 +129,18 @@ def _engine_fn(name: str, model, tok, prompt_ids, new_tokens: int, mode: str):
         options = dict(vllm_memory=VLLM["memory"], vllm_kwargs=VLLM["kwargs"])
 
     def run():
-        return generate_ids(model, prompt_ids, pad_id=tok.pad_token_id, eos_id=None, max_new_tokens=new_tokens,
-                            temperature=temperature, generator=gen, engine=engine, **options)
+        return generate_ids(
+            model,
+            prompt_ids,
+            pad_id=tok.pad_token_id,
+            eos_id=None,
+            max_new_tokens=new_tokens,
+            temperature=temperature,
+            generator=gen,
+            engine=engine,
+            **options,
+        )
+
     return run
 
 
@@ -148,9 +172,12 @@ def print_table(res, mode, batch, new_tokens, ref="hf"):
             equal = sum(a == b for a, b in pairs) / len(pairs)
             same = "yes" if r["rows"] == res[ref]["rows"] else f"NO ({100 * equal:.0f}% of tokens)"
         ratio = f"{base / t:.2f}x" if base else ""
-        print(f"| {mode} | {batch}x{new_tokens} | {e} | {r['tokens'] / t:.0f} | {ratio} | {t:.2f} | "
-              f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | {r['first']:.2f} | "
-              f"{100 * r['others']:.0f}% | {same} |", flush=True)
+        print(
+            f"| {mode} | {batch}x{new_tokens} | {e} | {r['tokens'] / t:.0f} | {ratio} | {t:.2f} | "
+            f"{1000 * t / new_tokens:.1f} | {min(r['times']):.2f}-{max(r['times']):.2f} | {r['first']:.2f} | "
+            f"{100 * r['others']:.0f}% | {same} |",
+            flush=True,
+        )
 
 
 def main(argv=None) -> int:
@@ -158,19 +185,30 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds; each runs every engine once")
-    ap.add_argument("--engines", default="hf,fast",
-                    help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
-                         "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: uncompiled, SDPA), "
-                         "fast-attn (on a CPU: each layer's attention compiled, not the whole step), reference, "
-                         "vllm (on a GPU, with vllm installed)")
+    ap.add_argument(
+        "--engines",
+        default="hf,fast",
+        help="comma list of hf, hf-static (HF's static cache, which generate compiles), fast, "
+        "fast-eager (on a GPU: without CUDA graphs), fast-sdpa (on a CPU: uncompiled, SDPA), "
+        "fast-attn (on a CPU: each layer's attention compiled, not the whole step), reference, "
+        "vllm (on a GPU, with vllm installed)",
+    )
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                    help="bf16: every engine runs under bf16 autocast (trainer.precision=bf16), weights fp32")
+    ap.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16"),
+        help="bf16: every engine runs under bf16 autocast (trainer.precision=bf16), weights fp32",
+    )
     ap.add_argument("--vllm-memory", type=float, default=VLLM["memory"], help="rollout.vllm_memory of the vllm engine")
-    ap.add_argument("--vllm-kwargs", type=json.loads, default={},
-                    help='JSON keyword arguments of vllm.LLM, e.g. \'{"attention_backend": "TRITON_ATTN"}\'')
+    ap.add_argument(
+        "--vllm-kwargs",
+        type=json.loads,
+        default={},
+        help='JSON keyword arguments of vllm.LLM, e.g. \'{"attention_backend": "TRITON_ATTN"}\'',
+    )
     args = ap.parse_args(argv)
     VLLM.update(memory=args.vllm_memory, kwargs=args.vllm_kwargs)
     import torch
@@ -182,13 +220,17 @@ def main(argv=None) -> int:
         model = model.to("cuda")  # fp32 weights, as the trainer keeps them; --precision bf16 autocasts
     prompt_ids = tok(bench_prompts(args.batch), add_special_tokens=False)["input_ids"]
     print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
-    print(f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
-          f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; precision {args.precision}; "
-          f"repeats {args.repeats}; "
-          f"load average before: {os.getloadavg()[0]:.2f}\n")
-    print("| mode | B x N | engine | tokens/s | speed vs hf | s (median) | ms/token step | range s | "
-          "first run s | others' CPU | same tokens as hf |")
+    print(
+        f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
+        f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; precision {args.precision}; "
+        f"repeats {args.repeats}; "
+        f"load average before: {os.getloadavg()[0]:.2f}\n"
+    )
+    print(
+        "| mode | B x N | engine | tokens/s | speed vs hf | s (median) | ms/token step | range s | "
+        "first run s | others' CPU | same tokens as hf |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     engines = args.engines.split(",")
     for mode in args.modes.split(","):

@@ -68,9 +68,11 @@ def main(argv=None) -> int:
         g = groups[place(e.get("frames", []))]
         g[0] += e["size"]
         g[1] += 1
-    print(f"{args.side}: {peak / 2**20:.1f} MB alive at event {when} of {len(trace)} "
-          f"(torch.cuda.max_memory_allocated {torch.cuda.max_memory_allocated() / 2**20:.1f} MB)")
-    for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]:
+    print(
+        f"{args.side}: {peak / 2**20:.1f} MB alive at event {when} of {len(trace)} "
+        f"(torch.cuda.max_memory_allocated {torch.cuda.max_memory_allocated() / 2**20:.1f} MB)"
+    )
+    for where, (size, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{size / 2**20:9.1f} MB {n:5d} blocks  {where}")
     phases = {k: max(st.get(k, 0.0) for st in res["steps"]) for k in res["steps"][0] if k.startswith("gpu_mem_")}
     if phases:

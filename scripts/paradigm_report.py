@@ -43,8 +43,10 @@ def fmt(values: List[float]) -> str:
 
 
 def table(by_method: Dict[str, List[dict]]) -> str:
-    lines = ["| method | seeds | " + " | ".join(METRICS) + " | minutes per run |",
-             "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |"]
+    lines = [
+        "| method | seeds | " + " | ".join(METRICS) + " | minutes per run |",
+        "| --- | --- | " + " | ".join("---" for _ in METRICS) + " | --- |",
+    ]
     for method, rows in by_method.items():
         cells = [fmt(values_of(rows, m)) for m in METRICS]
         minutes = statistics.mean(r.get("seconds", 0.0) for r in rows) / 60

@@ -57,7 +57,11 @@ def sft_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
-        run = train(compose("sft_arithmetic", "trainer.steps=30", "trainer.batch_size=16", "trainer.lr=3e-3", f"output_dir={out}"))
+        run = train(
+            compose(
+                "sft_arithmetic", "trainer.steps=30", "trainer.batch_size=16", "trainer.lr=3e-3", f"output_dir={out}"
+            )
+        )
     finally:
         os.chdir(cwd)
     return run

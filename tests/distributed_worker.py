@@ -19,7 +19,6 @@ from typing import Dict, List
 
 import torch
 import torch.distributed as torch_dist
-
 from conftest import TINY, compose, length_mod_3
 
 PROMPTS = ["3+4\n", "12-5*2\n", "7*8\n", "9-1+2\n"]
@@ -34,7 +33,7 @@ def fake_generate(model, tokenizer, prompts: List[str], *, max_new_tokens: int, 
     for i, prompt in enumerate(prompts):
         j = prompts[:i].count(prompt)  # members of a group are contiguous
         text = str(len(prompt) % 10) * (j + 1) + f"\n#### {j}"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_new_tokens - 1] + [tokenizer.eos_token_id]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max_new_tokens - 1] + [tokenizer.eos_token_id]
         out.append(Generation(tokenizer(prompt, add_special_tokens=False)["input_ids"], ids, text, True))
     return out
 
@@ -57,8 +56,15 @@ def fixed_batch(tok, prompts: List[str], group_size: int, pairs: bool):
     chosen = [p for p in prompts for _ in range(group_size)]
     gens = fake_generate(None, tok, chosen, max_new_tokens=24)
     ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], tok.pad_token_id)
-    batch = Batch(ids, attn, comp, chosen, [g.text for g in gens], ["0"] * len(gens),
-                  torch.arange(len(prompts)).repeat_interleave(group_size))
+    batch = Batch(
+        ids,
+        attn,
+        comp,
+        chosen,
+        [g.text for g in gens],
+        ["0"] * len(gens),
+        torch.arange(len(prompts)).repeat_interleave(group_size),
+    )
     batch.rewards = torch.tensor([1.0, 0.0] * len(prompts)) if pairs else length_mod_3(batch)
     batch.totals.update(temperature=1.0, max_tokens=24.0)
     return batch.with_totals()
@@ -74,7 +80,9 @@ def one_update(cfg, dist, prompts: List[str], pairs: bool) -> Dict[str, torch.Te
 
     torch.manual_seed(0)
     algorithm = build_algorithm(cfg.algorithm)
-    policy = loop.build_policy(cfg, algorithm, Path(cfg.output_dir), torch.device("cpu"), load_model_and_tokenizer(cfg.model))
+    policy = loop.build_policy(
+        cfg, algorithm, Path(cfg.output_dir), torch.device("cpu"), load_model_and_tokenizer(cfg.model)
+    )
     with torch.no_grad():  # move off the reference so the KL term has a gradient
         for p in policy.model.parameters():
             if p.requires_grad:
@@ -100,17 +108,29 @@ def gradients(job: dict, out: Path) -> None:
 
     gaps = {}
     for name, (recipe, strategy, *overrides) in job["cases"].items():
-        cfg = compose(recipe, "model.name_or_path=tiny", "trainer.optimizer=sgd", "trainer.lr=1.0", "trainer.weight_decay=0",
-                      "trainer.schedule=constant", f"output_dir={out / 'grads'}", *overrides)
+        cfg = compose(
+            recipe,
+            "model.name_or_path=tiny",
+            "trainer.optimizer=sgd",
+            "trainer.lr=1.0",
+            "trainer.weight_decay=0",
+            "trainer.schedule=constant",
+            f"output_dir={out / 'grads'}",
+            *overrides,
+        )
         pairs = cfg.algorithm.name == "dpo"
         dist = init_distributed(strategy, torch.device("cpu"))
-        mine = PROMPTS[dist.rank * 2:(dist.rank + 1) * 2]
+        mine = PROMPTS[dist.rank * 2 : (dist.rank + 1) * 2]
         split = one_update(cfg, dist, mine, pairs)
         single = one_update(cfg, LOCAL, PROMPTS, pairs)
         if dist.is_main:
             scale = max(float(g.abs().max()) for g in single.values())
-            gaps[name] = {"max_abs_gap": max(float((split[k] - single[k]).abs().max()) for k in single),
-                          "max_abs_grad": scale, "tensors": len(single), "same_keys": sorted(split) == sorted(single)}
+            gaps[name] = {
+                "max_abs_gap": max(float((split[k] - single[k]).abs().max()) for k in single),
+                "max_abs_grad": scale,
+                "tensors": len(single),
+                "same_keys": sorted(split) == sorted(single),
+            }
     if torch_dist.get_rank() == 0:
         (out / "gradients.json").write_text(json.dumps(gaps, indent=1))
 

@@ -19,8 +19,16 @@ def batch_of(n: int) -> Batch:
     """n rows: row i is prompt [10 + i], completion [20 + i] * (i % 3 + 1); texts, group, rewards and
     an algorithm tensor all carry the row index so a mixed-up row shows."""
     ids, attn, comp = pack([[10 + i] for i in range(n)], [[20 + i] * (i % 3 + 1) for i in range(n)], PAD)
-    batch = Batch(ids, attn, comp, [f"p{i}" for i in range(n)], [f"c{i}" for i in range(n)], [str(i) for i in range(n)],
-                  torch.arange(n) // 2, rewards=torch.arange(n, dtype=torch.float32))
+    batch = Batch(
+        ids,
+        attn,
+        comp,
+        [f"p{i}" for i in range(n)],
+        [f"c{i}" for i in range(n)],
+        [str(i) for i in range(n)],
+        torch.arange(n) // 2,
+        rewards=torch.arange(n, dtype=torch.float32),
+    )
     batch.tensors["advantages"] = torch.arange(n, dtype=torch.float32)[:, None].expand(-1, ids.shape[1] - 1).clone()
     return batch
 
@@ -70,17 +78,27 @@ def test_select_picks_every_per_row_field_in_the_given_order():
     assert batch.totals["sequences"] == 5.0
     # the original is untouched
     assert batch.prompts == [f"p{i}" for i in range(5)] and len(batch) == 5
-    no_rewards = Batch(batch.input_ids, batch.attention_mask, batch.completion_mask, batch.prompts, batch.completions,
-                       batch.answers, batch.group)
+    no_rewards = Batch(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.completion_mask,
+        batch.prompts,
+        batch.completions,
+        batch.answers,
+        batch.group,
+    )
     assert no_rewards.select([1]).rewards is None
 
 
-@pytest.mark.parametrize("n, rows, sizes", [
-    (5, 2, [3, 2]),  # ceil(5 / 2) = 3 rows each: [0, 1, 2], [3, 4]
-    (6, 3, [2, 2, 2]),  # ceil(6 / 3) = 2
-    (8, 2, [4, 4]),  # groups of 2 stay together: 8 is a multiple of 2 * 2
-    (3, 1, [3]),
-])
+@pytest.mark.parametrize(
+    "n, rows, sizes",
+    [
+        (5, 2, [3, 2]),  # ceil(5 / 2) = 3 rows each: [0, 1, 2], [3, 4]
+        (6, 3, [2, 2, 2]),  # ceil(6 / 3) = 2
+        (8, 2, [4, 4]),  # groups of 2 stay together: 8 is a multiple of 2 * 2
+        (3, 1, [3]),
+    ],
+)
 def test_micro_batches_are_contiguous_splits_that_cover_the_batch(n, rows, sizes):
     batch = batch_of(n).with_totals()
     parts = batch.micro_batches(rows)
@@ -98,12 +116,28 @@ def test_micro_batches_are_contiguous_splits_that_cover_the_batch(n, rows, sizes
 def test_to_moves_every_tensor_and_leaves_the_source_batch_where_it_was():
     batch = batch_of(3)
     moved = batch.to(torch.device("meta"))  # a device every machine has: tensors without storage
-    tensors = [moved.input_ids, moved.attention_mask, moved.completion_mask, moved.group, moved.rewards,
-               *moved.tensors.values()]
+    tensors = [
+        moved.input_ids,
+        moved.attention_mask,
+        moved.completion_mask,
+        moved.group,
+        moved.rewards,
+        *moved.tensors.values(),
+    ]
     assert all(t.device.type == "meta" for t in tensors)
-    assert moved.input_ids.shape == batch.input_ids.shape and moved.tensors["advantages"].shape == (3, batch.input_ids.shape[1] - 1)
+    assert moved.input_ids.shape == batch.input_ids.shape and moved.tensors["advantages"].shape == (
+        3,
+        batch.input_ids.shape[1] - 1,
+    )
     assert moved.prompts == batch.prompts and moved.answers == batch.answers
     assert batch.input_ids.device.type == "cpu" and batch.tensors["advantages"].device.type == "cpu"
-    bare = Batch(batch.input_ids, batch.attention_mask, batch.completion_mask, batch.prompts, batch.completions,
-                 batch.answers, batch.group)
+    bare = Batch(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.completion_mask,
+        batch.prompts,
+        batch.completions,
+        batch.answers,
+        batch.group,
+    )
     assert bare.to(torch.device("meta")).rewards is None

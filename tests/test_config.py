@@ -37,13 +37,20 @@ def test_overrides_apply_with_types():
         (["recipe=sft_arithmetic", "lora.enabled=maybe"], "config key 'lora.enabled': expected bool, got 'maybe'"),
         (["recipe=sft_arithmetic", "algorithm=grpp"], "unknown algorithm 'grpp': did you mean: grpo, ppo?"),
         (["recipe=sft_arithmetic", "data=gsm9k"], "unknown data 'gsm9k': did you mean: gsm8k?"),
-        (["recipe=sft_arithmetic", "source.group_size=4"], "'source.group_size' for the chosen source; it belongs to source=online"),
+        (
+            ["recipe=sft_arithmetic", "source.group_size=4"],
+            "'source.group_size' for the chosen source; it belongs to source=online",
+        ),
         (["recipe=sft_arithmetic", "algorithm.beta=0.1"], "it belongs to algorithm=grpo"),
         (["recipe=sft_arithmetic", "trainer=["], "cannot parse override"),
-        (["recipe=grpo_arithmetic", "rollout.compile_attention=false"],
-         "config key 'rollout.compile_attention' was renamed: use rollout.compile_decode_step"),
-        (["recipe=grpo_arithmetic", "+rollout.compile_attention_min_mib=0"],
-         "config key 'rollout.compile_attention_min_mib' was renamed: use rollout.compile_decode_min_mib"),
+        (
+            ["recipe=grpo_arithmetic", "rollout.compile_attention=false"],
+            "config key 'rollout.compile_attention' was renamed: use rollout.compile_decode_step",
+        ),
+        (
+            ["recipe=grpo_arithmetic", "+rollout.compile_attention_min_mib=0"],
+            "config key 'rollout.compile_attention_min_mib' was renamed: use rollout.compile_decode_min_mib",
+        ),
         ([], "missing recipe"),
     ],
 )

@@ -3,8 +3,8 @@ the one way a reward is called, and the one sampling path."""
 
 import pytest
 import torch
-
 from conftest import compose
+
 from grpo_cli.batch import Batch, pack
 from grpo_cli.data import load_examples
 from grpo_cli.errors import UserError
@@ -21,8 +21,14 @@ def _online_source(seed=0):
     cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", "source.prompts_per_step=2", "source.group_size=2")
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     policy = Policy(model.eval(), tok)
-    source = build_source(cfg.source, examples=load_examples(cfg.data, "train"), policy=policy, batch_size=4,
-                          rollout=cfg.rollout, seed=seed)
+    source = build_source(
+        cfg.source,
+        examples=load_examples(cfg.data, "train"),
+        policy=policy,
+        batch_size=4,
+        rollout=cfg.rollout,
+        seed=seed,
+    )
     return source, policy
 
 
@@ -86,8 +92,14 @@ def test_sample_batch_keeps_the_sampled_tokens_and_counts_what_it_saw():
     cfg = compose("grpo_arithmetic", "model.name_or_path=tiny")
     model, tok, _ = load_model_and_tokenizer(cfg.model)
     examples = load_examples(cfg.data, "train")[:3]
-    batch, gens = sample_batch(model.eval(), tok, examples, group=torch.arange(3),
-                               generator=torch.Generator().manual_seed(0), **rollout_options(cfg.rollout))
+    batch, gens = sample_batch(
+        model.eval(),
+        tok,
+        examples,
+        group=torch.arange(3),
+        generator=torch.Generator().manual_seed(0),
+        **rollout_options(cfg.rollout),
+    )
     assert batch.completion_token_ids() == [g.completion_ids for g in gens]  # never re-tokenised
     assert batch.completions == [g.text for g in gens] and batch.answers == [e.answer for e in examples]
     assert batch.stats["completion_length"] == sum(len(g.completion_ids) for g in gens) / 3

@@ -37,6 +37,7 @@ def left_to_right(question: str) -> int:
 
 # ----------------------------------------------------------------------------- arithmetic
 
+
 def test_arithmetic_is_deterministic_and_seeded():
     cfg = ArithmeticConfig(num_train=300, num_test=50)
     assert generate(cfg, "train") == generate(cfg, "train")
@@ -124,6 +125,7 @@ def test_arithmetic_bad_settings(overrides, key):
 
 # ----------------------------------------------------------------------------- load_examples
 
+
 def test_load_examples_formats_prompts_and_limits():
     cfg = DataConfig(prompt_template="Q: {question} =\n", max_examples=7)
     examples = load_examples(cfg, "train")
@@ -157,6 +159,7 @@ def test_load_examples_errors(cfg, split, message):
 
 # ----------------------------------------------------------------------------- jsonl / parquet
 
+
 def write_jsonl(path: Path, lines) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
@@ -167,10 +170,13 @@ def jsonl_cfg(path, **overrides) -> DataConfig:
 
 
 def test_jsonl_with_configurable_fields(tmp_path):
-    path = write_jsonl(tmp_path / "mine.jsonl", [
-        {"q": "What is 2+2?", "sol": "2+2=4", "final": 4},
-        {"q": "What is 3*3?", "sol": "3*3=9\n#### 9", "final": "9"},
-    ])
+    path = write_jsonl(
+        tmp_path / "mine.jsonl",
+        [
+            {"q": "What is 2+2?", "sol": "2+2=4", "final": 4},
+            {"q": "What is 3*3?", "sol": "3*3=9\n#### 9", "final": "9"},
+        ],
+    )
     cfg = jsonl_cfg(path, question_field="q", solution_field="sol", answer_field="final")
     first, second = load_examples(cfg, "train")
     assert (first.question, first.prompt, first.answer) == ("What is 2+2?", "What is 2+2?\n", "4")
@@ -267,6 +273,7 @@ def test_hub_failure_is_a_user_error(monkeypatch):
 
 # ----------------------------------------------------------------------------- GSM8K
 
+
 def test_gsm8k_local_copy():
     directory = gsm8k_dir()
     if not (directory / "train.jsonl").is_file():
@@ -281,5 +288,6 @@ def test_gsm8k_local_copy():
         final = example.solution.rsplit("\n", 1)[-1]
         assert final.startswith("#### ") and final[5:].replace(",", "") == example.answer
     assert {e.question for e in train}.isdisjoint(e.question for e in test)
-    assert len(load_examples(DataConfig(name="gsm8k", path=str(directory / "test.jsonl"), max_examples=10),
-                             "train")) == 10
+    assert (
+        len(load_examples(DataConfig(name="gsm8k", path=str(directory / "test.jsonl"), max_examples=10), "train")) == 10
+    )

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose
-from distributed_worker import PROMPTS, fake_generate, fixed_batch, length_mod_3
+from conftest import REPO, compose, register_length_rewards, rows
+from distributed_worker import PROMPTS, fake_generate, fixed_batch
 
 from grpo_cli.algorithms import build_algorithm
 from grpo_cli.errors import UserError
@@ -26,26 +26,46 @@ from grpo_cli.models.device import pick_device
 from grpo_cli.trainer import loop
 from grpo_cli.trainer.distributed import LOCAL, rank_seed, shard
 
-from conftest import REPO, compose, register_length_rewards, rows
-from distributed_worker import PROMPTS, fake_generate, fixed_batch
 CPU = ["trainer.device=cpu", "trainer.threads=1"]  # gloo on CPU, also on a machine with a GPU
-GRPO = ["model.name_or_path=tiny", "reward.name=length_mod_3", "source.prompts_per_step=4", "source.group_size=4",
-        "trainer.lr=1e-2", *CPU]
+GRPO = [
+    "model.name_or_path=tiny",
+    "reward.name=length_mod_3",
+    "source.prompts_per_step=4",
+    "source.group_size=4",
+    "trainer.lr=1e-2",
+    *CPU,
+]
 RUNS = {  # name: (recipe, fake rollouts, overrides); the same in both processes and in this one
     "sft_ddp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", *CPU]),
-    "sft_fsdp": ("sft_arithmetic", False, ["trainer.steps=3", "trainer.batch_size=8", *CPU,
-                                           "trainer.distributed=fsdp"]),
+    "sft_fsdp": (
+        "sft_arithmetic",
+        False,
+        ["trainer.steps=3", "trainer.batch_size=8", *CPU, "trainer.distributed=fsdp"],
+    ),
     # SGD: LoRA's lora_A gradients are 0 at step 1 (B = 0) and tiny after, and AdamW's per-coordinate
     # normalisation turns float-summation-order noise there into updates of up to lr (measured: 2 of 1024
     # weights 4.7e-5 apart after 3 steps at lr 3e-2, every loss equal to 1e-5)
-    "grpo_ddp_lora": ("grpo_arithmetic", True, [*GRPO, "trainer.steps=3", "lora.enabled=true", "trainer.optimizer=sgd",
-                                                "trainer.lr=0.5", "trainer.grad_accum=2", "algorithm.aggregation=token"]),
+    "grpo_ddp_lora": (
+        "grpo_arithmetic",
+        True,
+        [
+            *GRPO,
+            "trainer.steps=3",
+            "lora.enabled=true",
+            "trainer.optimizer=sgd",
+            "trainer.lr=0.5",
+            "trainer.grad_accum=2",
+            "algorithm.aggregation=token",
+        ],
+    ),
     "grpo_fsdp": ("grpo_arithmetic", True, [*GRPO, "trainer.steps=3", "trainer.distributed=fsdp"]),
     # PPO's value model trains beside the policy; whitening would use each rank's slice only: off here
     "ppo_ddp": ("ppo_arithmetic", True, [*GRPO, "trainer.steps=3", "algorithm.whiten_advantages=false"]),
 }
-SAMPLED = ["grpo_arithmetic", [*GRPO, "source.group_size=2", "trainer.steps=4", "trainer.save_every=2",
-                               "trainer.keep_checkpoints=4"]]
+SAMPLED = [
+    "grpo_arithmetic",
+    [*GRPO, "source.group_size=2", "trainer.steps=4", "trainer.save_every=2", "trainer.keep_checkpoints=4"],
+]
 GRADIENT_CASES = {  # name: (recipe, strategy, overrides) for one SGD step on a fixed batch
     "grpo_sequence": ("grpo_arithmetic", "ddp", "algorithm.aggregation=sequence"),
     "grpo_token_micro": ("grpo_arithmetic", "ddp", "algorithm.aggregation=token", "trainer.grad_accum=2"),
@@ -62,28 +82,60 @@ def weights(run: Path):
     from safetensors.torch import load_file
 
     final = run / "checkpoints" / "final"
-    return load_file(final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors"))
+    return load_file(
+        final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors")
+    )
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
     """Every 2-process job, in one torchrun launch; returns its output directory."""
     out = tmp_path_factory.mktemp("dist")
-    jobs = [{"kind": "train", "recipe": recipe, "fake_rollouts": fake, "args": [*args, f"output_dir={out / name}"]}
-            for name, (recipe, fake, args) in RUNS.items()]
-    jobs += [{"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'sampled'}"]},
-             {"kind": "train", "recipe": SAMPLED[0], "args": [*GRPO, "trainer.steps=2", "trainer.distributed=fsdp",
-                                                             "lora.enabled=true", f"output_dir={out / 'sampled_fsdp'}"]},
-             {"kind": "copy", "src": str(out / "sampled"), "dst": str(out / "cut"),
-              "remove": ["checkpoints/final", "checkpoints/step_000004"]},
-             {"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'cut'}", "resume=true"]},
-             {"kind": "gradients", "cases": GRADIENT_CASES},
-             {"kind": "fsdp_generation"}]
+    jobs = [
+        {"kind": "train", "recipe": recipe, "fake_rollouts": fake, "args": [*args, f"output_dir={out / name}"]}
+        for name, (recipe, fake, args) in RUNS.items()
+    ]
+    jobs += [
+        {"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'sampled'}"]},
+        {
+            "kind": "train",
+            "recipe": SAMPLED[0],
+            "args": [
+                *GRPO,
+                "trainer.steps=2",
+                "trainer.distributed=fsdp",
+                "lora.enabled=true",
+                f"output_dir={out / 'sampled_fsdp'}",
+            ],
+        },
+        {
+            "kind": "copy",
+            "src": str(out / "sampled"),
+            "dst": str(out / "cut"),
+            "remove": ["checkpoints/final", "checkpoints/step_000004"],
+        },
+        {"kind": "train", "recipe": SAMPLED[0], "args": [*SAMPLED[1], f"output_dir={out / 'cut'}", "resume=true"]},
+        {"kind": "gradients", "cases": GRADIENT_CASES},
+        {"kind": "fsdp_generation"},
+    ]
     (out / "spec.json").write_text(json.dumps({"out": str(out), "jobs": jobs}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "tests" / "distributed_worker.py"), str(out / "spec.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "distributed_worker.py"),
+            str(out / "spec.json"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out
 
@@ -101,11 +153,17 @@ def one_process(name: str, tmp_path: Path, monkeypatch) -> Path:
 
 # ----------------------------------------------------------------------------- without processes
 
-@pytest.mark.parametrize("recipe, overrides", [
-    ("grpo_arithmetic", ["algorithm.aggregation=sequence"]), ("grpo_arithmetic", ["algorithm.aggregation=token"]),
-    ("grpo_arithmetic", ["algorithm.aggregation=constant"]), ("dpo_arithmetic", ["algorithm.sft_weight=1.0"]),
-    ("sft_arithmetic", []),
-])
+
+@pytest.mark.parametrize(
+    "recipe, overrides",
+    [
+        ("grpo_arithmetic", ["algorithm.aggregation=sequence"]),
+        ("grpo_arithmetic", ["algorithm.aggregation=token"]),
+        ("grpo_arithmetic", ["algorithm.aggregation=constant"]),
+        ("dpo_arithmetic", ["algorithm.sft_weight=1.0"]),
+        ("sft_arithmetic", []),
+    ],
+)
 def test_rank_losses_normalised_by_global_totals_add_up_to_the_global_gradient(tmp_path, recipe, overrides):
     """The normalisation the ranks use, without processes: the gradients of two slices of whole groups,
     each normalised by the whole batch's totals (what ``global_totals`` gives), sum to the batch's."""
@@ -144,10 +202,22 @@ def test_each_rank_takes_its_slice_of_the_same_global_batch(tmp_path, monkeypatc
         examples = load_examples(cfg.data, "train")
 
         def source(rank, world):
-            return build_source(cfg.source, examples=examples, policy=policy, batch_size=4, rollout=cfg.rollout, seed=0,
-                                reward=None, run=None, rank=rank, world_size=world)
+            return build_source(
+                cfg.source,
+                examples=examples,
+                policy=policy,
+                batch_size=4,
+                rollout=cfg.rollout,
+                seed=0,
+                reward=None,
+                run=None,
+                rank=rank,
+                world_size=world,
+            )
 
-        whole, rank0, rank1 = [[s.next_batch(policy) for _ in range(2)] for s in (source(0, 1), source(0, 2), source(1, 2))]
+        whole, rank0, rank1 = [
+            [s.next_batch(policy) for _ in range(2)] for s in (source(0, 1), source(0, 2), source(1, 2))
+        ]
         for step in range(2):
             assert rank0[step].prompts + rank1[step].prompts == whole[step].prompts
         with pytest.raises(UserError, match=rf"^{re.escape(key)}=4: must be a multiple of the 3 processes"):
@@ -167,6 +237,7 @@ def test_one_process_is_the_local_no_op():
 
 
 # ----------------------------------------------------------------------------- 2 processes (gloo)
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(GRADIENT_CASES))
@@ -196,7 +267,9 @@ def test_two_process_run_equals_the_one_process_run(two_processes, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_sampling_runs_resume_exactly_at_the_same_world_size_and_at_another(two_processes, tmp_path, capsys, monkeypatch):
+def test_sampling_runs_resume_exactly_at_the_same_world_size_and_at_another(
+    two_processes, tmp_path, capsys, monkeypatch
+):
     """Real sampling (each rank its own stream): the resumed 2-process run repeats the uninterrupted one;
     one process can continue it (new streams for the missing rank, the data order kept)."""
     full, cut = two_processes / "sampled", two_processes / "cut"
@@ -220,7 +293,11 @@ def test_fsdp_lora_run_with_sampling_trains_and_saves_its_adapter(two_processes)
     got = rows(two_processes / "sampled_fsdp")
     assert len(got) == 2 and all(r["grad_norm"] > 0 for r in got) and got[-1]["kl"] > 0
     adapter = weights(two_processes / "sampled_fsdp")
-    assert adapter and all("lora_" in k for k in adapter) and any(bool(v.any()) for k, v in adapter.items() if "lora_B" in k)
+    assert (
+        adapter
+        and all("lora_" in k for k in adapter)
+        and any(bool(v.any()) for k, v in adapter.items() if "lora_B" in k)
+    )
 
 
 @pytest.mark.slow

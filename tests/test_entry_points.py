@@ -10,7 +10,12 @@ from conftest import REPO
 
 @pytest.mark.parametrize("module", ["grpo_cli", "grpo_cli.cli"])
 def test_python_dash_m(module):
-    proc = subprocess.run([sys.executable, "-m", module, "train", "recipe=sft_arithmetic", "trainer.steps=7",
-                           "--print-config"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "train", "recipe=sft_arithmetic", "trainer.steps=7", "--print-config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "steps: 7" in proc.stdout

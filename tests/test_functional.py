@@ -74,7 +74,9 @@ def test_grpo_loss_gradient_wrt_logprobs():
     # i.e. -GC with GC = A + beta * (pi_ref/pi - 1) = 0.5 + 0.1 * (0.36788 - 1) = 0.43679
     logp = torch.tensor([[-1.0]], requires_grad=True)
     ref = torch.tensor([[-2.0]])
-    loss, parts = F.grpo_token_loss(logp, logp.detach(), ref, torch.tensor([[0.5]]), beta=0.1, eps_low=0.2, eps_high=0.2)
+    loss, parts = F.grpo_token_loss(
+        logp, logp.detach(), ref, torch.tensor([[0.5]]), beta=0.1, eps_low=0.2, eps_high=0.2
+    )
     loss.sum().backward()
     gc = 0.5 + 0.1 * (math.exp(-1.0) - 1)
     assert logp.grad.item() == pytest.approx(-gc, abs=1e-6)
@@ -85,7 +87,9 @@ def test_clipped_token_passes_only_the_kl_gradient():
     # ratio e^0.5 > 1.2 with A = 1: the surrogate is the constant 1.2; only the KL term's
     # gradient remains: beta * (1 - pi_ref/pi) = 0.1 * (1 - e^0) = 0 with ref = logp.
     logp = torch.tensor([[0.5]], requires_grad=True)
-    loss, _ = F.grpo_token_loss(logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1), beta=0.1, eps_low=0.2, eps_high=0.2)
+    loss, _ = F.grpo_token_loss(
+        logp, torch.zeros(1, 1), logp.detach(), torch.ones(1, 1), beta=0.1, eps_low=0.2, eps_high=0.2
+    )
     loss.sum().backward()
     assert logp.grad.item() == pytest.approx(0.0, abs=1e-7)
 

@@ -86,16 +86,25 @@ COMPILED = pytest.param(dict(compile_decode_min_mib=0), marks=pytest.mark.slow)
 
 def rows_of(model, tok, engine, n=24, **kw):
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
-    return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
-                        engine=engine, temperature=kw.pop("temperature", 0.0), **kw)
+    return generate_ids(
+        model,
+        ids,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=n,
+        engine=engine,
+        temperature=kw.pop("temperature", 0.0),
+        **kw,
+    )
 
 
 def hf_rows(model, tok, n=24):
     """HF generate, greedy, on the same left-padded batch: [B] rows of new tokens (pad after EOS)."""
     batch = tok.pad({"input_ids": tok(PROMPTS, add_special_tokens=False)["input_ids"]}, return_tensors="pt")
-    out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)
-    return out[:, batch["input_ids"].shape[1]:].tolist()
+    out = model.generate(
+        **batch, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    return out[:, batch["input_ids"].shape[1] :].tolist()
 
 
 def count_compactions(monkeypatch) -> list:
@@ -103,7 +112,9 @@ def count_compactions(monkeypatch) -> list:
     from grpo_cli.models.kv_decoder import KVDecoder
 
     calls, keep = [], KVDecoder.keep_rows
-    monkeypatch.setattr(KVDecoder, "keep_rows", lambda self, rows, filled: calls.append(len(rows)) or keep(self, rows, filled))
+    monkeypatch.setattr(
+        KVDecoder, "keep_rows", lambda self, rows, filled: calls.append(len(rows)) or keep(self, rows, filled)
+    )
     return calls
 
 
@@ -124,8 +135,7 @@ def test_fast_engine_samples_exactly_like_the_reference_loop(monkeypatch):
     # included, although the fast engine drops finished rows and the reference loop keeps them.
     model, tok = chaotic_tiny_model()
     compactions = count_compactions(monkeypatch)
-    fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3),
-                   **EXACT)
+    fast = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3), **EXACT)
     ref = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert fast == ref and any(tok.eos_token_id in r for r in fast) and compactions
 
@@ -168,13 +178,24 @@ def test_a_groups_prompt_is_prefilled_once_and_its_copies_decode_as_hf_does(monk
     ids = tok(group, add_special_tokens=False)["input_ids"]
     prefills = []
     call = KVDecoder.__call__
-    monkeypatch.setattr(KVDecoder, "__call__", lambda self, x, *a: (x.shape[1] > 1 and prefills.append(len(x))) or call(self, x, *a))
-    ours = generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
-                        temperature=0.0, engine="fast", **options)
+    monkeypatch.setattr(
+        KVDecoder, "__call__", lambda self, x, *a: (x.shape[1] > 1 and prefills.append(len(x))) or call(self, x, *a)
+    )
+    ours = generate_ids(
+        model,
+        ids,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=24,
+        temperature=0.0,
+        engine="fast",
+        **options,
+    )
     assert prefills == [3]  # three distinct prompts for nine rows
     batch = tok.pad({"input_ids": ids}, return_tensors="pt")
-    hf = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    hf = model.generate(
+        **batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )[:, batch["input_ids"].shape[1] :].tolist()
     assert ours == hf
     sample = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24, temperature=1.0)
     fast = generate_ids(model, ids, generator=torch.Generator().manual_seed(3), engine="fast", **sample, **options)
@@ -190,9 +211,18 @@ def gqa_model(attn: str, family: str = "qwen2"):
 
     tok = build_tokenizer()
     config, cls = (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
-    cfg = config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, attn_implementation=attn)
+    cfg = config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        attn_implementation=attn,
+    )
     torch.manual_seed(0)
     model = cls(cfg).eval()
     with torch.no_grad():
@@ -223,6 +253,7 @@ def test_fast_engine_applies_lora_adapters():
 
 # --- packed weights (CPU): fused q|k|v and gate|up GEMMs on oneDNN-packed copies, LoRA merged ---
 
+
 @torch.no_grad()
 def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = False, failures=None):
     """[steps + 1, B, V] logits of KVDecoder: the prefill of PROMPTS, then ``steps`` decode steps
@@ -247,7 +278,9 @@ def decoder_logits(model, tok, packed: bool, steps: int = 4, compiled: bool = Fa
 @pytest.mark.parametrize("kind", ["chaotic", "gqa-sdpa", "gqa-eager", "llama-sdpa"])
 def test_packed_weights_give_the_modules_logits(kind):
     family, _, attn = kind.partition("-")
-    model, tok = chaotic_tiny_model() if kind == "chaotic" else gqa_model(attn, "llama" if family == "llama" else "qwen2")
+    model, tok = (
+        chaotic_tiny_model() if kind == "chaotic" else gqa_model(attn, "llama" if family == "llama" else "qwen2")
+    )
     assert packing_unsupported(model) is None
     packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
     if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
@@ -266,7 +299,9 @@ def test_packed_weights_stay_plain_tensors_where_onednn_packing_is_not_used(monk
     with torch.no_grad():
         decoder = KVDecoder(model, 2, 8, packed=True)
     assert decoder.packed[0].qkv[0].layout == torch.strided  # fused and pre-cast, not re-blocked
-    torch.testing.assert_close(decoder_logits(model, tok, True), decoder_logits(model, tok, False), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        decoder_logits(model, tok, True), decoder_logits(model, tok, False), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_packed_weights_under_bf16_autocast_are_bf16_and_follow_the_modules():
@@ -314,15 +349,19 @@ def test_layers_that_are_not_plain_linear_maps_are_not_packed():
 
 # --- compiled decode attention (CPU): rotary, cache write and single-query attention in one kernel ---
 
+
 def require_cpp_compiler():
     """Skip, naming why, where Inductor finds no C++ compiler: there torch.compile fails and decoders fall
-    back to SDPA (recorded in kv_decoder.PROCESS_COMPILE_FAILURES), which a test of the compiled path must not pass on."""
+    back to SDPA (recorded in kv_decoder.PROCESS_COMPILE_FAILURES), which a test of the compiled path must
+    not pass on."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
         get_cpp_compiler()
     except Exception as err:  # torch's InvalidCxxCompiler
-        pytest.skip(f"torch.compile on CPU needs a C++ compiler: {(str(err).strip() or type(err).__name__).splitlines()[0]}")
+        pytest.skip(
+            f"torch.compile on CPU needs a C++ compiler: {(str(err).strip() or type(err).__name__).splitlines()[0]}"
+        )
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # True: torch.compile
@@ -341,12 +380,13 @@ def test_decode_attention_is_sdpa_over_the_written_cache(compiled):
     expected_keys, expected_values = keys.clone(), values.clone()
     fn = compiled_decode_attention() if compiled else decode_attention
     with torch.no_grad():
-        out = fn(apply_rotary_pos_emb, q, k, v, cos, sin, keys, values, mask, D ** -0.5)
+        out = fn(apply_rotary_pos_emb, q, k, v, cos, sin, keys, values, mask, D**-0.5)
     qr, kr = apply_rotary_pos_emb(q.view(B, 1, H, D).transpose(1, 2), k.view(B, 1, Hkv, D).transpose(1, 2), cos, sin)
     expected_keys[:, :, L - 1] = kr[:, :, 0]
     expected_values[:, :, L - 1] = v.view(B, Hkv, D)
     ref = torch.nn.functional.scaled_dot_product_attention(
-        qr, expected_keys[:, :, :L], expected_values[:, :, :L], attn_mask=mask[:, None, None], enable_gqa=True)
+        qr, expected_keys[:, :, :L], expected_values[:, :, :L], attn_mask=mask[:, None, None], enable_gqa=True
+    )
     assert torch.equal(keys, expected_keys) and torch.equal(values, expected_values)  # only column 5 changed
     torch.testing.assert_close(out, ref.transpose(1, 2).reshape(B, 1, H * D), rtol=1e-5, atol=1e-6)
 
@@ -428,8 +468,16 @@ def test_compiled_attention_compiles_once_for_every_batch_shape():
     graphs = counters["stats"]["unique_graphs"]
     for n, (first, last), seed in [(20, (0, 8), 0), (9, (2, 7), 1), (31, (1, 3), 2), (13, (0, 12), 3)]:
         ids = tok(prompts[first:last], add_special_tokens=False)["input_ids"]
-        generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=n,
-                     temperature=1.0, generator=torch.Generator().manual_seed(seed), compile_decode_min_mib=0)
+        generate_ids(
+            model,
+            ids,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+            max_new_tokens=n,
+            temperature=1.0,
+            generator=torch.Generator().manual_seed(seed),
+            compile_decode_min_mib=0,
+        )
     # after a failed compile nothing compiles again: no new graph, for the wrong reason
     assert not kv_decoder.PROCESS_COMPILE_FAILURES and graphs >= 1
     assert counters["stats"]["unique_graphs"] == graphs
@@ -444,7 +492,9 @@ def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatc
     assert cache_mib(model, 6, 36) == 221184 / 2**20
     compiled = []
     init = KVDecoder.__init__
-    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or compiled.append(self.compiled))
+    monkeypatch.setattr(
+        KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or compiled.append(self.compiled)
+    )
     for threshold in (0.22, 0.21):  # MiB: just above and below the batch's 0.2109
         rows_of(model, tok, "fast", compile_decode_min_mib=threshold)
     rows_of(model, tok, "fast")  # the default, 32 MiB
@@ -459,7 +509,9 @@ def break_compiler(monkeypatch, factory: str):
     def broken():
         def fn(*args):
             raise RuntimeError("InductorError: no working C++ compiler found\n(details)")
+
         return fn
+
     monkeypatch.setattr(kv_decoder, factory, broken)
     return kv_decoder.CompileFailures()
 
@@ -470,7 +522,9 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
 
     failures = break_compiler(monkeypatch, "compiled_decode_attention")
     model, tok = chaotic_tiny_model()
-    with pytest.warns(RuntimeWarning, match="torch.compile failed \\(InductorError: no working C\\+\\+ compiler found\\)"):
+    with pytest.warns(
+        RuntimeWarning, match="torch.compile failed \\(InductorError: no working C\\+\\+ compiler found\\)"
+    ):
         fallen = decoder_logits(model, tok, packed=False, compiled=True, failures=failures)
     assert torch.equal(fallen, decoder_logits(model, tok, packed=False))  # fp32: exactly the SDPA path
     assert len(failures) == 1
@@ -481,8 +535,12 @@ def test_a_failed_compile_warns_once_and_decodes_with_sdpa(monkeypatch):
         decoder = KVDecoder(model, 2, 8, compiled=True, failures=CompileFailures())  # none failed yet
         assert decoder.k.dtype == torch.bfloat16
         with pytest.warns(RuntimeWarning):
-            decoder(torch.ones(2, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long), 0,
-                    torch.ones(2, 1, 1, 1, dtype=torch.bool))
+            decoder(
+                torch.ones(2, 1, dtype=torch.long),
+                torch.zeros(2, 1, dtype=torch.long),
+                0,
+                torch.ones(2, 1, 1, 1, dtype=torch.bool),
+            )
     assert not decoder.compiled and decoder.k.dtype == decoder.v.dtype == torch.float32  # the cache was upcast
 
 
@@ -537,6 +595,7 @@ def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
 
 # --- the GPU decode step (CUDA graphs): fixed shapes, the column to write held on the device ---
 
+
 def static_step_engine(monkeypatch, capture: bool):
     """Route the fast engine's decode through _decode_graphed (capture=False: the same step, eager)."""
     import functools
@@ -554,7 +613,9 @@ def test_fixed_shape_decode_step_gives_the_tokens_of_the_reference_loop(monkeypa
     model.set_attn_implementation(attn)
     assert model.config._attn_implementation == attn
     ref_greedy = rows_of(model, tok, "reference")
-    ref_sampled = rows_of(model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    ref_sampled = rows_of(
+        model, tok, "reference", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3)
+    )
     static_step_engine(monkeypatch, capture=False)
     assert rows_of(model, tok, "fast") == ref_greedy == hf_rows(model, tok)
     sampled = rows_of(model, tok, "fast", temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
@@ -569,11 +630,12 @@ def test_fixed_shape_decode_stops_once_every_row_has_finished(monkeypatch):
     model, tok = chaotic_tiny_model()
     ids = tok(PROMPTS[4:], add_special_tokens=False)["input_ids"]  # two rows that end early
     static_step_engine(monkeypatch, capture=False)
-    ours = generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=64,
-                        temperature=0.0, engine="fast")
+    ours = generate_ids(
+        model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=64, temperature=0.0, engine="fast"
+    )
     stops = [row.index(tok.eos_token_id) for row in ours]  # at tokens 3 and 0 of 64
     assert max(stops) < 8 and len(ours[0]) <= max(stops) + 9  # all done is checked every 8 steps
-    assert all(set(row[stop + 1:]) <= {tok.pad_token_id} for row, stop in zip(ours, stops))
+    assert all(set(row[stop + 1 :]) <= {tok.pad_token_id} for row, stop in zip(ours, stops))
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -592,8 +654,17 @@ def test_cuda_graph_rollout_equals_the_eager_engines_on_gpu(monkeypatch):
 
     def rows(engine, graphs, **kw):
         gen = torch.Generator(device="cuda").manual_seed(3) if kw.get("temperature") else None
-        return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
-                            engine=engine, cuda_graphs=graphs, generator=gen, **kw)
+        return generate_ids(
+            model,
+            ids,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+            max_new_tokens=24,
+            engine=engine,
+            cuda_graphs=graphs,
+            generator=gen,
+            **kw,
+        )
 
     greedy = rows("fast", True, temperature=0.0)
     assert captured  # the graph path ran
@@ -625,13 +696,17 @@ def test_cuda_graph_rollout_of_grouped_prompts_reads_no_unwritten_cache_on_gpu(m
     graphed = generate_ids(model, ids, engine="fast", cuda_graphs=True, **greedy)
     assert graphed == generate_ids(model, ids, engine="fast", cuda_graphs=False, **greedy)
     batch = tok.pad({"input_ids": ids}, return_tensors="pt").to("cuda")
-    hf = model.generate(**batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
-                        eos_token_id=tok.eos_token_id)[:, batch["input_ids"].shape[1]:].tolist()
+    hf = model.generate(
+        **batch, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )[:, batch["input_ids"].shape[1] :].tolist()
     assert graphed == hf
     sample = dict(greedy, temperature=1.0)
-    fast = generate_ids(model, ids, engine="fast", cuda_graphs=True,
-                        generator=torch.Generator(device="cuda").manual_seed(3), **sample)
-    ref = generate_ids(model, ids, engine="reference", generator=torch.Generator(device="cuda").manual_seed(3), **sample)
+    fast = generate_ids(
+        model, ids, engine="fast", cuda_graphs=True, generator=torch.Generator(device="cuda").manual_seed(3), **sample
+    )
+    ref = generate_ids(
+        model, ids, engine="reference", generator=torch.Generator(device="cuda").manual_seed(3), **sample
+    )
     assert fast == ref and len({tuple(r) for r in fast}) > len(PROMPTS)
 
 
@@ -644,8 +719,16 @@ def test_cuda_graph_rollouts_leave_no_gpu_memory_behind():
     ids = tok([p for p in PROMPTS for _ in range(4)], add_special_tokens=False)["input_ids"]
     after = []
     for _ in range(4):
-        generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=24,
-                     temperature=1.0, engine="fast", cuda_graphs=True)
+        generate_ids(
+            model,
+            ids,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+            max_new_tokens=24,
+            temperature=1.0,
+            engine="fast",
+            cuda_graphs=True,
+        )
         torch.cuda.synchronize()
         after.append(torch.cuda.memory_allocated())
     assert after[1] == after[2] == after[3], after  # the first rollout's workspaces are kept for the next

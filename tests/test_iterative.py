@@ -24,9 +24,17 @@ def _lines(path):
 def test_iterative_grpo_resets_reference_refreshes_reward_model_and_resumes(sft_run, tmp_path, length_rule):
     from grpo_cli.iterative import run_iterative
 
-    common = [f"model.name_or_path={sft_run}", "trainer.steps=2", "source.prompts_per_step=2",
-              "source.group_size=3", "iterative.rm_steps=2", "iterative.questions=6", "iterative.samples_per_question=3",
-              "iterative.eval_limit=4", f"output_dir={tmp_path / 'it'}"]
+    common = [
+        f"model.name_or_path={sft_run}",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=3",
+        "iterative.rm_steps=2",
+        "iterative.questions=6",
+        "iterative.samples_per_question=3",
+        "iterative.eval_limit=4",
+        f"output_dir={tmp_path / 'it'}",
+    ]
     cfg = compose("iterative_grpo_arithmetic", *common, "iterative.iterations=2")
     run = run_iterative(cfg)
     rows = _lines(run / "iterations.jsonl")
@@ -71,11 +79,21 @@ def test_iterative_grpo_with_a_process_reward_model(sft_run, tmp_path):
     """The process variant: a PRM trained first (rm_0), process advantages, the PRM continued."""
     from grpo_cli.iterative import run_iterative
 
-    cfg = compose("iterative_grpo_arithmetic", f"model.name_or_path={sft_run}", "reward=process_rm",
-                  "algorithm.supervision=process", "iterative.iterations=1",
-                  "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=3", "iterative.rm_steps=2",
-                  "iterative.questions=6", "iterative.samples_per_question=2", "iterative.eval_limit=0",
-                  f"output_dir={tmp_path / 'pit'}")
+    cfg = compose(
+        "iterative_grpo_arithmetic",
+        f"model.name_or_path={sft_run}",
+        "reward=process_rm",
+        "algorithm.supervision=process",
+        "iterative.iterations=1",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=3",
+        "iterative.rm_steps=2",
+        "iterative.questions=6",
+        "iterative.samples_per_question=2",
+        "iterative.eval_limit=0",
+        f"output_dir={tmp_path / 'pit'}",
+    )
     run = run_iterative(cfg)
     row = _lines(run / "iterations.jsonl")[0]
     assert "rm_skipped" not in row and 0.0 <= row["rm_heldout_step_acc"] <= 1.0  # the PRM was trained and scored

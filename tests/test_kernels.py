@@ -31,21 +31,26 @@ def make_inputs(n=37, h=24, v=101, *, seed=0, bias=True, masked=(3, 10), dtype=t
     ids[list(masked)] = IGNORE
     g_lp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), ids=ids, g_lp=g_lp,
-                g_ent=g_ent)
+    return dict(hidden=cast(hidden), weight=cast(weight), bias=cast(b), ids=ids, g_lp=g_lp, g_ent=g_ent)
 
 
 def run(fn, inp, *, dtype=None, train_w=True, with_entropy=True, use_ent_grad=True, **kw):
     """Forward + backward of sum(g_lp * logp) (+ sum(g_ent * entropy)); returns values and grads."""
     leaves = {k: inp[k].detach().to(dtype or inp[k].dtype) for k in ("hidden", "weight")}
-    leaves["bias"] = None if inp["bias"] is None else inp["bias"].detach().to(
-        dtype or inp["bias"].dtype)
+    leaves["bias"] = None if inp["bias"] is None else inp["bias"].detach().to(dtype or inp["bias"].dtype)
     leaves["hidden"].requires_grad_()
     leaves["weight"].requires_grad_(train_w)
     if leaves["bias"] is not None:
         leaves["bias"].requires_grad_(train_w)
-    out = fn(leaves["hidden"], leaves["weight"], inp["ids"], bias=leaves["bias"],
-             temperature=0.7, with_entropy=with_entropy, **kw)
+    out = fn(
+        leaves["hidden"],
+        leaves["weight"],
+        inp["ids"],
+        bias=leaves["bias"],
+        temperature=0.7,
+        with_entropy=with_entropy,
+        **kw,
+    )
     logp, ent = out if with_entropy else (out, None)
     loss = (logp * inp["g_lp"].to(logp.dtype)).sum()
     if ent is not None and use_ent_grad:
@@ -67,8 +72,9 @@ def assert_matches(actual, expected, atol=ATOL, rtol=RTOL):
         if e is None:
             assert a_gr[name] is None, f"{name} must get no gradient"
         else:
-            torch.testing.assert_close(a_gr[name].double(), e.double(), atol=atol, rtol=rtol,
-                                       msg=lambda m, n=name: f"grad {n}: {m}")
+            torch.testing.assert_close(
+                a_gr[name].double(), e.double(), atol=atol, rtol=rtol, msg=lambda m, n=name: f"grad {n}: {m}"
+            )
 
 
 def oracle(inp, **kw):
@@ -85,10 +91,8 @@ def small_tiles():
 def test_reference_agrees_with_cross_entropy():
     inp = make_inputs(bias=False)
     logits = inp["hidden"].double() @ inp["weight"].double().T / 0.7
-    expected = -torch.nn.functional.cross_entropy(logits, inp["ids"], reduction="none",
-                                                  ignore_index=IGNORE)
-    logp = reference_selected_logprobs(inp["hidden"].double(), inp["weight"].double(), inp["ids"],
-                                       temperature=0.7)
+    expected = -torch.nn.functional.cross_entropy(logits, inp["ids"], reduction="none", ignore_index=IGNORE)
+    logp = reference_selected_logprobs(inp["hidden"].double(), inp["weight"].double(), inp["ids"], temperature=0.7)
     torch.testing.assert_close(logp, expected)
     assert (logp[[3, 10]] == 0).all()
 
@@ -125,8 +129,9 @@ def test_torch_entropy_unused_or_absent(small_tiles, train_w):
     """Entropy returned but detached (metric only), and no entropy at all: logp grads unchanged."""
     inp = make_inputs()
     expected = oracle(inp, train_w=train_w, use_ent_grad=False)
-    actual = run(selected_logprobs, inp, train_w=train_w, use_ent_grad=False, backend="torch",
-                 chunk_size=8, **small_tiles)
+    actual = run(
+        selected_logprobs, inp, train_w=train_w, use_ent_grad=False, backend="torch", chunk_size=8, **small_tiles
+    )
     assert_matches(actual, expected)
     lp_only = run(selected_logprobs, inp, train_w=train_w, with_entropy=False, backend="torch", **small_tiles)
     assert_matches(lp_only, (expected[0], None, expected[2]))
@@ -137,8 +142,17 @@ def test_torch_entropy_gradient_alone(small_tiles):
     inp = make_inputs()
     inp["g_lp"] = torch.zeros_like(inp["g_lp"])
     h = inp["hidden"].clone().requires_grad_()
-    _, ent = selected_logprobs(h, inp["weight"], inp["ids"], bias=inp["bias"], temperature=0.7,
-                               with_entropy=True, backend="torch", chunk_size=8, **small_tiles)
+    _, ent = selected_logprobs(
+        h,
+        inp["weight"],
+        inp["ids"],
+        bias=inp["bias"],
+        temperature=0.7,
+        with_entropy=True,
+        backend="torch",
+        chunk_size=8,
+        **small_tiles,
+    )
     (ent * inp["g_ent"]).sum().backward()
     expected = oracle(inp, train_w=False)
     torch.testing.assert_close(h.grad.double(), expected[2]["hidden"], atol=ATOL, rtol=RTOL)
@@ -195,17 +209,22 @@ def test_half_precision_inputs(request, backend, dtype, large):
     torch.testing.assert_close(ent.double(), expected[1], atol=atol, rtol=RTOL)
     eps = torch.finfo(dtype).eps
     for name, e in expected[2].items():
-        torch.testing.assert_close(grads[name].double(), e, atol=1e-5, rtol=eps,
-                                   msg=lambda m, n=name: f"grad {n}: {m}")
+        torch.testing.assert_close(grads[name].double(), e, atol=1e-5, rtol=eps, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
 def test_no_grad_path_and_leading_dims():
     inp = make_inputs(n=36)
     expected = oracle(inp)
     with torch.no_grad():
-        logp, ent = selected_logprobs(inp["hidden"].view(4, 9, -1), inp["weight"],
-                                      inp["ids"].view(4, 9), bias=inp["bias"], temperature=0.7,
-                                      with_entropy=True, backend="torch")
+        logp, ent = selected_logprobs(
+            inp["hidden"].view(4, 9, -1),
+            inp["weight"],
+            inp["ids"].view(4, 9),
+            bias=inp["bias"],
+            temperature=0.7,
+            with_entropy=True,
+            backend="torch",
+        )
     assert logp.shape == (4, 9) and not logp.requires_grad
     torch.testing.assert_close(logp.reshape(-1).double(), expected[0], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(ent.reshape(-1).double(), expected[1], atol=ATOL, rtol=RTOL)
@@ -256,13 +275,11 @@ def triton_device():
     started with TRITON_INTERPRET=1 (it must be set before triton is first imported, and torch
     imports triton whenever torch._dynamo loads, so on CPU the parent run delegates these tests
     to a child process: see test_triton_backend_under_interpreter)."""
-    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
-                        exc_type=ImportError)
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)", exc_type=ImportError)
     if torch.cuda.is_available():
         return "cuda"
     if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("CPU: runs in the TRITON_INTERPRET=1 child of "
-                    "test_triton_backend_under_interpreter")
+        pytest.skip("CPU: runs in the TRITON_INTERPRET=1 child of test_triton_backend_under_interpreter")
     return "cpu"
 
 
@@ -272,30 +289,39 @@ def _on(device, inp):
 
 def _cpu(result):
     lp, ent, grads = result
-    return (lp.cpu(), None if ent is None else ent.cpu(),
-            {k: None if g is None else g.cpu() for k, g in grads.items()})
+    return (lp.cpu(), None if ent is None else ent.cpu(), {k: None if g is None else g.cpu() for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("train_w,bias", [(True, True), (False, False)],
-                         ids=["head-trainable-bias", "head-frozen"])
+@pytest.mark.parametrize("train_w,bias", [(True, True), (False, False)], ids=["head-trainable-bias", "head-frozen"])
 def test_triton_matches_oracle(triton_device, train_w, bias):
     inp = make_inputs(bias=bias)
     expected = oracle(inp, train_w=train_w)
-    actual = run(selected_logprobs, _on(triton_device, inp), train_w=train_w, backend="triton",
-                 chunk_size=20)
+    actual = run(selected_logprobs, _on(triton_device, inp), train_w=train_w, backend="triton", chunk_size=20)
     assert_matches(_cpu(actual), expected)
 
 
 def test_triton_backend_under_interpreter():
     """CPU: rerun the Triton tests above in a child started with TRITON_INTERPRET=1."""
-    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
-                        exc_type=ImportError)
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)", exc_type=ImportError)
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the Triton tests run in this process")
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k",
-         "test_triton_matches_oracle or (test_half_precision_inputs and triton)"],
-        env=_child_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            __file__,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "test_triton_matches_oracle or (test_half_precision_inputs and triton)",
+        ],
+        env=_child_env(TRITON_INTERPRET="1"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert "4 passed, 2 skipped" in res.stdout, res.stdout[-2000:]  # bf16 skips: see above, res.stdout[-2000:]
 
@@ -340,13 +366,12 @@ def test_triton_kernels_compile_for_hopper():
 
     Runs in a subprocess because this process imported the kernels in interpreter mode.
     """
-    pytest.importorskip("triton", reason="triton not installed (pip install triton)",
-                        exc_type=ImportError)
-    nvidia = pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend",
-                                 exc_type=ImportError)
+    pytest.importorskip("triton", reason="triton not installed (pip install triton)", exc_type=ImportError)
+    nvidia = pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend", exc_type=ImportError)
     ptxas = os.path.join(os.path.dirname(nvidia.__file__), "bin", "ptxas")
     if not os.path.exists(ptxas) and not os.environ.get("TRITON_PTXAS_PATH"):
         pytest.skip("no ptxas bundled with triton")
-    res = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], env=_child_env(),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], env=_child_env(), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]

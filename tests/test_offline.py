@@ -9,8 +9,15 @@ from tests.conftest import compose
 
 
 def _s(q, ids, reward):
-    return {"question": q, "prompt": f"p{q}", "answer": "1", "completion": str(ids), "prompt_ids": [1],
-            "completion_ids": ids, "reward": reward}
+    return {
+        "question": q,
+        "prompt": f"p{q}",
+        "answer": "1",
+        "completion": str(ids),
+        "prompt_ids": [1],
+        "completion_ids": ids,
+        "reward": reward,
+    }
 
 
 def test_keep_correct_filters_by_threshold_and_deduplicates_per_question():
@@ -25,8 +32,16 @@ def test_keep_correct_filters_by_threshold_and_deduplicates_per_question():
 def test_make_pairs_one_correct_one_incorrect_of_the_same_question():
     from grpo_cli.trainer.offline import make_pairs
 
-    samples = [_s(0, [1], 1.0), _s(0, [2], 0.0), _s(0, [3], 1.0), _s(0, [4], 0.0), _s(0, [4], 0.0),
-               _s(0, [5], 1.0), _s(1, [1], 1.0), _s(2, [1], 0.0)]
+    samples = [
+        _s(0, [1], 1.0),
+        _s(0, [2], 0.0),
+        _s(0, [3], 1.0),
+        _s(0, [4], 0.0),
+        _s(0, [4], 0.0),
+        _s(0, [5], 1.0),
+        _s(1, [1], 1.0),
+        _s(2, [1], 0.0),
+    ]
     pairs = make_pairs(samples, threshold=0.5, per_question=2)
     # question 0: 3 correct, 2 distinct incorrect -> 2 pairs; questions 1 and 2 have one side only
     assert [(a["completion_ids"], b["completion_ids"]) for a, b in pairs] == [([1], [2]), ([3], [4])]
@@ -36,17 +51,27 @@ def test_make_pairs_one_correct_one_incorrect_of_the_same_question():
 def test_rft_samples_once_saves_and_reuses_its_set(sft_run, tmp_path, length_rewards):
     from grpo_cli.trainer.loop import train
 
-    common = [f"model.name_or_path={sft_run}", "reward.name=length_mod_3_is_0", "source.questions=8",
-              "source.samples_per_question=4", "trainer.steps=2", "trainer.batch_size=4"]
+    common = [
+        f"model.name_or_path={sft_run}",
+        "reward.name=length_mod_3_is_0",
+        "source.questions=8",
+        "source.samples_per_question=4",
+        "trainer.steps=2",
+        "trainer.batch_size=4",
+    ]
     run = train(compose("rft_arithmetic", *common, f"output_dir={tmp_path / 'a'}"))
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 * 4 and {s["reward"] for s in samples} <= {0.0, 1.0}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["reward_mean"] == 1.0 and rows[0]["gc_mean"] == 1.0  # only correct samples are served
     # a second run reuses the file: same set, no sampling (a model that cannot generate would fail)
-    again = train(compose("rft_arithmetic", *common, f"source.samples={run / 'samples.jsonl'}", f"output_dir={tmp_path / 'b'}"))
+    again = train(
+        compose("rft_arithmetic", *common, f"source.samples={run / 'samples.jsonl'}", f"output_dir={tmp_path / 'b'}")
+    )
     assert not (again / "samples.jsonl").exists()
-    assert json.loads((again / "metrics.jsonl").read_text().splitlines()[0])["train_samples"] == rows[0]["train_samples"]
+    assert (
+        json.loads((again / "metrics.jsonl").read_text().splitlines()[0])["train_samples"] == rows[0]["train_samples"]
+    )
 
 
 @pytest.mark.slow
@@ -62,9 +87,20 @@ def test_dpo_trains_on_pairs_against_a_fixed_reference(sft_run, tmp_path, length
         return seen["policy"]
 
     monkeypatch.setattr(loop, "build_policy", spy)
-    cfg = compose("dpo_arithmetic", f"model.name_or_path={sft_run}", "reward.name=length_mod_3_is_0", "source.questions=8",
-                  "source.samples_per_question=6", "trainer.steps=4", "trainer.batch_size=2", "trainer.grad_accum=2",
-                  "trainer.lr=1e-2", "algorithm.sft_weight=0", f"lora.enabled={lora}", f"output_dir={tmp_path / 'dpo'}")
+    cfg = compose(
+        "dpo_arithmetic",
+        f"model.name_or_path={sft_run}",
+        "reward.name=length_mod_3_is_0",
+        "source.questions=8",
+        "source.samples_per_question=6",
+        "trainer.steps=4",
+        "trainer.batch_size=2",
+        "trainer.grad_accum=2",
+        "trainer.lr=1e-2",
+        "algorithm.sft_weight=0",
+        f"lora.enabled={lora}",
+        f"output_dir={tmp_path / 'dpo'}",
+    )
     run = loop.train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]

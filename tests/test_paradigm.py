@@ -28,23 +28,48 @@ def test_every_method_option_composes_with_its_own_triple():
 def tiny_reward_model(sft_run, tmp_path, monkeypatch):
     """A reward model for the iterative method (the test's barely trained model gets no answer right,
     so the answer rule alone could not train one): labelled by length, two steps."""
-    import torch
-    from grpo_cli.rewards.registry import REWARDS
-    from grpo_cli.trainer.loop import train
     from conftest import compose, length_mod_3_is_0
 
+    from grpo_cli.rewards.registry import REWARDS
+    from grpo_cli.trainer.loop import train
+
     monkeypatch.setitem(REWARDS, "outcome", lambda cfg: length_mod_3_is_0)
-    return train(compose("rm_arithmetic", f"model.name_or_path={sft_run}", "source.questions=8", "source.samples_per_question=4",
-                         "trainer.steps=2", "trainer.batch_size=2", f"output_dir={tmp_path / 'rm'}"))
+    return train(
+        compose(
+            "rm_arithmetic",
+            f"model.name_or_path={sft_run}",
+            "source.questions=8",
+            "source.samples_per_question=4",
+            "trainer.steps=2",
+            "trainer.batch_size=2",
+            f"output_dir={tmp_path / 'rm'}",
+        )
+    )
 
 
 @pytest.mark.slow
 def test_paradigm_sweep_smoke_runs_every_method_and_summarises(sft_run, tiny_reward_model, tmp_path, capsys):
-    args = ["sweep", "recipe=paradigm_arithmetic", f"method={','.join(METHODS)}", "trainer.seed=0",
-            *[t for t in TINY if not t.startswith("logging.progress")], f"model.name_or_path={sft_run}",
-            f"reward.path={tiny_reward_model}", "trainer.steps=1", "rollout.max_new_tokens=8", "data.arithmetic.num_train=40", "iterative.rm_steps=1",
-            "iterative.questions=4", "iterative.samples_per_question=2", "iterative.eval_limit=2",
-            "eval.limit=4", "eval.n=2", "eval.ks=[1,2]", f"sweep.dir={tmp_path / 'sweep'}", "sweep.plot=false"]
+    args = [
+        "sweep",
+        "recipe=paradigm_arithmetic",
+        f"method={','.join(METHODS)}",
+        "trainer.seed=0",
+        *[t for t in TINY if not t.startswith("logging.progress")],
+        f"model.name_or_path={sft_run}",
+        f"reward.path={tiny_reward_model}",
+        "trainer.steps=1",
+        "rollout.max_new_tokens=8",
+        "data.arithmetic.num_train=40",
+        "iterative.rm_steps=1",
+        "iterative.questions=4",
+        "iterative.samples_per_question=2",
+        "iterative.eval_limit=2",
+        "eval.limit=4",
+        "eval.n=2",
+        "eval.ks=[1,2]",
+        f"sweep.dir={tmp_path / 'sweep'}",
+        "sweep.plot=false",
+    ]
     try:
         main(args)
     except SystemExit as exit_:  # a failed run makes the sweep exit 1

@@ -37,13 +37,15 @@ def test_process_advantages_hand_values_ragged_steps_and_interleaved_groups():
         r[row, t], m[row, t] = value, 1
     group = torch.tensor([0, 1, 0, 0, 1])
     adv = F.process_advantages(r, m, group)
-    expected = torch.tensor([
-        [2.0, 1.0, 1.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        [-2.0, -2.0, -1.0, -1.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
-    ])
+    expected = torch.tensor(
+        [
+            [2.0, 1.0, 1.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [-2.0, -2.0, -1.0, -1.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        ]
+    )
     assert torch.allclose(adv, expected, atol=1e-6)
 
 
@@ -56,10 +58,16 @@ def test_process_advantages_scale_and_degenerate_groups():
     m = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
     group = torch.tensor([0, 0, 1, 1])
     a = 1 / math.sqrt(2)
-    assert torch.allclose(F.process_advantages(r, m, group), torch.tensor(
-        [[a, a, a], [-a, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6)
-    assert torch.allclose(F.process_advantages(r, m, group, scale=False), torch.tensor(
-        [[1.5, 1.5, 1.5], [-1.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(
+        F.process_advantages(r, m, group),
+        torch.tensor([[a, a, a], [-a, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        atol=1e-6,
+    )
+    assert torch.allclose(
+        F.process_advantages(r, m, group, scale=False),
+        torch.tensor([[1.5, 1.5, 1.5], [-1.5, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+        atol=1e-6,
+    )
 
 
 def _process_advantages_loop(steps, group, T):
@@ -78,7 +86,9 @@ def test_process_advantages_equals_the_loop_reference(seed):
     rng = random.Random(seed)
     B, T = 12, 9
     group = [rng.randrange(4) for _ in range(B)]
-    steps = [sorted({(t, float(rng.choice([0, 1, 2]))) for t in rng.sample(range(T), rng.randrange(4))}) for _ in range(B)]
+    steps = [
+        sorted({(t, float(rng.choice([0, 1, 2]))) for t in rng.sample(range(T), rng.randrange(4))}) for _ in range(B)
+    ]
     r, m = torch.zeros(B, T), torch.zeros(B, T)
     for i, own in enumerate(steps):
         for t, value in own:
@@ -132,7 +142,6 @@ def test_docstring_examples():
     assert result.attempted > 0 and result.failed == 0
 
 
-
 def test_rule_step_verdicts_checkers_and_last_step_outcome():
     kw = dict(delimiter="\n", checker="auto", last_step_outcome=True)
     # the arithmetic checker (auto: the prompt is a chain); the last step by the final answer
@@ -145,8 +154,9 @@ def test_rule_step_verdicts_checkers_and_last_step_outcome():
     assert rule_step_verdicts("Natalia sold 48 clips...\n", gsm, "72", **kw) == [True, False, True]
     assert rule_step_verdicts("q\n", gsm, "70", **kw) == [True, False, False]
     # a custom delimiter
-    assert rule_step_verdicts("2+3*4\n", "2+3=5; 5*4=20; #### 20", "20", delimiter="; ", checker="arithmetic",
-                              last_step_outcome=False) == [True, True, True]
+    assert rule_step_verdicts(
+        "2+3*4\n", "2+3=5; 5*4=20; #### 20", "20", delimiter="; ", checker="arithmetic", last_step_outcome=False
+    ) == [True, True, True]
     with pytest.raises(ValueError):
         rule_step_verdicts("What is 2+2?\n", "4", "4", delimiter="\n", checker="arithmetic", last_step_outcome=True)
 
@@ -184,8 +194,9 @@ def test_rule_process_rewards_places_step_rewards_on_the_step_end_targets():
     # row 1 "2+3=5\n5*4=20\n#### 20\n\nxy": steps end at characters 4, 11, 19, 23 -> tokens 10, 17,
     #   25, 29 -> targets 9, 16, 24, 28; "xy" is unparsable (the text after the last delimiter)
     batch = _batch(["2+3*4\n"] * 2, ["2+3=5\n5*4=21\n#### 20", "2+3=5\n5*4=20\n#### 20\n\nxy"], ["20"] * 2, [0, 0])
-    summary = rule_process_rewards(batch, delimiter="\n", checker="auto", correct=1.0, incorrect=-1.0,
-                                   last_step_outcome=False)
+    summary = rule_process_rewards(
+        batch, delimiter="\n", checker="auto", correct=1.0, incorrect=-1.0, last_step_outcome=False
+    )
     mask, rewards = batch.tensors["step_mask"], batch.tensors["step_rewards"]
     assert mask.shape == rewards.shape == (2, 30)
     assert mask[0].nonzero().flatten().tolist() == [13, 20, 28]
@@ -259,8 +270,16 @@ def test_grpo_process_supervision_trains_through_the_loop(sft_run, tmp_path, mon
     # The barely trained model gets every arithmetic step wrong (no signal). The calculator checker
     # finds nothing to check in its lines (correct) while the outcome rule charges each last step:
     # step rewards then vary within groups whenever an output has more than one step.
-    cfg = compose("grpo_process_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'p'}",
-                  "reward.checker=calculator", "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
+    cfg = compose(
+        "grpo_process_arithmetic",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'p'}",
+        "reward.checker=calculator",
+        "trainer.steps=3",
+        "source.prompts_per_step=4",
+        "source.group_size=4",
+        "trainer.lr=1e-3",
+    )
     run = loop.train(cfg)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, TINY_EVAL, compose
+from conftest import REPO, TINY, TINY_EVAL, compose, rows
 
 from grpo_cli.algorithms import build_algorithm
 from grpo_cli.algorithms.sft import SFT
@@ -40,21 +40,28 @@ from grpo_cli.trainer.checkpoint import (
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
 
-from conftest import REPO, TINY, TINY_EVAL, compose, rows
-
 
 def tiny_checkpointer(run: Path, *overrides: str) -> Checkpointer:
     """The pieces of a tiny SFT run, without training: a Checkpointer over them."""
     cfg = compose("sft_arithmetic", "trainer.batch_size=4", f"output_dir={run}", *overrides)
     algorithm = build_algorithm(cfg.algorithm)
     policy = loop.build_policy(cfg, algorithm, run, torch.device("cpu"), load_model_and_tokenizer(cfg.model))
-    source = build_source(cfg.source, examples=load_examples(cfg.data, "train"), policy=policy, batch_size=4,
-                          rollout=cfg.rollout, seed=0, reward=None, run=run)
+    source = build_source(
+        cfg.source,
+        examples=load_examples(cfg.data, "train"),
+        policy=policy,
+        batch_size=4,
+        rollout=cfg.rollout,
+        seed=0,
+        reward=None,
+        run=run,
+    )
     opt, sched = build_optimizer(policy.model, cfg.trainer, 1)
     return Checkpointer(run, policy, opt, sched, source, algorithm, keep=2)
 
 
 # ----------------------------------------------------------------------------- 1. exact resume
+
 
 @pytest.mark.slow
 def test_sft_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
@@ -65,7 +72,11 @@ def test_sft_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path):
     resumed = loop.train(compose("sft_arithmetic", *common, f"resume={tmp_path / 'cut/checkpoints/step_000003'}"))
     assert resumed == (tmp_path / "cut").resolve()
     assert len(rows(resumed)) == 6 and rows(resumed) == rows(full)
-    assert sorted(p.name for _, p in list_checkpoints(resumed / "checkpoints")) == ["final", "step_000003", "step_000006"]
+    assert sorted(p.name for _, p in list_checkpoints(resumed / "checkpoints")) == [
+        "final",
+        "step_000003",
+        "step_000006",
+    ]
     for a, b in zip(_weights(full), _weights(resumed)):
         assert torch.equal(a, b)
 
@@ -80,9 +91,17 @@ def _weights(run: Path):
 @pytest.mark.parametrize("lora", [False, True])
 def test_grpo_resume_with_sampling_equals_the_uninterrupted_run(sft_run, tmp_path, lora, length_rewards):
     """Online sampling (temperature 1), a reward that varies within groups, the reference model (KL)."""
-    common = [f"model.name_or_path={sft_run}", f"lora.enabled={lora}", "reward.name=length_mod_3", "trainer.steps=4",
-              "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "trainer.save_every=2",
-              "trainer.keep_checkpoints=4"]
+    common = [
+        f"model.name_or_path={sft_run}",
+        f"lora.enabled={lora}",
+        "reward.name=length_mod_3",
+        "trainer.steps=4",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-2",
+        "trainer.save_every=2",
+        "trainer.keep_checkpoints=4",
+    ]
     full = loop.train(compose("grpo_arithmetic", *common, f"output_dir={tmp_path / 'full'}"))
     shutil.copytree(full, tmp_path / "cut")
     for name in ("final", "step_000004"):  # as if killed after the step-2 checkpoint
@@ -97,7 +116,9 @@ def test_resume_true_continues_the_recipes_latest_run_and_warns_about_changed_se
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
     first = loop.train(compose("sft_arithmetic", "trainer.steps=2", "trainer.batch_size=4", "trainer.save_every=1"))
-    again = loop.train(compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", "trainer.lr=0.01", "resume=true"))
+    again = loop.train(
+        compose("sft_arithmetic", "trainer.steps=3", "trainer.batch_size=4", "trainer.lr=0.01", "resume=true")
+    )
     assert again == first.resolve() and [r["step"] for r in rows(again)] == [1, 2, 3]
     err = capsys.readouterr().err
     assert re.search(r"resume from \S+ \(step 2\)", err), err
@@ -128,8 +149,10 @@ def test_a_fresh_run_in_a_used_directory_sets_the_old_run_aside(tmp_path):
 
 
 def test_resume_errors_are_one_line(tmp_path, capsys):
-    for resume, expected in [(tmp_path / "nothing", "resume: no run or checkpoint directory"),
-                             (tmp_path, "resume: no complete checkpoint in")]:
+    for resume, expected in [
+        (tmp_path / "nothing", "resume: no run or checkpoint directory"),
+        (tmp_path, "resume: no complete checkpoint in"),
+    ]:
         with pytest.raises(SystemExit) as e:
             main(["train", "recipe=sft_arithmetic", *TINY, f"resume={resume}"])
         err = capsys.readouterr().err.strip()
@@ -140,13 +163,33 @@ def test_resume_of_a_finished_run_leaves_it_untouched_and_more_steps_train_on(sf
     run = tmp_path / "run"
     shutil.copytree(sft_run, run)  # the fixture is shared: resume a copy
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
-    main(["train", "recipe=sft_arithmetic", *TINY, "trainer.steps=30", "trainer.batch_size=16", "trainer.lr=0.05",
-          f"output_dir={run}", "resume=true"])
+    main(
+        [
+            "train",
+            "recipe=sft_arithmetic",
+            *TINY,
+            "trainer.steps=30",
+            "trainer.batch_size=16",
+            "trainer.lr=0.05",
+            f"output_dir={run}",
+            "resume=true",
+        ]
+    )
     err = capsys.readouterr().err
     assert f"already complete (30/30 steps): {run.resolve()}" in err and "done" not in err and "warning" not in err, err
-    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # config.yaml, metrics, checkpoints
-    again = loop.train(compose("sft_arithmetic", "trainer.steps=31", "trainer.batch_size=16", "trainer.lr=3e-3",
-                               f"output_dir={run}", "resume=true"))  # trainer.steps may grow
+    assert {
+        p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()
+    } == before  # config.yaml, metrics, checkpoints
+    again = loop.train(
+        compose(
+            "sft_arithmetic",
+            "trainer.steps=31",
+            "trainer.batch_size=16",
+            "trainer.lr=3e-3",
+            f"output_dir={run}",
+            "resume=true",
+        )
+    )  # trainer.steps may grow
     assert [r["step"] for r in rows(again)] == list(range(1, 32)) and latest_checkpoint(again).name == "final"
     assert "\n  steps: 31\n" in (run / "config.yaml").read_text()
 
@@ -161,8 +204,18 @@ def _noisy_copy(src: Path, dest: Path, model: str = "model.safetensors") -> None
 
 
 def _lora_run(out: str, start: str, steps: int = 2, *overrides: str) -> Path:
-    return loop.train(compose("sft_arithmetic", "lora.enabled=true", "trainer.batch_size=4", f"trainer.steps={steps}",
-                              "trainer.save_every=1", f"model.name_or_path={start}", f"output_dir={out}", *overrides))
+    return loop.train(
+        compose(
+            "sft_arithmetic",
+            "lora.enabled=true",
+            "trainer.batch_size=4",
+            f"trainer.steps={steps}",
+            "trainer.save_every=1",
+            f"model.name_or_path={start}",
+            f"output_dir={out}",
+            *overrides,
+        )
+    )
 
 
 def _merged(run) -> dict:
@@ -198,7 +251,10 @@ def test_a_lora_run_keeps_its_base_when_the_latest_link_moves(sft_run, tmp_path,
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["total"] == 2
     monkeypatch.chdir(tmp_path)  # resume as typed at the start: from the recorded base, not the moved link
     again = _lora_run("runs/g16", "runs/sft_arithmetic/latest", 3, "resume=true")
-    assert json.loads((again / "checkpoints" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"] == base
+    assert (
+        json.loads((again / "checkpoints" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == base
+    )
     assert [r["step"] for r in rows(again)] == [1, 2, 3]
 
 
@@ -216,10 +272,24 @@ def test_a_lora_adapter_whose_base_is_gone_or_changed_fails_in_one_line(sft_run,
     _noisy_copy(sft_run / "checkpoints" / "final", tmp_path / "base")  # overwritten by another model
     capsys.readouterr()
     for argv, expected in [
-        (["eval", f"run={lora}", *TINY_EVAL], f"the base model {tmp_path / 'base'} changed since the LoRA adapter in {final}"),
-        (["train", "recipe=sft_arithmetic", *TINY, "lora.enabled=true", "trainer.batch_size=4", "trainer.steps=3",
-          f"model.name_or_path={tmp_path / 'base'}", f"output_dir={lora}", "resume=true"],
-         f"resume: the base model {tmp_path / 'base'} is not the one the adapter in"),
+        (
+            ["eval", f"run={lora}", *TINY_EVAL],
+            f"the base model {tmp_path / 'base'} changed since the LoRA adapter in {final}",
+        ),
+        (
+            [
+                "train",
+                "recipe=sft_arithmetic",
+                *TINY,
+                "lora.enabled=true",
+                "trainer.batch_size=4",
+                "trainer.steps=3",
+                f"model.name_or_path={tmp_path / 'base'}",
+                f"output_dir={lora}",
+                "resume=true",
+            ],
+            f"resume: the base model {tmp_path / 'base'} is not the one the adapter in",
+        ),
     ]:
         with pytest.raises(SystemExit) as e:
             main(argv)
@@ -245,14 +315,28 @@ def test_a_lora_run_on_its_own_saved_base_loads_after_the_run_moves(tmp_path):
 
 # ----------------------------------------------------------------------------- 2. signals and kill -9
 
+
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_path):
     common = [*TINY, "trainer.batch_size=4", "trainer.schedule=constant", "trainer.threads=1"]
     run = tmp_path / "run"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "grpo_cli.cli", "train", "recipe=sft_arithmetic", *common, "trainer.steps=100000",
-         f"output_dir={run}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "grpo_cli.cli",
+            "train",
+            "recipe=sft_arithmetic",
+            *common,
+            "trainer.steps=100000",
+            f"output_dir={run}",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 120
     while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2):
@@ -262,12 +346,18 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_resume_continues_exactly(tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
-    m = re.fullmatch(r"interrupted at step (\d+): checkpoint saved to (\S+); resume with resume=true \(or resume=\S+\)", last)
+    m = re.fullmatch(
+        r"interrupted at step (\d+): checkpoint saved to (\S+); resume with resume=true \(or resume=\S+\)", last
+    )
     assert m and "Traceback" not in err, err
     step = int(m.group(1))
     assert Path(m.group(2)) == run / "checkpoints" / f"step_{step:06d}" and latest_checkpoint(run) == Path(m.group(2))
-    resumed = loop.train(compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={run}", "resume=true"))
-    full = loop.train(compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={tmp_path / 'full'}"))
+    resumed = loop.train(
+        compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={run}", "resume=true")
+    )
+    full = loop.train(
+        compose("sft_arithmetic", *common, f"trainer.steps={step + 2}", f"output_dir={tmp_path / 'full'}")
+    )
     assert len(rows(resumed)) == step + 2 and rows(resumed) == rows(full)
 
 
@@ -328,6 +418,7 @@ def test_kill_9_during_saves_never_corrupts_the_latest_checkpoint(tmp_path, monk
 
 # ----------------------------------------------------------------------------- 3. NaN / inf guard
 
+
 def _batch(policy):
     tok = policy.tokenizer
     ids, attn, comp = pack([tok("3+4\n")["input_ids"]], [tok("3+4=7\n#### 7")["input_ids"]], tok.pad_token_id)
@@ -381,10 +472,21 @@ def test_the_heap_is_trimmed_around_cpu_updates_when_enabled(tmp_path, monkeypat
     monkeypatch.setattr(memory.HeapTrimmer, "sampled_growth", 0)
     init = memory.HeapTrimmer.__init__
     monkeypatch.setattr(memory.HeapTrimmer, "__init__", lambda self, sampled: init(self, sampled, share=1e9))
-    small = ["model.name_or_path=tiny", "source.prompts_per_step=2", "source.group_size=2",
-             "rollout.max_new_tokens=8"] if sampled else []
-    loop.train(compose(recipe, "trainer.steps=3", "trainer.batch_size=4", *small, f"trainer.trim_memory={enabled}",
-                       f"output_dir={tmp_path}"))
+    small = (
+        ["model.name_or_path=tiny", "source.prompts_per_step=2", "source.group_size=2", "rollout.max_new_tokens=8"]
+        if sampled
+        else []
+    )
+    loop.train(
+        compose(
+            recipe,
+            "trainer.steps=3",
+            "trainer.batch_size=4",
+            *small,
+            f"trainer.trim_memory={enabled}",
+            f"output_dir={tmp_path}",
+        )
+    )
     # no growth needed and a share this large: once a step, before the update when the step sampled
     assert len(calls) == (3 if enabled else 0)
 
@@ -395,6 +497,7 @@ def test_trimming_spends_at_most_its_share_of_the_time(monkeypatch):
     def trim():  # each trim takes 0.05 s of the clock
         clock[0] += 0.05
         return True
+
     monkeypatch.setattr(memory.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(memory, "trim_heap", trim)
     trimmer, done = memory.HeapTrimmer(sampled=False, share=0.02), []
@@ -440,8 +543,15 @@ def test_training_bounds_onednn_cache_and_a_value_in_the_environment_wins(tmp_pa
     monkeypatch.delenv(env)  # absent during the test, as it was before it afterwards
     memory.bound_onednn_cache(0)
     assert env not in os.environ  # 0: oneDNN's own default
-    loop.train(compose("sft_arithmetic", "trainer.steps=1", "trainer.batch_size=4", "trainer.onednn_cache=8",
-                       f"output_dir={tmp_path}"))
+    loop.train(
+        compose(
+            "sft_arithmetic",
+            "trainer.steps=1",
+            "trainer.batch_size=4",
+            "trainer.onednn_cache=8",
+            f"output_dir={tmp_path}",
+        )
+    )
     assert os.environ[env] == "8"
     memory.bound_onednn_cache(32)
     assert os.environ[env] == "8"
@@ -466,8 +576,13 @@ def test_onednn_keeps_only_as_many_primitives_as_the_bound_set_from_python():
     env = {k: v for k, v in os.environ.items() if k != memory.ONEDNN_CACHE_ENV}
     misses = {}
     for capacity in (2, 0):
-        out = subprocess.run([sys.executable, "-c", ONEDNN_SHAPES, str(capacity)], capture_output=True, text=True,
-                             env=dict(env, ONEDNN_VERBOSE="all", PYTHONPATH=str(REPO)), check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", ONEDNN_SHAPES, str(capacity)],
+            capture_output=True,
+            text=True,
+            env=dict(env, ONEDNN_VERBOSE="all", PYTHONPATH=str(REPO)),
+            check=True,
+        )
         misses[capacity] = (out.stdout + out.stderr).count("create:cache_miss")
     if not misses[0]:
         pytest.skip("bf16 GEMMs do not run on oneDNN on this CPU")
@@ -492,15 +607,27 @@ def test_nan_steps_are_counted_and_k_in_a_row_stop_the_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(SFT, "loss", loss)
     bad = {2, 3}
-    run = loop.train(compose("sft_arithmetic", "trainer.steps=5", "trainer.batch_size=4", f"output_dir={tmp_path / 'a'}"))
+    run = loop.train(
+        compose("sft_arithmetic", "trainer.steps=5", "trainer.batch_size=4", f"output_dir={tmp_path / 'a'}")
+    )
     got = rows(run)
     assert [r["skipped_steps"] for r in got] == [0, 1, 2, 2, 2]
     assert got[1]["loss"] is None and got[3]["loss"] is not None
     calls.clear()
     bad = set(range(3, 100))
-    with pytest.raises(UserError, match=r"^stopping at step 5: 3 non-finite losses/gradients in a row \(last: loss=nan"):
-        loop.train(compose("sft_arithmetic", "trainer.steps=20", "trainer.batch_size=4", "trainer.max_bad_steps=3",
-                           "trainer.save_every=1", f"output_dir={tmp_path / 'b'}"))
+    with pytest.raises(
+        UserError, match=r"^stopping at step 5: 3 non-finite losses/gradients in a row \(last: loss=nan"
+    ):
+        loop.train(
+            compose(
+                "sft_arithmetic",
+                "trainer.steps=20",
+                "trainer.batch_size=4",
+                "trainer.max_bad_steps=3",
+                "trainer.save_every=1",
+                f"output_dir={tmp_path / 'b'}",
+            )
+        )
     assert latest_checkpoint(tmp_path / "b").name == "step_000004"  # every checkpoint is of finite weights
 
 
@@ -516,20 +643,32 @@ def test_a_checkpoint_with_non_finite_weights_is_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- 4. rewards that raise or hang
 
+
 def _reward(tmp_path, body: str, *overrides: str):
     (tmp_path / "user_reward.py").write_text(body)
-    cfg = compose("grpo_arithmetic", "reward=custom", f"reward.function={tmp_path / 'user_reward.py'}:score", *overrides)
+    cfg = compose(
+        "grpo_arithmetic", "reward=custom", f"reward.function={tmp_path / 'user_reward.py'}:score", *overrides
+    )
     return build_reward(cfg.reward)
 
 
 def _texts(completions, answers=None):
     n = len(completions)
-    return Batch(torch.zeros(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long), torch.ones(n, 2, dtype=torch.long),
-                 ["q"] * n, completions, answers or ["1"] * n, torch.arange(n))
+    return Batch(
+        torch.zeros(n, 2, dtype=torch.long),
+        torch.ones(n, 2, dtype=torch.long),
+        torch.ones(n, 2, dtype=torch.long),
+        ["q"] * n,
+        completions,
+        answers or ["1"] * n,
+        torch.arange(n),
+    )
 
 
 def test_custom_reward_function_from_a_config(tmp_path):
-    reward = _reward(tmp_path, "def score(completions, answers, prompts):\n    return [float(len(c)) for c in completions]\n")
+    reward = _reward(
+        tmp_path, "def score(completions, answers, prompts):\n    return [float(len(c)) for c in completions]\n"
+    )
     batch = _texts(["a", "bbb"])
     assert reward(batch).tolist() == [1.0, 3.0]
     assert batch.stats == {"reward_errors": 0, "reward_timeouts": 0}
@@ -552,8 +691,10 @@ def test_a_reward_that_raises_scores_incorrect_for_its_completions_and_is_counte
 def test_a_reward_that_hangs_is_timed_out_scored_incorrect_and_counted(tmp_path, monkeypatch):
     release = threading.Event()
     monkeypatch.setitem(sys.modules, "hang_release", release)
-    body = ("import sys\ndef score(completions, answers, prompts):\n"
-            "    sys.modules['hang_release'].wait(30)\n    return [1.0] * len(completions)\n")
+    body = (
+        "import sys\ndef score(completions, answers, prompts):\n"
+        "    sys.modules['hang_release'].wait(30)\n    return [1.0] * len(completions)\n"
+    )
     reward = _reward(tmp_path, body, "reward.timeout_s=0.2")
     try:
         batch = _texts(["a", "b", "c"])  # unguarded, this would wait 30 s and score [1, 1, 1]
@@ -561,18 +702,23 @@ def test_a_reward_that_hangs_is_timed_out_scored_incorrect_and_counted(tmp_path,
         assert batch.stats == {"reward_errors": 0, "reward_timeouts": 3}
         monkeypatch.setattr("grpo_cli.rewards.guard.MAX_ABANDONED", 2)
         reward(_texts(["a"]))
-        with pytest.raises(UserError, match="calls are still running long past reward.timeout_s=0.2s: the function hangs"):
+        with pytest.raises(
+            UserError, match="calls are still running long past reward.timeout_s=0.2s: the function hangs"
+        ):
             reward(_texts(["a"]))
     finally:
         release.set()  # let the abandoned threads finish
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("no_colon", "expected module:function"),
-    ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
-    ("json:no_such_function", "'json' has no function 'no_such_function'"),
-    ("/no/such/file.py:f", "no such file '/no/such/file.py'"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("no_colon", "expected module:function"),
+        ("no_such_module_xyz:f", "cannot import 'no_such_module_xyz': ModuleNotFoundError"),
+        ("json:no_such_function", "'json' has no function 'no_such_function'"),
+        ("/no/such/file.py:f", "no such file '/no/such/file.py'"),
+    ],
+)
 def test_custom_reward_config_errors_are_one_line(spec, expected, capsys):
     with pytest.raises(SystemExit) as e:
         main(["train", "recipe=grpo_arithmetic", *TINY, "reward=custom", f"reward.function={spec}"])
@@ -581,37 +727,68 @@ def test_custom_reward_config_errors_are_one_line(spec, expected, capsys):
 
 
 @pytest.mark.timeout(60)  # a hang guard (catastrophic regex or int parsing), not a speed check
-@pytest.mark.parametrize("text, expected", [
-    ("1e99999", 0.0), ("#### 1e99999", 0.0),  # never parsed as a float (inf): no match
-    ("9" * 10_000, 1.0), ("#### " + "9" * 10_000, 1.0),  # the answer itself, 10,000 digits
-    ("9" * 100_000, 0.0), ("The answer is " + "9" * 100_000, 0.0),  # 100,000 digits: a different number
-], ids=range(6))
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1e99999", 0.0),
+        ("#### 1e99999", 0.0),  # never parsed as a float (inf): no match
+        ("9" * 10_000, 1.0),
+        ("#### " + "9" * 10_000, 1.0),  # the answer itself, 10,000 digits
+        ("9" * 100_000, 0.0),
+        ("The answer is " + "9" * 100_000, 0.0),  # 100,000 digits: a different number
+    ],
+    ids=range(6),
+)
 def test_pathological_answers_are_scored_exactly_through_the_reward(text, expected):
     reward = build_reward(compose("grpo_arithmetic").reward)
     batch = _texts([text], ["9" * 10_000])
     assert reward(batch).tolist() == [expected] and batch.stats["reward_errors"] == 0
 
 
-# ----------------------------------------------------------------------------- 4. bad input: prompts longer than the context
+# ---------------------------------------------------------------- 4. bad input: prompts longer than the context
+
 
 @pytest.mark.slow
 def test_an_example_longer_than_the_context_is_skipped_with_a_warning(tmp_path, capsys):
     data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"question": "1+1", "answer": "1+1=2\n#### 2"}) + "\n"
-                    + json.dumps({"question": "1+" * 200 + "1", "answer": "#### 201"}) + "\n")
-    loop.train(compose("sft_arithmetic", "data=jsonl", f"data.path={data}", "trainer.steps=1", "trainer.batch_size=2",
-                       f"output_dir={tmp_path / 'run'}"))
+    data.write_text(
+        json.dumps({"question": "1+1", "answer": "1+1=2\n#### 2"})
+        + "\n"
+        + json.dumps({"question": "1+" * 200 + "1", "answer": "#### 201"})
+        + "\n"
+    )
+    loop.train(
+        compose(
+            "sft_arithmetic",
+            "data=jsonl",
+            f"data.path={data}",
+            "trainer.steps=1",
+            "trainer.batch_size=2",
+            f"output_dir={tmp_path / 'run'}",
+        )
+    )
     assert "1 training examples skipped: longer than the model's context" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("recipe, expected", [
-    ("sft_arithmetic", "data: no training example has a solution that fits the model's context of 8 tokens"),
-    ("grpo_arithmetic", "data: no prompt fits the context minus rollout.max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [
+        ("sft_arithmetic", "data: no training example has a solution that fits the model's context of 8 tokens"),
+        ("grpo_arithmetic", "data: no prompt fits the context minus rollout.max_new_tokens"),
+    ],
+)
 def test_a_dataset_longer_than_the_context_is_one_line(recipe, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["train", f"recipe={recipe}", *TINY, "model.name_or_path=tiny", "model.tiny.max_position_embeddings=8",
-              f"output_dir={tmp_path}"])
+        main(
+            [
+                "train",
+                f"recipe={recipe}",
+                *TINY,
+                "model.name_or_path=tiny",
+                "model.tiny.max_position_embeddings=8",
+                f"output_dir={tmp_path}",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and expected in err and len(err.splitlines()) == 1, err
 
@@ -630,8 +807,11 @@ def _code_lines():
 
 
 def test_no_eval_exec_or_pickle_in_the_package():
-    bad = [where for where, code in _code_lines()
-           if re.search(r"(?<![\w.])(eval|exec)\s*\(|\bimport pickle\b|\bpickle\.loads?\(", code)]
+    bad = [
+        where
+        for where, code in _code_lines()
+        if re.search(r"(?<![\w.])(eval|exec)\s*\(|\bimport pickle\b|\bpickle\.loads?\(", code)
+    ]
     assert not bad, bad
 
 
@@ -651,7 +831,8 @@ def test_models_load_without_remote_code_and_through_safetensors(tmp_path, monke
     tok.save_pretrained(tmp_path / "m")
     seen = {}
     original = load.AutoModelForCausalLM.from_pretrained
-    monkeypatch.setattr(load.AutoModelForCausalLM, "from_pretrained",
-                        lambda *a, **kw: seen.update(kw) or original(*a, **kw))
+    monkeypatch.setattr(
+        load.AutoModelForCausalLM, "from_pretrained", lambda *a, **kw: seen.update(kw) or original(*a, **kw)
+    )
     load_model_and_tokenizer(ModelConfig(name_or_path=str(tmp_path / "m")))
     assert seen["trust_remote_code"] is False and seen["use_safetensors"] is True

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from grpo_cli.algorithms.reward_model import ProcessRewardModelTraining, RewardModelTraining
-from grpo_cli.errors import UserError
 from grpo_cli.batch import Batch
+from grpo_cli.errors import UserError
 
 LOG2 = math.log(2.0)
 # softplus(x) = log(1 + e^x): -log sigmoid(m) = softplus(-m), BCE(x, 1) = softplus(-x), BCE(x, 0) = softplus(x)
@@ -37,9 +37,16 @@ def scored_batch(last_scores, rewards=None, group=None):
     other column than the last token's would be far off)."""
     B = len(last_scores)
     ids = torch.ones(B, 3, dtype=torch.long)
-    batch = Batch(ids, torch.ones_like(ids), torch.ones_like(ids), ["q"] * B, ["o"] * B, ["1"] * B,
-                  torch.tensor(group if group is not None else [i // 2 for i in range(B)]),
-                  rewards=None if rewards is None else torch.tensor(rewards))
+    batch = Batch(
+        ids,
+        torch.ones_like(ids),
+        torch.ones_like(ids),
+        ["q"] * B,
+        ["o"] * B,
+        ["1"] * B,
+        torch.tensor(group if group is not None else [i // 2 for i in range(B)]),
+        rewards=None if rewards is None else torch.tensor(rewards),
+    )
     scores = [[50.0, 50.0, s] for s in last_scores]
     return batch.with_totals(), SimpleNamespace(model=FixedScores(scores))
 
@@ -97,7 +104,9 @@ def test_pointwise_loss_is_binary_cross_entropy_against_the_thresholded_reward()
     # d BCE / dx = sigmoid(x) - y, / 4 sequences, on the last column only
     loss.backward()
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    expected = torch.tensor([[0, 0, (sig(2) - 1) / 4], [0, 0, (0.5 - 0) / 4], [0, 0, (sig(-1) - 1) / 4], [0, 0, sig(1) / 4]])
+    expected = torch.tensor(
+        [[0, 0, (sig(2) - 1) / 4], [0, 0, (0.5 - 0) / 4], [0, 0, (sig(-1) - 1) / 4], [0, 0, sig(1) / 4]]
+    )
     torch.testing.assert_close(policy.model.scores.grad, expected)
 
 
@@ -116,19 +125,32 @@ def test_unknown_objective_is_a_user_error():
 def test_setup_puts_a_zero_head_on_the_lm_whose_first_losses_are_log_2():
     # A zero head scores every output 0: each pair's -log sigmoid(0) = log 2, each BCE(0, y) = log 2,
     # so both losses are exactly log 2 = 0.693147 before any step, whatever the labels.
+    from grpo_cli.batch import pack
     from grpo_cli.config.schema import TinyModelConfig
     from grpo_cli.models.scorer import Scorer
     from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
-    from grpo_cli.batch import pack
 
     tok = build_tokenizer()
-    lm = build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
-                          len(tok), tok.pad_token_id, tok.eos_token_id)
+    lm = build_tiny_model(
+        TinyModelConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+        len(tok),
+        tok.pad_token_id,
+        tok.eos_token_id,
+    )
     enc = lambda xs: [tok(x, add_special_tokens=False)["input_ids"] for x in xs]  # noqa: E731
-    ids, attn, comp = pack(enc(["1+1\n", "1+1\n", "2*3\n", "2*3\n"]), enc(["#### 2", "#### 3", "#### 6", "#### 5"]),
-                           tok.pad_token_id)
-    batch = Batch(ids, attn, comp, [""] * 4, [""] * 4, [""] * 4, torch.tensor([0, 0, 1, 1]),
-                  rewards=torch.tensor([1.0, 0.0, 1.0, 0.0])).with_totals()
+    ids, attn, comp = pack(
+        enc(["1+1\n", "1+1\n", "2*3\n", "2*3\n"]), enc(["#### 2", "#### 3", "#### 6", "#### 5"]), tok.pad_token_id
+    )
+    batch = Batch(
+        ids,
+        attn,
+        comp,
+        [""] * 4,
+        [""] * 4,
+        [""] * 4,
+        torch.tensor([0, 0, 1, 1]),
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+    ).with_totals()
     for objective in ("pairwise", "pointwise"):
         algo = RewardModelTraining(objective=objective, threshold=0.5)
         policy = algo.setup(SimpleNamespace(model=lm))

@@ -39,6 +39,7 @@ def test_docstring_examples(module):
 
 # ----------------------------------------------------------------------------- extract_answer
 
+
 @pytest.mark.parametrize(
     "text, expected",
     [
@@ -177,6 +178,7 @@ def test_gsm8k_labelled_solutions_agree_with_extraction():
 
 # ----------------------------------------------------------------------------- split_steps
 
+
 def test_split_steps():
     assert split_steps("") == []
     assert split_steps("\n \n") == []
@@ -190,6 +192,7 @@ def test_split_steps():
 
 
 # ----------------------------------------------------------------------------- arithmetic steps
+
 
 def test_arithmetic_steps_all_correct():
     assert check_arithmetic_steps("23+45-17", "23+45=68\n68-17=51\n#### 51") == [True, True, True]
@@ -225,6 +228,7 @@ def test_arithmetic_steps_rejects_non_chain_question():
 
 
 # ----------------------------------------------------------------------------- calculator annotations
+
 
 def test_calculator_annotations():
     completion = (
@@ -289,12 +293,15 @@ def test_gsm8k_train_annotations_hold_and_corrupted_ones_are_caught():
     all_steps = sum(all(check_calculator_annotations(s)) for s in solutions) / len(solutions)
     corrupted = [f"{a}1" for a in annotations]
     caught = sum(not steps_module.annotation_is_correct(a) for a in corrupted) / len(corrupted)
-    print(f"GSM8K train: {len(annotations)} annotations, {held:.4f} hold; solutions all correct {all_steps:.4f}; "
-          f"corrupted caught {caught:.4f}")
+    print(
+        f"GSM8K train: {len(annotations)} annotations, {held:.4f} hold; solutions all correct {all_steps:.4f}; "
+        f"corrupted caught {caught:.4f}"
+    )
     assert len(annotations) > 20000 and held >= 0.99 and all_steps >= 0.99 and caught >= 0.99
 
 
 # ----------------------------------------------------------------------------- steps -> tokens
+
 
 def test_step_end_token_indices():
     completion = "12+3=15\n15*2=30\n#### 30"

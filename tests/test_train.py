@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, metrics
 from transformers import AutoModelForCausalLM
 
 from grpo_cli.cli import main
@@ -14,11 +14,21 @@ from grpo_cli.generation import generate
 from grpo_cli.models.load import load_model_and_tokenizer, load_tokenizer
 from grpo_cli.trainer.loop import train
 
-from conftest import compose, metrics
-
 GRPO_METRICS = [
-    "reward_mean", "reward_std", "accuracy", "zero_std_groups", "kl", "clip_fraction", "entropy",
-    "completion_length", "gc_mean", "gc_std", "time_generate", "time_reward", "time_logprob", "time_train",
+    "reward_mean",
+    "reward_std",
+    "accuracy",
+    "zero_std_groups",
+    "kl",
+    "clip_fraction",
+    "entropy",
+    "completion_length",
+    "gc_mean",
+    "gc_std",
+    "time_generate",
+    "time_reward",
+    "time_logprob",
+    "time_train",
 ]
 
 
@@ -54,8 +64,10 @@ def test_our_greedy_generation_equals_hf_generate(sft_run):
     ours = generate(model, tok, prompts, max_new_tokens=16, temperature=0)
     for prompt, g in zip(prompts, ours):
         ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
-        ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        assert g.completion_ids == ref[0, ids.shape[1]:].tolist()
+        ref = model.generate(
+            ids, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
+        assert g.completion_ids == ref[0, ids.shape[1] :].tolist()
 
 
 def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, tmp_path, capsys):
@@ -71,16 +83,25 @@ def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, tmp_path, capsys):
 
 def test_eval_scores_a_samples_file(tmp_path, capsys):
     f = tmp_path / "s.jsonl"
-    rows = [{"completion": "2+2=4\n#### 4", "answer": "4"}, {"completion": "The answer is 5.", "answer": "4"},
-            {"completion": "no idea", "answer": "1"}, {"completion": "A: 1,000", "answer": "1000"}]
+    rows = [
+        {"completion": "2+2=4\n#### 4", "answer": "4"},
+        {"completion": "The answer is 5.", "answer": "4"},
+        {"completion": "no idea", "answer": "1"},
+        {"completion": "A: 1,000", "answer": "1000"},
+    ]
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     main(["eval", f"samples={f}", f"eval.output_dir={tmp_path / 'out'}"])
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["accuracy"] == 0.5 and result["total"] == 4
 
 
-@pytest.mark.parametrize("line, expected", [('{"completion": "x"}', "s.jsonl:2: missing field 'answer' (eval.answer_field)"),
-                                           ("{not json", "s.jsonl:2: malformed JSON")])
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        ('{"completion": "x"}', "s.jsonl:2: missing field 'answer' (eval.answer_field)"),
+        ("{not json", "s.jsonl:2: malformed JSON"),
+    ],
+)
 def test_eval_bad_samples_file_names_the_line(tmp_path, capsys, line, expected):
     f = tmp_path / "s.jsonl"
     f.write_text('{"completion": "1", "answer": "1"}\n' + line + "\n")
@@ -122,9 +143,17 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     monkeypatch.setattr(loop, "build_policy", spy)
     # A barely trained model gets every answer wrong: all advantages would be 0. A reward that
     # varies within groups (completion length mod 3) makes every step carry a gradient.
-    cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'g'}", f"lora.enabled={lora}",
-                  "reward.name=length_mod_3",
-                  "trainer.steps=3", "source.prompts_per_step=4", "source.group_size=4", "trainer.lr=1e-3")
+    cfg = compose(
+        "grpo_arithmetic",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'g'}",
+        f"lora.enabled={lora}",
+        "reward.name=length_mod_3",
+        "trainer.steps=3",
+        "source.prompts_per_step=4",
+        "source.group_size=4",
+        "trainer.lr=1e-3",
+    )
     run = train(cfg)
     policy = seen["policy"]
     after = _trainable(policy.model)
@@ -146,7 +175,9 @@ def test_grpo_steps_train_policy_keep_reference_and_log_metrics(sft_run, tmp_pat
     from grpo_cli.batch import Batch, pack
     from grpo_cli.models.policy import token_logprobs
 
-    ids, attn, comp = pack([tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id)
+    ids, attn, comp = pack(
+        [tok("3+4*2\n")["input_ids"]], [tok("3+4=7\n7*2=14\n#### 14")["input_ids"]], tok.pad_token_id
+    )
     batch = Batch(ids, attn, comp, ["p"], ["c"], ["14"], torch.zeros(1, dtype=torch.long)).to(policy.device)
     with torch.no_grad():
         expected = token_logprobs(start.to(policy.device), batch)[0]
@@ -178,9 +209,20 @@ def test_grpo_mu_inner_updates_reuse_one_rollout_batch(sft_run, tmp_path, monkey
 
     monkeypatch.setattr(F, "grpo_token_loss", token_loss_spy)
     monkeypatch.setattr(grpo.GRPO, "loss", loss_spy)
-    cfg = compose("grpo_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'mu'}", "algorithm.mu=2",
-                  "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4",
-                  "trainer.lr=1e-2", "trainer.schedule=linear", "algorithm.eps=0.01", "rollout.temperature=0.7")
+    cfg = compose(
+        "grpo_arithmetic",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'mu'}",
+        "algorithm.mu=2",
+        "reward.name=length_mod_3",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-2",
+        "trainer.schedule=linear",
+        "algorithm.eps=0.01",
+        "rollout.temperature=0.7",
+    )
     rows = metrics(train(cfg))
     # linear decay over steps * mu = 4 optimiser steps: after 2 batches (4 updates) the lr is 0
     assert rows[-1]["lr"] == pytest.approx(0.0)
@@ -225,8 +267,16 @@ def test_fused_and_naive_log_probs_agree_in_the_trainer(sft_run):
 
 @pytest.mark.slow
 def test_online_rft_trains_on_kept_samples_through_the_same_loop(sft_run, tmp_path, length_rewards):
-    cfg = compose("online_rft_arithmetic", f"model.name_or_path={sft_run}", f"output_dir={tmp_path / 'rft'}",
-                  "reward.name=length_mod_3", "trainer.steps=2", "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-3")
+    cfg = compose(
+        "online_rft_arithmetic",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'rft'}",
+        "reward.name=length_mod_3",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-3",
+    )
     run = train(cfg)
     rows = metrics(run)
     assert 0.0 < rows[0]["kept"] <= 1.0 and rows[0]["gc_negative"] == 0.0

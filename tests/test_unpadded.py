@@ -18,8 +18,15 @@ from grpo_cli.models.unpadded import unpadded_hidden_states, unpadded_unsupporte
 def model_and_batch(cls=Qwen2ForCausalLM, config=Qwen2Config, attn="sdpa"):
     """A GQA model (4 query heads, 2 key/value heads) and a batch with left and right padding."""
     torch.manual_seed(0)
-    cfg = config(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=96, attn_implementation=attn)
+    cfg = config(
+        vocab_size=50,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        attn_implementation=attn,
+    )
     model = cls(cfg)
     ids = torch.randint(0, 50, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
@@ -116,12 +123,13 @@ def test_bf16_matmul_attention_is_causal_attention_with_grouped_heads():
     q = torch.randn(2, 4, 5, 8, requires_grad=True)  # [B, heads, L, D]
     k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)  # 2 key/value heads, each serving 2 query heads
     mask = additive(torch.ones(5, 5, dtype=torch.bool).tril(), torch.float32)  # 0 on and below the diagonal
-    ours, _ = bf16_matmul_attention(None, q, k, v, mask, scaling=8 ** -0.5)  # fp32 inputs: fp32 matmuls
+    ours, _ = bf16_matmul_attention(None, q, k, v, mask, scaling=8**-0.5)  # fp32 inputs: fp32 matmuls
     sdpa = torch.nn.functional.scaled_dot_product_attention(
-        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True
+    ).transpose(1, 2)
     torch.testing.assert_close(ours, sdpa, rtol=1e-5, atol=1e-5)
-    g_ours, = torch.autograd.grad(ours.sum(), q)
-    g_sdpa, = torch.autograd.grad(sdpa.sum(), q)
+    (g_ours,) = torch.autograd.grad(ours.sum(), q)
+    (g_sdpa,) = torch.autograd.grad(sdpa.sum(), q)
     torch.testing.assert_close(g_ours, g_sdpa, rtol=1e-4, atol=1e-5)
 
 
@@ -178,8 +186,17 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
 
     monkeypatch.setattr(loop, "build_policy", spy)
     # An untrained model answers nothing right: a reward that varies within groups gives gradients.
-    cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'bf16'}", "trainer.precision=bf16", "trainer.steps=2",
-                  "source.prompts_per_step=2", "source.group_size=4", "trainer.lr=1e-2", "reward.name=length_mod_3")
+    cfg = compose(
+        "grpo_arithmetic",
+        "model.name_or_path=tiny",
+        f"output_dir={tmp_path / 'bf16'}",
+        "trainer.precision=bf16",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-2",
+        "reward.name=length_mod_3",
+    )
     run = loop.train(cfg)
     warned = "trainer.precision=fp32 is faster here" in " ".join(capsys.readouterr().err.split())
     assert warned == (seen["policy"].device.type == "cpu")  # a GPU computes bf16 natively: no warning
@@ -192,8 +209,17 @@ def test_grpo_trains_under_bf16_autocast_with_fp32_weights(tmp_path, monkeypatch
     ref = seen["policy"].frozen_reference
     assert ref.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16  # stored as autocast casts it
     assert ref.model.norm.weight.dtype == ref.lm_head.weight.dtype == torch.float32
-    loop.train(compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'again'}",
-                       "trainer.precision=bf16", "trainer.steps=1", "source.prompts_per_step=2", "source.group_size=2"))
+    loop.train(
+        compose(
+            "grpo_arithmetic",
+            "model.name_or_path=tiny",
+            f"output_dir={tmp_path / 'again'}",
+            "trainer.precision=bf16",
+            "trainer.steps=1",
+            "source.prompts_per_step=2",
+            "source.group_size=2",
+        )
+    )
     assert "is faster here" not in capsys.readouterr().err  # a second run in the process (iterative GRPO's)
 
 
@@ -237,6 +263,7 @@ def saved_bytes(fn):
     def pack(t):
         total[0] += t.numel() * t.element_size()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, total[0]
@@ -281,9 +308,17 @@ def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(
         return policy
 
     monkeypatch.setattr(loop, "build_policy", spy)
-    cfg = compose("grpo_arithmetic", "model.name_or_path=tiny", f"output_dir={tmp_path / 'ckpt'}", "trainer.steps=1",
-                  "trainer.activation_checkpointing=true", "source.prompts_per_step=2", "source.group_size=4",
-                  "trainer.lr=1e-2", "reward.name=length_mod_3")
+    cfg = compose(
+        "grpo_arithmetic",
+        "model.name_or_path=tiny",
+        f"output_dir={tmp_path / 'ckpt'}",
+        "trainer.steps=1",
+        "trainer.activation_checkpointing=true",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-2",
+        "reward.name=length_mod_3",
+    )
     loop.train(cfg)
     layers = len(seen["policy"].model.model.layers)
     assert len(calls) == layers  # one training forward, every block checkpointed; no-grad forwards never
@@ -291,6 +326,7 @@ def test_activation_checkpointing_option_reaches_every_block_and_the_run_trains(
 
 
 # --- rows sharing a prefix (a GRPO group's prompt) run it once ---
+
 
 def test_prefix_owner_is_the_first_row_with_the_same_tokens_so_far():
     from grpo_cli.models.unpadded import prefix_owner
@@ -302,7 +338,11 @@ def test_prefix_owner_is_the_first_row_with_the_same_tokens_so_far():
     # is row 0 and one more token; a row owns its padding (never read).
     t = torch.tensor([[1, 2, 3, 4, -1], [1, 2, 3, -1, -1], [5, 2, 3, 4, 7], [1, 2, 3, 4, 6]])
     assert prefix_owner(t, torch.tensor([4, 3, 5, 5])).tolist() == [
-        [0, 0, 0, 0, 0], [0, 0, 0, 1, 1], [2, 2, 2, 2, 2], [0, 0, 0, 0, 3]]
+        [0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1],
+        [2, 2, 2, 2, 2],
+        [0, 0, 0, 0, 3],
+    ]
 
 
 def test_prefix_owner_in_chunks_of_rows_is_the_brute_force_search(monkeypatch):
@@ -313,7 +353,8 @@ def test_prefix_owner_in_chunks_of_rows_is_the_brute_force_search(monkeypatch):
     lengths = torch.randint(1, 7, (40,), generator=g)
 
     def first_sharing(b, p):  # the first row whose tokens 0..p are row b's (both long enough)
-        return next(c for c in range(40) if p < lengths[c] and torch.equal(t[c, :p + 1], t[b, :p + 1]))
+        return next(c for c in range(40) if p < lengths[c] and torch.equal(t[c, : p + 1], t[b, : p + 1]))
+
     brute = [[first_sharing(b, p) if p < lengths[b] else b for p in range(6)] for b in range(40)]
     assert unpadded.prefix_owner(t, lengths).tolist() == brute
     monkeypatch.setattr(unpadded, "COMPARED_AT_ONCE", 3 * 40 * 6)  # 3 rows against all 40 at a time
@@ -333,8 +374,8 @@ def group_batch():
     ids = torch.zeros(6, P + C, dtype=torch.long)
     mask = torch.zeros(6, P + C, dtype=torch.long)
     for b, (p, c) in enumerate(zip(prompts, completions)):
-        ids[b, P - len(p):P + len(c)] = torch.tensor(p + c)
-        mask[b, P - len(p):P + len(c)] = 1
+        ids[b, P - len(p) : P + len(c)] = torch.tensor(p + c)
+        mask[b, P - len(p) : P + len(c)] = 1
     return ids, mask
 
 
@@ -370,7 +411,8 @@ def test_shared_prefixes_under_bf16_autocast_follow_the_unshared_forward():
     with autocast("bf16", torch.device("cpu")):
         shared, computed = embedded_tokens(model, lambda: unpadded_hidden_states(model, ids, mask))
         every, all_tokens = embedded_tokens(
-            model, lambda: unpadded_hidden_states(model, ids, mask, share_prefixes=False))
+            model, lambda: unpadded_hidden_states(model, ids, mask, share_prefixes=False)
+        )
     assert (computed, all_tokens) == (25, 46)
     assert torch.allclose(shared[real].float(), every[real].float(), atol=2e-2)
 
@@ -378,9 +420,9 @@ def test_shared_prefixes_under_bf16_autocast_follow_the_unshared_forward():
 def test_model_share_prefixes_reaches_the_policys_log_probs(tmp_path):
     from types import SimpleNamespace
 
+    from grpo_cli.batch import Batch
     from grpo_cli.config.compose import compose_run
     from grpo_cli.trainer import loop
-    from grpo_cli.batch import Batch
 
     ids, mask = group_batch()
     batch = Batch(ids, mask, mask, [""] * 6, [""] * 6, [""] * 6, torch.arange(6))
@@ -389,16 +431,27 @@ def test_model_share_prefixes_reaches_the_policys_log_probs(tmp_path):
         cfg = compose_run("grpo_arithmetic", [f"model.share_prefixes={share}"])
         loaded = (model_and_batch()[0], None, "base")
         policy = loop.build_policy(cfg, SimpleNamespace(needs_reference=True), tmp_path, torch.device("cpu"), loaded)
-        tokens[share] = (embedded_tokens(policy.model, lambda: policy.logprobs(batch))[1],
-                         embedded_tokens(policy.frozen_reference, lambda: policy.reference_logprobs(batch))[1])
+        tokens[share] = (
+            embedded_tokens(policy.model, lambda: policy.logprobs(batch))[1],
+            embedded_tokens(policy.frozen_reference, lambda: policy.reference_logprobs(batch))[1],
+        )
     assert tokens == {True: (25, 25), False: (46, 46)}
 
 
 def test_dropout_in_training_computes_every_row_for_itself():
     # Dropout draws noise per token: a shared token would give its rows one draw instead of one each.
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                         num_key_value_heads=2, intermediate_size=96, attention_dropout=0.1))
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=96,
+            attention_dropout=0.1,
+        )
+    )
     ids, mask = group_batch()
     assert embedded_tokens(model.train(), lambda: unpadded_hidden_states(model, ids, mask))[1] == 46
     assert embedded_tokens(model.eval(), lambda: unpadded_hidden_states(model, ids, mask))[1] == 25

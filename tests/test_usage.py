@@ -82,22 +82,54 @@ def test_every_section_of_the_schema_is_read_or_refused_by_each_command(command,
 
 
 CASES = {  # command -> (its arguments, overrides of keys it reads, overrides of keys it never reads)
-    "grpo eval": (["eval", "run=tiny"],
-                  ["trainer.precision=bf16", "trainer.threads=1", "trainer.device=cpu", "model.dtype=float32",
-                   "model.tiny.hidden_size=32", "data=gsm8k", "rollout.temperature=0.5", "eval.n=2", "eval.ks=[1,2]",
-                   "output_dir=o"],
-                  ["trainer.lr=1e-3", "lora.r=4", "sweep.parallel=2", "algorithm=grpo", "reward.correct=2",
-                   "iterative.iterations=2", "logging.plot=false"]),
-    "grpo eval samples=...": (["eval", "samples=s.jsonl"],
-                              ["eval.completion_field=text", "eval.answer_field=gold", "output_dir=o"],
-                              ["data=gsm8k", "limit=3", "rollout.temperature=0.5"]),
-    "grpo train": (["train", "recipe=paradigm_arithmetic"],
-                   ["method=sft", "iterative.rm_steps=3", "resume=false", "output_dir=o", "rollout.top_p=0.9"],
-                   ["eval.n=4", "eval.split=train", "sweep.parallel=2", "description=x"]),
-    "grpo sweep": (["sweep", "recipe=sft_arithmetic"],
-                   ["trainer.lr=1e-3,3e-3", "sweep.eval=true", "sweep.parallel=2", "eval.limit=5", "eval.n=2",
-                    "eval.ks=[1,2]", "eval.split=test", "eval.seed=1"],
-                   ["eval.output_dir=x", "eval.run=x", "eval.samples=x"]),
+    "grpo eval": (
+        ["eval", "run=tiny"],
+        [
+            "trainer.precision=bf16",
+            "trainer.threads=1",
+            "trainer.device=cpu",
+            "model.dtype=float32",
+            "model.tiny.hidden_size=32",
+            "data=gsm8k",
+            "rollout.temperature=0.5",
+            "eval.n=2",
+            "eval.ks=[1,2]",
+            "output_dir=o",
+        ],
+        [
+            "trainer.lr=1e-3",
+            "lora.r=4",
+            "sweep.parallel=2",
+            "algorithm=grpo",
+            "reward.correct=2",
+            "iterative.iterations=2",
+            "logging.plot=false",
+        ],
+    ),
+    "grpo eval samples=...": (
+        ["eval", "samples=s.jsonl"],
+        ["eval.completion_field=text", "eval.answer_field=gold", "output_dir=o"],
+        ["data=gsm8k", "limit=3", "rollout.temperature=0.5"],
+    ),
+    "grpo train": (
+        ["train", "recipe=paradigm_arithmetic"],
+        ["method=sft", "iterative.rm_steps=3", "resume=false", "output_dir=o", "rollout.top_p=0.9"],
+        ["eval.n=4", "eval.split=train", "sweep.parallel=2", "description=x"],
+    ),
+    "grpo sweep": (
+        ["sweep", "recipe=sft_arithmetic"],
+        [
+            "trainer.lr=1e-3,3e-3",
+            "sweep.eval=true",
+            "sweep.parallel=2",
+            "eval.limit=5",
+            "eval.n=2",
+            "eval.ks=[1,2]",
+            "eval.split=test",
+            "eval.seed=1",
+        ],
+        ["eval.output_dir=x", "eval.run=x", "eval.samples=x"],
+    ),
 }
 
 
@@ -117,7 +149,10 @@ def test_keys_each_command_reads_are_accepted_the_others_are_one_line_errors(com
 
 def test_eval_names_the_option_for_the_model_instead_of_model_name_or_path(capsys):
     code, err = _run(capsys, ["eval", "run=tiny", "model.name_or_path=x", "--print-config"])
-    assert (code, err) == (2, "error: config key 'model.name_or_path' is not used by 'grpo eval': the model evaluated is run=PATH")
+    assert (code, err) == (
+        2,
+        "error: config key 'model.name_or_path' is not used by 'grpo eval': the model evaluated is run=PATH",
+    )
 
 
 def test_eval_output_dir_is_the_eval_output_dir(capsys):
@@ -128,7 +163,9 @@ def test_eval_output_dir_is_the_eval_output_dir(capsys):
 def test_each_evaluation_of_a_run_is_kept_and_latest_is_the_newest(sft_run, tmp_path, capsys):
     evals = sft_run / "eval"
     data = tmp_path / "mine.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in [("3+4", 7), ("2*5", 10)]))
+    data.write_text(
+        "".join(json.dumps({"question": q, "answer": f"#### {a}"}) + "\n" for q, a in [("3+4", 7), ("2*5", 10)])
+    )
     first = ["eval", f"run={sft_run}", "eval.limit=2", "trainer.threads=1"]
     main(first)
     arithmetic = evals / "latest"
@@ -142,26 +179,49 @@ def test_each_evaluation_of_a_run_is_kept_and_latest_is_the_newest(sft_run, tmp_
     assert json.loads((mine / "eval.json").read_text())["total"] == 2 and mine.parent == arithmetic.parent
     main(first)  # the same evaluation again replaces its own directory
     assert (evals / "latest").resolve() == arithmetic
-    assert sorted(p.name for p in evals.iterdir() if p.name.startswith(("arithmetic-test-limit2", "jsonl-mine"))) == \
-        sorted([arithmetic.name, mine.name])
+    assert sorted(
+        p.name for p in evals.iterdir() if p.name.startswith(("arithmetic-test-limit2", "jsonl-mine"))
+    ) == sorted([arithmetic.name, mine.name])
     out = tmp_path / "chosen"
     main(["eval", f"run={sft_run}", "eval.limit=2", "trainer.threads=1", f"output_dir={out}"])
-    assert json.loads((out / "eval.json").read_text())["total"] == 2 and f"wrote {out}/eval.json" in capsys.readouterr().out
+    assert (
+        json.loads((out / "eval.json").read_text())["total"] == 2
+        and f"wrote {out}/eval.json" in capsys.readouterr().out
+    )
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train", "sft_arithmetic"], "'sft_arithmetic' is not an override (key=value): did you mean recipe=sft_arithmetic?"),
-    (["sweep", "grpo_arithmetc", "trainer.seed=0,1"], "'grpo_arithmetc' is not an override (key=value): did you mean recipe=grpo_arithmetic?"),
-    (["eval", "runs/x"], "'runs/x' is not an override (key=value): did you mean run=runs/x?"),
-    (["eval", "out.jsonl"], "'out.jsonl' is not an override (key=value): did you mean samples=out.jsonl?"),
-    (["train", "recipe=sft_arithmetic", "--steps", "10"], "unknown option '--steps': did you mean trainer.steps=10?"),
-    (["train", "recipe=sft_arithmetic", "--trainer.lr=1e-3"],
-     "unknown option '--trainer.lr': settings are overrides without dashes: did you mean trainer.lr=1e-3?"),
-    (["train", "recipe=sft_arithmetic", "steps=10", "--print-config"], "unknown config key 'steps': did you mean trainer.steps=10?"),
-    (["eval", "run=tiny", "n=4", "--print-config"], "unknown config key 'n': did you mean eval.n=4?"),
-    (["train", "recipe=sft_arithmetic", "threshold=0.2", "--print-config"],
-     "unknown config key 'threshold': did you mean one of: source.threshold, algorithm.threshold?"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["train", "sft_arithmetic"],
+            "'sft_arithmetic' is not an override (key=value): did you mean recipe=sft_arithmetic?",
+        ),
+        (
+            ["sweep", "grpo_arithmetc", "trainer.seed=0,1"],
+            "'grpo_arithmetc' is not an override (key=value): did you mean recipe=grpo_arithmetic?",
+        ),
+        (["eval", "runs/x"], "'runs/x' is not an override (key=value): did you mean run=runs/x?"),
+        (["eval", "out.jsonl"], "'out.jsonl' is not an override (key=value): did you mean samples=out.jsonl?"),
+        (
+            ["train", "recipe=sft_arithmetic", "--steps", "10"],
+            "unknown option '--steps': did you mean trainer.steps=10?",
+        ),
+        (
+            ["train", "recipe=sft_arithmetic", "--trainer.lr=1e-3"],
+            "unknown option '--trainer.lr': settings are overrides without dashes: did you mean trainer.lr=1e-3?",
+        ),
+        (
+            ["train", "recipe=sft_arithmetic", "steps=10", "--print-config"],
+            "unknown config key 'steps': did you mean trainer.steps=10?",
+        ),
+        (["eval", "run=tiny", "n=4", "--print-config"], "unknown config key 'n': did you mean eval.n=4?"),
+        (
+            ["train", "recipe=sft_arithmetic", "threshold=0.2", "--print-config"],
+            "unknown config key 'threshold': did you mean one of: source.threshold, algorithm.threshold?",
+        ),
+    ],
+)
 def test_usual_first_mistakes_get_a_one_line_hint(argv, expected, capsys):
     code, err = _run(capsys, argv)
     assert (code, err) == (2, f"error: {expected}")
@@ -171,11 +231,21 @@ def test_a_grpo_recipe_before_any_sft_run_says_how_to_make_its_start_model(tmp_p
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GRPO_RECIPE_PATH", str(REPO / "recipes"))
     code, err = _run(capsys, ["train", "recipe=grpo_arithmetic"])
-    assert (code, err) == (2, ("error: model.name_or_path: no such directory 'runs/sft_arithmetic/latest': make it "
-                               "with 'grpo train recipe=sft_arithmetic' or set model.name_or_path=<run or model dir>"))
+    assert (code, err) == (
+        2,
+        (
+            "error: model.name_or_path: no such directory 'runs/sft_arithmetic/latest': make it "
+            "with 'grpo train recipe=sft_arithmetic' or set model.name_or_path=<run or model dir>"
+        ),
+    )
     code, err = _run(capsys, ["eval", "run=runs/sft_arithmetic/latest"])
-    assert (code, err) == (2, ("error: run: no such directory 'runs/sft_arithmetic/latest': make it with "
-                               "'grpo train recipe=sft_arithmetic' or set run=<run or model dir>"))
+    assert (code, err) == (
+        2,
+        (
+            "error: run: no such directory 'runs/sft_arithmetic/latest': make it with "
+            "'grpo train recipe=sft_arithmetic' or set run=<run or model dir>"
+        ),
+    )
     assert not (tmp_path / "runs").exists()
 
 

@@ -98,21 +98,26 @@ def range_cases():
     return cases
 
 
-BOUNDS = re.compile(r"expected (a number|an integer|numbers|integers|a finite number|finite numbers)"
-                    r"( (>|>=|<|<=) -?[\d.]+| in [\[(]-?[\d.]+, -?[\d.]+[\])])?, got ")
+BOUNDS = re.compile(
+    r"expected (a number|an integer|numbers|integers|a finite number|finite numbers)"
+    r"( (>|>=|<|<=) -?[\d.]+| in [\[(]-?[\d.]+, -?[\d.]+[\])])?, got "
+)
 
 
 def test_every_numeric_field_declares_a_range():
-    missing = [f"{c.__name__}.{f.name}" for c in schema_classes() for f in dataclasses.fields(c)
-               if is_numeric(typing.get_type_hints(c)[f.name]) and RANGE not in f.metadata]
+    missing = [
+        f"{c.__name__}.{f.name}"
+        for c in schema_classes()
+        for f in dataclasses.fields(c)
+        if is_numeric(typing.get_type_hints(c)[f.name]) and RANGE not in f.metadata
+    ]
     assert not missing, f"declare a range beside these fields (num/nums in schema.py): {missing}"
 
 
 def test_every_dataclass_with_numbers_is_composed_somewhere():
     """Else its fields would escape the composition test below."""
     reached = {cls for _, cls, _ in sections()}
-    numeric = {c for c in schema_classes()
-               if any(is_numeric(h) for h in typing.get_type_hints(c).values())}
+    numeric = {c for c in schema_classes() if any(is_numeric(h) for h in typing.get_type_hints(c).values())}
     assert numeric <= reached, sorted(c.__name__ for c in numeric - reached)
 
 
@@ -134,33 +139,49 @@ def test_out_of_range_number_is_rejected_at_composition(overrides, expected):
     assert BOUNDS.search(expected), expected  # the message's form, whatever the bounds
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    (["trainer.lr=-1"], "config key 'trainer.lr': expected a number > 0, got -1.0"),
-    (["trainer.steps=-3"], "config key 'trainer.steps': expected an integer >= 0, got -3"),
-    (["lora.r=0"], "config key 'lora.r': expected an integer >= 1, got 0"),
-    (["trainer.batch_size=0"], "config key 'trainer.batch_size': expected an integer >= 1, got 0"),
-    (["rollout.temperature=-1"], "config key 'rollout.temperature': expected a number >= 0, got -1.0"),
-    (["algorithm=grpo", "algorithm.eps=-0.2"], "config key 'algorithm.eps': expected a number > 0, got -0.2"),
-    (["algorithm=ppo", "algorithm.gamma=1.5"], "config key 'algorithm.gamma': expected a number in [0, 1], got 1.5"),
-    (["rollout.top_p=0"], "config key 'rollout.top_p': expected a number in (0, 1], got 0.0"),
-    (["lora.dropout=1"], "config key 'lora.dropout': expected a number in [0, 1), got 1.0"),
-    (["trainer.betas=[0.9,1.5]"], "config key 'trainer.betas': expected numbers in [0, 1), got [0.9, 1.5]"),
-    (["eval.ks=[4,0]"], "config key 'eval.ks': expected integers >= 1, got [4, 0]"),
-    (["reward.correct=inf"], "config key 'reward.correct': expected a finite number, got inf"),
-    (["trainer.lr=nan"], "config key 'trainer.lr': expected a number > 0, got nan"),
-    (["data.arithmetic.digits=19"], "config key 'data.arithmetic.digits': expected an integer in [1, 18], got 19"),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["trainer.lr=-1"], "config key 'trainer.lr': expected a number > 0, got -1.0"),
+        (["trainer.steps=-3"], "config key 'trainer.steps': expected an integer >= 0, got -3"),
+        (["lora.r=0"], "config key 'lora.r': expected an integer >= 1, got 0"),
+        (["trainer.batch_size=0"], "config key 'trainer.batch_size': expected an integer >= 1, got 0"),
+        (["rollout.temperature=-1"], "config key 'rollout.temperature': expected a number >= 0, got -1.0"),
+        (["algorithm=grpo", "algorithm.eps=-0.2"], "config key 'algorithm.eps': expected a number > 0, got -0.2"),
+        (
+            ["algorithm=ppo", "algorithm.gamma=1.5"],
+            "config key 'algorithm.gamma': expected a number in [0, 1], got 1.5",
+        ),
+        (["rollout.top_p=0"], "config key 'rollout.top_p': expected a number in (0, 1], got 0.0"),
+        (["lora.dropout=1"], "config key 'lora.dropout': expected a number in [0, 1), got 1.0"),
+        (["trainer.betas=[0.9,1.5]"], "config key 'trainer.betas': expected numbers in [0, 1), got [0.9, 1.5]"),
+        (["eval.ks=[4,0]"], "config key 'eval.ks': expected integers >= 1, got [4, 0]"),
+        (["reward.correct=inf"], "config key 'reward.correct': expected a finite number, got inf"),
+        (["trainer.lr=nan"], "config key 'trainer.lr': expected a number > 0, got nan"),
+        (["data.arithmetic.digits=19"], "config key 'data.arithmetic.digits': expected an integer in [1, 18], got 19"),
+    ],
+)
 def test_messages_of_the_issue(overrides, expected):
     with pytest.raises(UserError) as e:
         compose_run(RECIPE, overrides)
     assert str(e.value) == expected
 
 
-@pytest.mark.parametrize("overrides", [
-    ["trainer.lr=1"], ["rollout.temperature=0"], ["lora.dropout=0"], ["rollout.top_p=1"], ["trainer.max_grad_norm=0"],
-    ["algorithm=grpo", "algorithm.eps_high=null"], ["data.max_examples=null"], ["reward.incorrect=-1"],
-    ["trainer.betas=[0,0.999]"], ["model.logprob_backend=naive"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.lr=1"],
+        ["rollout.temperature=0"],
+        ["lora.dropout=0"],
+        ["rollout.top_p=1"],
+        ["trainer.max_grad_norm=0"],
+        ["algorithm=grpo", "algorithm.eps_high=null"],
+        ["data.max_examples=null"],
+        ["reward.incorrect=-1"],
+        ["trainer.betas=[0,0.999]"],
+        ["model.logprob_backend=naive"],
+    ],
+)
 def test_values_at_the_edges_of_their_ranges_compose(overrides):
     compose_run(RECIPE, overrides)
 
@@ -225,8 +246,21 @@ def test_cli_subprocess_has_no_traceback(tmp_path):
     """The installed entry point end to end: exit code 2, one line on stderr."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-m", "grpo_cli.cli", "train", "recipe=sft_arithmetic", "lora.r=0",
-                           f"output_dir={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpo_cli.cli",
+            "train",
+            "recipe=sft_arithmetic",
+            "lora.r=0",
+            f"output_dir={tmp_path / 'out'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr == "error: config key 'lora.r': expected an integer >= 1, got 0\n"
     assert not (tmp_path / "out").exists()

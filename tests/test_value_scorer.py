@@ -4,6 +4,7 @@ on a tiny Qwen2: shapes, which hidden state the head reads, where gradients go, 
 import pytest
 import torch
 
+from grpo_cli.batch import pack
 from grpo_cli.config.schema import LoraConfig, TinyModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import apply_lora
@@ -11,7 +12,6 @@ from grpo_cli.models.policy import padded_hidden_states
 from grpo_cli.models.scorer import Scorer, load_head, load_scorer, outcome_scores, zero_head
 from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
 from grpo_cli.models.value import VALUE_ADAPTER, LoraValueModel, build_value_model, separate_value_model
-from grpo_cli.batch import pack
 
 TOK = build_tokenizer()
 TEXTS = ["3+4\n#### 7", "12*3-5\n#### 31", "1\n#### 1"]  # lengths 8, 14, 6: rows 0 and 2 are left-padded
@@ -130,8 +130,15 @@ def test_scorer_save_and_load_round_trip(tmp_path):
     torch.testing.assert_close(again(ids, attn), expected)
     torch.testing.assert_close(load_head(str(out), "process")["weight"], scorer.head.weight.detach())
     # resume: a fresh scorer takes the LM's weights and the head from the checkpoint
-    fresh = Scorer(build_tiny_model(TinyModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, seed=7),
-                                    len(TOK), TOK.pad_token_id, TOK.eos_token_id), "process")
+    fresh = Scorer(
+        build_tiny_model(
+            TinyModelConfig(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, seed=7),
+            len(TOK),
+            TOK.pad_token_id,
+            TOK.eos_token_id,
+        ),
+        "process",
+    )
     assert not torch.allclose(fresh(ids, attn), expected)
     fresh.load_checkpoint(out)
     torch.testing.assert_close(fresh(ids, attn), expected)
@@ -197,9 +204,13 @@ def test_lora_value_model_is_a_second_adapter_the_policy_forward_never_uses():
         before = padded_hidden_states(policy, ids, attn)
     value = LoraValueModel(policy, lr_scale=0.5)
     adapter_names = {n for n, _ in policy.named_parameters() if f".{VALUE_ADAPTER}." in n}
-    assert adapter_names and {id(p) for p in value.adapter} == {id(p) for n, p in policy.named_parameters() if n in adapter_names}
+    assert adapter_names and {id(p) for p in value.adapter} == {
+        id(p) for n, p in policy.named_parameters() if n in adapter_names
+    }
     # its parameters are the value adapter and the head: the policy's own weights stay the policy's
-    assert {id(p) for p in value.parameters()} == {id(p) for p in value.adapter} | {id(p) for p in value.head.parameters()}
+    assert {id(p) for p in value.parameters()} == {id(p) for p in value.adapter} | {
+        id(p) for p in value.head.parameters()
+    }
     assert value.lr_scale == 0.5 and not value(ids, attn).any()  # zero head: V = 0
     with_trained_adapter(policy, VALUE_ADAPTER, seed=5)
     random_head(value)
@@ -229,4 +240,6 @@ def test_lora_value_model_needs_a_lora_policy_and_unknown_kinds_are_refused():
     with pytest.raises(UserError, match="algorithm.value_model: expected 'separate' or 'lora', got 'shared'"):
         build_value_model("shared", tiny_lm(), 1.0)
     assert isinstance(build_value_model("separate", tiny_lm(), 1.0), Scorer)
-    assert isinstance(build_value_model("lora", apply_lora(tiny_lm(), LoraConfig(enabled=True, r=2)), 1.0), LoraValueModel)
+    assert isinstance(
+        build_value_model("lora", apply_lora(tiny_lm(), LoraConfig(enabled=True, r=2)), 1.0), LoraValueModel
+    )

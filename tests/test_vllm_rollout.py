@@ -61,8 +61,15 @@ class FakeLLM:
 
 class FakeSamplingParams:
     def __init__(self, *, temperature, top_p, max_tokens, detokenize, seed, stop_token_ids=(), ignore_eos=False):
-        self.__dict__.update(temperature=temperature, top_p=top_p, max_tokens=max_tokens, detokenize=detokenize,
-                             seed=seed, stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+        self.__dict__.update(
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            detokenize=detokenize,
+            seed=seed,
+            stop_token_ids=list(stop_token_ids),
+            ignore_eos=ignore_eos,
+        )
 
 
 @pytest.fixture
@@ -80,9 +87,17 @@ def fake_vllm(monkeypatch):
 
 def vllm_rows(model, tok, eos=True, generator=None, **kw):
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
-    return generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id if eos else None,
-                        max_new_tokens=kw.pop("n", 6), engine="vllm", generator=generator,
-                        temperature=kw.pop("temperature", 0.0), **kw)
+    return generate_ids(
+        model,
+        ids,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id if eos else None,
+        max_new_tokens=kw.pop("n", 6),
+        engine="vllm",
+        generator=generator,
+        temperature=kw.pop("temperature", 0.0),
+        **kw,
+    )
 
 
 def test_plain_weights_go_to_vllm_under_their_own_names():
@@ -104,8 +119,10 @@ def test_lora_weights_go_to_vllm_merged_as_merge_and_unload_stores_them():
     assert sent.keys() == dict(merged.named_parameters()).keys()
     for name, p in merged.named_parameters():
         torch.testing.assert_close(sent[name], p, rtol=0, atol=1e-6, msg=name)
-    assert not torch.equal(sent["model.layers.0.self_attn.q_proj.weight"],
-                           model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert not torch.equal(
+        sent["model.layers.0.self_attn.q_proj.weight"],
+        model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight,
+    )
 
 
 def test_dora_is_refused_with_the_layer_named():
@@ -126,11 +143,19 @@ def test_engine_is_built_once_from_the_config_and_fed_the_current_weights(fake_v
     vllm_rows(model, tok)
     (llm,) = fake_vllm.built  # the second batch reuses the engine
     assert llm.config.architectures == ["Qwen2ForCausalLM"] and llm.config.hidden_size == 64
-    assert llm.kwargs == dict(skip_tokenizer_init=True, load_format="dummy", dtype=torch.float32, seed=7,
-                              gpu_memory_utilization=0.2, max_model_len=model.config.max_position_embeddings,
-                              enforce_eager=True)  # the user's kwargs win
+    assert llm.kwargs == dict(
+        skip_tokenizer_init=True,
+        load_format="dummy",
+        dtype=torch.float32,
+        seed=7,
+        gpu_memory_utilization=0.2,
+        max_model_len=model.config.max_position_embeddings,
+        enforce_eager=True,
+    )  # the user's kwargs win
     assert llm.model.loads == 2  # before each batch
-    assert torch.equal(llm.model.weights["model.layers.0.mlp.down_proj.weight"], model.model.layers[0].mlp.down_proj.weight)
+    assert torch.equal(
+        llm.model.weights["model.layers.0.mlp.down_proj.weight"], model.model.layers[0].mlp.down_proj.weight
+    )
 
 
 def test_a_new_dtype_gets_its_own_engine(fake_vllm):
@@ -147,7 +172,7 @@ def test_token_ids_in_and_out_with_eos_kept_and_rows_padded(fake_vllm):
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ids[0] = ids[0][:-1] + [eos - 3]  # the stand-in then emits eos-2, eos-1 and stops at eos
     rows = generate_ids(model, ids, pad_id=pad, eos_id=eos, max_new_tokens=6, engine="vllm", temperature=0.0)
-    (prompts, params), = fake_vllm.built[0].calls
+    ((prompts, params),) = fake_vllm.built[0].calls
     assert [p["prompt_token_ids"] for p in prompts] == ids  # no re-tokenisation
     assert rows[0] == [eos - 2, eos - 1, eos, pad, pad, pad]  # EOS kept (it is trained), then padding
     assert all(len(r) == 6 for r in rows)
@@ -197,8 +222,9 @@ def test_a_mapping_override_names_the_append_syntax():
 
 # --- the real vLLM, on a GPU ---
 
-real_vllm = pytest.mark.skipif(not (torch.cuda.is_available() and importlib.util.find_spec("vllm")),
-                               reason="needs a CUDA GPU and the vllm package")
+real_vllm = pytest.mark.skipif(
+    not (torch.cuda.is_available() and importlib.util.find_spec("vllm")), reason="needs a CUDA GPU and the vllm package"
+)
 GPU_KWARGS = {"vllm_memory": 0.1, "vllm_kwargs": {"attention_backend": "TRITON_ATTN", "enforce_eager": True}}
 """Triton attention: it runs fp32, which vLLM's default FlashAttention does not.
 Eager: seconds to build an engine instead of a compile and CUDA graph captures (the benchmark runs those)."""
@@ -215,15 +241,29 @@ def agreement(a, b) -> float:
 def test_real_vllm_greedy_matches_our_engine_and_follows_the_policy():
     model, tok = chaotic_tiny_model(**VLLM_HEADS)
     model = model.cuda()
-    fast = generate_ids(model, tok(PROMPTS, add_special_tokens=False)["input_ids"], pad_id=tok.pad_token_id,
-                        eos_id=tok.eos_token_id, max_new_tokens=24, engine="fast", temperature=0.0)
+    fast = generate_ids(
+        model,
+        tok(PROMPTS, add_special_tokens=False)["input_ids"],
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=24,
+        engine="fast",
+        temperature=0.0,
+    )
     before = vllm_rows(model, tok, n=24, **GPU_KWARGS)
     assert agreement(before, fast) >= 0.9
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3 * p.std())  # a different policy
-    fast_after = generate_ids(model, tok(PROMPTS, add_special_tokens=False)["input_ids"], pad_id=tok.pad_token_id,
-                              eos_id=tok.eos_token_id, max_new_tokens=24, engine="fast", temperature=0.0)
+    fast_after = generate_ids(
+        model,
+        tok(PROMPTS, add_special_tokens=False)["input_ids"],
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=24,
+        engine="fast",
+        temperature=0.0,
+    )
     after = vllm_rows(model, tok, n=24, **GPU_KWARGS)
     assert after != before and agreement(after, fast_after) >= 0.9
 
@@ -236,10 +276,13 @@ def test_real_vllm_samples_reproducibly_and_applies_lora():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    draws = [vllm_rows(model, tok, n=16, temperature=1.0, generator=torch.Generator("cuda").manual_seed(s),
-                       **GPU_KWARGS) for s in (0, 0, 1)]
+    draws = [
+        vllm_rows(model, tok, n=16, temperature=1.0, generator=torch.Generator("cuda").manual_seed(s), **GPU_KWARGS)
+        for s in (0, 0, 1)
+    ]
     assert draws[0] == draws[1] and draws[0] != draws[2]
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
-    fast = generate_ids(model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16,
-                        engine="fast", temperature=0.0)
+    fast = generate_ids(
+        model, ids, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=16, engine="fast", temperature=0.0
+    )
     assert agreement(vllm_rows(model, tok, n=16, **GPU_KWARGS), fast) >= 0.9

@@ -21,7 +21,7 @@ from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.policy import Policy
 
-ALGORITHMS: Dict[str, Type["Algorithm"]] = {}
+ALGORITHMS: Dict[str, Type[Algorithm]] = {}
 
 
 def register_algorithm(name: str) -> Callable[[type], type]:
@@ -74,7 +74,11 @@ class Algorithm:
 def build_algorithm(cfg: Any) -> Algorithm:
     """Instantiate the registered algorithm with its hyperparameters passed explicitly by name."""
     params: Mapping[str, Any] = (
-        OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+        OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(cfg, DictConfig)
+        else asdict(cfg)
+        if is_dataclass(cfg)
+        else dict(cfg)
     )
     name = params.get("name")
     if name not in ALGORITHMS:

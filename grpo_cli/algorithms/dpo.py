@@ -43,8 +43,9 @@ class DPO(Algorithm):
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         check_pairs(batch)
         logp, _ = policy.logprobs(batch)
-        ratio = F.sequence_log_ratio(logp, batch.tensors["ref_logp"], batch.target_mask,
-                                     length_normalise=self.length_normalise)  # [2P]
+        ratio = F.sequence_log_ratio(
+            logp, batch.tensors["ref_logp"], batch.target_mask, length_normalise=self.length_normalise
+        )  # [2P]
         losses, parts = F.dpo_pair_loss(ratio[0::2], ratio[1::2], beta=self.beta)  # [P]
         pairs_in_batch = batch.totals["sequences"] / 2
         loss = losses.sum() / pairs_in_batch

@@ -13,7 +13,9 @@ from typing import Dict, Tuple
 import torch
 
 
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, *, scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group: torch.Tensor, *, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Outcome supervision: rtilde_i = (r_i - mean(r)) / std(r) within each group (4.1.2).
 
     rewards [B], group [B] (ids; members of a group need not be contiguous) -> advantages [B].
@@ -24,7 +26,9 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, *, scale: bool 
     return _group_normalise(rewards[:, None], torch.ones_like(rewards[:, None]), group, scale, eps)[:, 0]
 
 
-def _group_normalise(values: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, scale: bool, eps: float) -> torch.Tensor:
+def _group_normalise(
+    values: torch.Tensor, mask: torch.Tensor, group: torch.Tensor, scale: bool, eps: float
+) -> torch.Tensor:
     """(v - mean) / std over all masked entries of each group, 0 elsewhere and in flat groups.
     values, mask [B, T]; group [B] ids -> [B, T]. Sample std; ``scale=False`` only centres."""
     _, inverse = torch.unique(group, return_inverse=True)
@@ -43,7 +47,7 @@ def _group_normalise(values: torch.Tensor, mask: torch.Tensor, group: torch.Tens
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Unbiased, always >= 0 estimator of KL[pi_theta || pi_ref] per token (eq. 4):
 
-        pi_ref/pi_theta - log(pi_ref/pi_theta) - 1,  computed from log-probs [B, T].
+    pi_ref/pi_theta - log(pi_ref/pi_theta) - 1,  computed from log-probs [B, T].
     """
     log_ratio = ref_logp - logp
     return torch.exp(log_ratio) - log_ratio - 1.0
@@ -63,8 +67,15 @@ def clipped_surrogate(
     return torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, mode: str, total_sequences: float,
-              total_tokens: float, max_tokens: float) -> torch.Tensor:
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    mode: str,
+    total_sequences: float,
+    total_tokens: float,
+    max_tokens: float,
+) -> torch.Tensor:
     """Reduce a per-token loss [B, T] to a scalar, normalised by whole-batch totals.
 
     ``sequence`` (the paper): 1/G sum_i 1/|o_i| sum_t  ->  sum_i mean_t(x_i) / total_sequences.
@@ -82,8 +93,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, *, mode: str, total_s
 
 
 def grpo_token_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
-    *, beta: float, eps_low: float, eps_high: float,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    beta: float,
+    eps_low: float,
+    eps_high: float,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token GRPO loss [B, T]: -(min(ratio*A, clip(ratio)*A) - beta * KL_k3) (eq. 3).
 
@@ -105,14 +122,18 @@ def masked_mean_std(x: torch.Tensor, mask: torch.Tensor) -> Tuple[float, float]:
     return float(mean), float(var.sqrt())
 
 
-def sequence_log_ratio(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, length_normalise: bool) -> torch.Tensor:
+def sequence_log_ratio(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, length_normalise: bool
+) -> torch.Tensor:
     """log(pi_theta(o) / pi_ref(o)) per sequence [B] from per-token log-probs [B, T]: the sum over
     the completion's tokens, or its mean with ``length_normalise`` (DeepSeekMath's 1/|o|)."""
     total = ((logp - ref_logp) * mask).sum(-1)
     return total / mask.sum(-1).clamp(min=1) if length_normalise else total
 
 
-def dpo_pair_loss(chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def dpo_pair_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, *, beta: float
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Pairwise DPO loss [P] from the sequence log-ratios of o+ (``chosen``) and o- (``rejected``) [P]:
 
         margin = beta * (log pi_theta(o+)/pi_ref(o+) - log pi_theta(o-)/pi_ref(o-))
@@ -135,8 +156,9 @@ def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Te
 # --- PPO (section 4.1, eq. 1-2): KL-shaped token rewards, GAE, value loss -------------------------
 
 
-def kl_shaped_rewards(outcome: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
-                      *, beta: float) -> torch.Tensor:
+def kl_shaped_rewards(
+    outcome: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *, beta: float
+) -> torch.Tensor:
     """Per-token rewards [B, T] (eq. 2): r_t = r_phi(q, o_<=t) - beta * log(pi_theta(o_t) / pi_ref(o_t)).
 
     outcome [B] is the outcome reward, given at each output's last token; logp, ref_logp: the sampling
@@ -148,7 +170,9 @@ def kl_shaped_rewards(outcome: torch.Tensor, logp: torch.Tensor, ref_logp: torch
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Generalized Advantage Estimation over output tokens, vectorised (no loop over T).
 
         delta_t = r_t + gamma * V_next(t) - V_t      (V after the last token is 0: the episode ends)
@@ -228,8 +252,9 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ----------------------------------------------------------------------------- process supervision
 
 
-def process_advantages(step_rewards: torch.Tensor, step_mask: torch.Tensor, group: torch.Tensor, *,
-                       scale: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def process_advantages(
+    step_rewards: torch.Tensor, step_mask: torch.Tensor, group: torch.Tensor, *, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Process supervision (4.1.3): Ahat_{i,t} = sum over steps j of output i with index(j) >= t of
     rtilde_i^index(j) = (r_i^index(j) - mean(R)) / std(R), R = all step rewards of i's group.
 

@@ -30,8 +30,17 @@ class GRPO(Algorithm):
     needs_rewards = True
     main_metric = "reward_mean"
 
-    def __init__(self, *, beta: float, eps: float, eps_high: Optional[float], mu: int, aggregation: str, scale_rewards: bool,
-                 supervision: str = "outcome"):
+    def __init__(
+        self,
+        *,
+        beta: float,
+        eps: float,
+        eps_high: Optional[float],
+        mu: int,
+        aggregation: str,
+        scale_rewards: bool,
+        supervision: str = "outcome",
+    ):
         if aggregation not in AGGREGATIONS:
             raise UserError(f"algorithm.aggregation: expected one of {AGGREGATIONS}, got '{aggregation}'")
         if mu < 1:
@@ -66,8 +75,9 @@ class GRPO(Algorithm):
             return adv[:, None].expand(-1, batch.input_ids.shape[1] - 1).contiguous()
         if "step_rewards" not in batch.tensors:
             raise UserError("algorithm.supervision=process needs a process reward (reward=steps or reward=process_rm)")
-        adv = F.process_advantages(batch.tensors["step_rewards"], batch.tensors["step_mask"], batch.group,
-                                   scale=self.scale_rewards)
+        adv = F.process_advantages(
+            batch.tensors["step_rewards"], batch.tensors["step_mask"], batch.group, scale=self.scale_rewards
+        )
         return adv * batch.target_mask  # the reverse sum reaches prompt positions too: not trained
 
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
@@ -79,8 +89,12 @@ class GRPO(Algorithm):
         )
         mask = batch.target_mask
         loss = F.aggregate(
-            per_token, mask, mode=self.aggregation, total_sequences=batch.totals["sequences"],
-            total_tokens=batch.totals["tokens"], max_tokens=batch.totals.get("max_tokens", mask.shape[1]),
+            per_token,
+            mask,
+            mode=self.aggregation,
+            total_sequences=batch.totals["sequences"],
+            total_tokens=batch.totals["tokens"],
+            max_tokens=batch.totals.get("max_tokens", mask.shape[1]),
         )
         gc_mean, gc_std = F.masked_mean_std(parts["gc"], mask)
         n = mask.sum().clamp(min=1)

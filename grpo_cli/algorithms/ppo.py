@@ -29,8 +29,20 @@ class PPO(Algorithm):
     needs_rewards = True
     main_metric = "reward_mean"
 
-    def __init__(self, *, beta: float, eps: float, mu: int, gamma: float, lam: float, whiten_advantages: bool,
-                 value_model: str, value_clip: float, vf_coef: float, value_lr_scale: float):
+    def __init__(
+        self,
+        *,
+        beta: float,
+        eps: float,
+        mu: int,
+        gamma: float,
+        lam: float,
+        whiten_advantages: bool,
+        value_model: str,
+        value_clip: float,
+        vf_coef: float,
+        value_lr_scale: float,
+    ):
         if mu < 1:
             raise UserError(f"algorithm.mu: expected an integer >= 1, got {mu}")
         self.beta, self.eps, self.gamma, self.lam = beta, eps, gamma, lam
@@ -64,19 +76,26 @@ class PPO(Algorithm):
         batch.tensors.update(old_logp=old, old_values=old_values, advantages=adv, returns=returns)
         n = mask.sum().clamp(min=1)
         batch.stats.update(F.reward_stats(batch.rewards, batch.group))
-        batch.stats.update(kl=float(((old - ref) * mask).sum() / n),
-                           explained_variance=F.explained_variance(old_values, returns, mask))
+        batch.stats.update(
+            kl=float(((old - ref) * mask).sum() / n), explained_variance=F.explained_variance(old_values, returns, mask)
+        )
         return batch
 
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         t, mask = batch.tensors, batch.target_mask
         logp, entropy = policy.logprobs(batch, temperature=batch.totals.get("temperature", 1.0), with_entropy=True)
-        surrogate, clipped = F.clipped_surrogate(logp, t["old_logp"], t["advantages"], eps_low=self.eps, eps_high=self.eps)
+        surrogate, clipped = F.clipped_surrogate(
+            logp, t["old_logp"], t["advantages"], eps_low=self.eps, eps_high=self.eps
+        )
         # J_PPO's 1/|o| sum_t (eq. 1): each output's token mean, averaged over outputs.
-        totals = dict(total_sequences=batch.totals["sequences"], total_tokens=batch.totals["tokens"], max_tokens=mask.shape[1])
+        totals = dict(
+            total_sequences=batch.totals["sequences"], total_tokens=batch.totals["tokens"], max_tokens=mask.shape[1]
+        )
         policy_loss = F.aggregate(-surrogate, mask, mode="sequence", **totals)
         values = self.values(batch)
-        v_loss = F.aggregate(F.value_loss(values, t["old_values"], t["returns"], clip=self.value_clip), mask, mode="token", **totals)
+        v_loss = F.aggregate(
+            F.value_loss(values, t["old_values"], t["returns"], clip=self.value_clip), mask, mode="token", **totals
+        )
         n = mask.sum().clamp(min=1)
         gc_mean, gc_std = F.masked_mean_std(t["advantages"], mask)
         metrics = {

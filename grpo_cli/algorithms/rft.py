@@ -52,8 +52,14 @@ class OnlineRFT(Algorithm):
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         logp, _ = policy.logprobs(batch, temperature=batch.totals.get("temperature", 1.0))
         gc = batch.tensors["gc"][:, None].expand_as(logp)  # [B, T-1]: every token of o gets GC(o)
-        loss = F.aggregate(-gc * logp, batch.target_mask, mode=self.aggregation, total_sequences=batch.totals["sequences"],
-                           total_tokens=batch.totals["tokens"], max_tokens=logp.shape[1])
+        loss = F.aggregate(
+            -gc * logp,
+            batch.target_mask,
+            mode=self.aggregation,
+            total_sequences=batch.totals["sequences"],
+            total_tokens=batch.totals["tokens"],
+            max_tokens=logp.shape[1],
+        )
         gc_mean, gc_std = F.masked_mean_std(gc, batch.target_mask)
         return loss, {"gc_mean": gc_mean, "gc_std": gc_std, "gc_positive": gc_mean, "gc_negative": 0.0}
 

@@ -109,8 +109,9 @@ def explain(err: BaseException, overrides: Sequence[str], path: Path) -> str:
         return f"unknown {group} '{option}': {nearest(option, store.group_options(group))}"
     m = re.search(r"Could not override '([^']+)'", str(err))
     if m and key and key.startswith(m.group(1) + ".") and "is not in struct" in msg:  # a mapping given new keys
-        return (f"config key '{m.group(1)}' is a mapping: add each entry on its own, "
-                f"+{key}=VALUE (Hydra's + appends a key)")
+        return (
+            f"config key '{m.group(1)}' is a mapping: add each entry on its own, +{key}=VALUE (Hydra's + appends a key)"
+        )
     if m:
         return unknown_key(m.group(1), overrides)
     if type(root).__name__ == "OverrideParseException":

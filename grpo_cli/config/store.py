@@ -35,9 +35,14 @@ def options() -> Dict[str, Dict[str, object]]:
             "gsm8k": S.DataConfig(name="gsm8k", question_field="question", solution_field="answer"),
             "jsonl": S.DataConfig(name="jsonl"),
         },
-        "reward": {"none": S.RewardConfig(), "outcome": S.RewardConfig(name="outcome"), "outcome_rm": S.RewardConfig(name="outcome_rm"),
-                   "custom": S.RewardConfig(name="custom"), "steps": S.RewardConfig(name="steps"),
-                   "process_rm": S.RewardConfig(name="process_rm")},
+        "reward": {
+            "none": S.RewardConfig(),
+            "outcome": S.RewardConfig(name="outcome"),
+            "outcome_rm": S.RewardConfig(name="outcome_rm"),
+            "custom": S.RewardConfig(name="custom"),
+            "steps": S.RewardConfig(name="steps"),
+            "process_rm": S.RewardConfig(name="process_rm"),
+        },
         "source": _subclass_options(S.SourceConfig),
         "algorithm": _subclass_options(S.AlgorithmConfig),
     }

@@ -29,11 +29,38 @@ from grpo_cli.errors import UserError
 SWEEP_EVAL_KEYS = ("split", "limit", "n", "ks", "seed")
 """The ``eval.*`` settings a sweep hands to each run's evaluation."""
 
-TRAIN = ("recipe", "output_dir", "resume", "model", "lora", "data", "reward", "source", "algorithm", "rollout",
-         "trainer", "logging", "iterative")
-EVAL_RUN = ("eval.run", "eval.split", "eval.limit", "eval.n", "eval.ks", "eval.seed", "eval.output_dir", "data",
-            "rollout", "model.tiny", "model.dtype", "model.trust_remote_code", "trainer.precision", "trainer.threads",
-            "trainer.device")
+TRAIN = (
+    "recipe",
+    "output_dir",
+    "resume",
+    "model",
+    "lora",
+    "data",
+    "reward",
+    "source",
+    "algorithm",
+    "rollout",
+    "trainer",
+    "logging",
+    "iterative",
+)
+EVAL_RUN = (
+    "eval.run",
+    "eval.split",
+    "eval.limit",
+    "eval.n",
+    "eval.ks",
+    "eval.seed",
+    "eval.output_dir",
+    "data",
+    "rollout",
+    "model.tiny",
+    "model.dtype",
+    "model.trust_remote_code",
+    "trainer.precision",
+    "trainer.threads",
+    "trainer.device",
+)
 EVAL_SAMPLES = ("eval.samples", "eval.completion_field", "eval.answer_field", "eval.output_dir")
 SWEEP = tuple(k for k in TRAIN if k != "output_dir") + ("sweep",) + tuple(f"eval.{k}" for k in SWEEP_EVAL_KEYS)
 
@@ -81,8 +108,10 @@ def uses_text(command: str) -> str:
     for key in USES[command]:
         head, _, rest = key.partition(".")
         groups.setdefault(head, []).append(rest)
-    parts = [h if rest == [""] else f"{h}.{{{','.join(rest)}}}" if len(rest) > 1 else f"{h}.{rest[0]}"
-             for h, rest in groups.items()]
+    parts = [
+        h if rest == [""] else f"{h}.{{{','.join(rest)}}}" if len(rest) > 1 else f"{h}.{rest[0]}"
+        for h, rest in groups.items()
+    ]
     return ", ".join(parts)
 
 
@@ -143,7 +172,7 @@ def check_words(command: str, args: Sequence[str]) -> None:
     word (``grpo train sft_arithmetic``, ``grpo eval runs/x``) or an option (``--steps 10``)."""
     for i, arg in enumerate(args):
         if arg.startswith("-") and not _is_number(arg):
-            raise UserError(f"unknown option '{arg.split('=', 1)[0]}': {_option_hint(command, arg, args[i + 1:])}")
+            raise UserError(f"unknown option '{arg.split('=', 1)[0]}': {_option_hint(command, arg, args[i + 1 :])}")
         if "=" not in arg and not arg.startswith("~"):
             raise UserError(f"'{arg}' is not an override (key=value): {_word_hint(command, arg)}")
 
@@ -163,8 +192,11 @@ def _option_hint(command: str, arg: str, rest: Sequence[str]) -> str:
         following = rest[0] if rest else "="
         is_value = "=" not in following and (not following.startswith("-") or _is_number(following))
         value = following if is_value else "VALUE"
-    if name in schema_keys() or name in (f.name for f in dataclasses.fields(S.RunConfig)) or (
-            command == "grpo eval" and name in SHORTHANDS):
+    if (
+        name in schema_keys()
+        or name in (f.name for f in dataclasses.fields(S.RunConfig))
+        or (command == "grpo eval" and name in SHORTHANDS)
+    ):
         return f"settings are overrides without dashes: did you mean {name}={value}?"
     return full_key_hint(name, value) or "settings are overrides key=value without dashes (see --help)"
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from functools import lru_cache
+from functools import cache
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -38,8 +38,12 @@ class Range:
     def __contains__(self, x: object) -> bool:
         if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
             return False
-        return ((self.gt is None or x > self.gt) and (self.ge is None or x >= self.ge)
-                and (self.lt is None or x < self.lt) and (self.le is None or x <= self.le))
+        return (
+            (self.gt is None or x > self.gt)
+            and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt)
+            and (self.le is None or x <= self.le)
+        )
 
     def describe(self, what: str) -> str:
         """``what`` ("a number", "integers") with the bounds: ``a number > 0``, ``numbers in [0, 1)``."""
@@ -54,20 +58,31 @@ class Range:
         return {"a number": "a finite number", "numbers": "finite numbers"}.get(what, what)
 
 
-
 def _fmt(bound: float) -> str:
     """``1`` rather than ``1.0``: bounds read as the user would write them."""
     return str(int(bound)) if float(bound).is_integer() else repr(bound)
 
 
-def num(default: Optional[float], *, gt: Optional[float] = None, ge: Optional[float] = None,
-        lt: Optional[float] = None, le: Optional[float] = None) -> Any:
+def num(
+    default: Optional[float],
+    *,
+    gt: Optional[float] = None,
+    ge: Optional[float] = None,
+    lt: Optional[float] = None,
+    le: Optional[float] = None,
+) -> Any:
     """A numeric field with its valid range (None, for an Optional field, is always valid)."""
     return dataclasses.field(default=default, metadata={RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)})
 
 
-def nums(default: Sequence[float], *, gt: Optional[float] = None, ge: Optional[float] = None,
-         lt: Optional[float] = None, le: Optional[float] = None) -> Any:
+def nums(
+    default: Sequence[float],
+    *,
+    gt: Optional[float] = None,
+    ge: Optional[float] = None,
+    lt: Optional[float] = None,
+    le: Optional[float] = None,
+) -> Any:
     """A list field whose every entry must lie in the range."""
     values = list(default)
     return dataclasses.field(default_factory=lambda: list(values), metadata={RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)})
@@ -120,7 +135,7 @@ def _either(options: Sequence[str]) -> str:
     return options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(schema: type) -> Dict[str, Any]:
     return typing.get_type_hints(schema)
 

@@ -12,9 +12,10 @@ The last line uses GSM8K's final-answer format, so the same reward and evaluatio
 tasks. Like human-written data, part of the training solutions can be terse: ``direct_fraction``
 of them give the final line alone, without the worked steps. A tiny model copies both styles after
 SFT, and answering directly is mostly wrong for it: the headroom RL climbs by learning to show
-its work (the test split's reference solutions are always complete). Problems are a pure function of the config: ``random.Random`` seeded from ``seed`` and the
-split, never the global RNG. Train and test are disjoint for every seed: a stable hash of the
-question string decides which split a question may belong to.
+its work (the test split's reference solutions are always complete). Problems are a pure function of
+the config: ``random.Random`` seeded from ``seed`` and the split, never the global RNG. Train and
+test are disjoint for every seed: a stable hash of the question string decides which split a
+question may belong to.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ def _validate(cfg) -> None:
         raise UserError(f"{key}digits: {cfg.digits} must be between 1 and {MAX_DIGITS}")
     if not 1 <= cfg.min_ops <= cfg.max_ops <= MAX_OPS:
         raise UserError(
-            f"{key}min_ops/max_ops: need 1 <= min_ops <= max_ops <= {MAX_OPS}, "
-            f"got {cfg.min_ops} and {cfg.max_ops}"
+            f"{key}min_ops/max_ops: need 1 <= min_ops <= max_ops <= {MAX_OPS}, got {cfg.min_ops} and {cfg.max_ops}"
         )
     if not 0.0 <= cfg.direct_fraction <= 1.0:
         raise UserError(f"{key}direct_fraction: {cfg.direct_fraction} must be between 0 and 1")
@@ -71,7 +71,7 @@ def _draw(rng: random.Random, ops: str, digits: int, min_ops: int, max_ops: int)
     Right operands of ``*`` are single digits (1-9) so numbers stay small; ``-`` never takes more
     than the running value, so every intermediate result is non-negative.
     """
-    high = 10 ** digits - 1
+    high = 10**digits - 1
     value = rng.randint(0, high)
     question = [str(value)]
     lines = []

@@ -79,8 +79,7 @@ def _split_files(directory: Path, split_name: str) -> List[Path]:
         if (directory / f"{split_name}{suffix}").is_file():
             return [directory / f"{split_name}{suffix}"]
     shards = sorted(
-        path for path in directory.glob(f"{split_name}-*")
-        if path.is_file() and path.suffix in DATA_SUFFIXES
+        path for path in directory.glob(f"{split_name}-*") if path.is_file() and path.suffix in DATA_SUFFIXES
     )
     if not shards:
         present = sorted(p.name for p in directory.iterdir())[:12]

@@ -46,11 +46,11 @@ def _check_inputs(hidden, weight, token_ids, bias, temperature) -> None:
     if not hidden.is_floating_point() or not weight.is_floating_point():
         raise TypeError("hidden and weight must be floating point tensors")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"need hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(f"need hidden [..., H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if token_ids.shape != hidden.shape[:-1]:
-        raise ValueError(f"token_ids {tuple(token_ids.shape)} must match hidden's leading dims "
-                         f"{tuple(hidden.shape[:-1])}")
+        raise ValueError(
+            f"token_ids {tuple(token_ids.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}"
+        )
     if token_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"token_ids must be int64 or int32, got {token_ids.dtype}")
     if bias is not None and bias.shape != weight.shape[:1]:
@@ -63,17 +63,27 @@ def _run_backend(name, hidden, weight, token_ids, bias, temperature, with_entrop
     if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= weight.shape[0]):
         raise IndexError(f"token ids must lie in [0, {weight.shape[0]}) or equal ignore_index")
     if name == "torch":
-        return torch_selected_logprobs(hidden, weight, token_ids, bias, temperature,
-                                       with_entropy, chunk_size, vocab_tile)
+        return torch_selected_logprobs(
+            hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, vocab_tile
+        )
     from grpo_cli.kernels.triton_logprob import triton_selected_logprobs
 
-    return triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
-                                    chunk_size)
+    return triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size)
 
 
-def selected_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0,
-                      with_entropy=False, chunk_size=None, backend="auto", ignore_index=-100,
-                      vocab_tile=None):
+def selected_logprobs(
+    hidden,
+    weight,
+    token_ids,
+    *,
+    bias=None,
+    temperature=1.0,
+    with_entropy=False,
+    chunk_size=None,
+    backend="auto",
+    ignore_index=-100,
+    vocab_tile=None,
+):
     """log softmax((hidden @ weight.T + bias) / temperature) at ``token_ids``, without [N, V].
 
     hidden [N, H] (any float dtype; extra leading dims are flattened and restored), weight [V, H]
@@ -89,29 +99,40 @@ def selected_logprobs(hidden, weight, token_ids, *, bias=None, temperature=1.0,
     # Under trainer.precision=bf16 the model ran in autocast; the head's logits stay in the weight's
     # dtype (fp32 by default): log-probs are the policy's probabilities, they need the precision.
     with torch.autocast(hidden.device.type, enabled=False):
-        return _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend,
-                                  ignore_index, vocab_tile)
+        return _selected_logprobs(
+            hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index, vocab_tile
+        )
 
 
-def _selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index,
-                       vocab_tile):
+def _selected_logprobs(
+    hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, backend, ignore_index, vocab_tile
+):
     name = resolve_backend(backend, hidden.device)
     lead = hidden.shape[:-1]
     h2, ids = hidden.reshape(-1, hidden.shape[-1]), token_ids.reshape(-1).long()
     if name == "reference":
-        out = reference_selected_logprobs(h2, weight, ids, bias=bias, temperature=temperature,
-                                          with_entropy=with_entropy, ignore_index=ignore_index)
+        out = reference_selected_logprobs(
+            h2, weight, ids, bias=bias, temperature=temperature, with_entropy=with_entropy, ignore_index=ignore_index
+        )
         logp, entropy = (out[0].float(), out[1].float()) if with_entropy else (out.float(), None)
     else:
         valid = ids != ignore_index
         if bool(valid.all()):
-            logp, entropy = _run_backend(name, h2, weight, ids, bias, temperature, with_entropy,
-                                         chunk_size, vocab_tile)
+            logp, entropy = _run_backend(name, h2, weight, ids, bias, temperature, with_entropy, chunk_size, vocab_tile)
         else:
             # Drop masked rows before the vocabulary sweep; index_copy keeps the graph intact.
             keep = valid.nonzero().squeeze(1)
-            lp_k, ent_k = _run_backend(name, h2.index_select(0, keep), weight, ids[keep], bias,
-                                       temperature, with_entropy, chunk_size, vocab_tile)
+            lp_k, ent_k = _run_backend(
+                name,
+                h2.index_select(0, keep),
+                weight,
+                ids[keep],
+                bias,
+                temperature,
+                with_entropy,
+                chunk_size,
+                vocab_tile,
+            )
             zeros = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device)
             logp = zeros.index_copy(0, keep, lp_k)
             entropy = None if ent_k is None else zeros.index_copy(0, keep, ent_k)

@@ -132,8 +132,14 @@ class _Sweep:
     @classmethod
     def empty(cls, n: int, h: int, like: torch.Tensor, with_entropy: bool, grad_unit: bool):
         new = lambda *shape: like.new_zeros(shape, dtype=torch.float32)  # noqa: E731
-        return cls(m=new(n), d=new(n), s=new(n), z_target=new(n),
-                   s2=new(n) if with_entropy else None, acc=new(n, h) if grad_unit else None)
+        return cls(
+            m=new(n),
+            d=new(n),
+            s=new(n),
+            z_target=new(n),
+            s2=new(n) if with_entropy else None,
+            acc=new(n, h) if grad_unit else None,
+        )
 
     def rebase(self, rows, new_d: torch.Tensor, raise_m: torch.Tensor | None = None) -> None:
         """Re-express the sums of ``rows`` relative to the shift ``m + raise_m + new_d``."""
@@ -212,8 +218,7 @@ def tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan,
         w_aug, w = ops.weight_tile(c0, c1)
         for r0, r1 in _spans(n, plan.rows):
             e_buf = None if tmp is None else _tile_view(tmp, r0, r1, c0, c1)
-            _fold_tile(st, ops, w_aug, w, token_ids, _tile_view(buf, r0, r1, c0, c1), e_buf,
-                       r0, r1, c0, c1)
+            _fold_tile(st, ops, w_aug, w, token_ids, _tile_view(buf, r0, r1, c0, c1), e_buf, r0, r1, c0, c1)
     log_s = st.s.log()
     r = st.d + log_s
     entropy = None if st.s2 is None else log_s - st.s2 / st.s
@@ -257,8 +262,13 @@ def _sweep_grads(ops, gr, rhs, g_lp, entropy, g_ent, plan):
             if g_ent is None:
                 q = t.exp_()  # p; the -g factor lives in rhs and in the final row scaling
             else:
-                q = _entropy_grad_logits(t, _tile_view(tmp, r0, r1, c0, c1), entropy[r0:r1],
-                                         None if g_lp is None else g_lp[r0:r1], g_ent[r0:r1])
+                q = _entropy_grad_logits(
+                    t,
+                    _tile_view(tmp, r0, r1, c0, c1),
+                    entropy[r0:r1],
+                    None if g_lp is None else g_lp[r0:r1],
+                    g_ent[r0:r1],
+                )
             if gr.hs is not None:
                 gr.hs[r0:r1].addmm_(q, w)
             if gr.weight is not None:
@@ -278,9 +288,11 @@ def tiled_backward(hidden, weight, bias, token_ids, saved, g_lp, g_ent, inv_temp
     torch.neg(r, out=ops.neg_d)
     vocab = weight.shape[0]
     new = lambda *shape: ops.hs.new_zeros(shape)  # noqa: E731
-    gr = _Grads(hs=new(*ops.hs.shape) if needs[0] else None,
-                weight=new(*weight.shape) if needs[1] else None,
-                bias=new(vocab) if needs[2] else None)
+    gr = _Grads(
+        hs=new(*ops.hs.shape) if needs[0] else None,
+        weight=new(*weight.shape) if needs[1] else None,
+        bias=new(vocab) if needs[2] else None,
+    )
     fast = g_ent is None  # dL/dz = g * (onehot - p): -g goes on the [N, H] side
     rhs = ops.hs * -g_lp[:, None] if (fast and gr.weight is not None) else ops.hs
     _sweep_grads(ops, gr, rhs, g_lp, entropy, g_ent, plan)
@@ -301,11 +313,9 @@ class SelectedLogprobsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, store_grad_h):
-        res = tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan,
-                            grad_unit=store_grad_h)
+        res = tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, grad_unit=store_grad_h)
         ctx.set_materialize_grads(False)  # unused outputs (e.g. a metric-only entropy) give None
-        ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy,
-                              res.dlogp_dhidden)
+        ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy, res.dlogp_dhidden)
         ctx.inv_temp, ctx.plan, ctx.with_entropy = inv_temp, plan, with_entropy
         entropy = res.entropy if with_entropy else res.logp.new_empty(0)
         if not with_entropy:
@@ -324,8 +334,9 @@ class SelectedLogprobsFn(torch.autograd.Function):
             grad_h = g_lp[:, None] * dlogp_dh  # frozen head: the forward did the work
             g_lp = None
         if g_lp is not None or g_ent is not None:
-            gr = tiled_backward(hidden, weight, bias, token_ids, (m, r, entropy), g_lp, g_ent,
-                                ctx.inv_temp, ctx.plan, needs)
+            gr = tiled_backward(
+                hidden, weight, bias, token_ids, (m, r, entropy), g_lp, g_ent, ctx.inv_temp, ctx.plan, needs
+            )
             if gr.hs is not None:
                 extra = gr.hs * ctx.inv_temp
                 grad_h = extra if grad_h is None else grad_h + extra
@@ -340,8 +351,7 @@ class SelectedLogprobsFn(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
-def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
-                            chunk_size, vocab_tile=None):
+def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, vocab_tile=None):
     """Torch backend on validated 2-D inputs with no ignored rows -> (logp, entropy | None)."""
     plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size, vocab_tile)
     inv_temp = 1.0 / float(temperature)
@@ -351,6 +361,5 @@ def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_e
         return res.logp, res.entropy
     head_frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
     store = hidden.requires_grad and head_frozen
-    logp, entropy = SelectedLogprobsFn.apply(hidden, weight, bias, token_ids, inv_temp,
-                                             with_entropy, plan, store)
+    logp, entropy = SelectedLogprobsFn.apply(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, store)
     return logp, (entropy if with_entropy else None)

@@ -36,19 +36,38 @@ GRAD_CHUNK_BYTES = 256 * 1024 * 1024
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_h, stride_w,
-                 inv_temp, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _logits_tile(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    mask_n,
+    offs_v,
+    mask_v,
+    H,
+    stride_h,
+    stride_w,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """z = (h @ W^T + b) / temperature for one [BLOCK_N, BLOCK_V] tile, fp32."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for k0 in range(0, H, BLOCK_H):
         offs_k = k0 + tl.arange(0, BLOCK_H)
         mask_k = offs_k < H
-        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_k[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        h = tl.load(
+            h_ptr + offs_n[:, None] * stride_h + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0
+        )
         # int64 row offsets: V * H can exceed 2**31 elements for large vocabularies.
-        wt = tl.load(w_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_k[:, None],
-                     mask=mask_v[None, :] & mask_k[:, None], other=0.0)
+        wt = tl.load(
+            w_ptr + offs_v[None, :].to(tl.int64) * stride_w + offs_k[:, None],
+            mask=mask_v[None, :] & mask_k[:, None],
+            other=0.0,
+        )
         acc = tl.dot(h, wt, acc, input_precision=DOT_PRECISION)
     acc = acc * inv_temp
     if HAS_BIAS:
@@ -58,10 +77,29 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_
 
 
 @triton.jit
-def _fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, m_ptr, s_ptr, s2_ptr, zt_ptr, N, V, H, stride_h,
-                stride_w, inv_temp, cols_per_split, HAS_BIAS: tl.constexpr,
-                WITH_ENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    ids_ptr,
+    m_ptr,
+    s_ptr,
+    s2_ptr,
+    zt_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    inv_temp,
+    cols_per_split,
+    HAS_BIAS: tl.constexpr,
+    WITH_ENT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """Partial online-logsumexp state of rows pid(0) over vocabulary split pid(1)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -78,8 +116,24 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, m_ptr, s_ptr, s2_ptr, zt_ptr, N, V
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_stop
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_h,
-                         stride_w, inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        z = _logits_tile(
+            h_ptr,
+            w_ptr,
+            b_ptr,
+            offs_n,
+            mask_n,
+            offs_v,
+            mask_v,
+            H,
+            stride_h,
+            stride_w,
+            inv_temp,
+            HAS_BIAS,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_H,
+            DOT_PRECISION,
+        )
         z = tl.where(mask_v[None, :], z, float("-inf"))
         zt += tl.sum(tl.where(offs_v[None, :] == ids[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -99,18 +153,53 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, m_ptr, s_ptr, s2_ptr, zt_ptr, N, V
 
 
 @triton.jit
-def _grad_logits_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, out_ptr,
-                        N, V, H, stride_h, stride_w, inv_temp, HAS_BIAS: tl.constexpr,
-                        HAS_GLP: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr):
+def _grad_logits_kernel(
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    ids_ptr,
+    lse_ptr,
+    ent_ptr,
+    glp_ptr,
+    gent_ptr,
+    out_ptr,
+    N,
+    V,
+    H,
+    stride_h,
+    stride_w,
+    inv_temp,
+    HAS_BIAS: tl.constexpr,
+    HAS_GLP: tl.constexpr,
+    HAS_GENT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
     """dL/dz for tile (pid(0), pid(1)) of a row chunk, written to out [N, V] in out's dtype."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_h, stride_w,
-                     inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    z = _logits_tile(
+        h_ptr,
+        w_ptr,
+        b_ptr,
+        offs_n,
+        mask_n,
+        offs_v,
+        mask_v,
+        H,
+        stride_h,
+        stride_w,
+        inv_temp,
+        HAS_BIAS,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_H,
+        DOT_PRECISION,
+    )
     logp = z - tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     p = tl.exp(logp)
     g = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
@@ -141,8 +230,7 @@ def _config(device: torch.device, dtype: torch.dtype) -> dict:
 def _vocab_splits(n_rows: int, vocab: int, cfg: dict, device: torch.device) -> tuple[int, int]:
     """(splits, cols_per_split): enough programs to fill the GPU, no empty split."""
     row_blocks = triton.cdiv(max(n_rows, 1), cfg["BLOCK_N"])
-    sms = torch.cuda.get_device_properties(device).multi_processor_count \
-        if device.type == "cuda" else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     max_splits = triton.cdiv(vocab, cfg["BLOCK_V"])
     splits = max(1, min(max_splits, triton.cdiv(4 * sms, row_blocks)))
     cols = triton.cdiv(triton.cdiv(vocab, splits), cfg["BLOCK_V"]) * cfg["BLOCK_V"]
@@ -171,15 +259,30 @@ def triton_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy):
         return empty, empty, (empty if with_entropy else None)
     cfg = _config(hidden.device, hidden.dtype)
     splits, cols = _vocab_splits(n, vocab, cfg, hidden.device)
-    part = torch.empty((4 if with_entropy else 3, splits, n), device=hidden.device,
-                       dtype=torch.float32)
+    part = torch.empty((4 if with_entropy else 3, splits, n), device=hidden.device, dtype=torch.float32)
     m, s, zt = part[0], part[1], part[2]
     s2 = part[3] if with_entropy else None
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), splits)
-    _fwd_kernel[grid](hidden, weight, bias if bias is not None else weight, token_ids, m, s,
-                      s2 if s2 is not None else s, zt, n, vocab, hdim, hidden.stride(0),
-                      weight.stride(0), inv_temp, cols, HAS_BIAS=bias is not None,
-                      WITH_ENT=with_entropy, **cfg)
+    _fwd_kernel[grid](
+        hidden,
+        weight,
+        bias if bias is not None else weight,
+        token_ids,
+        m,
+        s,
+        s2 if s2 is not None else s,
+        zt,
+        n,
+        vocab,
+        hdim,
+        hidden.stride(0),
+        weight.stride(0),
+        inv_temp,
+        cols,
+        HAS_BIAS=bias is not None,
+        WITH_ENT=with_entropy,
+        **cfg,
+    )
     return _merge_splits(m, s, s2, zt)
 
 
@@ -196,16 +299,30 @@ def _grad_logits(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, out
     grid = (triton.cdiv(rows, cfg["BLOCK_N"]), triton.cdiv(vocab, cfg["BLOCK_V"]))
     dummy = lse  # any valid pointer for arguments a constexpr flag switches off
     _grad_logits_kernel[grid](
-        hidden, weight, bias if bias is not None else dummy, ids, lse,
-        ent if ent is not None else dummy, g_lp if g_lp is not None else dummy,
-        g_ent if g_ent is not None else dummy, out, rows, vocab, hidden.shape[1],
-        hidden.stride(0), weight.stride(0), inv_temp, HAS_BIAS=bias is not None,
-        HAS_GLP=g_lp is not None, HAS_GENT=g_ent is not None, **cfg)
+        hidden,
+        weight,
+        bias if bias is not None else dummy,
+        ids,
+        lse,
+        ent if ent is not None else dummy,
+        g_lp if g_lp is not None else dummy,
+        g_ent if g_ent is not None else dummy,
+        out,
+        rows,
+        vocab,
+        hidden.shape[1],
+        hidden.stride(0),
+        weight.stride(0),
+        inv_temp,
+        HAS_BIAS=bias is not None,
+        HAS_GLP=g_lp is not None,
+        HAS_GENT=g_ent is not None,
+        **cfg,
+    )
     return out
 
 
-def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, needs,
-                    chunk_size):
+def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, needs, chunk_size):
     """Chunked recompute: (grad_hidden, grad_weight, grad_bias), None where not needed.
 
     dL/dz is kept in fp32. For half-precision inputs it is split into ``hi + lo``, both in the
@@ -219,15 +336,23 @@ def triton_backward(hidden, weight, bias, ids, lse, ent, g_lp, g_ent, inv_temp, 
     rows = _chunk_rows(n, vocab, 4 + 2 * hidden.element_size() * half, chunk_size)
     dz = hidden.new_empty(rows * vocab, dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if needs[0] else None
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
-        if needs[1] else None
+    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if needs[1] else None
     grad_b = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if needs[2] else None
     pick = lambda t, r0, r1: None if t is None else t[r0:r1]  # noqa: E731
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        g = _grad_logits(hidden[r0:r1], weight, bias, ids[r0:r1], lse[r0:r1], pick(ent, r0, r1),
-                         pick(g_lp, r0, r1), pick(g_ent, r0, r1), inv_temp,
-                         dz[: (r1 - r0) * vocab].view(r1 - r0, vocab))
+        g = _grad_logits(
+            hidden[r0:r1],
+            weight,
+            bias,
+            ids[r0:r1],
+            lse[r0:r1],
+            pick(ent, r0, r1),
+            pick(g_lp, r0, r1),
+            pick(g_ent, r0, r1),
+            inv_temp,
+            dz[: (r1 - r0) * vocab].view(r1 - r0, vocab),
+        )
         parts = _split_hi_lo(g, hidden.dtype) if half else (g,)
         if grad_h is not None:
             gh = sum(_mm_fp32(p, weight) for p in parts)
@@ -269,8 +394,7 @@ class TritonSelectedLogprobsFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, token_ids, inv_temp, with_entropy, chunk_size):
-        logp, lse, entropy = triton_forward(hidden, weight, bias, token_ids, inv_temp,
-                                            with_entropy)
+        logp, lse, entropy = triton_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(hidden, weight, bias, token_ids, lse, entropy)
         ctx.inv_temp, ctx.with_entropy, ctx.chunk_size = inv_temp, with_entropy, chunk_size
@@ -286,13 +410,23 @@ class TritonSelectedLogprobsFn(torch.autograd.Function):
         g_lp = None if g_lp is None else g_lp.contiguous().float()
         if g_lp is None and g_ent is None:
             return (None,) * 7
-        grads = triton_backward(hidden, weight, bias, token_ids, lse, entropy, g_lp, g_ent,
-                                ctx.inv_temp, ctx.needs_input_grad[:3], ctx.chunk_size)
+        grads = triton_backward(
+            hidden,
+            weight,
+            bias,
+            token_ids,
+            lse,
+            entropy,
+            g_lp,
+            g_ent,
+            ctx.inv_temp,
+            ctx.needs_input_grad[:3],
+            ctx.chunk_size,
+        )
         return (*grads, None, None, None, None)
 
 
-def triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy,
-                             chunk_size):
+def triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size):
     """Triton backend on validated 2-D inputs with no ignored rows -> (logp, entropy | None).
 
     hidden and weight are brought to one dtype (the wider of the two) for ``tl.dot``.
@@ -304,6 +438,7 @@ def triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_
     inv_temp = 1.0 / float(temperature)
     if not math.isfinite(inv_temp):
         raise ValueError(f"temperature too small: {temperature}")
-    logp, entropy = TritonSelectedLogprobsFn.apply(hidden, weight, bias, token_ids.contiguous(),
-                                                   inv_temp, with_entropy, chunk_size)
+    logp, entropy = TritonSelectedLogprobsFn.apply(
+        hidden, weight, bias, token_ids.contiguous(), inv_temp, with_entropy, chunk_size
+    )
     return logp, (entropy if with_entropy else None)

@@ -92,8 +92,18 @@ def attention_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def decode_attention(rotate, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scaling: float) -> torch.Tensor:
+def decode_attention(
+    rotate,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
     """One decode step's attention for one layer: rotary, the cache write, softmax attention of the
     single new query over the filled columns, written as the sums it is so that ``torch.compile``
     makes it one pass over the cache (:func:`compiled_decode_attention`).
@@ -145,8 +155,11 @@ class CompileFailures:
         """Keep ``err``; warn if it is the first (decoding goes on with SDPA)."""
         if not self.errors:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            warnings.warn(f"rollout.compile_decode_step: torch.compile failed ({first}); "
-                          "decoding with SDPA instead", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"rollout.compile_decode_step: torch.compile failed ({first}); decoding with SDPA instead",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         self.errors.append(err)
 
 
@@ -269,8 +282,11 @@ class PackedLayer:
         def pack(*pairs):  # [(weight, bias)] -> (packed fused weight, fused bias or None)
             weight = torch.cat([w.detach() for w, _ in pairs]).to(dtype).contiguous()
             biases = [b for _, b in pairs if b is not None]
-            bias = None if not biases else torch.cat(
-                [b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
+            bias = (
+                None
+                if not biases
+                else torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
+            )
             return packed_linear(weight, batch_size), bias
 
         self.qkv, self.o, self.gate_up, self.down = pack(q, k, v), pack(o), pack(gate, up), pack(down)
@@ -299,8 +315,17 @@ def packing_unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def decode_layers(layers, packed: list, rotate, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  keys: list, values: list, mask: torch.Tensor) -> torch.Tensor:
+def decode_layers(
+    layers,
+    packed: list,
+    rotate,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: list,
+    values: list,
+    mask: torch.Tensor,
+) -> torch.Tensor:
     """A decode step (S = 1) through every layer from :class:`PackedLayer` weights, written to be compiled
     whole (:func:`compiled_decode_layers`): the norms, rotary, cache writes, attention, residual adds and
     the MLP's activation fuse into a few loops around the GEMMs, and the step is one compiled call
@@ -310,6 +335,7 @@ def decode_layers(layers, packed: list, rotate, x: torch.Tensor, cos: torch.Tens
     layers: the decoder's layers (their norms and attention scalings); x [B, 1, H] the embedded new
     tokens; cos, sin [B, 1, D]; keys, values: per layer [B, Hkv, T_max, D], column ``L - 1`` written;
     mask [B, L] bool (True: attend). Returns the last layer's output [B, 1, H]."""
+
     def gemm(x, weight_bias):  # traced, a packed weight looks strided: apply_linear's test would miss it
         return packed_gemm(x.to(weight_bias[0].dtype), *weight_bias)
 
@@ -347,8 +373,16 @@ class KVDecoder:
     was compiled whole, for benchmarks to compare. ``failures``: the record of failed compiles this
     decoder reads and adds to (:class:`CompileFailures`; by default the process's)."""
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, max_len: int, packed: bool = False,
-                 compiled: bool = False, whole_step: bool = True, failures: Optional[CompileFailures] = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        max_len: int,
+        packed: bool = False,
+        compiled: bool = False,
+        whole_step: bool = True,
+        failures: Optional[CompileFailures] = None,
+    ):
         base = unwrap_peft(model)
         self.decoder, self.head = base.model, base.get_output_embeddings()
         weight = self.decoder.embed_tokens.weight
@@ -372,8 +406,9 @@ class KVDecoder:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
-        self.whole_step = (self.compiled and whole_step and bool(self.packed)
-                           and self.packed[0].qkv[0].layout == torch._mkldnn)
+        self.whole_step = (
+            self.compiled and whole_step and bool(self.packed) and self.packed[0].qkv[0].layout == torch._mkldnn
+        )
         for layer in self.packed if self.whole_step else ():
             for t in (*layer.qkv, *layer.o, *layer.gate_up, *layer.down):  # else symbolic sizes: a slow trace
                 if t is not None:
@@ -469,8 +504,9 @@ class KVDecoder:
             mask = additive(mask, self.attn_dtype)
         with torch.autocast(q.device.type, enabled=False):
             dtype = self.attn_dtype
-            out, _ = self.attention(attn, q.to(dtype), keys.to(dtype), values.to(dtype), mask,
-                                    dropout=0.0, scaling=attn.scaling)  # [B, S, H, D]
+            out, _ = self.attention(
+                attn, q.to(dtype), keys.to(dtype), values.to(dtype), mask, dropout=0.0, scaling=attn.scaling
+            )  # [B, S, H, D]
         return out.reshape(B, S, -1)
 
     def _compiled_layers(self, x, cos, sin, mask) -> Optional[torch.Tensor]:
@@ -485,8 +521,9 @@ class KVDecoder:
         torch._dynamo.maybe_mark_dynamic(mask, 1)  # filled columns
         try:
             with torch.autocast(x.device.type, enabled=False):
-                return compiled_decode_layers()(self.decoder.layers, self.packed, self.rotate, x, cos, sin,
-                                                keys, values, mask)
+                return compiled_decode_layers()(
+                    self.decoder.layers, self.packed, self.rotate, x, cos, sin, keys, values, mask
+                )
         except Exception as err:
             self._compile_failed(err)
             return None
@@ -496,8 +533,9 @@ class KVDecoder:
         decoder goes on with SDPA over an fp32 cache, and so do later ones (warned once)."""
         try:
             with torch.autocast(q.device.type, enabled=False):
-                return compiled_decode_attention()(self.rotate, q, k, v, cos, sin, self.k[i], self.v[i],
-                                                   mask[:, 0, 0], attn.scaling)
+                return compiled_decode_attention()(
+                    self.rotate, q, k, v, cos, sin, self.k[i], self.v[i], mask[:, 0, 0], attn.scaling
+                )
         except Exception as err:
             self._compile_failed(err)
             return None

@@ -114,14 +114,17 @@ def adapter_base(adapter_dir: Path) -> str:
     if looks_local(base) and not Path(base).expanduser().exists():
         if Path(base).name != "base_model" or not own.is_dir():
             where = "" if Path(base).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
-            raise UserError(f"the LoRA adapter in {adapter_dir} was trained on the base model {base}, which no "
-                            f"longer exists{where}")
+            raise UserError(
+                f"the LoRA adapter in {adapter_dir} was trained on the base model {base}, which no longer exists{where}"
+            )
         base = str(own)
     record = adapter_dir / BASE_FILE
     saved = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
     if saved and base_fingerprint(base) != saved:
-        raise UserError(f"the base model {base} changed since the LoRA adapter in {adapter_dir} was trained on it "
-                        "(its weights differ): restore that base or train the adapter again")
+        raise UserError(
+            f"the base model {base} changed since the LoRA adapter in {adapter_dir} was trained on it "
+            "(its weights differ): restore that base or train the adapter again"
+        )
     return base
 
 
@@ -231,13 +234,17 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     if is_peft(model):
         adapter = ckpt / "adapter_model.safetensors"
         if not adapter.exists():
-            raise UserError(f"resume: {ckpt} holds no LoRA adapter, but lora.enabled=true: resume with the run's lora settings")
+            raise UserError(
+                f"resume: {ckpt} holds no LoRA adapter, but lora.enabled=true: resume with the run's lora settings"
+            )
         from peft import set_peft_model_state_dict  # deferred: peft loads only for LoRA runs
 
         result = set_peft_model_state_dict(model, load_file(adapter))
         missing = [k for k in result.missing_keys if "lora_" in k]
         if missing or result.unexpected_keys:
-            raise UserError(f"resume: the adapter in {ckpt} does not fit this model (e.g. {(missing or result.unexpected_keys)[0]})")
+            raise UserError(
+                f"resume: the adapter in {ckpt} does not fit this model (e.g. {(missing or result.unexpected_keys)[0]})"
+            )
         return
     files = sorted(ckpt.glob("model*.safetensors"))
     if not files:
@@ -251,4 +258,7 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]  # tied copies are fine
     if untied or unexpected:
         example = (untied or unexpected)[0]
-        raise UserError(f"resume: the weights in {ckpt} do not fit this model (e.g. {example}): resume with the run's model settings")
+        raise UserError(
+            f"resume: the weights in {ckpt} do not fit this model (e.g. {example}): "
+            "resume with the run's model settings"
+        )

@@ -31,7 +31,9 @@ def cpu_has_bf16() -> Optional[bool]:
     from /proc/cpuinfo's flags; None where it does not say (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = {flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()}
+            flags = {
+                flag for line in f if line.startswith(("flags", "Features")) for flag in line.split(":", 1)[1].split()
+            }
     except OSError:
         return None
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"}) if flags else None
@@ -41,8 +43,10 @@ def bf16_warning(precision: str, device: torch.device) -> Optional[str]:
     """The warning for bf16 autocast on a CPU without bf16 instructions, or None."""
     if precision != "bf16" or device.type != "cpu" or cpu_has_bf16() is not False:
         return None
-    return ("trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX, Arm BF16): its bf16 "
-            "matrix products are emulated (a third of the fp32 rate on one such CPU); trainer.precision=fp32 is faster here")
+    return (
+        "trainer.precision=bf16 on a CPU without bf16 instructions (AVX512-BF16, AMX, Arm BF16): its bf16 "
+        "matrix products are emulated (a third of the fp32 rate on one such CPU); trainer.precision=fp32 is faster here"
+    )
 
 
 def autocast(precision: str, device: torch.device):
@@ -52,8 +56,9 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  share_prefixes: bool = True) -> torch.Tensor:
+def hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefixes: bool = True
+) -> torch.Tensor:
     """[B, T, H] last hidden states (LoRA layers, if any, are injected in place and apply).
 
     Models the unpadded forward covers (Qwen2, Llama) skip padding in every projection and MLP and
@@ -95,8 +100,14 @@ def token_logprobs(
     # is the kernels' own oracle (full [N, V] logits), ``fused`` the tiled kernels.
     targets = torch.where(batch.completion_mask[:, 1:].reshape(-1).bool(), targets, IGNORE)
     out = selected_logprobs(
-        flat_h, head.weight, targets, bias=head.bias, temperature=temperature, with_entropy=with_entropy,
-        ignore_index=IGNORE, backend="reference" if backend == "naive" else "auto",
+        flat_h,
+        head.weight,
+        targets,
+        bias=head.bias,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        ignore_index=IGNORE,
+        backend="reference" if backend == "naive" else "auto",
     )
     logp, ent = out if with_entropy else (out, None)
     logp = logp.view(B, T - 1)
@@ -110,7 +121,7 @@ def store_projections(model: torch.nn.Module, dtype: torch.dtype) -> None:
     embedding, norms and LM head keep their dtype (they run outside autocast's casts)."""
     base = unwrap_peft(model)
     blocks = getattr(getattr(base, "model", None), "layers", None)
-    for module in (blocks.modules() if blocks is not None else ()):
+    for module in blocks.modules() if blocks is not None else ():
         if type(module) is torch.nn.Linear:
             module.to(dtype)
 
@@ -137,8 +148,18 @@ class Policy:
         return torch.nn.ModuleList([self.model, *self.extra])
 
     @classmethod
-    def create(cls, model, tokenizer, *, keep_reference: bool, logprob_backend: str, base_ref=None,
-               precision: str = "fp32", compact_reference: bool = True, share_prefixes: bool = True) -> "Policy":
+    def create(
+        cls,
+        model,
+        tokenizer,
+        *,
+        keep_reference: bool,
+        logprob_backend: str,
+        base_ref=None,
+        precision: str = "fp32",
+        compact_reference: bool = True,
+        share_prefixes: bool = True,
+    ) -> Policy:
         """With LoRA the reference is free (adapter disabled); without, keep a frozen copy if asked.
         ``compact_reference``: under bf16 precision that copy keeps its blocks' projections in bf16."""
         ref = None
@@ -159,7 +180,11 @@ class Policy:
 
     def logprobs(self, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False):
         return token_logprobs(
-            self.model, batch, temperature=temperature, with_entropy=with_entropy, backend=self.logprob_backend,
+            self.model,
+            batch,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            backend=self.logprob_backend,
             share_prefixes=self.share_prefixes,
         )
 
@@ -177,5 +202,6 @@ class Policy:
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
         with self.reference() as ref:
-            return token_logprobs(ref, batch, temperature=temperature, backend=self.logprob_backend,
-                                  share_prefixes=self.share_prefixes)[0]
+            return token_logprobs(
+                ref, batch, temperature=temperature, backend=self.logprob_backend, share_prefixes=self.share_prefixes
+            )[0]

@@ -72,7 +72,9 @@ def scorer_dir(path: str, kind: Optional[str]) -> Tuple[Path, str]:
     """The checkpoint directory of the reward model at ``path`` (a run or checkpoint dir) and its kind."""
     root = Path(resolve_model_dir(path))
     if not (root / HEAD_FILE).is_file():
-        raise UserError(f"reward.path: '{path}' is not a reward model (no {HEAD_FILE}); train one with recipe=rm_arithmetic")
+        raise UserError(
+            f"reward.path: '{path}' is not a reward model (no {HEAD_FILE}); train one with recipe=rm_arithmetic"
+        )
     saved = json.loads((root / META_FILE).read_text())["kind"]
     if kind is not None and saved != kind:
         raise UserError(f"reward.path: '{path}' is a {saved} model, expected a {kind} model")

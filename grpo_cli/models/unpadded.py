@@ -47,8 +47,9 @@ def unpadded_unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def unpadded_hidden_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           share_prefixes: bool = True) -> torch.Tensor:
+def unpadded_hidden_states(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, share_prefixes: bool = True
+) -> torch.Tensor:
     """[B, T, H] last hidden states at real positions, 0 at padding. input_ids, attention_mask [B, T].
     ``share_prefixes``: run the tokens rows share at their start once (:func:`prefix_owner`; never
     while dropout is active); false computes every row for itself, the same result up to rounding."""
@@ -95,7 +96,7 @@ def _dropout_active(model: torch.nn.Module) -> bool:
     return False
 
 
-def _block(layer, x, cos, sin, layout: "RowLayout", mask, dtype, compute, rotate, attention) -> torch.Tensor:
+def _block(layer, x, cos, sin, layout: RowLayout, mask, dtype, compute, rotate, attention) -> torch.Tensor:
     """One decoder block on the computed tokens x [U, H]; attention on the [B, heads, L, D] row layout."""
     attn, U = layer.self_attn, len(x)
     h = compute(norm(layer.input_layernorm, x))
@@ -105,8 +106,15 @@ def _block(layer, x, cos, sin, layout: "RowLayout", mask, dtype, compute, rotate
     q, k = rotate(q, k, cos, sin)  # cos [U, D] broadcasts over heads
     q, k, v = (layout.rows(t.to(dtype)) for t in (q, k, v))  # [B, heads, L, D]
     with torch.autocast(x.device.type, enabled=False):  # in attention_dtype, as the rollout's
-        out, _ = attention(attn, q, k, v, mask, scaling=attn.scaling,
-                           dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0)  # [B, L, heads, D]
+        out, _ = attention(
+            attn,
+            q,
+            k,
+            v,
+            mask,
+            scaling=attn.scaling,
+            dropout=getattr(attn, "attention_dropout", 0.0) if attn.training else 0.0,
+        )  # [B, L, heads, D]
     x = x + attn.o_proj(layout.tokens(out))
     return x + layer.mlp(compute(norm(layer.post_attention_layernorm, x)))
 
@@ -126,9 +134,9 @@ def prefix_owner(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     lcp = torch.empty(B, B, dtype=torch.long, device=tokens.device)  # common prefix length of every pair
     chunk = max(1, COMPARED_AT_ONCE // max(1, B * L))  # rows of the [chunk, B, L] comparison at a time
     for c in range(0, B, chunk):
-        differ = tokens[c:c + chunk, None, :] != tokens[None, :, :]  # [c, B, L]
+        differ = tokens[c : c + chunk, None, :] != tokens[None, :, :]  # [c, B, L]
         differ = torch.cat([differ, differ.new_ones(*differ.shape[:2], 1)], -1)  # a row always ends
-        lcp[c:c + chunk] = differ.to(torch.uint8).argmax(-1)  # first differing position
+        lcp[c : c + chunk] = differ.to(torch.uint8).argmax(-1)  # first differing position
     lcp = torch.minimum(lcp, torch.minimum(lengths[:, None], lengths[None, :]))  # padding never matches
     # owner(b, p) = the first b' with lcp[b, b'] > p: the number of b' whose running maximum of lcp
     # (non-decreasing along b') is still <= p.
@@ -152,6 +160,7 @@ class RowLayout:
     token each slot reads (a shared prefix's slots read its owner's; padding slots token 0, never
     attended), None when every real token is computed (then slots take them one to one, zeros
     elsewhere); real [N] or None: the computed token holding each real token's hidden state."""
+
     B: int
     L: int
     computed: torch.Tensor
@@ -160,7 +169,7 @@ class RowLayout:
     real: Optional[torch.Tensor]
 
     @staticmethod
-    def of(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, share: bool) -> "RowLayout":
+    def of(input_ids: torch.Tensor, attention_mask: torch.Tensor, idx: torch.Tensor, share: bool) -> RowLayout:
         """The layout of a [B, T] batch whose real tokens are at flat indices idx [N]."""
         B, T = input_ids.shape
         lengths = attention_mask.sum(-1)

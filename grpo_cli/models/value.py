@@ -59,7 +59,9 @@ class LoraValueModel(torch.nn.Module):
     def __init__(self, policy_model, lr_scale: float):
         super().__init__()
         if not is_peft(policy_model):
-            raise UserError("algorithm.value_model=lora: needs lora.enabled=true (the value adapter shares the policy's base)")
+            raise UserError(
+                "algorithm.value_model=lora: needs lora.enabled=true (the value adapter shares the policy's base)"
+            )
         config = copy.deepcopy(policy_model.peft_config["default"])
         policy_model.add_adapter(VALUE_ADAPTER, config)
         with active_adapter(policy_model, "default"):

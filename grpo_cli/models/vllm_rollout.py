@@ -30,7 +30,7 @@ from grpo_cli.models.load import is_peft, unwrap_peft
 VLLM_OPTIONS = ("vllm_memory", "vllm_kwargs")
 """The vLLM engine's switches, named as the rollout config's fields."""
 
-_ENGINES: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[torch.dtype, VLLMEngine]]" = weakref.WeakKeyDictionary()
+_ENGINES: weakref.WeakKeyDictionary[torch.nn.Module, Dict[torch.dtype, VLLMEngine]] = weakref.WeakKeyDictionary()
 """One engine per model and dtype while the model lives: building one compiles and captures CUDA
 graphs (tens of seconds)."""
 
@@ -38,8 +38,10 @@ graphs (tens of seconds)."""
 def check_vllm(device: torch.device) -> None:
     """A one-line error unless vLLM can roll out for a policy on ``device``."""
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("rollout.engine=vllm: the vllm package is not installed "
-                        "(pip install vllm, a release built for the installed torch)")
+        raise UserError(
+            "rollout.engine=vllm: the vllm package is not installed "
+            "(pip install vllm, a release built for the installed torch)"
+        )
     if device.type != "cuda":
         raise UserError(f"rollout.engine=vllm: vLLM rolls out on a CUDA GPU, but the policy is on {device}")
 
@@ -59,8 +61,10 @@ def checkpoint_weights(model: torch.nn.Module) -> Iterator[Tuple[str, torch.Tens
         if ".base_layer." in name:
             owner, _, kind = name.rpartition(".base_layer.")
             if not is_affine(modules[owner]):
-                raise UserError(f"rollout.engine=vllm: LoRA layer {owner} is not plain LoRA (DoRA, a bias "
-                                "on B, or merged and disabled); its merged weight is not base + B @ A")
+                raise UserError(
+                    f"rollout.engine=vllm: LoRA layer {owner} is not plain LoRA (DoRA, a bias "
+                    "on B, or merged and disabled); its merged weight is not base + B @ A"
+                )
             weight, bias = linear_weights(modules[owner])
             param = weight if kind == "weight" else bias
             name = f"{owner}.{kind}"
@@ -88,8 +92,14 @@ class VLLMEngine:
         config.architectures = [type(base).__name__]
         self._dir = tempfile.TemporaryDirectory(prefix="grpo_vllm_")  # vLLM may reread the config later
         config.save_pretrained(self._dir.name)
-        options = dict(skip_tokenizer_init=True, load_format="dummy", dtype=dtype, seed=0,
-                       gpu_memory_utilization=memory, max_model_len=config.max_position_embeddings)
+        options = dict(
+            skip_tokenizer_init=True,
+            load_format="dummy",
+            dtype=dtype,
+            seed=0,
+            gpu_memory_utilization=memory,
+            max_model_len=config.max_position_embeddings,
+        )
         self.llm = LLM(model=self._dir.name, **{**options, **kwargs})
 
     @torch.no_grad()
@@ -98,15 +108,32 @@ class VLLMEngine:
         weights = list(checkpoint_weights(model))
         self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(iter(weights)))
 
-    def generate(self, prompt_ids: List[List[int]], *, eos_id: int, max_new_tokens: int, temperature: float,
-                 top_p: float, seeds: Optional[List[int]]) -> List[List[int]]:
+    def generate(
+        self,
+        prompt_ids: List[List[int]],
+        *,
+        eos_id: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seeds: Optional[List[int]],
+    ) -> List[List[int]]:
         """New token ids of each prompt, ending with ``eos_id`` when it stopped there (``eos_id < 0``: never)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         stop = dict(ignore_eos=True) if eos_id < 0 else dict(stop_token_ids=[eos_id])
-        params = [SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, detokenize=False,
-                                 seed=None if seeds is None else seeds[i], **stop) for i in range(len(prompt_ids))]
+        params = [
+            SamplingParams(
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                detokenize=False,
+                seed=None if seeds is None else seeds[i],
+                **stop,
+            )
+            for i in range(len(prompt_ids))
+        ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         rows = []
         for out in outputs:
@@ -117,9 +144,19 @@ class VLLMEngine:
         return rows
 
 
-def generate_vllm(model, prompt_ids: List[List[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-                  temperature: float, top_p: float, generator: Optional[torch.Generator],
-                  vllm_memory: float = 0.3, vllm_kwargs: Optional[Dict[str, Any]] = None) -> List[List[int]]:
+def generate_vllm(
+    model,
+    prompt_ids: List[List[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: Optional[torch.Generator],
+    vllm_memory: float = 0.3,
+    vllm_kwargs: Optional[Dict[str, Any]] = None,
+) -> List[List[int]]:
     """:func:`grpo_cli.generation.generate_ids` on vLLM: rows padded with ``pad_id`` to the longest."""
     param = next(model.parameters())
     check_vllm(param.device)
@@ -133,7 +170,8 @@ def generate_vllm(model, prompt_ids: List[List[int]], *, pad_id: int, eos_id: in
         if dtype not in engines:
             engines[dtype] = VLLMEngine(model, dtype, vllm_memory, dict(vllm_kwargs or {}))
         engines[dtype].load(model)
-        rows = engines[dtype].generate(prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens,
-                                       temperature=temperature, top_p=top_p, seeds=seeds)
+        rows = engines[dtype].generate(
+            prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds
+        )
     width = max((len(r) for r in rows), default=0)
     return [r + [pad_id] * (width - len(r)) for r in rows]

@@ -42,20 +42,17 @@ def _first_number(text: str) -> Optional[str]:
 
 
 def _last_number(text: str) -> Optional[str]:
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
-    return _clean_number(last.group()) if last else None
+    matches = list(_NUMBER.finditer(text))
+    return _clean_number(matches[-1].group()) if matches else None
 
 
 def _after_marker(text: str, marker: re.Pattern) -> Optional[str]:
     """What follows the last ``marker``: its first number, else the rest of its line, else None."""
-    last = None
-    for last in marker.finditer(text):
-        pass
-    if last is None:
+    matches = list(marker.finditer(text))
+    if not matches:
         return None
-    rest = text[last.end():]
+    last = matches[-1]
+    rest = text[last.end() :]
     line = rest.split("\n", 1)[0]
     number = _first_number(line)
     if number is not None:

@@ -36,8 +36,14 @@ class Reward:
 class FunctionReward(Reward):
     """A plain function of a batch as a :class:`Reward`."""
 
-    def __init__(self, fn: Callable[[Batch], object], *, name: str, per_step: bool = False,
-                 modules: Sequence[torch.nn.Module] = ()):
+    def __init__(
+        self,
+        fn: Callable[[Batch], object],
+        *,
+        name: str,
+        per_step: bool = False,
+        modules: Sequence[torch.nn.Module] = (),
+    ):
         self.fn, self.name, self.per_step, self.modules = fn, name, per_step, tuple(modules)
 
     def __call__(self, batch: Batch) -> torch.Tensor:

@@ -180,5 +180,9 @@ class GuardedReward(Reward):
             return
         self.warned.add(kind)
         counter = "reward_timeouts" if kind == "timeout" else "reward_errors"
-        console.print(f"[yellow]warning:[/yellow] reward '{self.name}': {what}; those completions score "
-                      f"reward.incorrect (counted in {counter})", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/yellow] reward '{self.name}': {what}; those completions score "
+            f"reward.incorrect (counted in {counter})",
+            highlight=False,
+            soft_wrap=True,
+        )

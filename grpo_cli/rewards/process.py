@@ -38,7 +38,9 @@ from grpo_cli.rewards.steps import (
 CHECKERS = ("arithmetic", "calculator", "auto")
 
 
-def char_ends(tokenizer, completion_ids: Sequence[Sequence[int]], texts: Sequence[str], completion_mask: torch.Tensor) -> torch.Tensor:
+def char_ends(
+    tokenizer, completion_ids: Sequence[Sequence[int]], texts: Sequence[str], completion_mask: torch.Tensor
+) -> torch.Tensor:
     """[B, T] long: characters of ``texts[b]`` decoded through each completion token (0 elsewhere).
 
     ``completion_mask`` [B, T] marks each row's completion tokens, in order (as ``pack`` lays them out).
@@ -60,8 +62,9 @@ def completion_offsets(batch: Batch, b: int) -> Tuple[List[int], List[Span]]:
     return positions, list(zip([0] + ends[:-1], ends))
 
 
-def rule_step_verdicts(prompt: str, completion: str, answer: str, *, delimiter: str, checker: str,
-                       last_step_outcome: bool) -> List[bool]:
+def rule_step_verdicts(
+    prompt: str, completion: str, answer: str, *, delimiter: str, checker: str, last_step_outcome: bool
+) -> List[bool]:
     """One verdict per step (``split_steps(completion, delimiter)``) by a rule checker.
 
     ``arithmetic``: the embedded task's checker (the prompt is the question); ``calculator``: GSM8K's
@@ -75,8 +78,14 @@ def rule_step_verdicts(prompt: str, completion: str, answer: str, *, delimiter: 
     """
     if checker == "auto":
         try:
-            return rule_step_verdicts(prompt, completion, answer, delimiter=delimiter, checker="arithmetic",
-                                      last_step_outcome=last_step_outcome)
+            return rule_step_verdicts(
+                prompt,
+                completion,
+                answer,
+                delimiter=delimiter,
+                checker="arithmetic",
+                last_step_outcome=last_step_outcome,
+            )
         except ValueError:
             checker = "calculator"
     if checker == "arithmetic":
@@ -88,8 +97,9 @@ def rule_step_verdicts(prompt: str, completion: str, answer: str, *, delimiter: 
     return verdicts
 
 
-def step_ends(spans: Sequence[Span], verdicts: Sequence[bool], positions: Sequence[int],
-              offsets: Sequence[Span]) -> List[Tuple[int, bool]]:
+def step_ends(
+    spans: Sequence[Span], verdicts: Sequence[bool], positions: Sequence[int], offsets: Sequence[Span]
+) -> List[Tuple[int, bool]]:
     """``(input position of the step's last token, verdict)`` per step of one completion.
 
     An output with no step at all (blank, or EOS alone) is one incorrect step ending at its last
@@ -118,23 +128,24 @@ def place_steps(batch: Batch, steps: Sequence[Sequence[Tuple[int, float]]]) -> t
     return summary
 
 
-def rule_process_rewards(batch: Batch, *, delimiter: str, checker: str, correct: float, incorrect: float,
-                         last_step_outcome: bool) -> torch.Tensor:
+def rule_process_rewards(
+    batch: Batch, *, delimiter: str, checker: str, correct: float, incorrect: float, last_step_outcome: bool
+) -> torch.Tensor:
     """The rule process reward: ``correct`` / ``incorrect`` per step (see ``rule_step_verdicts``);
     sets ``step_rewards`` / ``step_mask``, returns the mean step reward per output [B]."""
     steps, verdict_count, right = [], 0, 0
     for b, (prompt, completion, answer) in enumerate(zip(batch.prompts, batch.completions, batch.answers)):
         try:
-            verdicts = rule_step_verdicts(prompt, completion, answer, delimiter=delimiter, checker=checker,
-                                          last_step_outcome=last_step_outcome)
+            verdicts = rule_step_verdicts(
+                prompt, completion, answer, delimiter=delimiter, checker=checker, last_step_outcome=last_step_outcome
+            )
         except ValueError as e:
             raise UserError(f"reward.checker=arithmetic: {e}; use reward.checker=calculator or auto") from None
         positions, offsets = completion_offsets(batch, b)
         ends = step_ends(split_steps(completion, delimiter), verdicts, positions, offsets)
         steps.append([(p, correct if ok else incorrect) for p, ok in ends])
         verdict_count, right = verdict_count + len(ends), right + sum(ok for _, ok in ends)
-    batch.stats.update(steps_per_output=verdict_count / max(len(batch), 1),
-                       step_accuracy=right / max(verdict_count, 1))
+    batch.stats.update(steps_per_output=verdict_count / max(len(batch), 1), step_accuracy=right / max(verdict_count, 1))
     return place_steps(batch, steps)
 
 
@@ -148,7 +159,9 @@ def step_positions(batch: Batch, delimiter: str) -> List[List[int]]:
     return out
 
 
-def learned_process_rewards(batch: Batch, scores: torch.Tensor, *, delimiter: str, last_step_outcome: bool) -> torch.Tensor:
+def learned_process_rewards(
+    batch: Batch, scores: torch.Tensor, *, delimiter: str, last_step_outcome: bool
+) -> torch.Tensor:
     """A process reward model's step rewards: sigmoid of its score [B, T] at each step's last token
     (the probability the step is correct); sets ``step_rewards`` / ``step_mask`` like the rule.
     ``last_step_outcome``: the last step gets the answer rule's 1 or 0 instead, so an output that

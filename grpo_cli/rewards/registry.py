@@ -71,10 +71,18 @@ def _steps(cfg) -> Reward:
         raise UserError(f"reward.checker: expected one of {CHECKERS}, got '{cfg.checker}'")
     if not cfg.delimiter:
         raise UserError("reward.delimiter: the step delimiter must be a non-empty string")
-    return FunctionReward(functools.partial(
-        rule_process_rewards, delimiter=cfg.delimiter, checker=cfg.checker, correct=cfg.step_correct,
-        incorrect=cfg.step_incorrect, last_step_outcome=cfg.last_step_outcome,
-    ), name=cfg.name, per_step=True)
+    return FunctionReward(
+        functools.partial(
+            rule_process_rewards,
+            delimiter=cfg.delimiter,
+            checker=cfg.checker,
+            correct=cfg.step_correct,
+            incorrect=cfg.step_incorrect,
+            last_step_outcome=cfg.last_step_outcome,
+        ),
+        name=cfg.name,
+        per_step=True,
+    )
 
 
 def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[Reward]:
@@ -98,13 +106,15 @@ def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[Reward]
 def score_batch(reward: Reward, batch: Batch, tokenizer) -> torch.Tensor:
     """The one way a reward is called: first what it declares it reads, then ``reward(batch)`` [B]."""
     if reward.per_step and "char_ends" not in batch.tensors:
-        batch.tensors["char_ends"] = char_ends(tokenizer, batch.completion_token_ids(), batch.completions,
-                                               batch.completion_mask)
+        batch.tensors["char_ends"] = char_ends(
+            tokenizer, batch.completion_token_ids(), batch.completions, batch.completion_mask
+        )
     return reward(batch)
 
 
-def learned_reward(cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.Tensor], *,
-                   per_step: bool = False) -> Reward:
+def learned_reward(
+    cfg, kind: str, read: Callable[[Batch, torch.Tensor], torch.Tensor], *, per_step: bool = False
+) -> Reward:
     """A reward model at ``reward.path`` (frozen, scored without gradient); ``read`` turns its scores
     [B, T] into the rewards of the batch."""
     if not cfg.path:
@@ -131,8 +141,14 @@ def _outcome_rm(cfg) -> Reward:
 def _process_rm(cfg) -> Reward:
     """A learned process reward model (``reward.path``, recipe prm_arithmetic): the probability it gives
     each step (split at ``reward.delimiter``) of being correct, on the step's last token."""
-    return learned_reward(cfg, "process", lambda batch, scores: learned_process_rewards(
-        batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome), per_step=True)
+    return learned_reward(
+        cfg,
+        "process",
+        lambda batch, scores: learned_process_rewards(
+            batch, scores, delimiter=cfg.delimiter, last_step_outcome=cfg.last_step_outcome
+        ),
+        per_step=True,
+    )
 
 
 def check_vocab(scorer, batch: Batch) -> None:

@@ -62,9 +62,9 @@ def parse_arithmetic_question(question: str) -> Tuple[int, List[Tuple[str, int]]
     """``"23+45-17"`` -> ``(23, [("+", 45), ("-", 17)])``; ValueError if it is not such a chain."""
     compact = "".join(question.split())
     head = re.match(r"\d+", compact)
-    if head is None or not _QUESTION_TERM.sub("", compact[head.end():]) == "":
+    if head is None or not _QUESTION_TERM.sub("", compact[head.end() :]) == "":
         raise ValueError(f"not an arithmetic chain question: {question!r}")
-    terms = [(op, int(number)) for op, number in _QUESTION_TERM.findall(compact[head.end():])]
+    terms = [(op, int(number)) for op, number in _QUESTION_TERM.findall(compact[head.end() :])]
     if not terms:
         raise ValueError(f"not an arithmetic chain question (no operation): {question!r}")
     return int(head.group()), terms
@@ -100,7 +100,7 @@ def check_arithmetic_steps(question: str, completion: str, *, delimiter: str = "
         ok = False
         if step and k < len(terms):
             a, op, b, c = int(step.group(1)), step.group(2), int(step.group(3)), int(step.group(4))
-            ok = (a == expected_left and (op, b) == terms[k] and c == _APPLY[op](a, b))
+            ok = a == expected_left and (op, b) == terms[k] and c == _APPLY[op](a, b)
         verdicts.append(ok)
         # The next line continues from what this line wrote, or from the true value if it wrote
         # nothing usable.
@@ -117,8 +117,14 @@ MAX_MAGNITUDE = 1e100
 """Intermediate values beyond this are rejected: no annotation needs them, and it bounds ``**``."""
 
 _ANNOTATION = re.compile(r"<<(.*?)>>")
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-           ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Pow: math.pow}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Pow: math.pow,
+}
 _UNARY = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
@@ -154,8 +160,7 @@ def safe_evaluate(expression: str) -> Optional[float]:
         return None
     try:
         return _evaluate_node(ast.parse(expression.strip(), mode="eval"))
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError,
-            MemoryError):
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
         return None
 
 

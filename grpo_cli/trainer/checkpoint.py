@@ -63,9 +63,21 @@ INFO_FILE = "checkpoint.json"
 NAME = re.compile(r"(step_\d+|final)(\.old)?")
 """Checkpoint directory names; ``.old`` is the complete previous copy while a save replaces it."""
 RESUME_FREE = (
-    "resume", "output_dir", "recipe", "description", "trainer.steps", "trainer.threads", "trainer.device",
-    "trainer.save_every", "trainer.keep_checkpoints", "trainer.max_bad_steps", "trainer.trim_memory",
-    "trainer.onednn_cache", "logging.", "eval.", "sweep.",
+    "resume",
+    "output_dir",
+    "recipe",
+    "description",
+    "trainer.steps",
+    "trainer.threads",
+    "trainer.device",
+    "trainer.save_every",
+    "trainer.keep_checkpoints",
+    "trainer.max_bad_steps",
+    "trainer.trim_memory",
+    "trainer.onednn_cache",
+    "logging.",
+    "eval.",
+    "sweep.",
     "model.resolved_path",  # recorded by the run itself; a changed start shows as model.name_or_path
 )
 """Config keys a resumed run may change without changing what it computes (``trainer.steps``
@@ -106,7 +118,9 @@ def check_finite(model: torch.nn.Module, where: str) -> None:
     """Refuse to save non-finite weights: a checkpoint with a NaN would poison every resume."""
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
-            raise UserError(f"refusing to save checkpoint {where}: weight '{name}' is not finite; the previous checkpoints are kept")
+            raise UserError(
+                f"refusing to save checkpoint {where}: weight '{name}' is not finite; the previous checkpoints are kept"
+            )
 
 
 class Checkpointer:
@@ -125,11 +139,16 @@ class Checkpointer:
 
     def state(self, progress: RunState, ranks: List[Dict[str, Any]]) -> Dict[str, Any]:
         algorithm = self.algorithm.state_dict()
-        sharded = self.dist.enabled and self.dist.strategy == "fsdp"  # its optimiser state is split over ranks: not saved
+        sharded = (
+            self.dist.enabled and self.dist.strategy == "fsdp"
+        )  # its optimiser state is split over ranks: not saved
         return {
-            "progress": asdict(progress), "optimizer": None if sharded else self.opt.state_dict(),
+            "progress": asdict(progress),
+            "optimizer": None if sharded else self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
-            "rng": rng_state(), "source": self.source.state_dict(), "algorithm": algorithm,
+            "rng": rng_state(),
+            "source": self.source.state_dict(),
+            "algorithm": algorithm,
             "extra": [m.state_dict() for m in self.policy.extra],  # modules trained beside the model
             **({"ranks": ranks} if len(ranks) > 1 else {}),
         }
@@ -170,8 +189,10 @@ class Checkpointer:
     def restore(self, ckpt: Path) -> RunState:
         """Load ``ckpt`` into the freshly built run; the RNGs come last, right before the loop."""
         if self.dist.enabled and self.dist.strategy == "fsdp":
-            raise UserError("resume: runs with trainer.distributed=fsdp cannot resume yet; start a new run from the "
-                            f"checkpoint's weights (model.name_or_path={ckpt}) or use trainer.distributed=ddp")
+            raise UserError(
+                "resume: runs with trainer.distributed=fsdp cannot resume yet; start a new run from the "
+                f"checkpoint's weights (model.name_or_path={ckpt}) or use trainer.distributed=ddp"
+            )
         self.check_base(ckpt)
         load_weights(self.policy.model, ckpt)
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
@@ -187,9 +208,12 @@ class Checkpointer:
         progress = RunState(**state["progress"])
         on_main(discard_after, self.root, progress.step)
         if len(ranks) != self.dist.world_size:
-            console.print(f"[yellow]warning:[/yellow] resume: {ckpt} was saved by {len(ranks)} processes, this run has "
-                          f"{self.dist.world_size}: the data order continues exactly, the sampling of the ranks the "
-                          "checkpoint has no state for starts fresh (not bitwise equal to an uninterrupted run)", soft_wrap=True)
+            console.print(
+                f"[yellow]warning:[/yellow] resume: {ckpt} was saved by {len(ranks)} processes, this run has "
+                f"{self.dist.world_size}: the data order continues exactly, the sampling of the ranks the "
+                "checkpoint has no state for starts fresh (not bitwise equal to an uninterrupted run)",
+                soft_wrap=True,
+            )
         if mine is not None:
             set_rng_state(mine["rng"])
         else:  # a rank the checkpoint knows nothing of: new streams, deterministic in (seed, rank, step)
@@ -206,8 +230,10 @@ class Checkpointer:
         record = ckpt / BASE_FILE
         saved = json.loads(record.read_text()).get("fingerprint") if record.is_file() else None
         if saved and self.base_print and saved != self.base_print:
-            raise UserError(f"resume: the base model {self.policy.base_ref} is not the one the adapter in {ckpt} was "
-                            "trained on (its weights differ): resume with the run's model.name_or_path, or restore that base")
+            raise UserError(
+                f"resume: the base model {self.policy.base_ref} is not the one the adapter in {ckpt} was "
+                "trained on (its weights differ): resume with the run's model.name_or_path, or restore that base"
+            )
 
 
 def recover(root: Path) -> None:
@@ -250,8 +276,11 @@ def discard_after(root: Path, step: int) -> None:
     count as the newest ones."""
     for later, path in list_checkpoints(root):
         if later > step:
-            console.print(f"[yellow]warning:[/yellow] resume: removing {path.name} (step {later}), newer than the resumed "
-                          f"step {step}", soft_wrap=True)
+            console.print(
+                f"[yellow]warning:[/yellow] resume: removing {path.name} (step {later}), newer than the resumed "
+                f"step {step}",
+                soft_wrap=True,
+            )
             remove_dir(path)
 
 
@@ -265,8 +294,10 @@ def set_aside(run: Path) -> None:
     for name in ("checkpoints", "metrics.jsonl", "config.yaml"):
         if (run / name).exists():
             (run / name).rename(dest / name)
-    console.print(f"[yellow]warning:[/yellow] {run} held a run's checkpoints: moved to {dest} (resume=true continues a run)",
-                  soft_wrap=True)
+    console.print(
+        f"[yellow]warning:[/yellow] {run} held a run's checkpoints: moved to {dest} (resume=true continues a run)",
+        soft_wrap=True,
+    )
 
 
 def resolve_resume(cfg: DictConfig) -> Optional[Path]:
@@ -290,8 +321,10 @@ def resolve_resume(cfg: DictConfig) -> Optional[Path]:
         target = target.with_name(target.name[: -len(".old")])
     ckpt = target if (target / INFO_FILE).is_file() else latest_checkpoint(target)
     if ckpt is None or not (ckpt / STATE_FILE).is_file():
-        raise UserError(f"resume: no complete checkpoint in '{target}' (runs save one every trainer.save_every steps, "
-                        "on SIGINT/SIGTERM and at the end)")
+        raise UserError(
+            f"resume: no complete checkpoint in '{target}' (runs save one every trainer.save_every steps, "
+            "on SIGINT/SIGTERM and at the end)"
+        )
     run = ckpt.resolve().parent.parent
     if cfg.output_dir and Path(cfg.output_dir).resolve() != run:
         raise UserError(f"resume: checkpoint {ckpt} belongs to run {run}, not to output_dir={cfg.output_dir}")
@@ -352,11 +385,18 @@ def warn_config_changes(run: Path, cfg: DictConfig) -> List[str]:
         return []
     old = _flatten(OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True))
     new = _flatten(OmegaConf.to_container(cfg, resolve=True))
-    changed = [f"{k}={new.get(k)!r} (was {old.get(k)!r})" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)]
+    changed = [
+        f"{k}={new.get(k)!r} (was {old.get(k)!r})"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(RESUME_FREE)
+    ]
     if changed:
-        console.print(f"[yellow]warning:[/yellow] resuming with a config that differs from {run}/config.yaml: "
-                      f"{'; '.join(changed)}; the continuation is exact only with the run's settings", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]warning:[/yellow] resuming with a config that differs from {run}/config.yaml: "
+            f"{'; '.join(changed)}; the continuation is exact only with the run's settings",
+            highlight=False,
+            soft_wrap=True,
+        )
     return changed
 
 
@@ -370,7 +410,7 @@ class StopOnSignal:
         self.signum: Optional[int] = None
         self.previous: Dict[int, Any] = {}
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
@@ -384,7 +424,11 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
         name = signal.Signals(signum).name
-        os.write(2, f"\n{name}: finishing this step, then saving a checkpoint (send it again to quit without saving)\n".encode())
+        os.write(
+            2,
+            f"\n{name}: finishing this step, then saving a checkpoint "
+            "(send it again to quit without saving)\n".encode(),
+        )
 
 
 def interrupted_message(step: int, path: Path, run: Path) -> str:

@@ -96,13 +96,15 @@ def on_main(fn: Callable[..., T], *args) -> T:
 def shard(items: Sequence[T], rank_: int, world: int) -> List[T]:
     """The ``rank_``-th of ``world`` contiguous, near-equal blocks of ``items`` (in order)."""
     n = len(items)
-    return list(items[rank_ * n // world:(rank_ + 1) * n // world])
+    return list(items[rank_ * n // world : (rank_ + 1) * n // world])
 
 
 def check_divisible(n: int, world: int, key: str) -> None:
     if n % world:
-        raise UserError(f"{key}={n}: must be a multiple of the {world} processes of this run, so every "
-                        "process gets as many whole groups as the others")
+        raise UserError(
+            f"{key}={n}: must be a multiple of the {world} processes of this run, so every "
+            "process gets as many whole groups as the others"
+        )
 
 
 def rank_seed(seed: int, rank_: int, *salt: int) -> int:
@@ -159,7 +161,7 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def __enter__(self) -> "Dist":
+    def __enter__(self) -> Dist:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -211,8 +213,10 @@ class Dist:
         _coalesced([t.data for t in {id(t): t for t in tensors}.values()], lambda flat: dist.broadcast(flat, src=0))
         if self.strategy == "fsdp":
             if policy.extra:
-                raise UserError("trainer.distributed=fsdp: modules trained beside the policy (PPO's value model) "
-                                "are not supported with fsdp yet; use trainer.distributed=ddp")
+                raise UserError(
+                    "trainer.distributed=fsdp: modules trained beside the policy (PPO's value model) "
+                    "are not supported with fsdp yet; use trainer.distributed=ddp"
+                )
             for model in (policy.model, policy.frozen_reference):
                 if model is not None:
                     shard_blocks(model)
@@ -254,7 +258,8 @@ class Dist:
         None otherwise (savers read the model itself)."""
         if not any(_is_fsdp(m) for m in model.modules()):
             return None
-        from torch.distributed.checkpoint.state_dict import (  # deferred: FSDP's modules load only in data-parallel runs
+        # deferred: FSDP's modules load only in data-parallel runs
+        from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
         )
@@ -295,9 +300,11 @@ def init_distributed(strategy: str, device: torch.device) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local >= torch.cuda.device_count():
-            raise UserError(f"trainer.device: process {local} of this machine needs cuda:{local}, but "
-                            f"{torch.cuda.device_count()} CUDA device(s) are visible; run at most that many "
-                            "processes per machine, or set trainer.device=cpu")
+            raise UserError(
+                f"trainer.device: process {local} of this machine needs cuda:{local}, but "
+                f"{torch.cuda.device_count()} CUDA device(s) are visible; run at most that many "
+                "processes per machine, or set trainer.device=cpu"
+            )
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
@@ -319,14 +326,18 @@ def shard_blocks(model: torch.nn.Module) -> None:
 
     base = unwrap_peft(model)
     if not callable(getattr(base, "get_decoder", None)):
-        raise UserError(f"trainer.distributed=fsdp: shards causal LMs only, not a {type(base).__name__}; "
-                        "use trainer.distributed=ddp")
+        raise UserError(
+            f"trainer.distributed=fsdp: shards causal LMs only, not a {type(base).__name__}; "
+            "use trainer.distributed=ddp"
+        )
     names = set(getattr(base, "_no_split_modules", None) or [])
     decoder = base.get_decoder()
     blocks = [m for m in decoder.modules() if type(m).__name__ in names]
     if not blocks:
-        raise UserError(f"trainer.distributed=fsdp: no transformer block ({sorted(names) or 'none declared'}) found "
-                        f"in {type(base).__name__}; use trainer.distributed=ddp")
+        raise UserError(
+            f"trainer.distributed=fsdp: no transformer block ({sorted(names) or 'none declared'}) found "
+            f"in {type(base).__name__}; use trainer.distributed=ddp"
+        )
     # the mesh follows the weights: FSDP's default mesh is CUDA whenever CUDA exists, so a CPU (gloo) run
     # on a machine with one GPU would ask rank 1 for cuda:1
     mesh = init_device_mesh(next(model.parameters()).device.type, (dist.get_world_size(),))

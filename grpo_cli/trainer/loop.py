@@ -120,8 +120,13 @@ def build_policy(cfg: DictConfig, algorithm: Algorithm, run: Path, device: torch
     model = apply_lora(model, cfg.lora).to(device)
     model.train()
     return Policy.create(
-        model, tok, keep_reference=algorithm.needs_reference, logprob_backend=cfg.model.logprob_backend,
-        base_ref=base_ref, precision=cfg.trainer.precision, share_prefixes=cfg.model.share_prefixes,
+        model,
+        tok,
+        keep_reference=algorithm.needs_reference,
+        logprob_backend=cfg.model.logprob_backend,
+        base_ref=base_ref,
+        precision=cfg.trainer.precision,
+        share_prefixes=cfg.model.share_prefixes,
         compact_reference=cfg.trainer.distributed != "fsdp",  # FSDP2 shards a block's weights in one dtype
     )
 
@@ -141,8 +146,9 @@ def record_start(cfg: DictConfig, resume_from: Optional[Path]) -> None:
         cfg.model.resolved_path = start
 
 
-def optimise(batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float,
-             dist: Dist = LOCAL) -> Dict[str, float]:
+def optimise(
+    batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float, dist: Dist = LOCAL
+) -> Dict[str, float]:
     """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses (and,
     data parallel, the ranks' losses and gradients: the global batch's).
 
@@ -207,7 +213,9 @@ def reward_batch(reward: Optional[Reward], batch: Batch, tokenizer) -> None:
 
 
 @torch.no_grad()
-def evaluate_heldout(source: Source, reward, algorithm: Algorithm, policy: Policy, device: torch.device) -> Dict[str, float]:
+def evaluate_heldout(
+    source: Source, reward, algorithm: Algorithm, policy: Policy, device: torch.device
+) -> Dict[str, float]:
     """The algorithm's metrics on the source's held-out batches (if any), averaged, ``heldout_`` prefixed."""
     sums: Dict[str, float] = defaultdict(float)
     batches = source.heldout_batches()
@@ -219,9 +227,18 @@ def evaluate_heldout(source: Source, reward, algorithm: Algorithm, policy: Polic
     return {f"heldout_{k}": v for k, v in sums.items()}
 
 
-def train_step(cfg: DictConfig, source: Source, reward, algorithm: Algorithm, policy: Policy, opt, sched,
-               device: torch.device, dist: Dist = LOCAL, trimmer: Optional[HeapTrimmer] = None,
-               ) -> Tuple[Batch, Dict[str, float], Timers]:
+def train_step(
+    cfg: DictConfig,
+    source: Source,
+    reward,
+    algorithm: Algorithm,
+    policy: Policy,
+    opt,
+    sched,
+    device: torch.device,
+    dist: Dist = LOCAL,
+    trimmer: Optional[HeapTrimmer] = None,
+) -> Tuple[Batch, Dict[str, float], Timers]:
     """One step of the loop: batch, rewards, prepare, optimise; the heap trimmed before or after the
     update (trainer/memory.py)."""
     timers = Timers()
@@ -235,7 +252,9 @@ def train_step(cfg: DictConfig, source: Source, reward, algorithm: Algorithm, po
     if trimmer:
         trimmer.before_update()
     with timers("train"):
-        metrics = optimise(batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist)
+        metrics = optimise(
+            batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist
+        )
     if trimmer:
         trimmer.after_update()
     return batch, metrics, timers
@@ -280,7 +299,9 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     algorithm = build_algorithm(cfg.algorithm)
     reward = build_reward(cfg.reward, device)
     if algorithm.needs_rewards and reward is None:
-        raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)")
+        raise UserError(
+            f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)"
+        )
     check_precision(cfg.trainer.precision, device, dist.rank)
     examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
@@ -293,16 +314,27 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         cfg.output_dir = str(run)  # every rank's config names rank 0's run directory
     policy = build_policy(cfg, algorithm, run, device, loaded)
     source = build_source(
-        cfg.source, examples=examples, policy=policy, batch_size=cfg.trainer.batch_size,
-        rollout=cfg.rollout, seed=cfg.trainer.seed, run=run, rank=dist.rank, world_size=dist.world_size,
+        cfg.source,
+        examples=examples,
+        policy=policy,
+        batch_size=cfg.trainer.batch_size,
+        rollout=cfg.rollout,
+        seed=cfg.trainer.seed,
+        run=run,
+        rank=dist.rank,
+        world_size=dist.world_size,
         score=functools.partial(score_batch, reward, tokenizer=policy.tokenizer) if reward is not None else None,
     )
     if source.skipped:
-        console.print(f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context")
+        console.print(
+            f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context"
+        )
     # after sampling: a reward model's head, PPO's value model; then the replicas start equal (fsdp: sharded)
     policy = dist.prepare(algorithm.setup(policy))
     opt, sched = build_optimizer(policy.trainable(), cfg.trainer, algorithm.updates_per_batch)
-    ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints, cfg.trainer.seed, dist)
+    ckpt = Checkpointer(
+        run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints, cfg.trainer.seed, dist
+    )
     progress = ckpt.restore(resume_from) if resume_from else RunState()  # RNG states last: nothing may draw after
     log = MetricsLog(run, resume_step=progress.step if resume_from else None, enabled=dist.is_main)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
@@ -313,11 +345,21 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     trimmer = HeapTrimmer(sampled) if cfg.trainer.trim_memory and device.type == "cpu" else None
     with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
-            batch, metrics, timers = train_step(cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer)
+            batch, metrics, timers = train_step(
+                cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer
+            )
             advance(progress, step, metrics.pop("skipped"), int(dist.sum(float(batch.attention_mask.sum()))), t_start)
-            row = {"step": step, "lr": sched.get_last_lr()[0], "tokens": progress.tokens, "seconds": round(progress.seconds, 3),
-                   "skipped_steps": progress.skipped_steps, **batch.stats, **metrics, **timers.seconds,
-                   **timers.gpu_mem}
+            row = {
+                "step": step,
+                "lr": sched.get_last_lr()[0],
+                "tokens": progress.tokens,
+                "seconds": round(progress.seconds, 3),
+                "skipped_steps": progress.skipped_steps,
+                **batch.stats,
+                **metrics,
+                **timers.seconds,
+                **timers.gpu_mem,
+            }
             if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
                 row.update(evaluate_heldout(source, reward, algorithm, policy, device))
             row = dist.mean_metrics(row)  # each rank measured its slice
@@ -327,7 +369,9 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
             stop_if_diverging(progress, metrics, step, cfg.trainer.max_bad_steps, run)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 ckpt.save(f"step_{step:06d}", progress)
-            if dist.any(stop.signum is not None):  # all ranks stop at the same step; a saved checkpoint is not rewritten
+            if dist.any(
+                stop.signum is not None
+            ):  # all ranks stop at the same step; a saved checkpoint is not rewritten
                 path = ckpt.save(f"step_{step:06d}", progress)
                 raise Interrupted(interrupted_message(step, path, run), stop.signum or signal.SIGTERM)
         ckpt.save("final", progress)

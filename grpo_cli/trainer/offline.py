@@ -38,21 +38,35 @@ Score = Callable[[Batch], torch.Tensor]
 """The run's reward, as the trainer calls it (``score_batch`` with the reward bound): [B] rewards."""
 
 
-def sample_questions(policy, examples: List[Example], questions: List[int], *, k: int, rollout, score: Score,
-                     generator: torch.Generator) -> List[Sample]:
+def sample_questions(
+    policy, examples: List[Example], questions: List[int], *, k: int, rollout, score: Score, generator: torch.Generator
+) -> List[Sample]:
     """k completions per question from the policy, rewarded by ``score``, in chunks of rollout.batch_size."""
     check_rollout(rollout, policy.device)
     out: List[Sample] = []
     chunk = max(1, rollout.batch_size // k)
     with policy.autocast():  # sampling and learned rewards: forward passes at trainer.precision
         for start in range(0, len(questions), chunk):
-            idx = [q for q in questions[start:start + chunk] for _ in range(k)]
-            batch, gens = sample_batch(policy.model, policy.tokenizer, [examples[q] for q in idx],
-                                       group=torch.as_tensor(idx), generator=generator, **rollout_options(rollout))
+            idx = [q for q in questions[start : start + chunk] for _ in range(k)]
+            batch, gens = sample_batch(
+                policy.model,
+                policy.tokenizer,
+                [examples[q] for q in idx],
+                group=torch.as_tensor(idx),
+                generator=generator,
+                **rollout_options(rollout),
+            )
             rewards = score(batch).tolist()
             out += [
-                {"question": q, "prompt": examples[q].prompt, "answer": examples[q].answer, "completion": g.text,
-                 "prompt_ids": g.prompt_ids, "completion_ids": g.completion_ids, "reward": float(r)}
+                {
+                    "question": q,
+                    "prompt": examples[q].prompt,
+                    "answer": examples[q].answer,
+                    "completion": g.text,
+                    "prompt_ids": g.prompt_ids,
+                    "completion_ids": g.completion_ids,
+                    "reward": float(r),
+                }
                 for q, g, r in zip(idx, gens, rewards)
             ]
     return out
@@ -87,20 +101,39 @@ def stored_samples(cfg, own: Optional[Path]) -> Optional[List[Sample]]:
     return read_samples(path) if path is not None else None
 
 
-def load_or_sample(cfg, *, examples, policy, rollout, score: Optional[Score], seed: int, run: Optional[Path],
-                   rank: int = 0, world_size: int = 1) -> List[Sample]:
+def load_or_sample(
+    cfg,
+    *,
+    examples,
+    policy,
+    rollout,
+    score: Optional[Score],
+    seed: int,
+    run: Optional[Path],
+    rank: int = 0,
+    world_size: int = 1,
+) -> List[Sample]:
     """Stored samples (read by rank 0, sent to every rank), else sample now: each of the ``world_size``
     ranks samples its share of the questions (its own random stream) and every rank gets them all."""
     if score is None:
-        raise UserError(f"reward: source '{cfg.name}' labels its samples with a reward; set reward=outcome (or another)")
+        raise UserError(
+            f"reward: source '{cfg.name}' labels its samples with a reward; set reward=outcome (or another)"
+        )
     own = run / "samples.jsonl" if run is not None else None
     stored = on_main(stored_samples, cfg, own)
     if stored is not None:
         return stored
     chosen = choose_questions(examples, policy, rollout.max_new_tokens, cfg.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))
-    mine = sample_questions(policy, examples, shard(chosen, rank, world_size), k=cfg.samples_per_question,
-                            rollout=rollout, score=score, generator=generator)
+    mine = sample_questions(
+        policy,
+        examples,
+        shard(chosen, rank, world_size),
+        k=cfg.samples_per_question,
+        rollout=rollout,
+        score=score,
+        generator=generator,
+    )
     samples = [s for part in gather_objects(mine) for s in part]  # in the order of ``chosen``
     if own is not None and rank == 0:
         write_samples(samples, own)
@@ -144,8 +177,13 @@ def make_pairs(samples: List[Sample], threshold: float, per_question: int) -> Li
 def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int) -> Batch:
     ids, attn, comp = pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
     return Batch(
-        input_ids=ids, attention_mask=attn, completion_mask=comp, prompts=[r["prompt"] for r in rows],
-        completions=[r["completion"] for r in rows], answers=[r["answer"] for r in rows], group=group,
+        input_ids=ids,
+        attention_mask=attn,
+        completion_mask=comp,
+        prompts=[r["prompt"] for r in rows],
+        completions=[r["completion"] for r in rows],
+        answers=[r["answer"] for r in rows],
+        group=group,
         rewards=torch.tensor([float(r["reward"]) for r in rows]),
     )
 
@@ -167,11 +205,32 @@ class OfflineSource(Source):
 
     unit_name = "samples"
 
-    def __init__(self, cfg, *, examples, policy, batch_size: int, rollout, seed: int, score: Optional[Score] = None,
-                 run=None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        cfg,
+        *,
+        examples,
+        policy,
+        batch_size: int,
+        rollout,
+        seed: int,
+        score: Optional[Score] = None,
+        run=None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         check_divisible(batch_size, world_size, "trainer.batch_size")
-        samples = load_or_sample(cfg, examples=examples, policy=policy, rollout=rollout, score=score, seed=seed, run=run,
-                                 rank=rank, world_size=world_size)
+        samples = load_or_sample(
+            cfg,
+            examples=examples,
+            policy=policy,
+            rollout=rollout,
+            score=score,
+            seed=seed,
+            run=run,
+            rank=rank,
+            world_size=world_size,
+        )
         train, held = split_heldout(samples, cfg.heldout, seed)
         self.units, self.heldout = self.make_units(train, cfg), self.make_units(held, cfg)
         if not self.units:
@@ -196,7 +255,9 @@ class OfflineSource(Source):
         return batch
 
     def heldout_batches(self) -> List[Batch]:
-        return [self.batch_of(self.heldout[i:i + self.batch_size]) for i in range(0, len(self.heldout), self.batch_size)]
+        return [
+            self.batch_of(self.heldout[i : i + self.batch_size]) for i in range(0, len(self.heldout), self.batch_size)
+        ]
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": self.sampler.state_dict()}
@@ -228,7 +289,10 @@ class PairSource(OfflineSource):
     """``batch_size`` pairs per step as 2 x batch_size rows: o+ then o- of each pair, adjacent, one group each."""
 
     unit_name = "pairs"
-    hint = "no question has both a correct and an incorrect sample; raise source.samples_per_question or rollout.temperature"
+    hint = (
+        "no question has both a correct and an incorrect sample; "
+        "raise source.samples_per_question or rollout.temperature"
+    )
 
     def make_units(self, samples, cfg):
         return [list(p) for p in make_pairs(samples, cfg.threshold, cfg.pairs_per_question)]

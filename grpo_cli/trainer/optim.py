@@ -9,7 +9,6 @@ import torch
 
 from grpo_cli.errors import UserError
 
-
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -45,15 +44,28 @@ def fused_adamw_supported(params) -> bool:
     step, ours and TRL") and no [P]-sized temporaries on CUDA, where the default is the foreach loop.
     FSDP's sharded DTensors keep the default."""
     flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else list(params)
-    return bool(flat) and all(type(p) is torch.nn.Parameter and p.device.type in ("cpu", "cuda")
-                              and p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in flat)
+    return bool(flat) and all(
+        type(p) is torch.nn.Parameter
+        and p.device.type in ("cpu", "cuda")
+        and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for p in flat
+    )
 
 
 def build_optimizer(model: torch.nn.Module, cfg, updates_per_batch: int):
-    params = param_groups(model, cfg.lr) if isinstance(model, torch.nn.ModuleList) else [p for p in model.parameters() if p.requires_grad]
+    params = (
+        param_groups(model, cfg.lr)
+        if isinstance(model, torch.nn.ModuleList)
+        else [p for p in model.parameters() if p.requires_grad]
+    )
     if cfg.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                fused=fused_adamw_supported(params))
+        opt = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            fused=fused_adamw_supported(params),
+        )
     elif cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:

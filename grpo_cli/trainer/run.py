@@ -125,8 +125,14 @@ class ProgressBar:
         self.keys = keys
         self.enabled = enabled and sys.stderr.isatty()
         self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=console, disable=not self.enabled,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=console,
+            disable=not self.enabled,
         )
         self.task = self.progress.add_task("train", total=total, metrics="")
         self.last_print = 0.0

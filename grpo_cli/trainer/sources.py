@@ -88,8 +88,10 @@ def check_state_keys(state: Dict[str, Any], expected: set) -> None:
     """A checkpoint's source state must be this source's (not another ``source.name``'s)."""
     extra = sorted(set(state) - expected)
     if extra or not expected <= set(state):
-        raise UserError(f"resume: the checkpoint's data source saved {sorted(state)}, this source expects "
-                        f"{sorted(expected)} (another source.name?)")
+        raise UserError(
+            f"resume: the checkpoint's data source saved {sorted(state)}, this source expects "
+            f"{sorted(expected)} (another source.name?)"
+        )
 
 
 def context_length(policy) -> int:
@@ -109,8 +111,19 @@ def prompts_that_fit(examples: List[Example], policy, max_new_tokens: int) -> Li
 class DatasetSource(Source):
     """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step."""
 
-    def __init__(self, cfg, *, examples: List[Example], policy, batch_size: int, rollout, seed: int, rank: int = 0,
-                 world_size: int = 1, **_):
+    def __init__(
+        self,
+        cfg,
+        *,
+        examples: List[Example],
+        policy,
+        batch_size: int,
+        rollout,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        **_,
+    ):
         tok = policy.tokenizer
         limit = context_length(policy)
         self.rows = []
@@ -122,9 +135,7 @@ class DatasetSource(Source):
             if len(p) + len(c) <= limit:
                 self.rows.append((ex, p, c))
         if not self.rows:
-            raise UserError(
-                f"data: no training example has a solution that fits the model's context of {limit} tokens"
-            )
+            raise UserError(f"data: no training example has a solution that fits the model's context of {limit} tokens")
         self.skipped = len(examples) - len(self.rows)
         self.pad_id, self.batch_size = tok.pad_token_id, batch_size
         check_divisible(batch_size, world_size, "trainer.batch_size")
@@ -160,8 +171,9 @@ class OnlineSource(Source):
 
     samples_each_step = True
 
-    def __init__(self, cfg, *, examples: List[Example], policy, rollout, seed: int, rank: int = 0,
-                 world_size: int = 1, **_):
+    def __init__(
+        self, cfg, *, examples: List[Example], policy, rollout, seed: int, rank: int = 0, world_size: int = 1, **_
+    ):
         self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
         self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
@@ -169,14 +181,22 @@ class OnlineSource(Source):
         check_divisible(self.P, world_size, "source.prompts_per_step")
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(self.examples), seed)  # the same questions on every rank
-        self.generator = torch.Generator(device=policy.device).manual_seed(rank_seed(seed, rank))  # each rank its own samples
+        self.generator = torch.Generator(device=policy.device).manual_seed(
+            rank_seed(seed, rank)
+        )  # each rank its own samples
 
     def next_batch(self, policy) -> Batch:
         questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
-        batch, _ = sample_batch(policy.model, policy.tokenizer, chosen, generator=self.generator,
-                                group=torch.arange(len(questions)).repeat_interleave(self.G), **rollout_options(r))
+        batch, _ = sample_batch(
+            policy.model,
+            policy.tokenizer,
+            chosen,
+            generator=self.generator,
+            group=torch.arange(len(questions)).repeat_interleave(self.G),
+            **rollout_options(r),
+        )
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
         return batch
 
