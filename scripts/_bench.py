@@ -97,3 +97,37 @@ class OthersCPU:
         mine = self._own() - self.mine
         self.share = 0.0 if busy is None else max(0.0, (busy - self.busy - mine) / (wall * (os.cpu_count() or 1)))
         self.seconds = wall
+
+
+def random_qwen2(vocab: int, hidden: int, layers: int, tokens: int):
+    """A randomly initialised Qwen2 (seed 0) of the given shape: the memory benchmarks' model."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=tokens,
+        tie_word_embeddings=True,
+    )
+    return Qwen2ForCausalLM(cfg)
+
+
+def random_batch(vocab: int, batch: int, tokens: int, group: int = 8):
+    """Random token rows, the first quarter prompt, groups of ``group``, random rewards, totals set."""
+    import torch
+
+    from grpo_cli.batch import Batch
+
+    ids = torch.randint(0, vocab, (batch, tokens))
+    comp = torch.zeros_like(ids)
+    comp[:, tokens // 4 :] = 1  # the first quarter is the prompt
+    blank = [""] * batch
+    return Batch(
+        ids, torch.ones_like(ids), comp, blank, blank, blank, torch.arange(batch) // group, rewards=torch.rand(batch)
+    ).with_totals()

@@ -18,43 +18,17 @@ import subprocess
 import sys
 import time
 
-from _bench import reset_peak, status_mb  # this script's directory
+from _bench import random_batch, random_qwen2, reset_peak, status_mb  # this script's directory
 
 
 def one(backend: str, vocab: int, hidden: int, layers: int, batch: int, tokens: int) -> dict:
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_cli.algorithms.grpo import GRPO
-    from grpo_cli.batch import Batch
     from grpo_cli.models.policy import Policy
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=tokens,
-        tie_word_embeddings=True,
-    )
-    model = Qwen2ForCausalLM(cfg)
+    model = random_qwen2(vocab, hidden, layers, tokens)
     policy = Policy.create(model, tokenizer=None, keep_reference=True, logprob_backend=backend)
-    ids = torch.randint(0, vocab, (batch, tokens))
-    comp = torch.zeros_like(ids)
-    comp[:, tokens // 4 :] = 1  # the first quarter is the prompt
-    b = Batch(
-        ids,
-        torch.ones_like(ids),
-        comp,
-        [""] * batch,
-        [""] * batch,
-        [""] * batch,
-        torch.arange(batch) // 8,
-        rewards=torch.rand(batch),
-    ).with_totals()
+    b = random_batch(vocab, batch, tokens, group=8)
     algo = GRPO(beta=0.04, eps=0.2, eps_high=None, mu=1, aggregation="sequence", scale_rewards=True)
     base = status_mb("VmRSS")
     reset_peak()

@@ -21,46 +21,23 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import reset_peak, status_mb  # noqa: E402
+from _bench import random_batch, random_qwen2, reset_peak, status_mb  # noqa: E402
 
 
 def one(value_model: str, vocab: int, hidden: int, layers: int, batch: int, tokens: int) -> dict:
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from grpo_cli.algorithms.ppo import PPO
-    from grpo_cli.batch import Batch
     from grpo_cli.config.schema import LoraConfig
     from grpo_cli.models.load import apply_lora
     from grpo_cli.models.policy import Policy
     from grpo_cli.trainer.optim import param_groups
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        max_position_embeddings=tokens,
-        tie_word_embeddings=True,
+    model = apply_lora(
+        random_qwen2(vocab, hidden, layers, tokens), LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0)
     )
-    model = apply_lora(Qwen2ForCausalLM(cfg), LoraConfig(enabled=True, r=16, alpha=32, dropout=0.0))
     policy = Policy.create(model, tokenizer=None, keep_reference=True, logprob_backend="fused")
-    ids = torch.randint(0, vocab, (batch, tokens))
-    comp = torch.zeros_like(ids)
-    comp[:, tokens // 4 :] = 1
-    b = Batch(
-        ids,
-        torch.ones_like(ids),
-        comp,
-        [""] * batch,
-        [""] * batch,
-        [""] * batch,
-        torch.arange(batch),
-        rewards=torch.rand(batch),
-    ).with_totals()
+    b = random_batch(vocab, batch, tokens, group=1)
     base = status_mb("VmRSS")
     reset_peak()
     algo = PPO(
