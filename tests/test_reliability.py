@@ -29,14 +29,7 @@ from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.load import load_model_and_tokenizer, load_weights
 from grpo_cli.rewards.registry import build_reward
 from grpo_cli.trainer import loop, memory
-from grpo_cli.trainer.checkpoint import (
-    STATE_FILE,
-    Checkpointer,
-    RunState,
-    latest_checkpoint,
-    list_checkpoints,
-    recover,
-)
+from grpo_cli.trainer.checkpoint import STATE_FILE, Checkpointer, RunState, latest_checkpoint, list_checkpoints, recover
 from grpo_cli.trainer.optim import build_optimizer
 from grpo_cli.trainer.source_registry import build_source
 

@@ -130,11 +130,7 @@ def answers_match(pred: Optional[str], gold: str) -> bool:
 
 
 def outcome_rewards(
-    completions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    correct: float = 1.0,
-    incorrect: float = 0.0,
+    completions: Sequence[str], answers: Sequence[str], *, correct: float = 1.0, incorrect: float = 0.0
 ) -> List[float]:
     """Outcome supervision: one reward per completion, ``correct`` when its extracted final answer
     matches the reference answer, ``incorrect`` otherwise (a missing answer is incorrect).

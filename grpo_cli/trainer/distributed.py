@@ -259,10 +259,7 @@ class Dist:
         if not any(_is_fsdp(m) for m in model.modules()):
             return None
         # deferred: FSDP's modules load only in data-parallel runs
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
