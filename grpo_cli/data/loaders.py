@@ -57,7 +57,7 @@ def _read_parquet(path: Path) -> Iterator[Row]:
 
 def _read_hub(name: str, config: Optional[str], split_name: str) -> Iterator[Row]:
     try:
-        import datasets
+        import datasets  # deferred: only hub data sets need it
 
         dataset = datasets.load_dataset(name, config, split=split_name)
     except Exception as error:  # network, missing dataset or split, auth: all reported the same way

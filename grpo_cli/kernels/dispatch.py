@@ -66,7 +66,7 @@ def _run_backend(name, hidden, weight, token_ids, bias, temperature, with_entrop
         return torch_selected_logprobs(
             hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, vocab_tile
         )
-    from grpo_cli.kernels.triton_logprob import triton_selected_logprobs
+    from grpo_cli.kernels.triton_logprob import triton_selected_logprobs  # deferred: triton is optional
 
     return triton_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size)
 

@@ -180,7 +180,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig) -> PreTrainedModel:
     """Wrap ``model`` with fresh LoRA adapters (only they train); a no-op when LoRA is off."""
     if not cfg.enabled:
         return model
-    from peft import LoraConfig as PeftLora  # deferred: peft loads only for LoRA runs
+    # deferred: peft loads only for LoRA runs
+    from peft import LoraConfig as PeftLora
     from peft import get_peft_model
 
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}

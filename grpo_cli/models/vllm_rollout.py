@@ -85,7 +85,7 @@ class VLLMEngine:
         # The engine core in this process (not vLLM's default subprocess): weights are then copied
         # GPU to GPU by apply_model instead of being pickled through a socket.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        from vllm import LLM
+        from vllm import LLM  # deferred: vllm is an optional extra
 
         base = unwrap_peft(model)
         config = copy.deepcopy(base.config)
@@ -119,6 +119,7 @@ class VLLMEngine:
         seeds: Optional[List[int]],
     ) -> List[List[int]]:
         """New token ids of each prompt, ending with ``eos_id`` when it stopped there (``eos_id < 0``: never)."""
+        # deferred: vllm is an optional extra
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

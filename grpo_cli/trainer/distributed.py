@@ -316,9 +316,8 @@ def shard_blocks(model: torch.nn.Module) -> None:
     becomes a sharded unit; the decoder is the root unit, its embeddings and final norm left out
     (replicated), like the output head, whose weight the fused log-prob kernel reads directly.
     Gradients are summed (not averaged) over ranks: losses are normalised by global totals."""
-    from torch.distributed.device_mesh import (
-        init_device_mesh,  # deferred: FSDP's modules load only in data-parallel runs
-    )
+    # deferred: FSDP's modules load only in data-parallel runs
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     base = unwrap_peft(model)
