@@ -254,3 +254,10 @@ def test_eval_help_names_the_fields_of_a_samples_file():
     assert 'the completion (field "completion"; another field with eval.completion_field=NAME)' in text
     assert 'the reference final answer (field "answer"' in text and "eval.answer_field=NAME" in text
     assert '"prompt"' in text and "<run>/eval/latest" in text
+
+
+def test_a_missing_run_under_a_local_directory_is_named_not_looked_up_on_the_hub(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/x is then a path: a hub id has no local first part
+    code, err = _run(capsys, ["eval", "run=runs/nothing"])
+    assert (code, err) == (2, "error: run: no such directory 'runs/nothing'")

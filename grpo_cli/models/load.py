@@ -41,8 +41,11 @@ WHOLE_FILE, SAMPLES, CHUNK = 16 << 20, 64, 64 << 10
 
 
 def looks_local(name_or_path: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything with a leading ``/ . ~`` or more parts is a path."""
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    """Hub ids are ``name`` or ``org/name``; anything with a leading ``/ . ~`` or more parts is a path,
+    and so is ``a/b`` where ``a`` is a local directory (``runs/x``: a typo is named, not looked up on the hub)."""
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1:
+        return True
+    return "/" in name_or_path and Path(name_or_path.split("/", 1)[0]).is_dir()
 
 
 def resolve_model_dir(name_or_path: str, key: str = "model.name_or_path") -> str:
