@@ -210,7 +210,7 @@ def test_a_trl_style_module_reading_a_column_trains_through_reward_functions(tmp
         "import json\n"
         "def fn(prompts, completions, difficulty, **kwargs):\n"
         f"    with open({str(log)!r}, 'a') as f:\n"
-        "        f.write(json.dumps(difficulty) + '\\n')\n"
+        "        f.write(json.dumps([prompts, difficulty]) + '\\n')\n"
         "    return [d + len(c) % 2 for d, c in zip(difficulty, completions)]\n"
     )
     run = train(
@@ -227,9 +227,25 @@ def test_a_trl_style_module_reading_a_column_trains_through_reward_functions(tmp
             f"output_dir={tmp_path / 'run'}",
         )
     )
-    seen = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(seen) == 2 and all(len(s) == 4 for s in seen)  # one call per step, 2 prompts x 2 samples
-    assert {d for s in seen for d in s} <= {0, 1, 2}
-    assert all(s[0] == s[1] and s[2] == s[3] for s in seen)  # a group's completions share a row
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) == 2 and all(len(d) == 4 for _, d in calls)  # one call per step, 2 prompts x 2 samples
+    difficulty = {r["question"] + "\n": r["difficulty"] for r in rows}  # prompt_template "{question}\n"
+    assert all(d == [difficulty[p] for p in prompts] for prompts, d in calls)  # each completion's own row
     last = metrics(run)[-1]
     assert "reward_fn" in last and last["reward_errors"] == 0
+
+
+def test_offline_samples_get_their_questions_columns_and_old_files_still_load():
+    from grpo_cli.data.types import Example
+    from grpo_cli.trainer.offline import samples_batch
+
+    examples = [Example("a", "a\n", None, "1", {"difficulty": 1}), Example("b", "b\n", None, "2", {"difficulty": 2})]
+    sample = dict(prompt_ids=[1], completion_ids=[2], completion="x", answer="2", reward=1.0)  # an old row's fields
+    rows = [
+        {**sample, "question": 1, "prompt": "b\n"},
+        {**sample, "question": 0, "prompt": "other data\n"},  # source.samples from other data: no columns
+        {**sample, "question": 7, "prompt": "b\n"},
+    ]
+    batch = samples_batch(rows, torch.arange(3), 0, examples)
+    assert batch.columns == [{"difficulty": 2}, {}, {}]
+    assert samples_batch(rows, torch.arange(3), 0).columns == [{}, {}, {}]
