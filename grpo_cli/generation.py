@@ -433,6 +433,7 @@ def sample_batch(
         completions=[g.text for g in gens],
         answers=[e.answer for e in examples],
         group=group,
+        columns=[e.columns for e in examples],
     )
     n = max(1, len(gens))
     batch.stats.update(

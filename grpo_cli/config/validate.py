@@ -76,16 +76,19 @@ def num(
 
 
 def nums(
-    default: Sequence[float],
+    default: Optional[Sequence[float]],
     *,
     gt: Optional[float] = None,
     ge: Optional[float] = None,
     lt: Optional[float] = None,
     le: Optional[float] = None,
 ) -> Any:
-    """A list field whose every entry must lie in the range."""
+    """A list field whose every entry must lie in the range (an Optional one may default to None)."""
+    metadata = {RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)}
+    if default is None:
+        return dataclasses.field(default=None, metadata=metadata)
     values = list(default)
-    return dataclasses.field(default_factory=lambda: list(values), metadata={RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)})
+    return dataclasses.field(default_factory=lambda: list(values), metadata=metadata)
 
 
 def choice(default: str, among: Iterable[str]) -> Any:

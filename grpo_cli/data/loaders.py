@@ -138,7 +138,8 @@ def with_final_line(solution: str, answer: str) -> str:
 
 def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
     """Examples from rows using the ``data.*_field`` names; the answer is extracted from the
-    solution when ``data.answer_field`` is None. Stops after ``data.max_examples`` rows."""
+    solution when ``data.answer_field`` is None. Every field of a row, used or not, is kept in
+    ``Example.columns`` for reward functions that read them. Stops after ``data.max_examples`` rows."""
     if cfg.solution_field is None and cfg.answer_field is None:
         raise UserError("data.answer_field: None, and so is data.solution_field: no final answer to reward")
     examples = []
@@ -156,7 +157,9 @@ def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
                 )
         if solution is not None:
             solution = with_final_line(solution, answer)
-        examples.append(Example(question=question, prompt=question, solution=solution, answer=answer))
+        examples.append(
+            Example(question=question, prompt=question, solution=solution, answer=answer, columns=dict(row))
+        )
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break  # before reading the next row: a large file is not parsed past what is used
     return examples

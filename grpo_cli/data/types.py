@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -16,3 +16,6 @@ class Example:
     """Reference completion (SFT target), one step per line, last line ``#### <answer>``; None if absent."""
     answer: str
     """The final answer, as text (compared numerically by the outcome reward)."""
+    columns: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Every field of the data row the example came from (``reward=functions`` hands them to the
+    user's reward functions as TRL does); empty for data without rows. Read-only by convention."""

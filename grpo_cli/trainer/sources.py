@@ -153,6 +153,7 @@ class DatasetSource(Source):
             completions=[r[0].solution for r in rows],
             answers=[r[0].answer for r in rows],
             group=torch.arange(len(rows)),
+            columns=[r[0].columns for r in rows],
         )
 
     def state_dict(self) -> Dict[str, Any]:
