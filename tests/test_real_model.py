@@ -10,6 +10,7 @@ from real_model import REAL_VOCAB, build_real_shaped, train_tokenizer
 
 from grpo_cli.cli import main
 from grpo_cli.config.schema import ModelConfig
+from grpo_cli.errors import UserError
 from grpo_cli.models.load import load_model_and_tokenizer
 
 ROWS = [  # GSM8K's format, written for these tests
@@ -88,7 +89,72 @@ def test_sft_grpo_and_eval_run_through_the_cli(real_model, tmp_path):
     result = json.loads((tmp_path / "grpo" / "eval" / "latest" / "eval.json").read_text())
     assert result["total"] == 4 and result["data"] == "gsm8k"
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
-    assert rows[0]["prompt"] == ROWS[0][0] + "\n"
+    # the chat template is on (auto: the tokenizer has one): the user turn, then the assistant's
+    assert rows[0]["prompt"] == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{ROWS[0][0]}<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert torch.isfinite(
         torch.tensor([json.loads(x)["loss"] for x in (tmp_path / "grpo" / "metrics.jsonl").open()])
     ).all()
+
+
+def _data(tmp_path):
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    return ["data=gsm8k", f"data.path={path}"]
+
+
+def test_one_rendering_for_chat_and_base_models(real_model, tmp_path):
+    from conftest import compose
+
+    from grpo_cli.data import load_examples
+
+    _, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=str(real_model)))
+    chat = compose(
+        "sft_arithmetic", *_data(tmp_path), "data.system_prompt=Think.", "data.prompt_template='Q: {question}'"
+    )
+    assert load_examples(chat.data, "train", tok)[0].prompt == (
+        f"<|im_start|>system\nThink.<|im_end|>\n<|im_start|>user\nQ: {ROWS[0][0]}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    base = compose("sft_arithmetic", *_data(tmp_path), "data.chat_template=false")
+    assert load_examples(base.data, "train", tok)[0].prompt == ROWS[0][0] + "\n"  # prompt_template alone
+    tiny = compose("sft_arithmetic", "data.chat_template=true")
+    _, tiny_tok, _ = load_model_and_tokenizer(tiny.model)
+    with pytest.raises(UserError, match="the tokenizer has no chat template"):
+        load_examples(tiny.data, "train", tiny_tok)
+
+
+def test_sft_targets_are_the_assistant_turn_closed_by_its_end_token(real_model, tmp_path):
+    from conftest import compose
+
+    from grpo_cli.data import load_examples
+    from grpo_cli.models.policy import Policy
+    from grpo_cli.trainer.source_registry import build_source
+
+    cfg = compose("sft_arithmetic", *_data(tmp_path), f"model.name_or_path={real_model}")
+    model, tok, _ = load_model_and_tokenizer(cfg.model)
+    source = build_source(
+        cfg.source,
+        examples=load_examples(cfg.data, "train", tok),
+        policy=Policy(model, tok),
+        batch_size=4,
+        rollout=cfg.rollout,
+        seed=0,
+        chat=True,
+    )
+    batch = source.next_batch(None)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    for ids, mask, solution in zip(batch.input_ids, batch.completion_mask, batch.completions):
+        target = ids[mask.bool()].tolist()
+        assert target[-1] == im_end and tok.decode(target[:-1]) == solution  # only the assistant's tokens
+
+
+def test_generation_stops_at_eos_or_the_end_of_turn():
+    from grpo_cli.data.chat import end_of_turn_id, stop_tokens
+
+    tok = train_tokenizer()
+    tok.eos_token = "<|endoftext|>"  # as a Qwen2.5 base model's tokenizer: EOS is not the end of turn
+    assert end_of_turn_id(tok) == 2 and stop_tokens(tok) == (0, 2)
+    tok.chat_template = None
+    assert stop_tokens(tok) == (0,)

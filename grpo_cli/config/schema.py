@@ -132,7 +132,15 @@ class DataConfig:
     answer_field: Optional[str] = None
     """Field holding the bare final answer; None means: extract it from the solution."""
     prompt_template: str = "{question}\n"
-    """How a question becomes the prompt; ``{question}`` is replaced."""
+    """How a question becomes the prompt; ``{question}`` is replaced. Under a chat template it is the
+    user turn's text (stripped)."""
+    chat_template: str = choice("auto", among=("auto", "true", "false"))
+    """Render prompts with the tokenizer's chat template (the user turn, then the template's generation
+    prompt; SFT targets become the assistant turn, closed by its end-of-turn token, which also ends
+    generation beside EOS): ``auto`` when the tokenizer has one (the embedded tiny model's has none),
+    ``true`` (an error without one) or ``false`` (``prompt_template`` alone, for base models)."""
+    system_prompt: Optional[str] = None
+    """With a chat template: a system turn before the question; None keeps the template's default."""
     max_examples: Optional[int] = num(None, ge=1)
     """Use only the first N examples of each split."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)

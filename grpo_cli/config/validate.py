@@ -113,12 +113,18 @@ def check(cfg: DictConfig, prefix: str = "") -> None:
                 raise UserError(f"config key '{key}': {problem}")
 
 
+def _boolean_spelling(value: Any, choices: Sequence[str]) -> bool:
+    """``true``/``false`` among the choices: Hydra reads them as booleans and a text field stores
+    ``True``/``False``, which mean the same."""
+    return str(value) in ("True", "False") and str(value).lower() in choices
+
+
 def _problem(value: Any, field: dataclasses.Field, hint: Any) -> Optional[str]:
     """What is wrong with ``value`` for ``field``, or None."""
     choices, bounds = field.metadata.get(CHOICES), field.metadata.get(RANGE)
     if value is None:  # only an Optional field can hold None: OmegaConf checked that
         return None
-    if choices is not None and value not in choices:
+    if choices is not None and value not in choices and not _boolean_spelling(value, choices):
         return f"expected {_either(choices)}, got '{value}'"
     if bounds is None:
         return None

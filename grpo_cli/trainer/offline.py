@@ -230,6 +230,7 @@ class OfflineSource(Source):
         run=None,
         rank: int = 0,
         world_size: int = 1,
+        **_,  # the sampled outputs end as the model ended them: no chat setting needed
     ):
         check_divisible(batch_size, world_size, "trainer.batch_size")
         samples = load_or_sample(
