@@ -2,7 +2,9 @@
 
 Writes ``eval.json`` (``accuracy`` and counts; with ``eval.n > 0`` also ``maj@K`` and ``pass@K`` for
 each K of ``eval.ks``, see :mod:`grpo_cli.metrics`) and ``samples.jsonl`` (one row per question:
-prompt, greedy completion, extracted answer, reference answer, correct, and the sampled answers) to
+prompt, greedy completion, the token it stopped at (``stopped_at``: EOS, a chat model's end of turn, or
+null when cut at ``rollout.max_new_tokens``), extracted answer, reference answer, correct, and the
+sampled answers) to
 ``eval.output_dir``, else to ``<run>/eval/<data>-<split>[-limitN][-nN]-<hash>/`` (:func:`eval_name`),
 one directory per evaluation, with ``<run>/eval/latest`` pointing at the newest.
 """
@@ -70,10 +72,12 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     examples = load_examples(cfg.data, cfg.eval.split, tok)[: cfg.eval.limit or None]
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):
-        greedy, _ = sample_batch(
+        greedy, gens = sample_batch(
             model, tok, examples, group=torch.arange(len(examples)), **rollout_options(cfg.rollout, temperature=0.0)
         )
         rows = [score_row(e.prompt, text, e.answer) for e, text in zip(examples, greedy.completions)]
+        for row, g in zip(rows, gens):  # the token it stopped at (EOS, a chat model's end of turn), or None
+            row["stopped_at"] = tok.convert_ids_to_tokens(g.completion_ids[-1]) if g.finished else None
         sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
     result = accuracy_summary(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)

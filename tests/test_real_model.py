@@ -158,3 +158,26 @@ def test_generation_stops_at_eos_or_the_end_of_turn():
     assert end_of_turn_id(tok) == 2 and stop_tokens(tok) == (0, 2)
     tok.chat_template = None
     assert stop_tokens(tok) == (0,)
+
+
+@pytest.mark.slow
+def test_a_chat_model_taught_by_sft_ends_its_turns_with_im_end(real_model, tmp_path):
+    common = [*_data(tmp_path), "logging.progress=false", "logging.plot=false", "rollout.max_new_tokens=40"]
+    main(
+        [
+            "train",
+            "recipe=sft_arithmetic",
+            f"model.name_or_path={real_model}",
+            "trainer.steps=60",
+            "trainer.batch_size=4",
+            "trainer.lr=3e-3",
+            "trainer.warmup_steps=0",
+            f"output_dir={tmp_path / 'sft'}",
+            *common,
+        ]
+    )
+    main(["eval", f"run={tmp_path / 'sft'}", *_data(tmp_path), "rollout.max_new_tokens=40"])
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("<|im_start|>system") for r in rows)
+    assert [r["stopped_at"] for r in rows] == ["<|im_end|>"] * len(ROWS)  # the assistant turn's end
+    assert all(r["completion"].endswith("#### 12") for r in rows)  # the special token is not in the text
