@@ -218,6 +218,7 @@ class OfflineSource(Source):
         run=None,
         rank: int = 0,
         world_size: int = 1,
+        **_,  # shared pieces it does not use (the answer checker: its samples are scored by ``score``)
     ):
         check_divisible(batch_size, world_size, "trainer.batch_size")
         samples = load_or_sample(
