@@ -16,6 +16,9 @@ from grpo_cli.config.schema import DataConfig, RewardConfig
 from grpo_cli.config.store import options
 from grpo_cli.data import load_examples
 from grpo_cli.errors import UserError
+from grpo_cli.generation import rollout_options, sample_batch
+from grpo_cli.metrics import sampling_metrics
+from grpo_cli.models.load import load_model_and_tokenizer
 from grpo_cli.rewards import checkers
 from grpo_cli.rewards.checkers import MATH, NUMERIC, answer_checker, last_boxed, math_match
 from grpo_cli.rewards.registry import build_reward
@@ -215,3 +218,28 @@ def test_eval_scores_boxed_samples_with_math_verify(tmp_path):
     assert result["accuracy"] == 0.5 and result["no_answer"] == 1 and result["checker"] == "math"
     scored = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert [r["extracted"] for r in scored] == ["\\dfrac12", "(1,2]", "0.33", None]
+
+
+# ----------------------------------------------------------------------------- every user of the checker
+
+
+def test_sampling_metrics_vote_and_score_with_the_math_checker():
+    answers = [["\\frac12", "0.5", "1/3", "\\dfrac{1}{3}", "\\frac{1}{3}"]]  # 2 halves, 3 thirds
+    got = sampling_metrics(answers, ["1/2"], [2, 5], match=MATH.match)
+    assert got["maj@2"] == 1.0  # \frac12 and 0.5 are one answer, not two of one vote each
+    assert got["maj@5"] == 0.0  # the thirds win the vote, spelt three ways
+    assert got["pass@5"] == 1.0
+
+
+def test_sample_batch_accuracy_uses_the_chosen_checker():
+    from conftest import compose
+
+    cfg = compose("grpo_arithmetic", "model.name_or_path=tiny")
+    model, tok, _ = load_model_and_tokenizer(cfg.model)
+    examples = load_examples(cfg.data, "train")[:2]
+    options_ = rollout_options(cfg.rollout)
+    always = dataclasses.replace(NUMERIC, extract=lambda text: "1", match=lambda pred, gold: True)
+    batch, _ = sample_batch(model.eval(), tok, examples, group=torch.arange(2), checker=always, **options_)
+    assert batch.stats["accuracy"] == 1.0
+    batch, _ = sample_batch(model.eval(), tok, examples, group=torch.arange(2), checker=MATH, **options_)
+    assert batch.stats["accuracy"] == 0.0  # arithmetic answers are never boxed
