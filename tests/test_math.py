@@ -243,3 +243,20 @@ def test_sample_batch_accuracy_uses_the_chosen_checker():
     assert batch.stats["accuracy"] == 1.0
     batch, _ = sample_batch(model.eval(), tok, examples, group=torch.arange(2), checker=MATH, **options_)
     assert batch.stats["accuracy"] == 0.0  # arithmetic answers are never boxed
+
+
+def test_eval_counts_checker_errors_as_incorrect(tmp_path, monkeypatch):
+    def fragile(pred, gold):
+        raise RuntimeError("parser failure")
+
+    monkeypatch.setitem(checkers.CHECKERS, "math", dataclasses.replace(MATH, match=fragile))
+    f = tmp_path / "s.jsonl"
+    f.write_text(json.dumps({"completion": "\\boxed{1}", "answer": "1"}) + "\n")
+    main(["eval", f"samples={f}", "data=math", f"eval.output_dir={tmp_path / 'out'}"])
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert result["accuracy"] == 0.0 and result["checker_errors"] == 1
+
+
+def test_identical_answers_match_without_parsing(monkeypatch):
+    monkeypatch.setattr(checkers, "_parse", None)  # would raise if called
+    assert math_match(" \\frac{3}{4}", "\\frac{3}{4} ")

@@ -168,7 +168,8 @@ class RewardConfig:
     """Time limit of one reward call (a call scores a whole batch): a later call scores ``incorrect``
     for its completions, counted in ``reward_timeouts`` (one that raises: ``reward_errors``); 0 means
     no limit. The call runs in a thread that is abandoned, not killed, when late (Python cannot kill
-    a thread). See docs/reliability.md."""
+    a thread). See docs/reliability.md. ``data.answer_checker=math`` parses every answer's LaTeX
+    (math-verify, far slower than the numeric rule): raise this limit with large batches."""
     delimiter: str = "\n"
     """Process rewards (``steps``): an output's steps are its non-blank pieces between delimiters
     (text after the last delimiter is the final step); each step's reward sits on its last token."""

@@ -99,8 +99,11 @@ def _math_verify():
     return math_verify
 
 
+@functools.lru_cache(maxsize=4096)
 def _parse(answer: str):
-    """math-verify's parse of one bare answer, wrapped in ``$...$`` so it is read as LaTeX."""
+    """math-verify's parse of one bare answer, wrapped in ``$...$`` so it is read as LaTeX. Cached:
+    parsing is the costly part of a check, and a group's reference (and often its answers) repeat.
+    The result is a list of immutable sympy objects and strings, never modified by ``verify``."""
     return _math_verify().parse(f"${answer}$", parsing_timeout=None, raise_on_error=True)
 
 
@@ -110,6 +113,8 @@ def math_match(pred: Optional[str], gold: str) -> bool:
     prediction never matches; math-verify's errors are raised for the reward guard to count."""
     if pred is None or gold is None or len(pred) > MAX_BOXED_CHARS:
         return False
+    if pred.strip() == gold.strip():  # the same LaTeX: equal without parsing it
+        return True
     return bool(_math_verify().verify(_parse(gold), _parse(pred), timeout_seconds=None, raise_on_error=True))
 
 
