@@ -7,7 +7,7 @@ come from the attention mask, so left padding never shifts a position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,9 @@ class Batch:
     the global batch, so the ranks' losses add up to the global batch's loss."""
     stats: Dict[str, float] = field(default_factory=dict)
     """Batch-level metrics (source: accuracy, lengths; prepare: rewards, advantages) for the log."""
+    columns: List[Mapping[str, Any]] = field(default_factory=list)
+    """Each row's dataset fields (``Example.columns``), for reward functions that read them; empty
+    when the batch's source has none (every row then has no columns)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -58,6 +61,7 @@ class Batch:
             completions=pick(self.completions),
             answers=pick(self.answers),
             group=self.group[index],
+            columns=pick(self.columns) if self.columns else [],
             rewards=None if self.rewards is None else self.rewards[index],
             tensors={k: v[index] for k, v in self.tensors.items()},
             totals=dict(self.totals),

@@ -67,7 +67,7 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     device = pick_device(cfg.trainer.device)
     model.to(device).eval()
     check_rollout(cfg.rollout, device)
-    examples = load_examples(cfg.data, cfg.eval.split)[: cfg.eval.limit or None]
+    examples = load_examples(cfg.data, cfg.eval.split, tok)[: cfg.eval.limit or None]
     checker = SafeChecker(answer_checker(cfg.data))
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):

@@ -20,13 +20,14 @@ from __future__ import annotations
 import functools
 import inspect
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from grpo_cli.batch import Batch, pack, position_ids
 from grpo_cli.config.schema import RolloutConfig
+from grpo_cli.data.chat import stop_tokens
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask, unsupported_reason
@@ -96,12 +97,13 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
     cache_arg = _cache_kwarg(model)
     past, logits = out[cache_arg], out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=ids.device)
+    stops = _stop_tensor(eos_id, ids.device)
     new_tokens = []
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, uniforms(len(done), temperature, generator, ids.device))
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         new_tokens.append(nxt)
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, stops)
         if bool(done.all()):
             break
         attn = torch.cat([attn, attn.new_ones(attn.shape[0], 1)], dim=1)
@@ -196,12 +198,13 @@ def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tok
     rows = torch.arange(B, device=device)  # the original row of each row still decoded
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    stops = _stop_tensor(eos_id, device)
     check_every = 1 if device.type == "cpu" else 8  # reading `done` is a device sync on GPUs
     for i in range(max_new_tokens):
         u = uniforms(B, temperature, generator, device)  # one draw per original row, as the reference
         nxt = sample_next(logits, temperature, top_p, None if u is None else u[rows]).masked_fill_(done, pad_id)
         out[rows, i] = nxt
-        done |= nxt == eos_id
+        done |= torch.isin(nxt, stops)
         if i + 1 == max_new_tokens:
             break
         if (i + 1) % check_every == 0:
@@ -237,7 +240,8 @@ def _decode_graphed(
     u = uniforms(B, temperature, generator, device)
     nxt = sample_next(logits, temperature, top_p, u)  # token 0, from the prefill's logits
     out[:, 0] = nxt
-    done = nxt == eos_id
+    stops = _stop_tensor(eos_id, device)
+    done = torch.isin(nxt, stops)
     i = torch.zeros(1, dtype=torch.long, device=device)  # the token fed by the next step
     columns = torch.arange(keys.shape[1], device=device)
 
@@ -246,7 +250,7 @@ def _decode_graphed(
         i.add_(1)
         new = sample_next(logits, temperature, top_p, u).masked_fill_(done, pad_id)
         out.index_copy_(1, i, new[:, None])
-        done.logical_or_(new == eos_id)
+        done.logical_or_(torch.isin(new, stops))
         nxt.copy_(new)
 
     def draw():  # this step's uniforms into the buffer the step reads
@@ -292,7 +296,7 @@ def generate_ids(
     prompt_ids: List[List[int]],
     *,
     pad_id: int,
-    eos_id: Optional[int],
+    eos_id: Union[None, int, Sequence[int]],
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -300,9 +304,11 @@ def generate_ids(
     engine: str = "auto",
     **engine_options,
 ) -> List[List[int]]:
-    """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after EOS).
+    """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after the stop).
 
-    ``eos_id=None`` never stops early (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
+    ``eos_id``: the token, or tokens, that end a row (EOS and a chat template's end of turn: a row
+    stops at whichever comes first, kept as its last token); ``None`` never stops early
+    (fixed-length benchmarks). ``engine``: ``auto`` (``fast`` when
     the model is supported, else ``reference``), ``fast``, ``reference`` or ``vllm``.
     ``engine_options``: the switches of the fast engine (:data:`FAST_OPTIONS`) and of vLLM's
     (``VLLM_OPTIONS``), each documented as the ``rollout.`` field of the same name, and the fast
@@ -317,7 +323,7 @@ def generate_ids(
         raise TypeError(f"unknown rollout engine options {unknown}; expected some of {fast_options + VLLM_OPTIONS}")
     kwargs = dict(
         pad_id=pad_id,
-        eos_id=-1 if eos_id is None else eos_id,  # -1: no token
+        eos_id=stop_ids(eos_id),
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -333,6 +339,17 @@ def generate_ids(
     if reason:
         return _generate_reference(model, prompt_ids, **kwargs)
     return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in fast_options}, **kwargs)
+
+
+def stop_ids(eos_id: Union[None, int, Sequence[int]]) -> Tuple[int, ...]:
+    """The stop tokens as a tuple: () never stops."""
+    if eos_id is None:
+        return ()
+    return (int(eos_id),) if isinstance(eos_id, int) else tuple(int(t) for t in eos_id)
+
+
+def _stop_tensor(stops: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(stops or (-1,), dtype=torch.long, device=device)  # -1: no token
 
 
 def check_rollout(rollout, device: torch.device) -> None:
@@ -395,7 +412,7 @@ def generate(
 
 
 def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **options) -> List[Generation]:
-    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    pad_id, eos_id = tokenizer.pad_token_id, stop_tokens(tokenizer)  # EOS, and a chat model's end of turn
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
     results: List[Generation] = []
     for i in range(0, len(prompts), batch_size):
@@ -434,6 +451,7 @@ def sample_batch(
         completions=[g.text for g in gens],
         answers=[e.answer for e in examples],
         group=group,
+        columns=[e.columns for e in examples],
     )
     n = max(1, len(gens))
     batch.stats.update(
@@ -444,9 +462,9 @@ def sample_batch(
     return batch, gens
 
 
-def _finish(tokenizer, prompt_ids: List[int], row: List[int], eos_id: int) -> Generation:
-    """Cut a generated row after its first EOS (kept, it is a trained token) and decode it."""
-    finished = eos_id in row
-    ids = row[: row.index(eos_id) + 1] if finished else row
-    text = tokenizer.decode([t for t in ids if t != eos_id], skip_special_tokens=True)
-    return Generation(prompt_ids, ids, text, finished)
+def _finish(tokenizer, prompt_ids: List[int], row: List[int], stops: Sequence[int]) -> Generation:
+    """Cut a generated row after its first stop token (kept, it is a trained token) and decode it."""
+    end = next((i for i, t in enumerate(row) if t in stops), None)
+    ids = row[: end + 1] if end is not None else row
+    text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+    return Generation(prompt_ids, ids, text, end is not None)

@@ -168,7 +168,7 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     model, tok, _ = load_model_and_tokenizer(ModelConfig(name_or_path=policy_dir, dtype=cfg.model.dtype))
     # sampled as the loop samples: on the run's device, at trainer.precision
     policy = Policy(model.to(pick_device(cfg.trainer.device)).eval(), tok, precision=cfg.trainer.precision)
-    examples = load_examples(cfg.data, "train")
+    examples = load_examples(cfg.data, "train", tok)
     questions = choose_questions(examples, policy, cfg.rollout.max_new_tokens, cfg.iterative.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     reward = build_reward(rm.reward, policy.device, checker=answer_checker(cfg.data))

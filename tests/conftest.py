@@ -111,3 +111,11 @@ def metrics(run: Path):
 def rows(run: Path):
     """metrics.jsonl without the wall-clock fields (:data:`WALL_CLOCK`)."""
     return [{k: v for k, v in row.items() if not WALL_CLOCK.match(k)} for row in metrics(run)]
+
+
+@pytest.fixture(scope="session")
+def real_model(tmp_path_factory):
+    """A real-shaped local model (tests/real_model.py): Qwen2, byte-level BPE, ChatML; small vocabulary."""
+    from real_model import build_real_shaped
+
+    return build_real_shaped(tmp_path_factory.mktemp("real") / "qwen2-bpe")

@@ -51,9 +51,9 @@ def test_finish_cuts_after_the_first_eos_and_keeps_it():
     tok = build_tokenizer()
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ids = tok("7*2=14", add_special_tokens=False)["input_ids"]
-    g = _finish(tok, [5], ids + [eos, pad, pad], eos)
+    g = _finish(tok, [5], ids + [eos, pad, pad], (eos,))
     assert g.completion_ids == ids + [eos] and g.finished and g.text == "7*2=14"
-    cut = _finish(tok, [5], ids, eos)  # no EOS within max_new_tokens: truncated
+    cut = _finish(tok, [5], ids, (eos,))  # no EOS within max_new_tokens: truncated
     assert cut.completion_ids == ids and not cut.finished
 
 
@@ -747,3 +747,20 @@ def test_generate_restores_training_mode_when_the_engine_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="engine failed"):
         generate(model, tok, ["1+2\n"], max_new_tokens=4)
     assert model.training
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_rows_stop_at_the_first_of_several_stop_tokens(engine):
+    """EOS and a chat template's end of turn both end a row, kept as its last token."""
+    model, _ = chaotic_tiny_model()
+    prompts = [[5, 6, 7], [9, 3]]
+    free = generate_ids(
+        model, prompts, pad_id=0, eos_id=None, max_new_tokens=8, temperature=0.0, engine=engine, **EXACT
+    )
+    stops = (free[0][3], free[1][5])  # each row meets one of them (row 0 perhaps earlier)
+    rows = generate_ids(
+        model, prompts, pad_id=0, eos_id=stops, max_new_tokens=8, temperature=0.0, engine=engine, **EXACT
+    )
+    for row, full in zip(rows, free):
+        end = next(i for i, t in enumerate(full) if t in stops)
+        assert row[: end + 1] == full[: end + 1] and all(t == 0 for t in row[end + 1 :])

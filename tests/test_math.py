@@ -138,6 +138,12 @@ def test_outcome_reward_uses_the_math_checker_under_the_guard():
     assert batch.stats["reward_errors"] == 0 and batch.stats["reward_timeouts"] == 0
 
 
+def test_functions_accuracy_builtin_uses_the_math_checker():
+    reward = build_reward(RewardConfig(name="functions", functions=["accuracy"]), checker=MATH)
+    batch = _batch(["\\boxed{\\dfrac12}", "\\boxed{0.33}"], ["0.5", "\\frac13"])
+    assert reward(batch).tolist() == [1.0, 0.0]
+
+
 def test_a_checker_error_scores_incorrect_and_is_counted(monkeypatch):
     real = checkers.math_match
 

@@ -88,7 +88,7 @@ def range_cases():
         bounds, integer = f.metadata.get(RANGE), is_integer(hint)
         if bounds is None:  # test_every_numeric_field_declares_a_range names it
             continue
-        listed = typing.get_origin(hint) is list
+        listed = list in {typing.get_origin(h) for h in (hint, *typing.get_args(hint))}  # Optional[List] too
         for value in out_of_range(bounds, integer):
             shown = f"[{value!r}]" if listed else repr(value)
             what = ("integers" if listed else "an integer") if integer else ("numbers" if listed else "a number")

@@ -139,7 +139,15 @@ class DataConfig:
     ``\\frac12`` = ``0.5``) or ``auto`` (``math`` for ``data=math``, else ``numeric``). Not to be
     confused with ``reward.checker``, the step rule of process rewards."""
     prompt_template: str = "{question}\n"
-    """How a question becomes the prompt; ``{question}`` is replaced."""
+    """How a question becomes the prompt; ``{question}`` is replaced. Under a chat template it is the
+    user turn's text (stripped)."""
+    chat_template: str = choice("auto", among=("auto", "true", "false"))
+    """Render prompts with the tokenizer's chat template (the user turn, then the template's generation
+    prompt; SFT targets become the assistant turn, closed by its end-of-turn token, which also ends
+    generation beside EOS): ``auto`` when the tokenizer has one (the embedded tiny model's has none),
+    ``true`` (an error without one) or ``false`` (``prompt_template`` alone, for base models)."""
+    system_prompt: Optional[str] = None
+    """With a chat template: a system turn before the question; None keeps the template's default."""
     max_examples: Optional[int] = num(None, ge=1)
     """Use only the first N examples of each split."""
     arithmetic: ArithmeticConfig = field(default_factory=ArithmeticConfig)
@@ -152,11 +160,30 @@ class RewardConfig:
 
     name: str = "none"
     """``none`` (SFT), ``outcome`` (rule: the final answer is right), ``custom`` (``function``),
-    ``steps`` (rule process reward: every step checked), later learned reward models."""
+    ``functions`` (a weighted sum of TRL-style functions), ``steps`` (rule process reward: every step
+    checked), later learned reward models."""
     function: Optional[str] = None
     """``name=custom``: ``module:function`` (importable from the working directory) or
     ``path/to/file.py:function``, called as ``f(completions, answers, prompts) -> list[float]``.
     Trusted code: it is imported and run inside the trainer, with your permissions."""
+    functions: List[str] = field(default_factory=list)
+    """``name=functions``: reward functions written as for TRL, each ``module:function``,
+    ``path/to/file.py:function`` or a built-in: ``accuracy`` (the answer rule: ``correct`` /
+    ``incorrect``) or ``format`` (1.0 when ``format_pattern`` matches the completion, else 0.0). Each is
+    called on a batch as ``fn(prompts=[...], completions=[...], answer=[...], **columns)``: one list
+    entry per completion; ``answer`` holds the reference final answers and ``columns`` every other
+    field of the completions' dataset rows (``difficulty=[...]`` for a JSONL field ``difficulty``),
+    each as the list of that field's values (None where a row lacks it). Accept ``**kwargs`` for the
+    fields you do not read. It returns one float per completion, or None where it does not apply
+    (NaN too, as in TRL): None counts 0 in the sum and is left out of the function's mean, logged as
+    ``reward_<name>`` (the function's ``__name__``). A call that raises, hangs past ``timeout_s`` or
+    returns the wrong length scores ``incorrect`` for that function alone, counted in
+    ``reward_errors`` / ``reward_timeouts``. Trusted code, like ``function``."""
+    weights: Optional[List[float]] = nums(None)
+    """``name=functions``: the reward is ``sum(weights[i] * functions[i])``; None weighs each 1."""
+    format_pattern: str = r"(?m)^####\s*\S+"
+    """``name=functions``, built-in ``format``: a Python regex searched for in each completion (by
+    default the ``#### <answer>`` line the answer rule reads first)."""
     path: Optional[str] = None
     """``name=outcome_rm``: a reward model trained with ``recipe=rm_arithmetic`` (its run or checkpoint
     directory). It must share the policy's tokenizer: it scores the sampled token ids as they are."""

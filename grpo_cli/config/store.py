@@ -41,6 +41,7 @@ def options() -> Dict[str, Dict[str, object]]:
             "outcome": S.RewardConfig(name="outcome"),
             "outcome_rm": S.RewardConfig(name="outcome_rm"),
             "custom": S.RewardConfig(name="custom"),
+            "functions": S.RewardConfig(name="functions"),
             "steps": S.RewardConfig(name="steps"),
             "process_rm": S.RewardConfig(name="process_rm"),
         },

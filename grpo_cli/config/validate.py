@@ -76,16 +76,19 @@ def num(
 
 
 def nums(
-    default: Sequence[float],
+    default: Optional[Sequence[float]],
     *,
     gt: Optional[float] = None,
     ge: Optional[float] = None,
     lt: Optional[float] = None,
     le: Optional[float] = None,
 ) -> Any:
-    """A list field whose every entry must lie in the range."""
+    """A list field whose every entry must lie in the range (an Optional one may default to None)."""
+    metadata = {RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)}
+    if default is None:
+        return dataclasses.field(default=None, metadata=metadata)
     values = list(default)
-    return dataclasses.field(default_factory=lambda: list(values), metadata={RANGE: Range(gt=gt, ge=ge, lt=lt, le=le)})
+    return dataclasses.field(default_factory=lambda: list(values), metadata=metadata)
 
 
 def choice(default: str, among: Iterable[str]) -> Any:
@@ -110,12 +113,18 @@ def check(cfg: DictConfig, prefix: str = "") -> None:
                 raise UserError(f"config key '{key}': {problem}")
 
 
+def _boolean_spelling(value: Any, choices: Sequence[str]) -> bool:
+    """``true``/``false`` among the choices: Hydra reads them as booleans and a text field stores
+    ``True``/``False``, which mean the same."""
+    return str(value) in ("True", "False") and str(value).lower() in choices
+
+
 def _problem(value: Any, field: dataclasses.Field, hint: Any) -> Optional[str]:
     """What is wrong with ``value`` for ``field``, or None."""
     choices, bounds = field.metadata.get(CHOICES), field.metadata.get(RANGE)
     if value is None:  # only an Optional field can hold None: OmegaConf checked that
         return None
-    if choices is not None and value not in choices:
+    if choices is not None and value not in choices and not _boolean_spelling(value, choices):
         return f"expected {_either(choices)}, got '{value}'"
     if bounds is None:
         return None

@@ -11,6 +11,7 @@ import dataclasses
 from typing import Callable, Dict, List
 
 from grpo_cli.data import arithmetic
+from grpo_cli.data.chat import format_prompt, render_prompt
 from grpo_cli.data.loaders import load_gsm8k, load_jsonl, load_math
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError, nearest
@@ -31,20 +32,10 @@ LOADERS: Dict[str, Callable[..., List[Example]]] = {
 """``data.name`` -> loader ``(DataConfig, split) -> list[Example]``."""
 
 
-def format_prompt(template: str, question: str) -> str:
-    """``template`` with ``{question}`` replaced; other placeholders are a UserError."""
-    try:
-        return template.format(question=question)
-    except (KeyError, IndexError, ValueError) as error:
-        raise UserError(
-            f"data.prompt_template: {template!r} cannot be filled ({type(error).__name__}: {error}); "
-            "only {question} is replaced, write other braces doubled: {{ }}"
-        ) from None
-
-
-def load_examples(cfg, split: str) -> List[Example]:
+def load_examples(cfg, split: str, tokenizer=None) -> List[Example]:
     """The examples of ``split`` ("train" or "test") of the task ``cfg`` (a ``DataConfig``), prompts
-    formatted, at most ``cfg.max_examples`` of them. No example at all is a UserError."""
+    rendered for ``tokenizer`` (its chat template, ``data.chat_template``; without a tokenizer
+    ``data.prompt_template`` alone), at most ``cfg.max_examples`` of them. No example is a UserError."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r} (valid: {', '.join(SPLITS)})")
     if cfg.name not in LOADERS:
@@ -59,7 +50,7 @@ def load_examples(cfg, split: str) -> List[Example]:
     if not examples:
         source = f" ({cfg.path})" if cfg.path and cfg.name != "arithmetic" else ""
         raise UserError(f"data: the {split} split of {cfg.name}{source} has no examples")
-    return [dataclasses.replace(e, prompt=format_prompt(cfg.prompt_template, e.question)) for e in examples]
+    return [dataclasses.replace(e, prompt=render_prompt(cfg, tokenizer, e.question)) for e in examples]
 
 
-__all__ = ["Example", "LOADERS", "format_prompt", "load_examples"]
+__all__ = ["Example", "LOADERS", "format_prompt", "load_examples", "render_prompt"]

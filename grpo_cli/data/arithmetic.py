@@ -123,7 +123,10 @@ def generate(cfg, split: str, limit: Optional[int] = None) -> List[Example]:
         seen.add(question)
         if style.random() < direct:
             solution = solution.rsplit("\n", 1)[-1]  # the final line alone
-        examples.append(Example(question=question, prompt=question, solution=solution, answer=str(answer)))
+        columns = {"question": question, "answer": str(answer)}  # the fields of a JSONL row of this task
+        examples.append(
+            Example(question=question, prompt=question, solution=solution, answer=str(answer), columns=columns)
+        )
     if len(examples) < count:
         raise UserError(
             f"data.arithmetic: only {len(examples)} distinct {split} problems found for "

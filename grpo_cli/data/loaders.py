@@ -144,7 +144,8 @@ def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
     """Examples from rows using the ``data.*_field`` names; the answer is extracted from the
     solution (by ``data.answer_checker``) when ``data.answer_field`` is None. Solutions keep their
     task's answer format: ``numeric`` ones end with ``#### <answer>`` (added if missing), ``math``
-    ones are kept as written (their answer is boxed). Stops after ``data.max_examples`` rows."""
+    ones are kept as written (their answer is boxed). Every field of a row, used or not, is kept in
+    ``Example.columns`` for reward functions that read them. Stops after ``data.max_examples`` rows."""
     if cfg.solution_field is None and cfg.answer_field is None:
         raise UserError("data.answer_field: None, and so is data.solution_field: no final answer to reward")
     checker = answer_checker(cfg)
@@ -164,7 +165,9 @@ def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
                 )
         if solution is not None and checker is NUMERIC:
             solution = with_final_line(solution, answer)
-        examples.append(Example(question=question, prompt=question, solution=solution, answer=answer))
+        examples.append(
+            Example(question=question, prompt=question, solution=solution, answer=answer, columns=dict(row))
+        )
         if cfg.max_examples is not None and len(examples) >= cfg.max_examples:
             break  # before reading the next row: a large file is not parsed past what is used
     return examples

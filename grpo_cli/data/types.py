@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -17,3 +17,6 @@ class Example:
     ``#### <answer>``, MATH ones box their answer (``\\boxed{}``); None if absent."""
     answer: str
     """The final answer, as text (compared numerically by the outcome reward)."""
+    columns: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Every field of the data row the example came from (``reward=functions`` hands them to the
+    user's reward functions as TRL does); empty for data without rows. Read-only by convention."""

@@ -112,18 +112,18 @@ class VLLMEngine:
         self,
         prompt_ids: List[List[int]],
         *,
-        eos_id: int,
+        eos_id: Tuple[int, ...],
         max_new_tokens: int,
         temperature: float,
         top_p: float,
         seeds: Optional[List[int]],
     ) -> List[List[int]]:
-        """New token ids of each prompt, ending with ``eos_id`` when it stopped there (``eos_id < 0``: never)."""
+        """New token ids of each prompt, ending with the stop token (of ``eos_id``) it stopped at (``()``: never)."""
         # deferred: vllm is an optional extra
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        stop = dict(ignore_eos=True) if eos_id < 0 else dict(stop_token_ids=[eos_id])
+        stop = dict(ignore_eos=True) if not eos_id else dict(stop_token_ids=list(eos_id))
         params = [
             SamplingParams(
                 temperature=temperature,
@@ -139,8 +139,10 @@ class VLLMEngine:
         rows = []
         for out in outputs:
             row, reason = list(out.outputs[0].token_ids), out.outputs[0].finish_reason
-            if reason == "stop" and eos_id >= 0 and row[-1:] != [eos_id]:
-                row.append(eos_id)  # a stop token is reported as the stop reason; keep it, it is trained
+            if reason == "stop" and eos_id and not (row and row[-1] in eos_id):
+                # a stop token is reported as the stop reason, not in the row; keep it, it is trained
+                stopped_at = getattr(out.outputs[0], "stop_reason", None)
+                row.append(stopped_at if stopped_at in eos_id else eos_id[0])
             rows.append(row)
         return rows
 
@@ -150,7 +152,7 @@ def generate_vllm(
     prompt_ids: List[List[int]],
     *,
     pad_id: int,
-    eos_id: int,
+    eos_id: Tuple[int, ...],
     max_new_tokens: int,
     temperature: float,
     top_p: float,

@@ -38,16 +38,17 @@ MAX_ABANDONED = 8
 """Late reward calls allowed to run on in the background before the run stops."""
 
 
-def import_function(spec: Optional[str]) -> Callable:
-    """``module:function`` (importable from the working directory) or ``path/to/file.py:function``."""
+def import_function(spec: Optional[str], key: str = "reward.function") -> Callable:
+    """``module:function`` (importable from the working directory) or ``path/to/file.py:function``;
+    errors name the config ``key`` the spec came from."""
     if not spec or ":" not in spec:
-        raise UserError(f"reward.function: expected module:function or path/to/file.py:function, got {spec!r}")
+        raise UserError(f"{key}: expected module:function or path/to/file.py:function, got {spec!r}")
     module_name, _, attr = spec.rpartition(":")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).expanduser()
             if not path.is_file():
-                raise UserError(f"reward.function: no such file '{module_name}'")
+                raise UserError(f"{key}: no such file '{module_name}'")
             loader_spec = importlib.util.spec_from_file_location(path.stem, path)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
@@ -59,10 +60,10 @@ def import_function(spec: Optional[str]) -> Callable:
         raise
     except Exception as e:  # anything the user's module raises while importing
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"reward.function: cannot import '{module_name}': {type(e).__name__}: {first}") from None
+        raise UserError(f"{key}: cannot import '{module_name}': {type(e).__name__}: {first}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise UserError(f"reward.function: '{module_name}' has no function '{attr}'")
+        raise UserError(f"{key}: '{module_name}' has no function '{attr}'")
     return fn
 
 
@@ -76,10 +77,11 @@ def as_rewards(value: Any, n: int) -> List[float]:
 
 class GuardedReward(Reward):
     """``reward(batch)`` with a time limit and error isolation; counts go to ``batch.stats``. It
-    declares what the reward it wraps declares."""
+    declares what the reward it wraps declares. ``optional``: a NaN reward means "not applicable"
+    (``reward=functions``) and is passed on as NaN, not counted as an error."""
 
-    def __init__(self, reward: Reward, *, timeout_s: float, incorrect: float):
-        self.fn, self.timeout_s, self.incorrect = reward, timeout_s, incorrect
+    def __init__(self, reward: Reward, *, timeout_s: float, incorrect: float, optional: bool = False):
+        self.fn, self.timeout_s, self.incorrect, self.optional = reward, timeout_s, incorrect, optional
         self.name, self.per_step, self.modules = reward.name, reward.per_step, reward.modules
         self.abandoned: List[threading.Thread] = []
         self.warned: set = set()
@@ -103,7 +105,7 @@ class GuardedReward(Reward):
             except Exception as e:  # a wrong length or type: retried one by one below
                 self.warn(f"{type(e).__name__}: {e}")
             else:
-                bad = [not math.isfinite(r) for r in rewards]
+                bad = [not self.valid(r) for r in rewards]
                 if any(bad):
                     self.warn("non-finite reward")
                 return [self.incorrect if b else r for r, b in zip(rewards, bad)], sum(bad), 0
@@ -125,10 +127,13 @@ class GuardedReward(Reward):
         except Exception as e:
             self.warn(f"{type(e).__name__}: {e}")
             return None
-        if not math.isfinite(reward):
+        if not self.valid(reward):
             self.warn("non-finite reward")
             return None
         return reward
+
+    def valid(self, reward: float) -> bool:
+        return math.isfinite(reward) or (self.optional and math.isnan(reward))
 
     def call(self, arg, deadline: Optional[float]) -> Tuple[str, Any]:
         """("ok", value), ("error", exception) or ("timeout", None)."""

@@ -19,6 +19,7 @@ from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.scorer import load_scorer, outcome_scores
 from grpo_cli.rewards.base import FunctionReward, Reward
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
+from grpo_cli.rewards.functions import build_functions
 from grpo_cli.rewards.guard import GuardedReward, import_function
 from grpo_cli.rewards.process import CHECKERS, char_ends, learned_process_rewards, rule_process_rewards
 
@@ -67,6 +68,13 @@ def _custom(cfg) -> Reward:
         return fn(list(batch.completions), list(batch.answers), list(batch.prompts))
 
     return FunctionReward(score, name=cfg.name)
+
+
+# Not guarded as a whole: each of its functions is, so one bad function costs only its own term.
+@register_reward("functions", guard=False, checker=True)
+def _functions(cfg, checker: AnswerChecker = NUMERIC) -> Reward:
+    """``reward.functions``: TRL-style functions, summed with ``reward.weights`` (rewards/functions.py)."""
+    return build_functions(cfg, checker)
 
 
 # Not guarded: the rule is total and bounded (it never raises on model output), and the guard's

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, open_dict
 from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.batch import Batch
 from grpo_cli.data import load_examples
+from grpo_cli.data.chat import chat_enabled
 from grpo_cli.errors import Interrupted, UserError
 from grpo_cli.models.device import pick_device
 from grpo_cli.models.load import (
@@ -305,12 +306,12 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
             f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)"
         )
     check_precision(cfg.trainer.precision, device, dist.rank)
-    examples = load_examples(cfg.data, "train")
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
         return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
     record_start(cfg, resume_from)
     loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
+    examples = load_examples(cfg.data, "train", loaded[1])  # prompts rendered for this tokenizer
     run = on_main(create_run_dir, cfg)
     with open_dict(cfg):
         cfg.output_dir = str(run)  # every rank's config names rank 0's run directory
@@ -326,6 +327,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         run=run,
         rank=dist.rank,
         world_size=dist.world_size,
+        chat=chat_enabled(cfg.data.chat_template, loaded[1]),
         score=functools.partial(score_batch, reward, tokenizer=policy.tokenizer) if reward is not None else None,
     )
     if source.skipped:

@@ -18,7 +18,7 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -174,7 +174,9 @@ def make_pairs(samples: List[Sample], threshold: float, per_question: int) -> Li
     return pairs
 
 
-def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int) -> Batch:
+def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int, examples: Sequence[Example] = ()) -> Batch:
+    """Stored samples as a batch; each row's dataset columns come from ``examples`` (by the stored
+    question index), so samples.jsonl need not store them and older files work as they are."""
     ids, attn, comp = pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
     return Batch(
         input_ids=ids,
@@ -185,7 +187,17 @@ def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int) -> Batch
         answers=[r["answer"] for r in rows],
         group=group,
         rewards=torch.tensor([float(r["reward"]) for r in rows]),
+        columns=[columns_of(r, examples) for r in rows],
     )
+
+
+def columns_of(sample: Sample, examples: Sequence[Example]) -> Mapping[str, Any]:
+    """The dataset columns of a stored sample's question; none when ``source.samples`` came from
+    other data (its question index then names another prompt, or none)."""
+    q = sample["question"]
+    if isinstance(q, int) and 0 <= q < len(examples) and examples[q].prompt == sample.get("prompt"):
+        return examples[q].columns
+    return {}
 
 
 def split_heldout(samples: List[Sample], share: float, seed: int) -> Tuple[List[Sample], List[Sample]]:
@@ -218,7 +230,8 @@ class OfflineSource(Source):
         run=None,
         rank: int = 0,
         world_size: int = 1,
-        **_,  # shared pieces it does not use (the answer checker: its samples are scored by ``score``)
+        **_,  # the sampled outputs end as the model ended them, and ``score`` labels them: no chat
+        # setting or answer checker needed
     ):
         check_divisible(batch_size, world_size, "trainer.batch_size")
         samples = load_or_sample(
@@ -240,14 +253,14 @@ class OfflineSource(Source):
             "sampled_accuracy": sum(s["reward"] > cfg.threshold for s in samples) / len(samples),
             f"train_{self.unit_name}": float(len(self.units)),
         }
-        self.pad_id, self.batch_size = policy.tokenizer.pad_token_id, batch_size
+        self.pad_id, self.batch_size, self.examples = policy.tokenizer.pad_token_id, batch_size, examples
         self.rank, self.world_size = rank, world_size
         self.sampler = EpochSampler(len(self.units), seed)  # the same units on every rank; each keeps its slice
 
     def batch_of(self, units: List[List[Sample]]) -> Batch:
         rows = [s for unit in units for s in unit]
         group = torch.arange(len(units)).repeat_interleave(len(units[0]))
-        return samples_batch(rows, group, self.pad_id)
+        return samples_batch(rows, group, self.pad_id, self.examples)
 
     def next_batch(self, policy) -> Batch:
         units = [self.units[i] for i in self.sampler.take(self.batch_size)]

@@ -18,6 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 from grpo_cli.batch import Batch, pack
+from grpo_cli.data.chat import end_of_turn_id
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
@@ -123,16 +124,19 @@ class DatasetSource(Source):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        chat: bool = False,
         **_,
     ):
         tok = policy.tokenizer
         limit = context_length(policy)
+        # The target is the assistant's turn: under a chat template it ends with the end-of-turn token.
+        end = (end_of_turn_id(tok) if chat else None) or tok.eos_token_id
         self.rows = []
         for ex in examples:
             if ex.solution is None:
                 continue
             p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-            c = tok(ex.solution, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            c = tok(ex.solution, add_special_tokens=False)["input_ids"] + [end]
             if len(p) + len(c) <= limit:
                 self.rows.append((ex, p, c))
         if not self.rows:
@@ -154,6 +158,7 @@ class DatasetSource(Source):
             completions=[r[0].solution for r in rows],
             answers=[r[0].answer for r in rows],
             group=torch.arange(len(rows)),
+            columns=[r[0].columns for r in rows],
         )
 
     def state_dict(self) -> Dict[str, Any]:
