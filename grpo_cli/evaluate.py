@@ -18,7 +18,7 @@ import re
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -32,7 +32,7 @@ from grpo_cli.metrics import sampling_metrics
 from grpo_cli.models.device import pick_device
 from grpo_cli.models.load import load_model_and_tokenizer, resolve_model_dir
 from grpo_cli.models.policy import autocast
-from grpo_cli.rewards.answer import answers_match, extract_answer
+from grpo_cli.rewards.checkers import AnswerChecker, answer_checker
 
 INHERITED = ("data", "rollout")
 """Sections of a run's config.yaml that ``grpo eval run=<dir>`` reuses unless overridden."""
@@ -70,17 +70,25 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
     model.to(device).eval()
     check_rollout(cfg.rollout, device)
     examples = load_examples(cfg.data, cfg.eval.split, tok)[: cfg.eval.limit or None]
+    checker = SafeChecker(answer_checker(cfg.data))
     t0 = time.perf_counter()
     with autocast(cfg.trainer.precision, device):
         greedy, gens = sample_batch(
-            model, tok, examples, group=torch.arange(len(examples)), **rollout_options(cfg.rollout, temperature=0.0)
+            model,
+            tok,
+            examples,
+            group=torch.arange(len(examples)),
+            checker=checker.checker,
+            **rollout_options(cfg.rollout, temperature=0.0),
         )
-        rows = [score_row(e.prompt, text, e.answer) for e, text in zip(examples, greedy.completions)]
+        rows = [score_row(e.prompt, text, e.answer, checker) for e, text in zip(examples, greedy.completions)]
         for row, g in zip(rows, gens):  # the token it stopped at (EOS, a chat model's end of turn), or None
             row["stopped_at"] = tok.convert_ids_to_tokens(g.completion_ids[-1]) if g.finished else None
-        sampled = sample_answers(model, tok, examples, rows, cfg) if cfg.eval.n > 0 else {}
+        sampled = sample_answers(model, tok, examples, rows, cfg, checker) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
-    result = accuracy_summary(rows, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name)
+    result = accuracy_summary(
+        rows, checker, model=resolve_model_dir(cfg.eval.run), split=cfg.eval.split, data=cfg.data.name
+    )
     result = {"accuracy": result.pop("accuracy"), **sampled, **result}  # the metrics first, then counts
     if sampled:
         result.update(n=cfg.eval.n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
@@ -103,7 +111,28 @@ def check_sampling(cfg: DictConfig) -> None:
         raise UserError("eval.n > 0 samples at rollout.temperature, which is 0 (greedy): set rollout.temperature=1.0")
 
 
-def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: DictConfig) -> Dict[str, float]:
+class SafeChecker:
+    """The run's answer checker for ``grpo eval``: a comparison that raises (math-verify on odd LaTeX)
+    counts as incorrect and in ``checker_errors``, as the reward guard does in training, instead of
+    ending the evaluation."""
+
+    def __init__(self, checker: AnswerChecker):
+        self.checker, self.errors = checker, 0
+
+    def extract(self, text: str) -> Optional[str]:
+        return self.checker.extract(text)
+
+    def match(self, pred: Optional[str], gold: str) -> bool:
+        try:
+            return bool(self.checker.match(pred, gold))
+        except Exception:  # whatever the verifier raises on one answer
+            self.errors += 1
+            return False
+
+
+def sample_answers(
+    model, tok, examples, rows: List[Dict[str, object]], cfg: DictConfig, checker: SafeChecker
+) -> Dict[str, float]:
     """Sample ``eval.n`` completions per question; add their answers to ``rows``; maj@K and pass@K."""
     n = cfg.eval.n
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(cfg.eval.seed)
@@ -113,53 +142,59 @@ def sample_answers(model, tok, examples, rows: List[Dict[str, object]], cfg: Dic
         [e for e in examples for _ in range(n)],
         generator=generator,
         group=torch.arange(len(examples)).repeat_interleave(n),
+        checker=checker.checker,
         **rollout_options(cfg.rollout),
     )
     texts = batch.completions
-    answers = [[extract_answer(t) for t in texts[i * n : (i + 1) * n]] for i in range(len(examples))]
+    answers = [[checker.extract(t) for t in texts[i * n : (i + 1) * n]] for i in range(len(examples))]
     for row, found in zip(rows, answers):
         row["sampled"] = found
-        row["sampled_correct"] = sum(answers_match(a, str(row["answer"])) for a in found)
-    return sampling_metrics(answers, [e.answer for e in examples], list(cfg.eval.ks))
+        row["sampled_correct"] = sum(checker.match(a, str(row["answer"])) for a in found)
+    return sampling_metrics(answers, [e.answer for e in examples], list(cfg.eval.ks), match=checker.match)
 
 
-def score_row(prompt: str, completion: str, answer: str) -> Dict[str, object]:
-    pred = extract_answer(completion)
+def score_row(prompt: str, completion: str, answer: str, checker: SafeChecker) -> Dict[str, object]:
+    pred = checker.extract(completion)
     return {
         "prompt": prompt,
         "completion": completion,
         "extracted": pred,
         "answer": answer,
-        "correct": bool(answers_match(pred, answer)),
+        "correct": checker.match(pred, answer),
     }
 
 
 def score_samples(cfg: DictConfig) -> Dict[str, object]:
-    """Score a JSONL of completions produced elsewhere with the same verifier."""
+    """Score a JSONL of completions produced elsewhere with the same verifier (``data.answer_checker``:
+    ``grpo eval samples=F data=math`` reads ``\\boxed{}`` answers and compares them with math-verify)."""
     path = Path(cfg.eval.samples)
     if cfg.eval.n:
         raise UserError("eval.n samples a model (run=...); a samples file is scored as it is: drop eval.n")
     if not path.is_file():
         raise UserError(f"eval.samples: no such file '{path}'")
+    checker = SafeChecker(answer_checker(cfg.data))
     rows: List[Dict[str, object]] = []
     for where, obj in read_jsonl(path):
         for key, field in (("completion_field", cfg.eval.completion_field), ("answer_field", cfg.eval.answer_field)):
             if field not in obj:
                 raise UserError(f"{where}: missing field '{field}' (eval.{key})")
-        rows.append(
-            score_row(str(obj.get("prompt", "")), str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field]))
-        )
+        completion, answer = str(obj[cfg.eval.completion_field]), str(obj[cfg.eval.answer_field])
+        rows.append(score_row(str(obj.get("prompt", "")), completion, answer, checker))
     if not rows:
         raise UserError(f"{path}: no samples")
-    result = accuracy_summary(rows, samples=str(path))
+    result = accuracy_summary(rows, checker, samples=str(path))
     write_results(eval_output_dir(cfg), result, rows, latest=not cfg.eval.output_dir)
     return result
 
 
-def accuracy_summary(rows: List[Dict[str, object]], **info) -> Dict[str, object]:
+def accuracy_summary(rows: List[Dict[str, object]], checker: SafeChecker, **info) -> Dict[str, object]:
+    """Accuracy and counts; ``checker`` names the answer rule, and its errors when there were any."""
     correct = sum(bool(r["correct"]) for r in rows)
     no_answer = sum(r["extracted"] is None for r in rows)
-    return {"accuracy": correct / len(rows), "correct": correct, "total": len(rows), "no_answer": no_answer, **info}
+    counts = {"correct": correct, "total": len(rows), "no_answer": no_answer, "checker": checker.checker.name}
+    if checker.errors:
+        counts["checker_errors"] = checker.errors
+    return {"accuracy": correct / len(rows), **counts, **info}
 
 
 def eval_output_dir(cfg: DictConfig) -> Path:

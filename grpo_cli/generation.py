@@ -32,7 +32,7 @@ from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask, unsupported_reason
 from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, check_vllm, generate_vllm
-from grpo_cli.rewards.answer import answers_match, extract_answer
+from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 
 ENGINES = ("auto", "fast", "reference", "vllm")
 COMPACT_FRACTION = 0.25
@@ -430,14 +430,15 @@ def sample_batch(
     *,
     group: torch.Tensor,
     generator: Optional[torch.Generator] = None,
+    checker: AnswerChecker = NUMERIC,
     **options,
 ) -> tuple[Batch, List[Generation]]:
     """One completion per example (repeat an example G times for a group), as a :class:`Batch`.
 
     The one sampling path of online sources, offline samples, iterative RL and evaluation: the
     sampled token ids go into the batch as they are (never re-tokenised, so the trained tokens are
-    the sampled ones). ``batch.stats`` gets ``accuracy`` (the answer rule, whatever the run's
-    reward), ``completion_length`` and ``truncated``. ``options``: :func:`generate`'s.
+    the sampled ones). ``batch.stats`` gets ``accuracy`` (by ``checker``, the run's answer checker,
+    whatever the run's reward), ``completion_length`` and ``truncated``. ``options``: :func:`generate`'s.
     Returns (batch [B rows], the generations in the same order).
     """
     gens = generate(model, tokenizer, [e.prompt for e in examples], generator=generator, **options)
@@ -454,7 +455,7 @@ def sample_batch(
     )
     n = max(1, len(gens))
     batch.stats.update(
-        accuracy=sum(answers_match(extract_answer(g.text), e.answer) for g, e in zip(gens, examples)) / n,
+        accuracy=sum(checker.correct(g.text, e.answer) for g, e in zip(gens, examples)) / n,
         completion_length=sum(len(g.completion_ids) for g in gens) / n,
         truncated=sum(not g.finished for g in gens) / n,
     )

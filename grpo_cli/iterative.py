@@ -37,6 +37,7 @@ from grpo_cli.evaluate import evaluate_model
 from grpo_cli.models.device import pick_device
 from grpo_cli.models.load import load_model_and_tokenizer
 from grpo_cli.models.policy import Policy
+from grpo_cli.rewards.checkers import answer_checker
 from grpo_cli.rewards.registry import build_reward, score_batch
 from grpo_cli.trainer.loop import train
 from grpo_cli.trainer.offline import choose_questions, make_pairs, sample_questions, write_samples
@@ -170,6 +171,7 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
     examples = load_examples(cfg.data, "train", tok)
     questions = choose_questions(examples, policy, cfg.rollout.max_new_tokens, cfg.iterative.questions, seed)
     generator = torch.Generator(device=policy.device).manual_seed(seed)
+    reward = build_reward(rm.reward, policy.device, checker=answer_checker(cfg.data))
     with torch.no_grad():
         return sample_questions(
             policy,
@@ -178,7 +180,7 @@ def sample_for_reward_model(cfg: DictConfig, policy_dir: str, seed: int) -> List
             k=cfg.iterative.samples_per_question,
             rollout=cfg.rollout,
             generator=generator,
-            score=functools.partial(score_batch, build_reward(rm.reward, policy.device), tokenizer=tok),
+            score=functools.partial(score_batch, reward, tokenizer=tok),
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from grpo_cli.rewards.answer import answers_match, parse_number
 
@@ -44,10 +44,32 @@ def answer_key(answer: str) -> AnswerKey:
     return " ".join(answer.strip().rstrip(".").lower().split())
 
 
-def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
+Match = Callable[[Optional[str], str], bool]
+
+
+def _vote_keys(answers: Sequence[Optional[str]], match: Optional[Match]) -> List[Optional[AnswerKey]]:
+    """Each answer's ballot: its :func:`answer_key`, or with ``match`` the first earlier spelling it
+    matches (itself if none); None for no answer."""
+    if match is None:
+        return [answer_key(a) if a is not None else None for a in answers]
+    firsts: List[str] = []
+    keys: List[Optional[AnswerKey]] = []
+    for a in answers:
+        same = None if a is None else next((f for f in firsts if match(a, f)), None)
+        if a is not None and same is None:
+            firsts.append(a)
+            same = a
+        keys.append(same)
+    return keys
+
+
+def majority_vote(answers: Sequence[Optional[str]], match: Optional[Match] = None) -> Optional[str]:
     """The most frequent answer (None, no answer, does not vote); a tie goes to the answer seen
-    first, so the vote is deterministic. Returns the first spelling of the winner, or None."""
-    keys = [answer_key(a) if a is not None else None for a in answers]
+    first, so the vote is deterministic. Returns the first spelling of the winner, or None.
+
+    Answers agree by :func:`answer_key`, or, given ``match`` (an answer checker's), when ``match``
+    says an answer equals the first spelling of an earlier one (``\\frac12`` votes with ``0.5``)."""
+    keys = _vote_keys(answers, match)
     counts = Counter(k for k in keys if k is not None)
     if not counts:
         return None
@@ -59,20 +81,26 @@ def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
 
 
 def sampling_metrics(
-    answers: Sequence[Sequence[Optional[str]]], references: Sequence[str], ks: Sequence[int]
+    answers: Sequence[Sequence[Optional[str]]],
+    references: Sequence[str],
+    ks: Sequence[int],
+    match: Optional[Match] = None,
 ) -> Dict[str, float]:
     """``maj@K`` and ``pass@K`` for each K, averaged over questions.
 
     ``answers[q]`` are the n extracted answers sampled for question q. pass@K uses all n samples
     (the unbiased estimator); maj@K votes over the first K of them, which are K i.i.d. samples.
+    ``match``: the answer checker's comparison (default: the numeric rule), also used for the vote.
     """
+    vote = majority_vote if match is None else lambda row: majority_vote(row, match)
+    match = match or answers_match
     if not answers:
         raise ValueError("no questions")
     n = len(answers[0])
-    correct: List[int] = [sum(answers_match(a, ref) for a in row) for row, ref in zip(answers, references)]
+    correct: List[int] = [sum(match(a, ref) for a in row) for row, ref in zip(answers, references)]
     out: Dict[str, float] = {}
     for k in ks:
-        votes = [answers_match(majority_vote(row[:k]), ref) for row, ref in zip(answers, references)]
+        votes = [match(vote(row[:k]), ref) for row, ref in zip(answers, references)]
         out[f"maj@{k}"] = sum(votes) / len(votes)
     for k in ks:
         out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(correct)

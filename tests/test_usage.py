@@ -108,8 +108,14 @@ CASES = {  # command -> (its arguments, overrides of keys it reads, overrides of
     ),
     "grpo eval samples=...": (
         ["eval", "samples=s.jsonl"],
-        ["eval.completion_field=text", "eval.answer_field=gold", "output_dir=o"],
-        ["data=gsm8k", "limit=3", "rollout.temperature=0.5"],
+        [
+            "eval.completion_field=text",
+            "eval.answer_field=gold",
+            "output_dir=o",
+            "data=math",
+            "data.answer_checker=math",
+        ],
+        ["data.path=x", "limit=3", "rollout.temperature=0.5"],
     ),
     "grpo train": (
         ["train", "recipe=paradigm_arithmetic"],

@@ -118,7 +118,8 @@ class DataConfig:
     """Where questions (and reference solutions, for SFT) come from."""
 
     name: str = "arithmetic"
-    """Loader: ``arithmetic`` (embedded), ``gsm8k`` or ``jsonl`` (any hub dataset or local JSONL/Parquet)."""
+    """Loader: ``arithmetic`` (embedded), ``gsm8k``, ``math`` (MATH; MATH-500 for evaluation) or ``jsonl``
+    (any hub dataset or local JSONL/Parquet)."""
     path: Optional[str] = None
     """Hub dataset name or local file/directory; unused by ``arithmetic``."""
     train_split: str = "train"
@@ -131,6 +132,12 @@ class DataConfig:
     """Field holding the reference solution (its last line carries the final answer); None if absent."""
     answer_field: Optional[str] = None
     """Field holding the bare final answer; None means: extract it from the solution."""
+    answer_checker: str = choice("auto", among=("auto", "numeric", "math"))
+    """How final answers are found and compared, by the outcome reward, ``grpo eval`` and the sampling
+    ``accuracy`` alike: ``numeric`` (GSM8K's rule: ``#### 72``, "the answer is 72" or the last number,
+    compared as exact numbers), ``math`` (the last ``\\boxed{}``/``\\fbox{}``, compared by math-verify:
+    ``\\frac12`` = ``0.5``) or ``auto`` (``math`` for ``data=math``, else ``numeric``). Not to be
+    confused with ``reward.checker``, the step rule of process rewards."""
     prompt_template: str = "{question}\n"
     """How a question becomes the prompt; ``{question}`` is replaced. Under a chat template it is the
     user turn's text (stripped)."""
@@ -188,7 +195,8 @@ class RewardConfig:
     """Time limit of one reward call (a call scores a whole batch): a later call scores ``incorrect``
     for its completions, counted in ``reward_timeouts`` (one that raises: ``reward_errors``); 0 means
     no limit. The call runs in a thread that is abandoned, not killed, when late (Python cannot kill
-    a thread). See docs/reliability.md."""
+    a thread). See docs/reliability.md. ``data.answer_checker=math`` parses every answer's LaTeX
+    (math-verify, far slower than the numeric rule): raise this limit with large batches."""
     delimiter: str = "\n"
     """Process rewards (``steps``): an output's steps are its non-blank pieces between delimiters
     (text after the last delimiter is the final step); each step's reward sits on its last token."""

@@ -34,6 +34,7 @@ def options() -> Dict[str, Dict[str, object]]:
             "arithmetic": S.DataConfig(),
             "gsm8k": S.DataConfig(name="gsm8k", question_field="question", solution_field="answer"),
             "jsonl": S.DataConfig(name="jsonl"),
+            "math": S.DataConfig(name="math", question_field="problem", solution_field="solution"),
         },
         "reward": {
             "none": S.RewardConfig(),

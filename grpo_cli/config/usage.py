@@ -9,7 +9,8 @@ command, the keys it reads (a section, or single fields of a section), found by 
   test questions) nor ``sweep.*``.
 * ``grpo eval run=...``: the task (``data``), the sampling (``rollout``), how the model loads (``model``
   except ``name_or_path``: the model is ``run=``) and runs (``trainer.precision/threads/device``).
-* ``grpo eval samples=...``: only the file and its fields.
+* ``grpo eval samples=...``: the file and its fields, and the answer rule: ``data.answer_checker``, which
+  follows ``data.name`` (``data=math`` scores ``\\boxed{}`` answers with math-verify).
 * ``grpo sweep``: what ``grpo train`` reads (each run is one), ``sweep.*`` and the ``eval.*`` it hands
   to each run's evaluation (``SWEEP_EVAL_KEYS``).
 """
@@ -61,7 +62,14 @@ EVAL_RUN = (
     "trainer.threads",
     "trainer.device",
 )
-EVAL_SAMPLES = ("eval.samples", "eval.completion_field", "eval.answer_field", "eval.output_dir")
+EVAL_SAMPLES = (
+    "eval.samples",
+    "eval.completion_field",
+    "eval.answer_field",
+    "eval.output_dir",
+    "data.name",
+    "data.answer_checker",
+)
 SWEEP = tuple(k for k in TRAIN if k != "output_dir") + ("sweep",) + tuple(f"eval.{k}" for k in SWEEP_EVAL_KEYS)
 
 USES: Dict[str, Tuple[str, ...]] = {

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List
 
 from grpo_cli.data import arithmetic
 from grpo_cli.data.chat import format_prompt, render_prompt
-from grpo_cli.data.loaders import load_gsm8k, load_jsonl
+from grpo_cli.data.loaders import load_gsm8k, load_jsonl, load_math
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError, nearest
 
@@ -27,6 +27,7 @@ LOADERS: Dict[str, Callable[..., List[Example]]] = {
     "arithmetic": _load_arithmetic,
     "gsm8k": load_gsm8k,
     "jsonl": load_jsonl,
+    "math": load_math,
 }
 """``data.name`` -> loader ``(DataConfig, split) -> list[Example]``."""
 

@@ -1,4 +1,4 @@
-"""File and hub loaders: ``gsm8k`` and ``jsonl`` (any local JSONL/Parquet file or directory, or a hub
+"""File and hub loaders: ``gsm8k``, ``math`` and ``jsonl`` (any local JSONL/Parquet file or directory, or a hub
 dataset).
 
 Local JSONL is read line by line with the ``json`` module rather than through ``datasets``: every
@@ -15,10 +15,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
-from grpo_cli.rewards.answer import extract_answer
+from grpo_cli.rewards.checkers import NUMERIC, answer_checker
 
 GSM8K_HUB = ("openai/gsm8k", "main")
 """Hub name and config of GSM8K, used when ``data.path`` is unset."""
+MATH_HUB = {"train": "DigitalLearningGmbH/MATH-lighteval", "test": "HuggingFaceH4/MATH-500"}
+"""Hub datasets of ``data=math`` when ``data.path`` is unset: MATH's 7,500 training problems (the
+original ``hendrycks/competition_math`` is no longer served; this copy keeps its rows), and the
+MATH-500 test subset, the usual held-out set."""
 DATA_SUFFIXES = (".jsonl", ".parquet")
 
 Row = Tuple[str, Dict[str, Any]]
@@ -138,10 +142,13 @@ def with_final_line(solution: str, answer: str) -> str:
 
 def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
     """Examples from rows using the ``data.*_field`` names; the answer is extracted from the
-    solution when ``data.answer_field`` is None. Every field of a row, used or not, is kept in
+    solution (by ``data.answer_checker``) when ``data.answer_field`` is None. Solutions keep their
+    task's answer format: ``numeric`` ones end with ``#### <answer>`` (added if missing), ``math``
+    ones are kept as written (their answer is boxed). Every field of a row, used or not, is kept in
     ``Example.columns`` for reward functions that read them. Stops after ``data.max_examples`` rows."""
     if cfg.solution_field is None and cfg.answer_field is None:
         raise UserError("data.answer_field: None, and so is data.solution_field: no final answer to reward")
+    checker = answer_checker(cfg)
     examples = []
     for where, row in rows:
         question = _field(where, row, cfg.question_field, "data.question_field")
@@ -149,13 +156,14 @@ def rows_to_examples(rows: Iterator[Row], cfg) -> List[Example]:
         if cfg.answer_field:
             answer = _field(where, row, cfg.answer_field, "data.answer_field").strip()
         else:
-            answer = extract_answer(solution)
+            answer = checker.extract(solution)
             if answer is None:
+                expected = "a last line '#### <answer>'" if checker is NUMERIC else "a \\boxed{<answer>}"
                 raise UserError(
-                    f"{where}: no final answer in field {cfg.solution_field!r} (expected a last line "
-                    f"'#### <answer>'); set data.answer_field if the answer has a field of its own"
+                    f"{where}: no final answer in field {cfg.solution_field!r} (expected {expected}); "
+                    f"set data.answer_field if the answer has a field of its own"
                 )
-        if solution is not None:
+        if solution is not None and checker is NUMERIC:
             solution = with_final_line(solution, answer)
         examples.append(
             Example(question=question, prompt=question, solution=solution, answer=answer, columns=dict(row))
@@ -178,3 +186,12 @@ def load_gsm8k(cfg, split: str) -> List[Example]:
     path = cfg.path or GSM8K_HUB[0]
     hub_config = GSM8K_HUB[1] if path == GSM8K_HUB[0] else None
     return rows_to_examples(read_rows(path, _split_name(cfg, split), hub_config), cfg)
+
+
+def load_math(cfg, split: str) -> List[Example]:
+    """``data=math``: MATH problems (``problem``, ``solution``), from the hub when ``data.path`` is unset
+    (:data:`MATH_HUB`: MATH's train split for training, MATH-500 for evaluation), else from a local
+    file or directory. The answer is the solution's last ``\\boxed{}``; the solution, the SFT target,
+    is kept as written."""
+    split_name = _split_name(cfg, split)
+    return rows_to_examples(read_rows(cfg.path or MATH_HUB[split], split_name), cfg)

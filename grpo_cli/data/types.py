@@ -13,7 +13,8 @@ class Example:
     prompt: str
     """The text given to the model; the completion starts right after it."""
     solution: Optional[str]
-    """Reference completion (SFT target), one step per line, last line ``#### <answer>``; None if absent."""
+    """Reference completion (SFT target) in its task's format: GSM8K-style ones end with a line
+    ``#### <answer>``, MATH ones box their answer (``\\boxed{}``); None if absent."""
     answer: str
     """The final answer, as text (compared numerically by the outcome reward)."""
     columns: Mapping[str, Any] = field(default_factory=dict, hash=False)

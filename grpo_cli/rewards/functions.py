@@ -20,8 +20,8 @@ import torch
 
 from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError
-from grpo_cli.rewards.answer import outcome_rewards
 from grpo_cli.rewards.base import FunctionReward, Reward
+from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.rewards.guard import GuardedReward, import_function
 
 KEY = "reward.functions"
@@ -31,17 +31,21 @@ SKIPPED_COLUMNS = {"prompts", "completions"}
 """Dataset fields not passed as columns: they would collide with the call's own arguments."""
 
 
-def accuracy_builtin(cfg) -> Callable:
-    """The task's answer checker; swapping the checker is this one call."""
+def accuracy_builtin(cfg, checker: AnswerChecker) -> Callable:
+    """The task's answer checker (``data.answer_checker``: numeric, or math-verify for ``data=math``)."""
 
     def accuracy(prompts, completions, answer, **_) -> List[float]:
-        return outcome_rewards(completions, answer, correct=cfg.correct, incorrect=cfg.incorrect)
+        return [
+            cfg.correct if checker.correct(completion, gold) else cfg.incorrect
+            for completion, gold in zip(completions, answer, strict=True)
+        ]
 
     return accuracy
 
 
-def format_builtin(cfg) -> Callable:
-    """1.0 when ``reward.format_pattern`` occurs in the completion (compiled once, here)."""
+def format_builtin(cfg, checker: AnswerChecker) -> Callable:
+    """1.0 when ``reward.format_pattern`` occurs in the completion (compiled once, here; ``checker``,
+    the answer rule, is not used)."""
     try:
         pattern = re.compile(cfg.format_pattern)
     except re.error as e:
@@ -53,7 +57,7 @@ def format_builtin(cfg) -> Callable:
     return format
 
 
-BUILTINS: Dict[str, Callable[[Any], Callable]] = {"accuracy": accuracy_builtin, "format": format_builtin}
+BUILTINS: Dict[str, Callable[[Any, AnswerChecker], Callable]] = {"accuracy": accuracy_builtin, "format": format_builtin}
 
 
 def call_kwargs(batch: Batch) -> Dict[str, List[Any]]:
@@ -78,11 +82,11 @@ def as_reward(fn: Callable, name: str) -> Reward:
     return FunctionReward(score, name=name)
 
 
-def resolve(spec: str, cfg) -> Callable:
+def resolve(spec: str, cfg, checker: AnswerChecker = NUMERIC) -> Callable:
     """A built-in by name, else the user's function (``module:function`` or ``file.py:function``)."""
     if ":" not in spec:
         if spec in BUILTINS:
-            return BUILTINS[spec](cfg)
+            return BUILTINS[spec](cfg, checker)
         raise UserError(
             f"{KEY}: unknown built-in {spec!r} (built-ins: {', '.join(BUILTINS)}; "
             "a function of yours is module:function or path/to/file.py:function)"
@@ -116,11 +120,12 @@ def check_weights(cfg) -> List[float]:
     return [float(w) for w in weights]
 
 
-def build_functions(cfg) -> Reward:
-    """The weighted sum of ``reward.functions``, each guarded on its own."""
+def build_functions(cfg, checker: AnswerChecker = NUMERIC) -> Reward:
+    """The weighted sum of ``reward.functions``, each guarded on its own; the ``accuracy`` built-in
+    checks answers with ``checker``, the run's answer checker."""
     weights = check_weights(cfg)
     specs = list(cfg.functions)
-    fns = [resolve(spec, cfg) for spec in specs]
+    fns = [resolve(spec, cfg, checker) for spec in specs]
     names = metric_names(fns, specs)
     guards = [
         GuardedReward(

@@ -10,25 +10,29 @@ silently).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from grpo_cli.batch import Batch
 from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.scorer import load_scorer, outcome_scores
-from grpo_cli.rewards.answer import outcome_rewards
 from grpo_cli.rewards.base import FunctionReward, Reward
+from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.rewards.functions import build_functions
 from grpo_cli.rewards.guard import GuardedReward, import_function
 from grpo_cli.rewards.process import CHECKERS, char_ends, learned_process_rewards, rule_process_rewards
 
-REWARDS: Dict[str, Callable[[Any], Optional[Reward]]] = {}
+REWARDS: Dict[str, Callable[..., Optional[Reward]]] = {}
+"""``reward.name`` -> factory ``(RewardConfig) -> Reward or None`` (plus ``checker=`` for those
+registered with ``checker=True``)."""
 
 
-def register_reward(name: str, guard: bool = True):
+def register_reward(name: str, guard: bool = True, checker: bool = False):
+    """``guard``: wrap it in GuardedReward; ``checker``: its factory takes the run's answer checker."""
+
     def deco(factory):
-        factory.guard = guard
+        factory.guard, factory.takes_checker = guard, checker
         REWARDS[name] = factory
         return factory
 
@@ -40,12 +44,16 @@ def _none(cfg) -> Optional[Reward]:
     return None
 
 
-@register_reward("outcome")
-def _outcome(cfg) -> Reward:
-    """Rule: ``reward.correct`` when the final answer equals the reference, else ``reward.incorrect``."""
+@register_reward("outcome", checker=True)
+def _outcome(cfg, checker: AnswerChecker = NUMERIC) -> Reward:
+    """Rule: ``reward.correct`` when the final answer equals the reference by the run's answer checker
+    (``data.answer_checker``), else ``reward.incorrect``."""
 
     def score(batch: Batch) -> torch.Tensor:
-        r = outcome_rewards(batch.completions, batch.answers, correct=cfg.correct, incorrect=cfg.incorrect)
+        r = [
+            cfg.correct if checker.correct(completion, answer) else cfg.incorrect
+            for completion, answer in zip(batch.completions, batch.answers, strict=True)
+        ]
         return torch.tensor(r, dtype=torch.float32)
 
     return FunctionReward(score, name=cfg.name)
@@ -63,10 +71,10 @@ def _custom(cfg) -> Reward:
 
 
 # Not guarded as a whole: each of its functions is, so one bad function costs only its own term.
-@register_reward("functions", guard=False)
-def _functions(cfg) -> Reward:
+@register_reward("functions", guard=False, checker=True)
+def _functions(cfg, checker: AnswerChecker = NUMERIC) -> Reward:
     """``reward.functions``: TRL-style functions, summed with ``reward.weights`` (rewards/functions.py)."""
-    return build_functions(cfg)
+    return build_functions(cfg, checker)
 
 
 # Not guarded: the rule is total and bounded (it never raises on model output), and the guard's
@@ -93,13 +101,14 @@ def _steps(cfg) -> Reward:
     )
 
 
-def build_reward(cfg, device: Optional[torch.device] = None) -> Optional[Reward]:
+def build_reward(cfg, device: Optional[torch.device] = None, *, checker: AnswerChecker = NUMERIC) -> Optional[Reward]:
     """The reward ``reward.name`` names; the torch modules it holds (a learned reward model) move to
-    ``device``, the run's, so they score where the policy runs."""
+    ``device``, the run's, so they score where the policy runs. ``checker``: the run's answer checker
+    (:func:`grpo_cli.rewards.checkers.answer_checker` of ``cfg.data``), which ``outcome`` uses."""
     if cfg.name not in REWARDS:
         raise UserError(f"reward.name: unknown reward '{cfg.name}': {nearest(cfg.name, REWARDS)}")
     factory = REWARDS[cfg.name]
-    reward = factory(cfg)
+    reward = factory(cfg, checker=checker) if getattr(factory, "takes_checker", False) else factory(cfg)
     if reward is None:
         return None
     if not isinstance(reward, Reward):  # a factory may return a plain function of a batch

@@ -47,6 +47,7 @@ from grpo_cli.models.load import (
 )
 from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.base import Reward
+from grpo_cli.rewards.checkers import answer_checker
 from grpo_cli.rewards.registry import build_reward, score_batch
 from grpo_cli.trainer.checkpoint import (
     Checkpointer,
@@ -298,7 +299,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
     device = dist.device
     algorithm = build_algorithm(cfg.algorithm)
-    reward = build_reward(cfg.reward, device)
+    checker = answer_checker(cfg.data)  # the run's answer rule: its outcome reward and its accuracy
+    reward = build_reward(cfg.reward, device, checker=checker)
     if algorithm.needs_rewards and reward is None:
         raise UserError(
             f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)"
@@ -320,6 +322,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         policy=policy,
         batch_size=cfg.trainer.batch_size,
         rollout=cfg.rollout,
+        checker=checker,
         seed=cfg.trainer.seed,
         run=run,
         rank=dist.rank,

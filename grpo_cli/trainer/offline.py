@@ -230,7 +230,8 @@ class OfflineSource(Source):
         run=None,
         rank: int = 0,
         world_size: int = 1,
-        **_,  # the sampled outputs end as the model ended them: no chat setting needed
+        **_,  # the sampled outputs end as the model ended them, and ``score`` labels them: no chat
+        # setting or answer checker needed
     ):
         check_divisible(batch_size, world_size, "trainer.batch_size")
         samples = load_or_sample(

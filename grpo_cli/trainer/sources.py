@@ -22,6 +22,7 @@ from grpo_cli.data.chat import end_of_turn_id
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
+from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 
 
@@ -177,11 +178,21 @@ class OnlineSource(Source):
     samples_each_step = True
 
     def __init__(
-        self, cfg, *, examples: List[Example], policy, rollout, seed: int, rank: int = 0, world_size: int = 1, **_
+        self,
+        cfg,
+        *,
+        examples: List[Example],
+        policy,
+        rollout,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        checker: AnswerChecker = NUMERIC,
+        **_,
     ):
         self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
-        self.P, self.G, self.rollout = cfg.prompts_per_step, cfg.group_size, rollout
+        self.P, self.G, self.rollout, self.checker = cfg.prompts_per_step, cfg.group_size, rollout, checker
         check_rollout(rollout, policy.device)
         check_divisible(self.P, world_size, "source.prompts_per_step")
         self.rank, self.world_size = rank, world_size
@@ -199,6 +210,7 @@ class OnlineSource(Source):
             policy.tokenizer,
             chosen,
             generator=self.generator,
+            checker=self.checker,
             group=torch.arange(len(questions)).repeat_interleave(self.G),
             **rollout_options(r),
         )
