@@ -154,7 +154,7 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
 
 def test_resume_of_a_finished_run_leaves_it_untouched_and_more_steps_train_on(sft_run, tmp_path, capsys):
     run = tmp_path / "run"
-    shutil.copytree(sft_run, run)  # the fixture is shared: resume a copy
+    shutil.copytree(sft_run, run, symlinks=True)  # the fixture is shared: resume a copy
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
     main(
         [
@@ -222,7 +222,7 @@ def test_a_lora_run_keeps_its_base_when_the_latest_link_moves(sft_run, tmp_path,
     import yaml
 
     runs = tmp_path / "runs" / "sft_arithmetic"
-    shutil.copytree(sft_run, runs / "a")
+    shutil.copytree(sft_run, runs / "a", symlinks=True)
     _noisy_copy(runs / "a", runs / "b", "checkpoints/final/model.safetensors")
     (runs / "latest").symlink_to("a", target_is_directory=True)
     monkeypatch.chdir(tmp_path)

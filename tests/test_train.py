@@ -71,7 +71,9 @@ def test_our_greedy_generation_equals_hf_generate(sft_run):
 
 
 def test_eval_on_a_run_writes_accuracy_and_samples(sft_run, tmp_path, capsys):
-    run = shutil.copytree(sft_run, tmp_path / "sft")  # eval writes into the run: not into the shared fixture
+    run = shutil.copytree(
+        sft_run, tmp_path / "sft", symlinks=True
+    )  # eval writes into the run: not into the shared fixture
     main(["eval", f"run={run}", "eval.limit=8", "trainer.threads=1"])
     assert not (sft_run / "eval").exists()
     result = json.loads((run / "eval" / "latest" / "eval.json").read_text())

@@ -4,6 +4,7 @@ mistakes get a one-line hint."""
 import dataclasses
 import json
 import re
+import shutil
 
 import pytest
 from conftest import REPO
@@ -167,6 +168,7 @@ def test_eval_output_dir_is_the_eval_output_dir(capsys):
 
 
 def test_each_evaluation_of_a_run_is_kept_and_latest_is_the_newest(sft_run, tmp_path, capsys):
+    sft_run = shutil.copytree(sft_run, tmp_path / "sft", symlinks=True)  # eval writes: not into the shared fixture
     evals = sft_run / "eval"
     data = tmp_path / "mine.jsonl"
     data.write_text(
