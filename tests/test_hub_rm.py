@@ -100,6 +100,10 @@ def test_other_vocabulary_is_retokenised_in_the_reward_models_chat_template(rm_d
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{PROMPTS[1]}<|im_end|>\n<|im_start|>assistant\n{COMPLETIONS[1]}<|im_end|>\n"
     )
+    batch.prompts = [f"Question: {q}Answer:" for q in PROMPTS]  # a prompt template the policy reads
+    batch.questions = list(PROMPTS)  # the questions as written in the data
+    seen.clear()
+    assert torch.allclose(reward(batch.select([0, 1, 2])), scores)  # the user's turn is the question
 
 
 def test_a_classifier_with_several_labels_is_refused(tmp_path, rm_dir):
@@ -117,14 +121,19 @@ def test_a_classifier_with_several_labels_is_refused(tmp_path, rm_dir):
 
 
 @pytest.mark.slow
-def test_grpo_trains_on_a_hub_reward_model_with_another_tokenizer(rm_dir, tmp_path):
+def test_grpo_trains_on_a_hub_reward_model_with_another_tokenizer(rm_dir, tmp_path, monkeypatch):
+    from grpo_cli.rewards.classifier import ClassifierReward
     from grpo_cli.trainer.loop import train
 
+    seen = []
+    text_rows = ClassifierReward.text_rows
+    monkeypatch.setattr(ClassifierReward, "text_rows", lambda self, batch: seen.append(batch) or text_rows(self, batch))
     cfg = compose(
         "grpo_arithmetic",
         "model.name_or_path=tiny",
         "reward=outcome_rm",
         f"reward.path={rm_dir}",
+        "data.prompt_template='Q: {question} A: '",
         "trainer.steps=2",
         "source.prompts_per_step=2",
         "source.group_size=3",
@@ -133,6 +142,21 @@ def test_grpo_trains_on_a_hub_reward_model_with_another_tokenizer(rm_dir, tmp_pa
     rows = metrics(train(cfg))
     assert len(rows) == 2 and all("reward_mean" in r for r in rows)
     assert rows[0]["reward_std"] > 0  # the model's real-valued scores
+    batch = seen[0]  # re-tokenised text (the tiny policy's characters are not its vocabulary)
+    assert batch.prompts == [f"Q: {q} A: " for q in batch.questions]  # its user turn: the data's question
+
+
+def test_stored_samples_carry_their_question(tmp_path):
+    from grpo_cli.data.types import Example
+    from grpo_cli.trainer.offline import samples_batch
+
+    examples = [Example("2+2", "Q: 2+2 A: ", "#### 4", "4")]
+    rows = [
+        {"question": 0, "prompt": "Q: 2+2 A: ", "prompt_ids": [1], "completion_ids": [2], "completion": "4"},
+        {"question": 0, "prompt": "other data", "prompt_ids": [1], "completion_ids": [2], "completion": "4"},
+    ]
+    rows = [{**r, "answer": "4", "reward": 1.0} for r in rows]
+    assert samples_batch(rows, torch.arange(2), 0, examples).questions == ["2+2", "other data"]
 
 
 def test_an_unreachable_hub_name_is_one_line(tmp_path):

@@ -175,8 +175,9 @@ class RewardConfig:
     as they are. Or a transformers sequence-classification model with one label (a hub name or a
     directory, as public reward models are shipped for ``AutoModelForSequenceClassification``), loaded
     frozen with its own tokenizer: with the policy's vocabulary it scores the sampled token ids;
-    otherwise each prompt and completion is re-tokenised as text, in its chat template when it has one
-    (the prompt as the user turn, the completion as the assistant's). Its logit is the reward."""
+    otherwise each row is re-tokenised as text: in its chat template when it has one (the question as
+    written in the data as the user's turn, the completion as the assistant's), else as the policy's
+    prompt + completion. Its logit is the reward."""
     correct: float = num(1.0)
     """Reward of a correct final answer."""
     incorrect: float = num(0.0)

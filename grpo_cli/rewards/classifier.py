@@ -2,11 +2,10 @@
 shipped: ``AutoModelForSequenceClassification``, one label, its own tokenizer and chat template).
 
 The model reads what it was trained on. When its tokenizer is the policy's (same vocabulary) it
-scores the batch's token ids as they are; otherwise each row's prompt and completion are decoded text
-(``batch.prompts`` / ``batch.completions``) re-tokenised with its own tokenizer, through its chat
-template when it has one (the prompt as the user turn, the completion as the assistant's), else as
-prompt + completion. The prompt is the policy's prompt text: a chat-rendered policy prompt is put
-in the user turn as it is.
+scores the batch's token ids as they are; otherwise each row is re-tokenised as text with its own
+tokenizer: through its chat template when it has one (the question as written in the data,
+``batch.questions``, as the user's turn, before the policy's prompt template or chat rendering; the
+completion as the assistant's), else as the policy's prompt + completion (``batch.prompts``).
 
 Either way the rows are right-padded and the model's own forward reads each row's last non-pad token
 (``config.pad_token_id``, set from its tokenizer when missing), as it did when it was trained.
@@ -94,11 +93,12 @@ class ClassifierReward(Reward):
         tok = self.tokenizer
         if not tok.chat_template:
             return tok([p + c for p, c in zip(batch.prompts, batch.completions)])["input_ids"]
+        questions = batch.questions or batch.prompts
         texts = [
             tok.apply_chat_template(
-                [{"role": "user", "content": p}, {"role": "assistant", "content": c}], tokenize=False
+                [{"role": "user", "content": q}, {"role": "assistant", "content": c}], tokenize=False
             )
-            for p, c in zip(batch.prompts, batch.completions)
+            for q, c in zip(questions, batch.completions)
         ]
         return tok(texts, add_special_tokens=False)["input_ids"]  # the template writes any BOS itself
 
