@@ -106,18 +106,33 @@ def test_other_vocabulary_is_retokenised_in_the_reward_models_chat_template(rm_d
     assert torch.allclose(reward(batch.select([0, 1, 2])), scores)  # the user's turn is the question
 
 
-def test_a_classifier_with_several_labels_is_refused(tmp_path, rm_dir):
+def _variant(rm_dir, out, **changes):
+    """The reward model's architecture and tokenizer saved to ``out`` with config ``changes``."""
     from transformers import AutoConfig, Qwen2ForSequenceClassification
 
+    config = AutoConfig.from_pretrained(rm_dir)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    Qwen2ForSequenceClassification(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((rm_dir / name).read_bytes())
+    return out
+
+
+def test_a_classifier_with_several_labels_is_refused(tmp_path, rm_dir):
     from grpo_cli.errors import UserError
 
-    config = AutoConfig.from_pretrained(rm_dir)
-    config.num_labels = 2
-    Qwen2ForSequenceClassification(config).save_pretrained(tmp_path / "two")
-    (tmp_path / "two" / "tokenizer.json").write_bytes((rm_dir / "tokenizer.json").read_bytes())
-    (tmp_path / "two" / "tokenizer_config.json").write_bytes((rm_dir / "tokenizer_config.json").read_bytes())
-    with pytest.raises(UserError, match="has 2 labels; an outcome reward model has one"):
-        _reward(tmp_path / "two")
+    with pytest.raises(UserError, match=r"^reward.path: '.*' has 2 labels; an outcome reward model has one"):
+        _reward(_variant(rm_dir, tmp_path / "two", num_labels=2))
+
+
+def test_a_missing_pad_token_id_is_taken_from_its_tokenizer(tmp_path, rm_dir):
+    from grpo_cli.models.tiny import build_tokenizer
+
+    reward = _reward(_variant(rm_dir, tmp_path / "nopad", pad_token_id=None))
+    assert reward.model.config.pad_token_id == reward.tokenizer.pad_token_id
+    reward.bind(build_tokenizer())
+    assert reward(_batch(build_tokenizer(), PROMPTS, COMPLETIONS)).shape == (3,)  # batched: needs the pad id
 
 
 @pytest.mark.slow

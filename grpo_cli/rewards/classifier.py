@@ -43,17 +43,22 @@ def is_classifier(path: Optional[str]) -> bool:
 
 def load_classifier(path: str):
     """(model, tokenizer) at ``path``: frozen, in eval mode, its ``pad_token_id`` set; one-line errors."""
-    from transformers import AutoModelForSequenceClassification  # deferred: only this reward needs it
+    from transformers import AutoConfig, AutoModelForSequenceClassification  # deferred: only this reward
 
     try:
+        # its config first: an unreachable hub fails once (~25 s of retries per file), and a model with
+        # several labels before its weights are fetched
+        config = AutoConfig.from_pretrained(path)
+        if config.num_labels != 1:
+            raise UserError(
+                f"reward.path: '{path}' has {config.num_labels} labels; an outcome reward model has one (a score)"
+            )
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype="auto", use_safetensors=True
+        )
         tok = load_tokenizer(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto", use_safetensors=True)
     except (OSError, ValueError) as e:
         raise UserError(f"reward.path: cannot load '{path}': {str(e).splitlines()[0]}") from None
-    if model.config.num_labels != 1:
-        raise UserError(
-            f"reward.path: '{path}' has {model.config.num_labels} labels; an outcome reward model has one (a score)"
-        )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     if tok.pad_token is None:
