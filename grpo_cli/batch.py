@@ -36,6 +36,10 @@ class Batch:
     columns: List[Mapping[str, Any]] = field(default_factory=list)
     """Each row's dataset fields (``Example.columns``), for reward functions that read them; empty
     when the batch's source has none (every row then has no columns)."""
+    questions: List[str] = field(default_factory=list)
+    """Each row's question as written in the data (``Example.question``), before any prompt template:
+    what a reward model with its own chat template reads as the user's turn. Empty when the batch's
+    source has none (readers then take ``prompts``)."""
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -62,6 +66,7 @@ class Batch:
             answers=pick(self.answers),
             group=self.group[index],
             columns=pick(self.columns) if self.columns else [],
+            questions=pick(self.questions) if self.questions else [],
             rewards=None if self.rewards is None else self.rewards[index],
             tensors={k: v[index] for k, v in self.tensors.items()},
             totals=dict(self.totals),

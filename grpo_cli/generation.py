@@ -452,6 +452,7 @@ def sample_batch(
         answers=[e.answer for e in examples],
         group=group,
         columns=[e.columns for e in examples],
+        questions=[e.question for e in examples],
     )
     n = max(1, len(gens))
     batch.stats.update(

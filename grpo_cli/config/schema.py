@@ -185,8 +185,14 @@ class RewardConfig:
     """``name=functions``, built-in ``format``: a Python regex searched for in each completion (by
     default the ``#### <answer>`` line the answer rule reads first)."""
     path: Optional[str] = None
-    """``name=outcome_rm``: a reward model trained with ``recipe=rm_arithmetic`` (its run or checkpoint
-    directory). It must share the policy's tokenizer: it scores the sampled token ids as they are."""
+    """``name=outcome_rm``: the reward model. Either one trained with ``recipe=rm_arithmetic`` (its run
+    or checkpoint directory), which must share the policy's tokenizer: it scores the sampled token ids
+    as they are. Or a transformers sequence-classification model with one label (a hub name or a
+    directory, as public reward models are shipped for ``AutoModelForSequenceClassification``), loaded
+    frozen with its own tokenizer: with the policy's vocabulary it scores the sampled token ids;
+    otherwise each row is re-tokenised as text: in its chat template when it has one (the question as
+    written in the data as the user's turn, the completion as the assistant's), else as the policy's
+    prompt + completion. Its logit is the reward."""
     correct: float = num(1.0)
     """Reward of a correct final answer."""
     incorrect: float = num(0.0)

@@ -9,6 +9,8 @@ probes it and no data source needs to know which reward a run uses:
   :func:`grpo_cli.rewards.registry.score_batch` adds first. Rewards stored with offline samples are
   per-output summaries: the trainer scores every batch again with such a reward.
 * ``modules``: the torch modules it holds (a learned reward model), moved to the run's device.
+* ``bind(tokenizer)``: called with the policy's tokenizer before every call; a reward model with its
+  own tokenizer decides there whether it can read the policy's token ids as they are.
 
 The trainer calls a reward through ``score_batch`` only (rewards/registry.py).
 """
@@ -31,6 +33,9 @@ class Reward:
 
     def __call__(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def bind(self, tokenizer) -> None:
+        """The policy's tokenizer (see the module docstring); most rewards read text and ignore it."""
 
 
 class FunctionReward(Reward):

@@ -86,6 +86,9 @@ class GuardedReward(Reward):
         self.abandoned: List[threading.Thread] = []
         self.warned: set = set()
 
+    def bind(self, tokenizer) -> None:
+        self.fn.bind(tokenizer)
+
     def __call__(self, batch) -> torch.Tensor:
         rewards, errors, timeouts = self.score(batch)
         batch.stats["reward_errors"] = errors

@@ -19,6 +19,7 @@ from grpo_cli.errors import UserError, nearest
 from grpo_cli.models.scorer import load_scorer, outcome_scores
 from grpo_cli.rewards.base import FunctionReward, Reward
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
+from grpo_cli.rewards.classifier import ClassifierReward, is_classifier, load_classifier
 from grpo_cli.rewards.functions import build_functions
 from grpo_cli.rewards.guard import GuardedReward, import_function
 from grpo_cli.rewards.process import CHECKERS, char_ends, learned_process_rewards, rule_process_rewards
@@ -122,6 +123,7 @@ def build_reward(cfg, device: Optional[torch.device] = None, *, checker: AnswerC
 
 def score_batch(reward: Reward, batch: Batch, tokenizer) -> torch.Tensor:
     """The one way a reward is called: first what it declares it reads, then ``reward(batch)`` [B]."""
+    reward.bind(tokenizer)
     if reward.per_step and "char_ends" not in batch.tensors:
         batch.tensors["char_ends"] = char_ends(
             tokenizer, batch.completion_token_ids(), batch.completions, batch.completion_mask
@@ -150,7 +152,10 @@ def learned_reward(
 
 @register_reward("outcome_rm", guard=False)  # a model's calls may be slow, and must not fail silently
 def _outcome_rm(cfg) -> Reward:
-    """A learned outcome reward model (``reward.path``): its score at the last token of each output."""
+    """A learned outcome reward model (``reward.path``): its score at the last token of each output;
+    a transformers sequence-classification model (a hub reward model) scores with its own tokenizer."""
+    if is_classifier(cfg.path):
+        return ClassifierReward(*load_classifier(cfg.path), name=cfg.name)
     return learned_reward(cfg, "outcome", lambda batch, scores: outcome_scores(scores))
 
 

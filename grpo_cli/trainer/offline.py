@@ -188,16 +188,30 @@ def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int, examples
         group=group,
         rewards=torch.tensor([float(r["reward"]) for r in rows]),
         columns=[columns_of(r, examples) for r in rows],
+        questions=[question_of(r, examples) for r in rows],
     )
 
 
-def columns_of(sample: Sample, examples: Sequence[Example]) -> Mapping[str, Any]:
-    """The dataset columns of a stored sample's question; none when ``source.samples`` came from
-    other data (its question index then names another prompt, or none)."""
+def example_of(sample: Sample, examples: Sequence[Example]) -> Optional[Example]:
+    """The example of a stored sample's question; None when ``source.samples`` came from other data
+    (its question index then names another prompt, or none)."""
     q = sample["question"]
     if isinstance(q, int) and 0 <= q < len(examples) and examples[q].prompt == sample.get("prompt"):
-        return examples[q].columns
-    return {}
+        return examples[q]
+    return None
+
+
+def columns_of(sample: Sample, examples: Sequence[Example]) -> Mapping[str, Any]:
+    """The dataset columns of a stored sample's question; none when it is not one of ``examples``."""
+    example = example_of(sample, examples)
+    return example.columns if example is not None else {}
+
+
+def question_of(sample: Sample, examples: Sequence[Example]) -> str:
+    """A stored sample's question as written in the data; its stored prompt when it is not one of
+    ``examples``."""
+    example = example_of(sample, examples)
+    return example.question if example is not None else sample["prompt"]
 
 
 def split_heldout(samples: List[Sample], share: float, seed: int) -> Tuple[List[Sample], List[Sample]]:

@@ -159,6 +159,7 @@ class DatasetSource(Source):
             answers=[r[0].answer for r in rows],
             group=torch.arange(len(rows)),
             columns=[r[0].columns for r in rows],
+            questions=[r[0].question for r in rows],
         )
 
     def state_dict(self) -> Dict[str, Any]:
