@@ -84,3 +84,40 @@ def test_the_hub_model_offline_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: model.name_or_path: cannot load 'Qwen/Qwen2.5-0.5B-Instruct'"), lines
     assert not (tmp_path / "run").exists()
+
+
+MATH_ROWS = [
+    ("What is $\\frac{1}{2} + \\frac{1}{4}$?", "Add them: $\\frac{2}{4} + \\frac{1}{4} = \\boxed{\\frac{3}{4}}$."),
+    ("Compute $\\sqrt{12}$ in simplest form.", "$\\sqrt{12} = \\sqrt{4 \\cdot 3} = \\boxed{2\\sqrt{3}}$."),
+    ("Solve $2x + 3 = 7$.", "Then $2x = 4$, so $x = \\boxed{2}$."),
+    ("What is $3^2$?", "$3^2 = \\boxed{9}$."),
+]
+
+
+@pytest.mark.slow
+def test_grpo_on_math_with_math_verify(real_model, tmp_path):
+    data = tmp_path / "math"
+    data.mkdir()
+    for split in ("train", "test"):
+        rows = "".join(json.dumps({"problem": q, "solution": s}) + "\n" for q, s in MATH_ROWS)
+        (data / f"{split}.jsonl").write_text(rows)
+    main(
+        [
+            "train",
+            "recipe=grpo_math",
+            f"model.name_or_path={real_model}",
+            f"data.path={data}",
+            "trainer.steps=1",
+            "source.prompts_per_step=2",
+            "source.group_size=2",
+            "trainer.grad_accum=2",
+            f"output_dir={tmp_path / 'grpo'}",
+            *SMALL,
+        ]
+    )
+    main(["eval", f"run={tmp_path / 'grpo'}", "eval.limit=4"])
+    result = json.loads((tmp_path / "grpo" / "eval" / "latest" / "eval.json").read_text())
+    assert result["data"] == "math" and result["checker"] == "math" and result["total"] == 4
+    rows = [json.loads(x) for x in (tmp_path / "grpo" / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in rows] == ["\\frac{3}{4}", "2\\sqrt{3}", "2", "9"]  # the references' boxes
+    assert "within \\boxed{}" in rows[0]["prompt"] and rows[0]["prompt"].startswith("<|im_start|>")
