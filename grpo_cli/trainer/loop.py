@@ -295,27 +295,24 @@ def advance(progress: RunState, step: int, skipped: int, tokens: int, t_start: f
     progress.seconds = time.perf_counter() - t_start
 
 
-def train_on(cfg: DictConfig, dist: Dist) -> Path:
-    """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
-    device = dist.device
-    algorithm = build_algorithm(cfg.algorithm)
-    checker = answer_checker(cfg.data)  # the run's answer rule: its outcome reward and its accuracy
-    reward = build_reward(cfg.reward, device, checker=checker)
-    if algorithm.needs_rewards and reward is None:
-        raise UserError(
-            f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome (or another)"
-        )
-    check_precision(cfg.trainer.precision, device, dist.rank)
-    resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
-    if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
-        return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
-    record_start(cfg, resume_from)
-    loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
-    examples = load_examples(cfg.data, "train", loaded[1])  # prompts rendered for this tokenizer
-    run = on_main(create_run_dir, cfg)
-    with open_dict(cfg):
-        cfg.output_dir = str(run)  # every rank's config names rank 0's run directory
-    policy = build_policy(cfg, algorithm, run, device, loaded)
+def metrics_row(step: int, lr: float, progress: RunState, batch: Batch, metrics, timers: Timers) -> Dict:
+    """One line of metrics.jsonl: the step, the run's counters, the batch's and the update's metrics,
+    the phases' times (and GPU memory peaks)."""
+    return {
+        "step": step,
+        "lr": lr,
+        "tokens": progress.tokens,
+        "seconds": round(progress.seconds, 3),
+        "skipped_steps": progress.skipped_steps,
+        **batch.stats,
+        **metrics,
+        **timers.seconds,
+        **timers.gpu_mem,
+    }
+
+
+def make_source(cfg: DictConfig, examples, policy: Policy, reward, checker, run: Path, dist: Dist) -> Source:
+    """The run's data source over ``examples``; an offline one samples now, scored by the run's reward."""
     source = build_source(
         cfg.source,
         examples=examples,
@@ -327,19 +324,41 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
         run=run,
         rank=dist.rank,
         world_size=dist.world_size,
-        chat=chat_enabled(cfg.data.chat_template, loaded[1]),
+        chat=chat_enabled(cfg.data.chat_template, policy.tokenizer),
         score=functools.partial(score_batch, reward, tokenizer=policy.tokenizer) if reward is not None else None,
     )
     if source.skipped:
         console.print(
             f"[yellow]warning:[/yellow] {source.skipped} training examples skipped: longer than the model's context"
         )
+    return source
+
+
+def train_on(cfg: DictConfig, dist: Dist) -> Path:
+    """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
+    device = dist.device
+    algorithm = build_algorithm(cfg.algorithm)
+    checker = answer_checker(cfg.data)  # the run's answer rule: its outcome reward and its accuracy
+    reward = build_reward(cfg.reward, device, checker=checker)
+    if algorithm.needs_rewards and reward is None:
+        raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome")
+    check_precision(cfg.trainer.precision, device, dist.rank)
+    resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
+    if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
+        return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
+    record_start(cfg, resume_from)
+    loaded = load_model_and_tokenizer(cfg.model)  # before the run directory: a bad path leaves nothing behind
+    examples = load_examples(cfg.data, "train", loaded[1])  # prompts rendered for this tokenizer
+    run = on_main(create_run_dir, cfg)
+    with open_dict(cfg):
+        cfg.output_dir = str(run)  # every rank's config names rank 0's run directory
+    policy = build_policy(cfg, algorithm, run, device, loaded)
+    source = make_source(cfg, examples, policy, reward, checker, run, dist)
     # after sampling: a reward model's head, PPO's value model; then the replicas start equal (fsdp: sharded)
     policy = dist.prepare(algorithm.setup(policy))
     opt, sched = build_optimizer(policy.trainable(), cfg.trainer, algorithm.updates_per_batch)
-    ckpt = Checkpointer(
-        run, policy, opt, sched, source, algorithm, cfg.trainer.keep_checkpoints, cfg.trainer.seed, dist
-    )
+    keep, seed = cfg.trainer.keep_checkpoints, cfg.trainer.seed
+    ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, keep, seed, dist)
     progress = ckpt.restore(resume_from) if resume_from else RunState()  # RNG states last: nothing may draw after
     log = MetricsLog(run, resume_step=progress.step if resume_from else None, enabled=dist.is_main)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
@@ -354,17 +373,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
                 cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer
             )
             advance(progress, step, metrics.pop("skipped"), int(dist.sum(float(batch.attention_mask.sum()))), t_start)
-            row = {
-                "step": step,
-                "lr": sched.get_last_lr()[0],
-                "tokens": progress.tokens,
-                "seconds": round(progress.seconds, 3),
-                "skipped_steps": progress.skipped_steps,
-                **batch.stats,
-                **metrics,
-                **timers.seconds,
-                **timers.gpu_mem,
-            }
+            row = metrics_row(step, sched.get_last_lr()[0], progress, batch, metrics, timers)
             if step == cfg.trainer.steps or (cfg.trainer.eval_every and step % cfg.trainer.eval_every == 0):
                 row.update(evaluate_heldout(source, reward, algorithm, policy, device))
             row = dist.mean_metrics(row)  # each rank measured its slice
@@ -374,9 +383,8 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
             stop_if_diverging(progress, metrics, step, cfg.trainer.max_bad_steps, run)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
                 ckpt.save(f"step_{step:06d}", progress)
-            if dist.any(
-                stop.signum is not None
-            ):  # all ranks stop at the same step; a saved checkpoint is not rewritten
+            # all ranks stop at the same step; a saved checkpoint is not rewritten
+            if dist.any(stop.signum is not None):
                 path = ckpt.save(f"step_{step:06d}", progress)
                 raise Interrupted(interrupted_message(step, path, run), stop.signum or signal.SIGTERM)
         ckpt.save("final", progress)
