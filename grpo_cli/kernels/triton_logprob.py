@@ -116,24 +116,10 @@ def _fwd_kernel(
     for v0 in range(v_start, v_stop, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         mask_v = offs_v < v_stop
-        z = _logits_tile(
-            h_ptr,
-            w_ptr,
-            b_ptr,
-            offs_n,
-            mask_n,
-            offs_v,
-            mask_v,
-            H,
-            stride_h,
-            stride_w,
-            inv_temp,
-            HAS_BIAS,
-            BLOCK_N,
-            BLOCK_V,
-            BLOCK_H,
-            DOT_PRECISION,
-        )
+        # fmt: off
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_h, stride_w,
+                         inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+        # fmt: on
         z = tl.where(mask_v[None, :], z, float("-inf"))
         zt += tl.sum(tl.where(offs_v[None, :] == ids[:, None], z, 0.0), axis=1)
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -182,24 +168,10 @@ def _grad_logits_kernel(
     offs_v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_n = offs_n < N
     mask_v = offs_v < V
-    z = _logits_tile(
-        h_ptr,
-        w_ptr,
-        b_ptr,
-        offs_n,
-        mask_n,
-        offs_v,
-        mask_v,
-        H,
-        stride_h,
-        stride_w,
-        inv_temp,
-        HAS_BIAS,
-        BLOCK_N,
-        BLOCK_V,
-        BLOCK_H,
-        DOT_PRECISION,
-    )
+    # fmt: off
+    z = _logits_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, stride_h, stride_w,
+                     inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_PRECISION)
+    # fmt: on
     logp = z - tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     p = tl.exp(logp)
     g = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
