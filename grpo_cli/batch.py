@@ -23,8 +23,10 @@ class Batch:
     group: torch.Tensor  # [B] long: sequences with the same id answer the same prompt
     rewards: Optional[torch.Tensor] = None  # [B] outcome reward of each completion
     tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
-    """Per-sequence tensors added by the algorithm's ``prepare`` (old/ref log-probs, advantages...),
-    each with B as its first dimension so they split with the batch."""
+    """Per-sequence tensors, each with B as its first dimension so they split with the batch. The
+    sampler adds ``truncated`` [B] bool (the completion hit ``max_new_tokens`` without a stop token);
+    a weighted sum of reward functions adds ``reward/<name>`` [B] (each function's own score, NaN
+    where it does not apply); the algorithm's ``prepare`` adds old/ref log-probs, advantages..."""
     totals: Dict[str, float] = field(default_factory=dict)
     """Whole-batch counts (sequences, completion tokens) so a micro-batch loss normalises like the
     full batch: the micro-batch losses then simply add up. Sources may add settings the loss needs

@@ -453,6 +453,7 @@ def sample_batch(
         group=group,
         columns=[e.columns for e in examples],
         questions=[e.question for e in examples],
+        tensors={"truncated": torch.tensor([not g.finished for g in gens], dtype=torch.bool)},
     )
     n = max(1, len(gens))
     batch.stats.update(

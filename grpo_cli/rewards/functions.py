@@ -143,6 +143,7 @@ def build_functions(cfg, checker: AnswerChecker = NUMERIC) -> Reward:
             values = torch.tensor(rewards, dtype=torch.float32)
             applies = ~values.isnan()
             total += weight * torch.where(applies, values, torch.zeros_like(values))
+            batch.tensors[f"reward/{name}"] = values  # each row's own score: the completion tables show it
             if applies.any():
                 batch.stats[f"reward_{name}"] = float(values[applies].mean())
         batch.stats.update(reward_errors=errors, reward_timeouts=timeouts)
