@@ -20,6 +20,7 @@ from typing import List, Optional
 import typer
 from omegaconf import OmegaConf
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from grpo_cli.config.compose import PACKAGE_CONF, compose_file, compose_run, split_recipe
@@ -164,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         err.print(str(e), highlight=False)
         sys.exit(e.exit_code)
     except UserError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # "[wandb]" is text, not markup
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")

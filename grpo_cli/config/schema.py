@@ -542,6 +542,21 @@ class LoggingConfig:
     """Draw ``curves.png`` at the end."""
     main_metric: Optional[str] = None
     """Metric drawn beside the loss; None lets the algorithm choose."""
+    # --- trackers and completion tables (grpo_cli/tracking.py) ---
+    backends: List[str] = field(default_factory=list)
+    """Experiment trackers that get the metrics, the completion tables and the config, besides
+    metrics.jsonl (always written): any of ``tensorboard`` (event files in ``<run>/tensorboard``),
+    ``wandb``, ``trackio``, ``mlflow``. Each needs its package: ``pip install "grpo-cli[wandb]"``."""
+    project: str = "grpo-cli"
+    """The trackers' project (wandb, trackio) or experiment (mlflow) the run is logged under."""
+    run_name: Optional[str] = None
+    """The run's name in the trackers; None: the run directory's name."""
+    completions_every: Optional[int] = num(None, ge=0)
+    """Write the batch's sampled completions with their rewards and advantages to
+    ``<run>/completions/step_<N>.jsonl`` (and each tracker's table) every N steps; 0 never; None
+    every step of a source that samples from the policy being trained, never for an offline one."""
+    completions_max: int = num(64, ge=1)
+    """Rows per completion table at most: the batch's first rows, whole groups where one fits."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from grpo_cli.algorithms import Algorithm, build_algorithm
 from grpo_cli.batch import Batch
@@ -49,6 +49,7 @@ from grpo_cli.models.policy import Policy, autocast, bf16_warning
 from grpo_cli.rewards.base import Reward
 from grpo_cli.rewards.checkers import answer_checker
 from grpo_cli.rewards.registry import build_reward, score_batch
+from grpo_cli.tracking import RunLog, check_backends, open_run_log
 from grpo_cli.trainer.checkpoint import (
     Checkpointer,
     RunState,
@@ -63,7 +64,7 @@ from grpo_cli.trainer.checkpoint import (
 from grpo_cli.trainer.distributed import LOCAL, Dist, init_distributed, is_main, on_main
 from grpo_cli.trainer.memory import HeapTrimmer, bound_onednn_cache
 from grpo_cli.trainer.optim import build_optimizer
-from grpo_cli.trainer.run import MetricsLog, ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
+from grpo_cli.trainer.run import ProgressBar, atomic_replace_dir, console, create_run_dir, plot_curves
 from grpo_cli.trainer.source_registry import build_source
 from grpo_cli.trainer.sources import Source
 
@@ -334,6 +335,16 @@ def make_source(cfg: DictConfig, examples, policy: Policy, reward, checker, run:
     return source
 
 
+def run_log(cfg: DictConfig, run: Path, resume_step: Optional[int], dist: Dist, sampled: bool) -> RunLog:
+    """metrics.jsonl, the completion tables and the chosen trackers (rank 0 only), given the config."""
+    lg = cfg.logging
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return open_run_log(
+        run, lg.backends, lg.project, lg.run_name, config, resume_step, dist.is_main,
+        lg.completions_every, lg.completions_max, sampled,
+    )  # fmt: skip
+
+
 def train_on(cfg: DictConfig, dist: Dist) -> Path:
     """The run as one rank sees it (the only one, without torchrun); rank 0 writes the run directory."""
     device = dist.device
@@ -343,6 +354,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     if algorithm.needs_rewards and reward is None:
         raise UserError(f"reward: algorithm '{algorithm.name}' needs a reward function; set reward=outcome")
     check_precision(cfg.trainer.precision, device, dist.rank)
+    check_backends(cfg.logging.backends)  # a missing tracker package fails before anything is written
     resume_from = on_main(resolve_resume, cfg)  # the checkpoint to continue from; output_dir becomes its run
     if resume_from is not None and finished_step(resume_from, cfg.trainer.steps) is not None:
         return already_complete(resume_from, cfg.trainer.steps)  # nothing written: config.yaml, metrics, checkpoints
@@ -360,14 +372,13 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
     keep, seed = cfg.trainer.keep_checkpoints, cfg.trainer.seed
     ckpt = Checkpointer(run, policy, opt, sched, source, algorithm, keep, seed, dist)
     progress = ckpt.restore(resume_from) if resume_from else RunState()  # RNG states last: nothing may draw after
-    log = MetricsLog(run, resume_step=progress.step if resume_from else None, enabled=dist.is_main)
     main_metric = cfg.logging.main_metric or algorithm.main_metric
     console.print(f"[bold]run[/bold] {run}  method={algorithm.name} source={cfg.source.name} reward={cfg.reward.name}")
     t_start = time.perf_counter() - progress.seconds
     show = cfg.logging.progress and dist.is_main
-    sampled = source.samples_each_step
-    trimmer = HeapTrimmer(sampled) if cfg.trainer.trim_memory and device.type == "cpu" else None
-    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar:
+    log = run_log(cfg, run, progress.step if resume_from else None, dist, source.samples_each_step)
+    trimmer = HeapTrimmer(source.samples_each_step) if cfg.trainer.trim_memory and device.type == "cpu" else None
+    with StopOnSignal() as stop, ProgressBar(cfg.trainer.steps, show, ["loss", main_metric]) as bar, log:
         for step in range(progress.step + 1, cfg.trainer.steps + 1):
             batch, metrics, timers = train_step(
                 cfg, source, reward, algorithm, policy, opt, sched, device, dist, trimmer
@@ -379,6 +390,7 @@ def train_on(cfg: DictConfig, dist: Dist) -> Path:
             row = dist.mean_metrics(row)  # each rank measured its slice
             if step % cfg.logging.log_every == 0 or step == cfg.trainer.steps:
                 log.write(row)
+            log.completions(batch, step)  # after prepare: the rows' advantages exist
             bar.update(step, row)
             stop_if_diverging(progress, metrics, step, cfg.trainer.max_bad_steps, run)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:

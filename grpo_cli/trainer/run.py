@@ -4,6 +4,7 @@
     <run>/metrics.jsonl         one JSON object per logged step
     <run>/checkpoints/step_N/   periodic checkpoints (last K kept); checkpoints/final/ at the end
     <run>/curves.png            loss and the method's main metric
+    <run>/completions/          sampled completions with their rewards (grpo_cli/tracking.py)
 
 Runs without an ``output_dir`` go to ``runs/<recipe>/<timestamp>``, and ``runs/<recipe>/latest``
 points at the newest, so a recipe can start from another's latest run.
@@ -11,8 +12,6 @@ points at the newest, so a recipe can start from another's latest run.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import sys
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from grpo_cli.console import console
+from grpo_cli.tracking import read_metrics
 
 
 def default_run_dir(recipe: str) -> Path:
@@ -45,45 +45,6 @@ def create_run_dir(cfg: DictConfig) -> Path:
         cfg.output_dir = str(run)
     (run / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     return run
-
-
-class MetricsLog:
-    """Appends one JSON line per step and keeps the history for the final plot.
-
-    Resuming from step N (``resume_step=N``) keeps the rows up to N and drops the later ones, which
-    the resumed run writes again; the file is rewritten atomically. ``enabled=False`` (the ranks
-    other than 0 of a data-parallel run) keeps the rows in memory only.
-    """
-
-    def __init__(self, run: Path, resume_step: Optional[int] = None, enabled: bool = True):
-        self.path, self.enabled = run / "metrics.jsonl", enabled
-        self.history: List[Dict[str, float]] = []
-        if enabled and resume_step is not None and self.path.exists():
-            self.history = [row for row in read_metrics(self.path) if row.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(".tmp-metrics.jsonl")
-            tmp.write_text("".join(json.dumps(row) + "\n" for row in self.history))
-            os.replace(tmp, self.path)
-
-    def write(self, row: Dict[str, float]) -> None:
-        clean = {k: (v if isinstance(v, (int, str)) or math.isfinite(v) else None) for k, v in row.items()}
-        self.history.append(clean)
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
-
-
-def read_metrics(path: Path) -> List[Dict[str, float]]:
-    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def last_row(run_dir: Path) -> Dict[str, float]:
