@@ -152,7 +152,8 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     """A Weights & Biases run (``WANDB_MODE=offline`` writes it locally, ``wandb sync`` uploads it).
-    Its id is kept in ``<run>/wandb_id``: a resumed run continues the same wandb run."""
+    Its id is kept in ``<run>/wandb_id``: a resumed run continues the same wandb run (the steps logged
+    between its last checkpoint and a crash are logged again; ``step`` is every chart's x axis)."""
 
     def __init__(self, run: Path, project: str, name: str, resume_step: Optional[int]):
         import wandb
@@ -327,6 +328,7 @@ def completion_rows(batch: Batch, step: int, max_rows: int) -> List[Row]:
         adv = (adv * mask).sum(-1) / mask.sum(-1) if adv.dim() == 2 else adv  # [n]: the row's mean
     per_fn = {k.split("/", 1)[1]: v[:n].float().cpu() for k, v in batch.tensors.items() if k.startswith("reward/")}
     truncated = batch.tensors.get("truncated")
+    truncated = truncated[:n].cpu() if truncated is not None else None
     rewards = None if batch.rewards is None else batch.rewards[:n].float().cpu()
     return [
         {

@@ -4,6 +4,7 @@ and completion files."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -93,9 +94,10 @@ def test_completion_files_rewritten_after_the_resume_point(tmp_path):
     assert sorted(p.name for p in (tmp_path / "completions").iterdir()) == ["step_000001.jsonl", "step_000002.jsonl"]
 
 
-def log_steps(run, backends, steps, resume_step=None, loss=lambda s: 1.0 / s, **kw):
+def log_steps(run, backends, steps, resume_step=None, loss=lambda s: 1.0 / s):
     """A RunLog over ``backends`` writing ``loss``, ``reward_mean``, ``lr`` and a completion table per step."""
-    with open_run_log(run, backends, "proj", None, {"trainer": {"lr": 0.1}}, resume_step, True, 1, 64, True, **kw) as log:
+    config = {"trainer": {"lr": 0.1}}
+    with open_run_log(run, backends, "proj", None, config, resume_step, True, 1, 64, True) as log:
         for s in steps:
             log.write({"step": s, "loss": loss(s), "reward_mean": 0.5 * s, "lr": 0.1, "note": "x"})
             log.completions(hand_batch(), s)
@@ -164,7 +166,7 @@ def test_mlflow_file_store(tmp_path, monkeypatch):
     run_id = (tmp_path / "mlflow_id").read_text()
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 0.5)]
     assert [m.step for m in client.get_metric_history(run_id, "reward_mean")] == [1, 2]
-    arts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "completions")}
+    arts = {a.path for folder in (None, "completions") for a in client.list_artifacts(run_id, folder)}
     assert "config.json" in arts and "completions/step_000002.json" in arts
     assert client.get_run(run_id).info.run_name == tmp_path.name  # default name: the run directory's
 
@@ -174,6 +176,7 @@ import sys, json
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from test_tracking import log_steps
+Path(sys.argv[1]).mkdir()
 log_steps(Path(sys.argv[1]), ["trackio"], [1, 2])
 from trackio.sqlite_storage import SQLiteStorage
 logs = SQLiteStorage.get_logs("proj", Path(sys.argv[1]).name)
@@ -226,16 +229,15 @@ def test_grpo_run_writes_tensorboard_events_and_completions(sft_run, tmp_path):
 
     from grpo_cli.trainer.loop import train
 
-    cfg = compose(
-        "grpo_arithmetic",
+    common = [
         f"model.name_or_path={sft_run}",
-        f"output_dir={tmp_path / 'g'}",
         "logging.backends=[tensorboard]",
         "trainer.steps=2",
         "source.prompts_per_step=2",
         "source.group_size=4",
-    )
-    run = train(cfg)
+        "trainer.save_every=1",
+    ]
+    run = train(compose("grpo_arithmetic", *common, f"output_dir={tmp_path / 'g'}"))
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss")] == [1, 2]
@@ -247,3 +249,12 @@ def test_grpo_run_writes_tensorboard_events_and_completions(sft_run, tmp_path):
         assert all(r["reward"] in (0.0, 1.0) and r["length"] > 0 and math.isfinite(r["advantage"]) for r in rows)
         groups = [r["group"] for r in rows]
         assert len(set(groups[:4])) == len(set(groups[4:])) == 1 and groups[0] != groups[4]  # 2 prompts x 4
+    # killed after the step-1 checkpoint: the resumed run writes step 2's table and scalars again, once
+    for name in ("final", "step_000002"):
+        shutil.rmtree(run / "checkpoints" / name)
+    (run / "completions" / "step_000002.jsonl").write_text("stale\n")
+    train(compose("grpo_arithmetic", *common, f"output_dir={run}", "resume=true"))
+    assert json.loads((run / "completions" / "step_000002.jsonl").read_text().splitlines()[0])["step"] == 2
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [1, 2]
