@@ -338,11 +338,18 @@ def make_source(cfg: DictConfig, examples, policy: Policy, reward, checker, run:
 def run_log(cfg: DictConfig, run: Path, resume_step: Optional[int], dist: Dist, sampled: bool) -> RunLog:
     """metrics.jsonl, the completion tables and the chosen trackers (rank 0 only), given the config."""
     lg = cfg.logging
-    config = OmegaConf.to_container(cfg, resolve=True)
     return open_run_log(
-        run, lg.backends, lg.project, lg.run_name, config, resume_step, dist.is_main,
-        lg.completions_every, lg.completions_max, sampled,
-    )  # fmt: skip
+        run,
+        backends=lg.backends,
+        project=lg.project,
+        name=lg.run_name,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        resume_step=resume_step,
+        enabled=dist.is_main,
+        completions_every=lg.completions_every,
+        completions_max=lg.completions_max,
+        samples_each_step=sampled,
+    )
 
 
 def train_on(cfg: DictConfig, dist: Dist) -> Path:
