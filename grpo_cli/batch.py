@@ -161,3 +161,17 @@ def _row_tensor(batch: Batch, key: str, T: int) -> torch.Tensor:
     left-padded with 0 to [B, T-k, ...]."""
     x = batch.tensors[key]
     return x if x.dim() == 1 else left_pad(x, T - (batch.input_ids.shape[1] - x.shape[1]))
+
+
+def drop_pad_columns(batch: Batch) -> Batch:
+    """``batch`` without the leading columns that are padding in every row (rows picked out of a wider
+    batch keep its T); token-aligned ``tensors`` ([B, T-k, ...], right-aligned) lose as many columns."""
+    first = int(batch.attention_mask.any(0).long().argmax()) if len(batch) else 0
+    cut = lambda x: x[:, first:]  # noqa: E731
+    return replace(
+        batch,
+        input_ids=cut(batch.input_ids),
+        attention_mask=cut(batch.attention_mask),
+        completion_mask=cut(batch.completion_mask),
+        tensors={k: v if v.dim() == 1 else cut(v) for k, v in batch.tensors.items()},
+    )

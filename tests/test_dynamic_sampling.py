@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import compose, rows
 
-from grpo_cli.batch import Batch, concat_batches, pack
+from grpo_cli.batch import Batch, concat_batches, drop_pad_columns, pack
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.trainer import loop
@@ -97,6 +97,14 @@ def test_concat_batches_left_pads_to_the_longest_and_keeps_groups_apart():
     assert out.completions == ["7", "8", "7 7", "8"] and out.questions == ["q0", "q1", "q0", "q1"]
 
 
+def test_drop_pad_columns_cuts_what_is_padding_in_every_row():
+    batch = mini_batch([[5], [6, 6]], [[7], [8]], [0, 0], truncated=B([True, False]), step=B([[0, 0, 1], [0, 2, 3]]))
+    batch = batch.select([0])  # keeps T = 3: one leading column of padding
+    out = drop_pad_columns(batch)
+    assert out.input_ids.tolist() == [[5, 7]] and out.completion_mask.tolist() == [[0, 1]]
+    assert out.tensors["step"].tolist() == [[0, 1]] and out.tensors["truncated"].tolist() == [True]
+
+
 # --- the online source: a fake sampler (one token per answer) and a reward set per question ---
 
 
@@ -152,7 +160,7 @@ def test_the_source_drops_flat_groups_and_samples_until_the_batch_is_full():
     assert batch.group.tolist() == [0] * 4 + [1] * 4
     assert batch.rewards.tolist() == SIGNAL + SIGNAL
     assert not flat_groups(batch.rewards, batch.group).any()
-    assert batch.input_ids.shape == (8, 5)  # round 2 (q3: 4 tokens) sets T: its all-pad columns stay
+    assert batch.input_ids.shape == (8, 4)  # round 2's T was 5 (q3: 4 tokens): its all-pad column dropped
     assert batch.completion_mask.sum(1).tolist() == [3] * 4 + [2] * 4
     assert batch.tensors["truncated"].tolist() == [False] * 4 + [True] * 4
     assert batch.stats == {

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grpo_cli.batch import Batch, concat_batches, pack
+from grpo_cli.batch import Batch, concat_batches, drop_pad_columns, pack
 from grpo_cli.data.chat import end_of_turn_id
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
@@ -257,9 +257,8 @@ class OnlineSource(Source):
             questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
             batch = self.sample(policy, questions) if short else None
         chosen = choose_groups([f for f in flat if len(f)], target)
-        kept = concat_batches(
-            [b.select(rows_of_groups(b.group, c)) for b, c in zip(rounds, chosen) if c], policy.tokenizer.pad_token_id
-        )
+        parts = [b.select(rows_of_groups(b.group, c)) for b, c in zip(rounds, chosen) if c]
+        kept = drop_pad_columns(concat_batches(parts, policy.tokenizer.pad_token_id))  # a dropped long row's width
         kept.stats = {**sample_stats(kept, self.checker), **round_stats(flat, sum(map(len, rounds)), target)}
         return kept
 
