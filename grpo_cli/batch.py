@@ -117,3 +117,61 @@ def pack(
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T] positions counted from each row's first real token (0 on left padding)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(x: torch.Tensor, T: int, value: int = 0) -> torch.Tensor:
+    """[B, t, ...] -> [B, T, ...] with ``value`` prepended on dim 1 (sequences stay right-aligned)."""
+    pad = x.new_full((x.shape[0], T - x.shape[1], *x.shape[2:]), value)
+    return torch.cat([pad, x], dim=1)
+
+
+def concat_batches(batches: Sequence[Batch], pad_id: int) -> Batch:
+    """The rows of several batches as one: token tensors left-padded to the longest T; group ids
+    renumbered 0..K-1 across the batches (each batch's groups stay apart); per-row
+    ``tensors`` concatenated, those with a time dimension ([B, T-k, ...]) left-padded with 0 like the
+    masks. ``totals`` and ``stats`` are the first batch's: a caller that merges batches recomputes
+    what its stats measure. ``rewards`` only when every batch has them."""
+    T = max(b.input_ids.shape[1] for b in batches)
+    groups, offset = [], 0
+    for b in batches:  # each batch's ids renumbered 0..k-1 (in id order), after the previous batches' ones
+        ids, dense = torch.unique(b.group, return_inverse=True)
+        groups.append(dense + offset)
+        offset += len(ids)
+    seq = lambda name, v: torch.cat([left_pad(getattr(b, name), T, v) for b in batches])  # noqa: E731
+    rows = lambda name: [v for b in batches for v in getattr(b, name)]  # noqa: E731
+    return Batch(
+        input_ids=seq("input_ids", pad_id),
+        attention_mask=seq("attention_mask", 0),
+        completion_mask=seq("completion_mask", 0),
+        prompts=rows("prompts"),
+        completions=rows("completions"),
+        answers=rows("answers"),
+        group=torch.cat(groups),
+        rewards=None if any(b.rewards is None for b in batches) else torch.cat([b.rewards for b in batches]),
+        tensors={k: torch.cat([_row_tensor(b, k, T) for b in batches]) for k in batches[0].tensors},
+        totals=dict(batches[0].totals),
+        stats=dict(batches[0].stats),
+        columns=rows("columns") if all(b.columns for b in batches) else [],
+        questions=rows("questions") if all(b.questions for b in batches) else [],
+    )
+
+
+def _row_tensor(batch: Batch, key: str, T: int) -> torch.Tensor:
+    """``batch.tensors[key]`` ready to concatenate: [B] as is, [B, t-k, ...] (t the batch's own T)
+    left-padded with 0 to [B, T-k, ...]."""
+    x = batch.tensors[key]
+    return x if x.dim() == 1 else left_pad(x, T - (batch.input_ids.shape[1] - x.shape[1]))
+
+
+def drop_pad_columns(batch: Batch) -> Batch:
+    """``batch`` without the leading columns that are padding in every row (rows picked out of a wider
+    batch keep its T); token-aligned ``tensors`` ([B, T-k, ...], right-aligned) lose as many columns."""
+    first = int(batch.attention_mask.any(0).long().argmax()) if len(batch) else 0
+    cut = lambda x: x[:, first:]  # noqa: E731
+    return replace(
+        batch,
+        input_ids=cut(batch.input_ids),
+        attention_mask=cut(batch.attention_mask),
+        completion_mask=cut(batch.completion_mask),
+        tensors={k: v if v.dim() == 1 else cut(v) for k, v in batch.tensors.items()},
+    )

@@ -64,7 +64,8 @@ class GRPO(Algorithm):
                 batch.tensors["old_logp"] = policy.logprobs(batch, temperature=temperature)[0]
             if self.beta:
                 batch.tensors["ref_logp"] = policy.reference_logprobs(batch, temperature=temperature)
-        batch.stats.update(F.reward_stats(batch.rewards, batch.group))
+        # a source's own measure wins: dynamic sampling's zero_std_groups counts the groups it filtered out
+        batch.stats = {**F.reward_stats(batch.rewards, batch.group), **batch.stats}
         return batch
 
     def advantages(self, batch: Batch) -> torch.Tensor:

@@ -242,6 +242,12 @@ class OnlineSourceConfig(SourceConfig):
     """Questions sampled per step (P); the batch holds P * G completions."""
     group_size: int = num(8, ge=1)
     """Completions sampled per question (G)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose G rewards are all equal (no GRPO signal) and sample
+    more rounds of P questions until P groups are kept; needs a reward. grpo_cli/trainer/dynamic.py."""
+    max_sample_rounds: int = num(3, ge=1)
+    """Most rounds of P questions per step under ``dynamic_sampling``; when they run out, the batch is
+    filled up with flat groups (metric ``groups_short``)."""
 
 
 @dataclass

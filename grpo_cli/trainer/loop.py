@@ -327,6 +327,7 @@ def make_source(cfg: DictConfig, examples, policy: Policy, reward, checker, run:
         world_size=dist.world_size,
         chat=chat_enabled(cfg.data.chat_template, policy.tokenizer),
         score=functools.partial(score_batch, reward, tokenizer=policy.tokenizer) if reward is not None else None,
+        sync=dist.any,  # dynamic sampling: every rank draws as many rounds as the rank that needs most
     )
     if source.skipped:
         console.print(

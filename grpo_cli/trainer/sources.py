@@ -13,17 +13,18 @@ rank draws the same global batch from the same seeded sampler and keeps its slic
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from grpo_cli.batch import Batch, pack
+from grpo_cli.batch import Batch, concat_batches, drop_pad_columns, pack
 from grpo_cli.data.chat import end_of_turn_id
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
+from grpo_cli.trainer.dynamic import choose_groups, flat_groups, round_stats, rows_of_groups, sample_stats
 
 
 class Source:
@@ -174,6 +175,14 @@ class OnlineSource(Source):
     """P questions per step, G completions each, sampled from the live policy (pi_old = pi_theta now).
 
     Logs ``accuracy`` (the answer rule, whatever the reward), ``completion_length`` and ``truncated``.
+    ``source.dynamic_sampling``: the batch keeps only groups whose rewards differ, in up to
+    ``source.max_sample_rounds`` rounds of P questions (trainer/dynamic.py, which says what happens when
+    the rounds run out); it carries the rewards it was filtered on (``score``, the run's reward), so the
+    trainer does not score it again. A process (per-step) reward filters on its [B] summary (each
+    output's mean step reward); the trainer re-scores the kept batch for the step labels. Data
+    parallel, each rank fills its own P / N groups; ``sync`` (``Dist.any``) keeps the ranks' rounds,
+    and so their shared question sampler, in step: a rank already full draws its round's questions
+    without sampling them.
     """
 
     samples_each_step = True
@@ -189,8 +198,13 @@ class OnlineSource(Source):
         rank: int = 0,
         world_size: int = 1,
         checker: AnswerChecker = NUMERIC,
+        score: Optional[Callable[[Batch], torch.Tensor]] = None,
+        sync: Callable[[bool], bool] = bool,
         **_,
     ):
+        self.dynamic, self.max_rounds, self.score, self.sync = cfg.dynamic_sampling, cfg.max_sample_rounds, score, sync
+        if self.dynamic and score is None:
+            raise UserError("source.dynamic_sampling: filters groups by their rewards; set reward=outcome (or another)")
         self.examples = [examples[i] for i in prompts_that_fit(examples, policy, rollout.max_new_tokens)]
         self.skipped = len(examples) - len(self.examples)
         self.P, self.G, self.rollout, self.checker = cfg.prompts_per_step, cfg.group_size, rollout, checker
@@ -204,6 +218,11 @@ class OnlineSource(Source):
 
     def next_batch(self, policy) -> Batch:
         questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
+        batch = self.sample(policy, questions)
+        return self.fill(policy, batch) if self.dynamic else batch
+
+    def sample(self, policy, questions: List[Example]) -> Batch:
+        """G completions of each question, as one batch (group ids 0..len(questions)-1)."""
         chosen = [ex for ex in questions for _ in range(self.G)]  # group members are contiguous
         r = self.rollout
         batch, _ = sample_batch(
@@ -217,6 +236,31 @@ class OnlineSource(Source):
         )
         batch.totals.update(temperature=r.temperature if r.temperature > 0 else 1.0, max_tokens=float(r.max_new_tokens))
         return batch
+
+    def fill(self, policy, batch: Batch) -> Batch:
+        """Dynamic sampling from the first round's ``batch``: further rounds until ``target`` groups with
+        signal are drawn (on every rank) or the rounds run out, then the chosen groups as one batch."""
+        target = self.P // self.world_size
+        rounds, flat = [], []
+        while True:
+            if batch is not None:
+                batch.rewards = self.score(batch)
+                # per-position tensors a per-step reward left: the trainer re-scores the kept batch
+                batch.tensors = {k: v for k, v in batch.tensors.items() if v.dim() == 1}
+                rounds.append(batch)
+                flat.append(flat_groups(batch.rewards, batch.group))
+            else:
+                flat.append(torch.zeros(0, dtype=torch.bool))  # full already: this round only drew its questions
+            short = sum(int((~f).sum()) for f in flat) < target
+            if len(flat) == self.max_rounds or not self.sync(short):
+                break
+            questions = shard([self.examples[i] for i in self.sampler.take(self.P)], self.rank, self.world_size)
+            batch = self.sample(policy, questions) if short else None
+        chosen = choose_groups([f for f in flat if len(f)], target)
+        parts = [b.select(rows_of_groups(b.group, c)) for b, c in zip(rounds, chosen) if c]
+        kept = drop_pad_columns(concat_batches(parts, policy.tokenizer.pad_token_id))  # a dropped long row's width
+        kept.stats = {**sample_stats(kept, self.checker), **round_stats(flat, sum(map(len, rounds)), target)}
+        return kept
 
     def state_dict(self) -> Dict[str, Any]:
         return {"sampler": self.sampler.state_dict(), "generator": self.generator.get_state()}
