@@ -7,6 +7,7 @@
     grpo eval run=runs/sft eval.n=16 eval.ks=[1,4,16]
     grpo eval samples=outputs.jsonl
     grpo sweep recipe=sft_arithmetic 'trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)' sweep.parallel=2
+    grpo report run=runs/sft          # runs/sft/report.html: curves, evals, completions, config
     grpo recipes
 
 A mistake in the input (recipe, key, type, file) prints one ``error:`` line and exits with code 2.
@@ -25,7 +26,7 @@ from rich.table import Table
 
 from grpo_cli.config.compose import PACKAGE_CONF, compose_file, compose_run, split_recipe
 from grpo_cli.config.recipes import list_recipes, recipe_description
-from grpo_cli.config.usage import SHORTHANDS, check_used, check_words
+from grpo_cli.config.usage import REPORT_SHORTHANDS, SHORTHANDS, check_used, check_words
 from grpo_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -134,6 +135,31 @@ def _shorthand(arg: str) -> str:
         if arg.startswith(key + "="):
             return "eval." + arg
     return arg
+
+
+@app.command(context_settings=EXTRA)
+def report(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="run=<run dir> or sweep=<sweep dir>, then output=FILE.html smoothing=0.6"
+    ),
+    print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
+) -> None:
+    """Write a self-contained report.html of a run (curves, evals, completions, config) or sweep: grpo report run=DIR"""
+    check_words("grpo report", overrides or [])
+    args = [f"report.{a}" if a.split("=", 1)[0] in REPORT_SHORTHANDS else a for a in (overrides or [])]
+    cfg = compose_file(PACKAGE_CONF / "report.yaml", args)
+    check_used("grpo report", args)
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+        return
+    r = cfg.report
+    if bool(r.run) == bool(r.sweep):
+        raise UserError("grpo report: pass one of run=DIR (a run directory) or sweep=DIR (a sweep directory)")
+    from grpo_cli.report import write_report  # deferred: matplotlib loads only when a report is drawn
+
+    kind = "run" if r.run else "sweep"
+    path = write_report(kind, r.run or r.sweep, r.output, r.smoothing)
+    out.print(f"report: {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -20,6 +20,7 @@ COMMANDS = {  # command -> (arguments before the override, after it): composes, 
     "grpo eval": (["eval", "run=tiny"], ["--print-config"]),
     "grpo eval samples=...": (["eval", "samples=s.jsonl"], ["--print-config"]),
     "grpo sweep": (["sweep", "recipe=sft_arithmetic", "sweep.eval=true"], ["--dry-run"]),
+    "grpo report": (["report", "run=r"], ["--print-config"]),
 }
 VALUES = {"recipe": "sft_arithmetic", "description": "x", "eval.run": "tiny"}
 GROUPS = {"source": "dataset", "algorithm": "sft"}  # base.yaml's options
@@ -136,6 +137,11 @@ CASES = {  # command -> (its arguments, overrides of keys it reads, overrides of
             "eval.seed=1",
         ],
         ["eval.output_dir=x", "eval.run=x", "eval.samples=x"],
+    ),
+    "grpo report": (
+        ["report", "run=r"],
+        ["output=o.html", "smoothing=0.9", "report.smoothing=0"],
+        ["trainer.lr=1e-3", "eval.n=2", "output_dir=o"],
     ),
 }
 

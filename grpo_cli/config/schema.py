@@ -619,6 +619,22 @@ class SweepConfig:
 
 
 @dataclass
+class ReportConfig:
+    """``grpo report``: a self-contained ``report.html`` of a run or a sweep (curves, evals, completions)."""
+
+    run: Optional[str] = None
+    """A run directory (with ``metrics.jsonl``) to report on (``grpo report run=DIR``)."""
+    sweep: Optional[str] = None
+    """A sweep directory (``sweep.json``/``summary.csv``, one sub-directory per run) to report on; each
+    run's own report is written too and linked (``grpo report sweep=DIR``)."""
+    output: Optional[str] = None
+    """Where the HTML goes; default ``<run or sweep>/report.html``."""
+    smoothing: float = num(0.6, ge=0, lt=1)
+    """Weight w of the exponential moving average drawn over each curve (debiased, as TensorBoard's
+    slider): higher is smoother, 0 draws the raw values only."""
+
+
+@dataclass
 class IterativeConfig:
     """Iterative RL (DeepSeekMath Algorithm 1): I iterations of ``trainer.steps`` policy steps, each
     followed by continued reward-model training on the policy's samples with replay; the reference
@@ -671,3 +687,4 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     iterative: IterativeConfig = field(default_factory=IterativeConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)

@@ -13,6 +13,7 @@ command, the keys it reads (a section, or single fields of a section), found by 
   follows ``data.name`` (``data=math`` scores ``\\boxed{}`` answers with math-verify).
 * ``grpo sweep``: what ``grpo train`` reads (each run is one), ``sweep.*`` and the ``eval.*`` it hands
   to each run's evaluation (``SWEEP_EVAL_KEYS``).
+* ``grpo report``: ``report.*`` only (it reads a finished run's files, not its settings).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ USES: Dict[str, Tuple[str, ...]] = {
     "grpo eval": EVAL_RUN,
     "grpo eval samples=...": EVAL_SAMPLES,
     "grpo sweep": SWEEP,
+    "grpo report": ("report",),
 }
 """Command -> the config keys it reads: a key, and every key below it, is used."""
 
@@ -89,6 +91,10 @@ HINTS: Dict[Tuple[str, str], str] = {
 
 SHORTHANDS = ("run", "samples", "split", "limit", "output_dir")
 """``grpo eval``'s short keys: ``run=X`` is ``eval.run=X``, ``output_dir=D`` is ``eval.output_dir=D``."""
+
+
+REPORT_SHORTHANDS = ("run", "sweep", "output", "smoothing")
+"""``grpo report``'s short keys: ``run=DIR`` is ``report.run=DIR``."""
 
 
 def override_key(arg: str) -> str:
@@ -204,6 +210,7 @@ def _option_hint(command: str, arg: str, rest: Sequence[str]) -> str:
         name in schema_keys()
         or name in (f.name for f in dataclasses.fields(S.RunConfig))
         or (command == "grpo eval" and name in SHORTHANDS)
+        or (command == "grpo report" and name in REPORT_SHORTHANDS)
     ):
         return f"settings are overrides without dashes: did you mean {name}={value}?"
     return full_key_hint(name, value) or "settings are overrides key=value without dashes (see --help)"
@@ -213,6 +220,8 @@ def _word_hint(command: str, word: str) -> str:
     """``did you mean run=PATH?`` for ``grpo eval``, ``did you mean recipe=NAME?`` otherwise."""
     if command == "grpo eval":
         return f"did you mean {'samples' if word.endswith('.jsonl') else 'run'}={word}?"
+    if command == "grpo report":
+        return f"did you mean run={word} (or sweep={word})?"
     close = difflib.get_close_matches(word, list(list_recipes()), n=1, cutoff=0.6)
     if close:
         return f"did you mean recipe={close[0]}?"
