@@ -220,7 +220,7 @@ def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tok
     """([B, <= N] new tokens, their log-probs): one decoder call per token; finished rows leave the
     batch and the cache. logits [B, V] of the prompts' last tokens; pos [B, 1] position of the first
     new token. The log-prob of a step is taken from the logits it samples from, after the decoder
-    call (compiled or not), one logsumexp over V."""
+    call (compiled or not): one log-softmax over V."""
     B, device = len(logits), logits.device
     rows = torch.arange(B, device=device)  # the original row of each row still decoded
     done = torch.zeros(B, dtype=torch.bool, device=device)
