@@ -46,6 +46,9 @@ class Generation:
     completion_ids: List[int]  # without padding; ends with EOS when the model stopped by itself
     text: str  # decoded completion, EOS removed
     finished: bool  # EOS was produced before max_new_tokens
+    logprobs: Optional[List[float]] = None
+    """The log-prob of each completion token as the engine sampled it (:func:`sampled_logprob`),
+    aligned with ``completion_ids``; None where the engine could not give it (some vLLM settings)."""
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform: Optional[torch.Tensor]):
@@ -66,6 +69,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform:
     cdf = probs.cumsum(-1)  # [B, V]; the kept mass is cdf[:, -1] (no renormalisation needed)
     nxt = torch.searchsorted(cdf, uniform[:, None].to(cdf.dtype) * cdf[:, -1:], right=True).squeeze(-1)
     return nxt.clamp_(max=probs.shape[-1] - 1)  # u * mass can round up to the mass itself
+
+
+def sampled_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B] float32 log-prob of ``tokens`` [B] under softmax(logits [B, V] / T') over the whole
+    vocabulary, T' = ``temperature`` if > 0 else 1 (greedy): what the trainer's
+    ``policy.logprobs(batch, temperature=batch.totals["temperature"])`` computes for the same token.
+    Not the top-p-truncated distribution: top-p changes which tokens are drawn, not the log-prob the
+    trainer scores them with, so the drift between the two stays comparable whatever ``top_p``.
+    One log-softmax over V on the logits already computed (on CPU twice as fast as ``logsumexp``, whose
+    kernel is not vectorised the same way) and a gather; no random draw."""
+    scaled = logits.float()  # [B, V]
+    if temperature > 0 and temperature != 1.0:  # T' = 1 needs no [B, V] copy
+        scaled = scaled / temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def uniforms(n: int, temperature: float, generator: Optional[torch.Generator], device) -> Optional[torch.Tensor]:
@@ -91,16 +108,18 @@ def _cache_kwarg(model) -> str:
 
 @torch.no_grad()
 def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
-    """The oracle: ``model(...)`` per token, the attention mask and DynamicCache growing by a column."""
+    """The oracle: ``model(...)`` per token, the attention mask and DynamicCache growing by a column.
+    Returns (tokens [B, N] long, pad after the stop; their :func:`sampled_logprob` [B, N], 0 after the stop)."""
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
     cache_arg = _cache_kwarg(model)
     past, logits = out[cache_arg], out.logits[:, -1]
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=ids.device)
     stops = _stop_tensor(eos_id, ids.device)
-    new_tokens = []
+    new_tokens, new_logp = [], []
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_p, uniforms(len(done), temperature, generator, ids.device))
+        new_logp.append(sampled_logprob(logits, nxt, temperature).masked_fill_(done, 0.0))
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         new_tokens.append(nxt)
         done |= torch.isin(nxt, stops)
@@ -110,7 +129,14 @@ def _generate_reference(model, prompt_ids, *, pad_id, eos_id, max_new_tokens, te
         pos = attn.sum(-1, keepdim=True) - 1  # [B, 1] position of the token fed now
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
         past, logits = out[cache_arg], out.logits[:, -1]
-    return torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompt_ids]
+    if not new_tokens:
+        return _no_tokens(len(prompt_ids), ids.device)
+    return torch.stack(new_tokens, dim=1), torch.stack(new_logp, dim=1)
+
+
+def _no_tokens(B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, log-probs) of a rollout of no new tokens: [B, 0] each."""
+    return torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, device=device)
 
 
 FAST_OPTIONS = ("cuda_graphs", "packed_weights", "compile_decode_step", "compile_decode_min_mib")
@@ -141,11 +167,11 @@ def _generate_fast(
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_decode_step`` each
     step compiled, whole or its attention alone, where the batch's cache reaches
     ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
-    (:class:`~grpo_cli.models.kv_decoder.KVDecoder`)."""
+    (:class:`~grpo_cli.models.kv_decoder.KVDecoder`). Returns (tokens, log-probs) as :func:`_generate_reference`."""
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
-        return [[] for _ in prompt_ids]
+        return _no_tokens(B, device)
     compiled = compile_decode_step and cache_mib(model, B, T0 + max_new_tokens) >= compile_decode_min_mib
     decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compiled, whole_step=whole_step)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
@@ -161,7 +187,7 @@ def _generate_fast(
     else:
         logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
     decode = _decode_graphed if cuda_graphs and device.type == "cuda" else _decode_eager
-    out = decode(
+    return decode(
         decoder,
         logits,
         pos[:, -1:] + 1,
@@ -174,7 +200,6 @@ def _generate_fast(
         top_p=top_p,
         generator=generator,
     )
-    return out.tolist()
 
 
 def distinct_rows(prompt_ids: List[List[int]]) -> tuple[List[int], List[int]]:
@@ -192,18 +217,22 @@ def distinct_rows(prompt_ids: List[List[int]]) -> tuple[List[int], List[int]]:
 
 
 def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
-    """[B, <= N] new tokens: one decoder call per token; finished rows leave the batch and the cache.
-    logits [B, V] of the prompts' last tokens; pos [B, 1] position of the first new token."""
+    """([B, <= N] new tokens, their log-probs): one decoder call per token; finished rows leave the
+    batch and the cache. logits [B, V] of the prompts' last tokens; pos [B, 1] position of the first
+    new token. The log-prob of a step is taken from the logits it samples from, after the decoder
+    call (compiled or not): one log-softmax over V."""
     B, device = len(logits), logits.device
     rows = torch.arange(B, device=device)  # the original row of each row still decoded
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros(B, max_new_tokens, device=device)  # float32
     stops = _stop_tensor(eos_id, device)
     check_every = 1 if device.type == "cpu" else 8  # reading `done` is a device sync on GPUs
     for i in range(max_new_tokens):
         u = uniforms(B, temperature, generator, device)  # one draw per original row, as the reference
         nxt = sample_next(logits, temperature, top_p, None if u is None else u[rows]).masked_fill_(done, pad_id)
         out[rows, i] = nxt
+        logp[rows, i] = sampled_logprob(logits, nxt, temperature).masked_fill_(done, 0.0)
         done |= torch.isin(nxt, stops)
         if i + 1 == max_new_tokens:
             break
@@ -216,7 +245,7 @@ def _decode_eager(decoder, logits, pos, keys, T0, *, pad_id, eos_id, max_new_tok
                 rows, nxt, pos, keys, done = rows[keep], nxt[keep], pos[keep], keys[keep], done[keep]
                 decoder.keep_rows(keep, T0 + i)
         logits = decoder(nxt[:, None], pos + i, T0 + i, keys[:, None, None, : T0 + i + 1])
-    return out[:, : i + 1]
+    return out[:, : i + 1], logp[:, : i + 1]
 
 
 GRAPH_WARMUP = 2
@@ -232,14 +261,17 @@ def _decode_graphed(
     same shapes at every step: every row stays in the batch (a finished one feeds and emits pad), the
     column written is a device tensor and attention spans the whole cache with later columns masked.
     The sampling draws are made outside the graph, one [B] draw per step as in the other engines, so
-    the same generator gives the same tokens. ``capture=False`` runs the same step eagerly (the CPU
+    the same generator gives the same tokens. Each step also writes its tokens' log-probs into a buffer,
+    inside the graph. ``capture=False`` runs the same step eagerly (the CPU
     tests' view of it)."""
     B, device, N = len(logits), logits.device, max_new_tokens
     decoder.zero_after(T0)  # the step reads every column, the unwritten ones masked
     out = torch.full((B, N), pad_id, dtype=torch.long, device=device)
+    logp = torch.zeros(B, N, device=device)  # float32
     u = uniforms(B, temperature, generator, device)
     nxt = sample_next(logits, temperature, top_p, u)  # token 0, from the prefill's logits
     out[:, 0] = nxt
+    logp[:, 0] = sampled_logprob(logits, nxt, temperature)
     stops = _stop_tensor(eos_id, device)
     done = torch.isin(nxt, stops)
     i = torch.zeros(1, dtype=torch.long, device=device)  # the token fed by the next step
@@ -248,7 +280,9 @@ def _decode_graphed(
     def step():  # feed token i, sample token i + 1; every tensor it reads or writes lives outside
         logits = decoder(nxt[:, None], pos + i, T0 + i, (keys & (columns <= T0 + i))[:, None, None, :])
         i.add_(1)
-        new = sample_next(logits, temperature, top_p, u).masked_fill_(done, pad_id)
+        new = sample_next(logits, temperature, top_p, u)
+        logp.index_copy_(1, i, sampled_logprob(logits, new, temperature).masked_fill_(done, 0.0)[:, None])
+        new.masked_fill_(done, pad_id)
         out.index_copy_(1, i, new[:, None])
         done.logical_or_(torch.isin(new, stops))
         nxt.copy_(new)
@@ -261,10 +295,10 @@ def _decode_graphed(
     replay, taken = _graphed(step, draw, GRAPH_WARMUP) if graphed else (step, 1)
     for t in range(taken, N):
         if (t - taken) % 8 == 0 and bool(done.all()):  # a host sync: only every 8 steps
-            return out[:, :t]
+            return out[:, :t], logp[:, :t]
         draw()
         replay()
-    return out
+    return out, logp
 
 
 def _graphed(step, draw, warmup: int):
@@ -302,9 +336,13 @@ def generate_ids(
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
+    with_logprobs: bool = False,
     **engine_options,
-) -> List[List[int]]:
+) -> Union[List[List[int]], Tuple[List[List[int]], Optional[List[List[float]]]]]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after the stop).
+    ``with_logprobs``: (those rows, each token's :func:`sampled_logprob` in rows of the same
+    length, 0.0 on padding), the log-probs None where the engine cannot give them (vLLM:
+    :func:`~grpo_cli.models.vllm_rollout.generate_vllm`). The tokens are the same either way.
 
     ``eos_id``: the token, or tokens, that end a row (EOS and a chat template's end of turn: a row
     stops at whichever comes first, kept as its last token); ``None`` never stops early
@@ -330,15 +368,19 @@ def generate_ids(
         generator=generator,
     )
     if engine == "vllm":
-        return generate_vllm(
+        rows, logp = generate_vllm(
             model, prompt_ids, **{k: v for k, v in engine_options.items() if k in VLLM_OPTIONS}, **kwargs
         )
+        return (rows, logp) if with_logprobs else rows
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
     if reason:
-        return _generate_reference(model, prompt_ids, **kwargs)
-    return _generate_fast(model, prompt_ids, **{k: v for k, v in engine_options.items() if k in fast_options}, **kwargs)
+        tokens, logp = _generate_reference(model, prompt_ids, **kwargs)
+    else:
+        options = {k: v for k, v in engine_options.items() if k in fast_options}
+        tokens, logp = _generate_fast(model, prompt_ids, **options, **kwargs)
+    return (tokens.tolist(), logp.tolist()) if with_logprobs else tokens.tolist()
 
 
 def stop_ids(eos_id: Union[None, int, Sequence[int]]) -> Tuple[int, ...]:
@@ -417,9 +459,9 @@ def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **o
     results: List[Generation] = []
     for i in range(0, len(prompts), batch_size):
         chunk = encoded[i : i + batch_size]
-        rows = generate_ids(model, chunk, pad_id=pad_id, eos_id=eos_id, **options)
-        for p_ids, row in zip(chunk, rows):
-            results.append(_finish(tokenizer, p_ids, row, eos_id))
+        rows, logp = generate_ids(model, chunk, pad_id=pad_id, eos_id=eos_id, with_logprobs=True, **options)
+        for b, (p_ids, row) in enumerate(zip(chunk, rows)):
+            results.append(_finish(tokenizer, p_ids, row, eos_id, None if logp is None else logp[b]))
     return results
 
 
@@ -439,6 +481,10 @@ def sample_batch(
     sampled token ids go into the batch as they are (never re-tokenised, so the trained tokens are
     the sampled ones). ``batch.stats`` gets ``accuracy`` (by ``checker``, the run's answer checker,
     whatever the run's reward), ``completion_length`` and ``truncated``. ``options``: :func:`generate`'s.
+    ``batch.tensors["rollout_logp"]`` [B, T-1] float32 holds the engine's log-prob of each sampled
+    token (:func:`rollout_logp`, aligned with ``batch.target_mask``), for the trainer to measure and
+    correct the drift between the rollout engine and its own ``policy.logprobs``; absent where the
+    engine could not give them all (some vLLM settings: :func:`~grpo_cli.models.vllm_rollout.generate_vllm`).
     Returns (batch [B rows], the generations in the same order).
     """
     gens = generate(model, tokenizer, [e.prompt for e in examples], generator=generator, **options)
@@ -455,6 +501,8 @@ def sample_batch(
         questions=[e.question for e in examples],
         tensors={"truncated": torch.tensor([not g.finished for g in gens], dtype=torch.bool)},
     )
+    if all(g.logprobs is not None for g in gens):
+        batch.tensors["rollout_logp"] = rollout_logp(gens, ids.shape[1])
     n = max(1, len(gens))
     batch.stats.update(
         accuracy=sum(checker.correct(g.text, e.answer) for g, e in zip(gens, examples)) / n,
@@ -464,9 +512,25 @@ def sample_batch(
     return batch, gens
 
 
-def _finish(tokenizer, prompt_ids: List[int], row: List[int], stops: Sequence[int]) -> Generation:
-    """Cut a generated row after its first stop token (kept, it is a trained token) and decode it."""
+def _finish(
+    tokenizer, prompt_ids: List[int], row: List[int], stops: Sequence[int], logp: Optional[List[float]] = None
+) -> Generation:
+    """Cut a generated row (and its log-probs) after its first stop token (kept, it is a trained token)
+    and decode it."""
     end = next((i for i, t in enumerate(row) if t in stops), None)
     ids = row[: end + 1] if end is not None else row
     text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
-    return Generation(prompt_ids, ids, text, end is not None)
+    return Generation(prompt_ids, ids, text, end is not None, None if logp is None else logp[: len(ids)])
+
+
+def rollout_logp(gens: Sequence[Generation], width: int) -> torch.Tensor:
+    """[B, width - 1] float32: each generation's sampled log-probs on the next-token targets of its
+    completion in a batch packed to ``width`` tokens (:func:`~grpo_cli.batch.pack`: left-padded, so a
+    completion of n tokens is the last n, and position t scores token t + 1), 0 elsewhere. Aligned
+    with ``batch.target_mask``: the tensor the trainer compares with ``policy.logprobs(batch)``."""
+    out = torch.zeros(len(gens), max(width - 1, 0))
+    for b, g in enumerate(gens):
+        n = min(len(g.completion_ids), width - 1)  # a completion's first token at position 0 has no target
+        if n > 0:
+            out[b, width - 1 - n :] = torch.tensor(g.logprobs[len(g.logprobs) - n :], dtype=torch.float32)
+    return out

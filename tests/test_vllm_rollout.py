@@ -30,9 +30,12 @@ class FakeVLLMModel:
 
 class FakeLLM:
     """Records what it is built and called with; 'generates' ``prompt[-1] + 1 + i`` for i = 0, 1, ...,
-    stopping (as vLLM reports a stop token: in ``finish_reason``) at a stop token."""
+    stopping (as vLLM reports a stop token: in ``finish_reason``) at a stop token, which current vLLM
+    also puts in the row (``stop_in_row``), older ones not. With ``logprobs=0`` each position's
+    ``{token: Logprob}`` holds the sampled token's, ``-(i + 1) / 10``."""
 
     built = []
+    stop_in_row = False
 
     def __init__(self, model, **kwargs):
         from transformers import AutoConfig
@@ -53,15 +56,23 @@ class FakeLLM:
                 t = prompt["prompt_token_ids"][-1] + 1 + i
                 if t in p.stop_token_ids and not p.ignore_eos:
                     reason = "stop"
+                    ids += [t] if self.stop_in_row else []
                     break
                 ids.append(t)
-            outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, finish_reason=reason)]))
+            logprobs = None
+            if p.logprobs is not None:
+                logprobs = [{t: types.SimpleNamespace(logprob=-(i + 1) / 10)} for i, t in enumerate(ids)]
+            out = types.SimpleNamespace(token_ids=ids, finish_reason=reason, logprobs=logprobs)
+            outs.append(types.SimpleNamespace(outputs=[out]))
         return outs
 
 
 class FakeSamplingParams:
-    def __init__(self, *, temperature, top_p, max_tokens, detokenize, seed, stop_token_ids=(), ignore_eos=False):
+    def __init__(
+        self, *, temperature, top_p, max_tokens, detokenize, seed, logprobs=None, stop_token_ids=(), ignore_eos=False
+    ):
         self.__dict__.update(
+            logprobs=logprobs,
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,
@@ -81,7 +92,7 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setattr(vllm_rollout, "check_vllm", lambda device: None)  # the stand-in runs on a CPU
-    FakeLLM.built = []
+    FakeLLM.built, FakeLLM.stop_in_row = [], False
     return FakeLLM
 
 
@@ -194,6 +205,58 @@ def test_sampling_seeds_come_from_the_run_generator(fake_vllm):
     assert first == seeds(0) and first != seeds(1) and len(set(first)) == len(PROMPTS)
     vllm_rows(model, tok)  # no generator: vLLM's own seed
     assert all(p.seed is None for p in fake_vllm.built[0].calls[-1][1])
+
+
+def test_sampled_log_probs_come_back_aligned_with_the_batch_targets(fake_vllm):
+    from grpo_cli.data.types import Example
+    from grpo_cli.generation import sample_batch
+
+    fake_vllm.stop_in_row = True  # current vLLM: the stop token in the row, with its log-prob
+    model, tok = chaotic_tiny_model()
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    ids[0] = ids[0][:-1] + [eos - 3]  # the stand-in then emits eos-2, eos-1 and stops at eos
+    rows, logp = generate_ids(
+        model, ids, pad_id=pad, eos_id=eos, max_new_tokens=6, engine="vllm", temperature=0.0, with_logprobs=True
+    )
+    assert all(p.logprobs == 0 for p in fake_vllm.built[0].calls[-1][1])  # the sampled token's alone
+    assert rows[0] == [eos - 2, eos - 1, eos, pad, pad, pad]
+    assert logp[0] == pytest.approx([-0.1, -0.2, -0.3, 0.0, 0.0, 0.0])  # the stop token's too, 0 on padding
+    assert logp[1] == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6])
+    examples = [Example(question=p, prompt=p, solution=None, answer="0") for p in PROMPTS]
+    batch, gens = sample_batch(
+        model, tok, examples, group=torch.arange(len(examples)), engine="vllm", max_new_tokens=4, temperature=0.0
+    )
+    got, mask = batch.tensors["rollout_logp"], batch.target_mask
+    for b, g in enumerate(gens):  # left-padded: the completion's n tokens are the last n, scored one position earlier
+        n = len(g.completion_ids)
+        assert got[b, -n:].tolist() == pytest.approx([-(i + 1) / 10 for i in range(n)])
+    assert torch.all(got[mask == 0] == 0) and torch.all(got[mask == 1] < 0)
+
+
+def test_log_probs_that_are_not_the_trainers_distribution_are_not_returned(fake_vllm, monkeypatch):
+    model, tok = chaotic_tiny_model()
+    fake_vllm.stop_in_row = True
+
+    def logp(**kw):
+        return vllm_rows(model, tok, with_logprobs=True, **kw)[1]
+
+    # No logprobs_mode (the stand-in, an old vLLM): raw log-probs, before temperature
+    assert logp(temperature=0.0) is not None and logp(temperature=1.0, top_p=0.9) is not None
+    assert logp(temperature=0.7) is None
+    assert "logprobs_mode" not in fake_vllm.built[0].kwargs
+    monkeypatch.setattr(vllm_rollout, "has_logprobs_mode", lambda: True)
+    vllm_rollout._ENGINES.clear()
+    assert logp(temperature=0.7) is not None  # processed: after temperature...
+    assert fake_vllm.built[-1].kwargs["logprobs_mode"] == "processed_logprobs"
+    assert logp(temperature=0.7, top_p=0.9) is None  # ... and after top-p, renormalised: not the trainer's
+    assert logp(temperature=0.0, top_p=0.9) is not None  # greedy: neither applies
+    fake_vllm.stop_in_row = False  # an older vLLM reports the stop token beside the row, without its log-prob
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    ids[0] = ids[0][:-1] + [tok.eos_token_id - 1]  # the stand-in stops at once
+    options = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=6, engine="vllm")
+    rows, logps = generate_ids(model, ids, temperature=0.0, with_logprobs=True, **options)
+    assert rows[0][0] == tok.eos_token_id and logps is None
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")

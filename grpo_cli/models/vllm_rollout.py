@@ -10,11 +10,21 @@ Token ids go in and come out: vLLM never sees text, so nothing is re-tokenised.
 vLLM samples with its own sampler, seeded per sequence from the run's generator: reproducible for a
 seed, but not the fast engine's draws. Greedy decoding takes the argmax in both, up to the kernels'
 rounding.
+
+Each sampled token's log-prob comes back with it (``SamplingParams(logprobs=0)``: the sampled token's
+alone), for the trainer's drift check. The contract is the other engines': log softmax(logits / T')
+over the whole vocabulary (:func:`grpo_cli.generation.sampled_logprob`). vLLM reports
+``raw_logprobs`` by default (before temperature) and, with ``logprobs_mode="processed_logprobs"``
+(the engine option this module sets where vLLM has it), the distribution after temperature *and*
+top-k/top-p, renormalised over the kept tokens. So the contract holds with ``processed_logprobs``
+when ``top_p = 1`` or greedy, and with raw ones (a vLLM without ``logprobs_mode``) only at T' = 1;
+elsewhere :func:`generate_vllm` returns no log-probs rather than other numbers.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import os
 import tempfile
@@ -93,6 +103,7 @@ class VLLMEngine:
         self._dir = tempfile.TemporaryDirectory(prefix="grpo_vllm_")  # vLLM may reread the config later
         config.save_pretrained(self._dir.name)
         options = dict(
+            **(dict(logprobs_mode="processed_logprobs") if has_logprobs_mode() else {}),
             skip_tokenizer_init=True,
             load_format="dummy",
             dtype=dtype,
@@ -101,6 +112,7 @@ class VLLMEngine:
             max_model_len=config.max_position_embeddings,
         )
         self.llm = LLM(model=self._dir.name, **{**options, **kwargs})
+        self.logprobs_mode = {**options, **kwargs}.get("logprobs_mode", "raw_logprobs")
 
     @torch.no_grad()
     def load(self, model: torch.nn.Module) -> None:
@@ -117,8 +129,9 @@ class VLLMEngine:
         temperature: float,
         top_p: float,
         seeds: Optional[List[int]],
-    ) -> List[List[int]]:
-        """New token ids of each prompt, ending with the stop token (of ``eos_id``) it stopped at (``()``: never)."""
+    ) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+        """(new token ids of each prompt, ending with the stop token (of ``eos_id``) it stopped at
+        (``()``: never); their log-probs, or None where they are not the contract's: :func:`logprobs_exact`)."""
         # deferred: vllm is an optional extra
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
@@ -131,20 +144,57 @@ class VLLMEngine:
                 max_tokens=max_new_tokens,
                 detokenize=False,
                 seed=None if seeds is None else seeds[i],
+                logprobs=0,  # the sampled token's log-prob alone
                 **stop,
             )
             for i in range(len(prompt_ids))
         ]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        rows = []
+        rows, logps = [], []
         for out in outputs:
             row, reason = list(out.outputs[0].token_ids), out.outputs[0].finish_reason
+            logps.append(token_logprobs(row, getattr(out.outputs[0], "logprobs", None)))
             if reason == "stop" and eos_id and not (row and row[-1] in eos_id):
                 # a stop token is reported as the stop reason, not in the row; keep it, it is trained
                 stopped_at = getattr(out.outputs[0], "stop_reason", None)
                 row.append(stopped_at if stopped_at in eos_id else eos_id[0])
+                logps[-1] = None  # vLLM gave no log-prob for it
             rows.append(row)
-        return rows
+        if not logprobs_exact(self.logprobs_mode, temperature, top_p) or any(lp is None for lp in logps):
+            return rows, None
+        return rows, logps
+
+
+def has_logprobs_mode() -> bool:
+    """Whether the installed vLLM takes the ``logprobs_mode`` engine option (from 0.10.x)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+    except Exception:  # an older or a stand-in vllm
+        return False
+    return "logprobs_mode" in {f.name for f in dataclasses.fields(EngineArgs)}
+
+
+def logprobs_exact(mode: str, temperature: float, top_p: float) -> bool:
+    """Whether vLLM's log-probs in ``mode`` are log softmax(logits / T') over the whole vocabulary
+    (T' = temperature, 1 when greedy): raw ones are before temperature, processed ones after
+    temperature and top-p (the kept tokens renormalised; greedy skips both)."""
+    greedy = temperature <= 0
+    if mode == "processed_logprobs":
+        return greedy or top_p >= 1.0
+    return mode == "raw_logprobs" and (greedy or temperature == 1.0)
+
+
+def token_logprobs(row: List[int], logprobs) -> Optional[List[float]]:
+    """Each token's log-prob from vLLM's per-position ``{token id: Logprob}`` (None: not reported)."""
+    if logprobs is None or len(logprobs) < len(row):
+        return None
+    values = []
+    for tok, step in zip(row, logprobs):
+        entry = step.get(tok) if step is not None else None
+        if entry is None:
+            return None
+        values.append(float(getattr(entry, "logprob", entry)))
+    return values
 
 
 def generate_vllm(
@@ -159,8 +209,10 @@ def generate_vllm(
     generator: Optional[torch.Generator],
     vllm_memory: float = 0.3,
     vllm_kwargs: Optional[Dict[str, Any]] = None,
-) -> List[List[int]]:
-    """:func:`grpo_cli.generation.generate_ids` on vLLM: rows padded with ``pad_id`` to the longest."""
+) -> Tuple[List[List[int]], Optional[List[List[float]]]]:
+    """:func:`grpo_cli.generation.generate_ids` on vLLM: (rows padded with ``pad_id`` to the longest,
+    their log-probs padded with 0.0), the log-probs None where vLLM's are not the contract's (the
+    module's docstring: top-p < 1 at a temperature, or a vLLM without ``logprobs_mode`` at T' != 1)."""
     param = next(model.parameters())
     check_vllm(param.device)
     dtype = rollout_dtype(model)
@@ -173,8 +225,9 @@ def generate_vllm(
         if dtype not in engines:
             engines[dtype] = VLLMEngine(model, dtype, vllm_memory, dict(vllm_kwargs or {}))
         engines[dtype].load(model)
-        rows = engines[dtype].generate(
+        rows, logps = engines[dtype].generate(
             prompt_ids, eos_id=eos_id, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seeds=seeds
         )
     width = max((len(r) for r in rows), default=0)
-    return [r + [pad_id] * (width - len(r)) for r in rows]
+    padded = [r + [pad_id] * (width - len(r)) for r in rows]
+    return padded, None if logps is None else [lp + [0.0] * (width - len(lp)) for lp in logps]
