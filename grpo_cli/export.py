@@ -31,6 +31,7 @@ from grpo_cli.data.chat import stop_tokens
 from grpo_cli.errors import UserError
 from grpo_cli.models.load import DTYPES as LOAD_DTYPES
 from grpo_cli.models.load import adapter_base, load_model_and_tokenizer, load_tokenizer, looks_local, resolve_model_dir
+from grpo_cli.models.scorer import HEAD_FILE
 from grpo_cli.trainer.run import atomic_replace_dir
 
 DTYPES: Dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -82,6 +83,8 @@ def checkpoint_dir(run: Optional[str]) -> Path:
         raise UserError(f"run: '{run}' is not a directory (expected a run or checkpoint directory)")
     if not (ckpt / "config.json").is_file() and not (ckpt / "adapter_config.json").is_file():
         raise UserError(f"run: '{run}' holds no checkpoint (config.json or adapter_config.json)")
+    if (ckpt / HEAD_FILE).is_file():  # a causal LM export would drop its scoring head silently
+        raise UserError(f"run: '{run}' is a reward model (its {HEAD_FILE} head has no place in a causal LM export)")
     return ckpt.resolve()
 
 
@@ -116,7 +119,8 @@ def write_model(ckpt: Path, out: Path, dtype: torch.dtype, trust_remote_code: bo
     )
     model = model.to(dtype)
     stops = list(stop_tokens(tok))
-    model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
+    if stops:  # a tokenizer without EOS keeps the base's setting
+        model.generation_config.eos_token_id = stops if len(stops) > 1 else stops[0]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     portable_tokenizer(tok).save_pretrained(out)
@@ -149,6 +153,8 @@ def portable_tokenizer(tok):
     BPE, which would drop the character vocabulary's spaces and newlines)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # deferred: export only
 
+    if getattr(tok, "backend_tokenizer", None) is None:  # a slow (Python) tokenizer saves as it is
+        return tok
     state = json.loads(tok.backend_tokenizer.to_str())
     vocab: Dict[str, int] = state["model"].get("vocab") or {}
     special = set(tok.all_special_tokens)

@@ -192,8 +192,12 @@ def test_export_errors_are_one_line_and_write_nothing(real_model, tmp_path, caps
     err = _error(capsys, ["export", f"run={real_model}", f"output_dir={tmp_path / 'mine'}"])
     assert "is a non-empty directory that is not an earlier export" in err
     assert "did you mean run=" in _error(capsys, ["export", str(real_model)])
+    (tmp_path / "rm").mkdir()
+    for name in ("config.json", "score_head.safetensors"):
+        (tmp_path / "rm" / name).write_text("{}")
+    assert "is a reward model" in _error(capsys, ["export", f"run={tmp_path / 'rm'}", f"output_dir={out}"])
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"] and not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "mine", "rm"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
