@@ -158,10 +158,10 @@ def test_a_step_checkpoint_and_a_latest_link_export(lora_run, tmp_path):
 def test_a_chat_model_keeps_its_template_and_stops_at_the_end_of_turn(real_model, tmp_path):
     src = AutoTokenizer.from_pretrained(real_model)
     src.eos_token = "<|endoftext|>"  # a base-style EOS, so the end of turn is a second stop token
-    src.save_pretrained(real_model.parent / "chat")
+    src.save_pretrained(tmp_path / "src")
     for name in ("config.json", "model.safetensors", "generation_config.json"):
-        (real_model.parent / "chat" / name).write_bytes((real_model / name).read_bytes())
-    out = _export(real_model.parent / "chat", tmp_path / "chat")
+        (tmp_path / "src" / name).write_bytes((real_model / name).read_bytes())
+    out = _export(tmp_path / "src", tmp_path / "chat")
     tok = AutoTokenizer.from_pretrained(out)
     assert _gen_eos(out) == [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>")]
     chat = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
