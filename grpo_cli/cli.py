@@ -8,6 +8,7 @@
     grpo eval samples=outputs.jsonl
     grpo sweep recipe=sft_arithmetic 'trainer.lr=1e-3,3e-3' 'trainer.seed=range(3)' sweep.parallel=2
     grpo report run=runs/sft          # runs/sft/report.html: curves, evals, completions, config
+    grpo export run=runs/grpo output_dir=exports/grpo          # a Hugging Face model directory (vLLM, hub)
     grpo recipes
 
 A mistake in the input (recipe, key, type, file) prints one ``error:`` line and exits with code 2.
@@ -26,7 +27,7 @@ from rich.table import Table
 
 from grpo_cli.config.compose import PACKAGE_CONF, compose_file, compose_run, split_recipe
 from grpo_cli.config.recipes import list_recipes, recipe_description
-from grpo_cli.config.usage import REPORT_SHORTHANDS, SHORTHANDS, check_used, check_words
+from grpo_cli.config.usage import EXPORT_SHORTHANDS, REPORT_SHORTHANDS, SHORTHANDS, check_used, check_words
 from grpo_cli.errors import Interrupted, UserError
 
 app = typer.Typer(
@@ -128,12 +129,13 @@ def sweep(
         sys.exit(1)  # a script running the sweep sees that some runs failed
 
 
-def _shorthand(arg: str) -> str:
+def _shorthand(arg: str, section: str = "eval") -> str:
     """``run=X`` is short for ``eval.run=X``; so are ``samples``, ``split``, ``limit`` and ``output_dir``
-    (the key ``grpo train`` knows: for ``grpo eval`` it is where the results go)."""
-    for key in SHORTHANDS:
+    (the key ``grpo train`` knows: for ``grpo eval`` it is where the results go). With
+    ``section="export"``: ``run`` and ``output_dir`` of ``grpo export``."""
+    for key in SHORTHANDS if section == "eval" else EXPORT_SHORTHANDS:
         if arg.startswith(key + "="):
-            return "eval." + arg
+            return f"{section}.{arg}"
     return arg
 
 
@@ -160,6 +162,36 @@ def report(
     kind = "run" if r.run else "sweep"
     path = write_report(kind, r.run or r.sweep, r.output, r.smoothing)
     out.print(f"report: {path}", highlight=False, soft_wrap=True)
+
+
+EXPORT_HELP = (
+    "Export a run's policy as a Hugging Face model directory: LoRA merged into the base, safetensors in "
+    "export.dtype (bf16, fp16, fp32), the tokenizer with its chat template, generation_config.json stopping "
+    "at the run's stop tokens. Loads with AutoModelForCausalLM.from_pretrained(DIR) and vllm.LLM(DIR)."
+    "\n\nexport.adapter_only=true writes the LoRA adapter alone (PeftModel.from_pretrained(base, DIR)); "
+    "export.push_to_hub=USER/NAME uploads the directory (export.private=true for a new private repository)."
+)
+
+
+@app.command(name="export", context_settings=EXTRA, help=EXPORT_HELP)
+def export(
+    overrides: Optional[List[str]] = typer.Argument(
+        None, help="run=<run dir|checkpoint dir> output_dir=DIR, then overrides (export.dtype=fp32 ...)"
+    ),
+    print_config: bool = typer.Option(False, "--print-config", "-p", help="Print the composed config and exit."),
+) -> None:
+    """``grpo export``: its help is ``EXPORT_HELP``."""
+    check_words("grpo export", overrides or [])
+    args = [_shorthand(a, "export") for a in (overrides or [])]
+    cfg = compose_file(PACKAGE_CONF / "export.yaml", args)
+    check_used("grpo export", args)
+    if print_config:
+        typer.echo(OmegaConf.to_yaml(cfg, resolve=True), nl=False)
+        return
+    from grpo_cli.export import export_run  # deferred: torch
+
+    done = export_run(cfg)
+    out.print(f"wrote {done}", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -21,6 +21,7 @@ COMMANDS = {  # command -> (arguments before the override, after it): composes, 
     "grpo eval samples=...": (["eval", "samples=s.jsonl"], ["--print-config"]),
     "grpo sweep": (["sweep", "recipe=sft_arithmetic", "sweep.eval=true"], ["--dry-run"]),
     "grpo report": (["report", "run=r"], ["--print-config"]),
+    "grpo export": (["export", "run=r"], ["--print-config"]),
 }
 VALUES = {"recipe": "sft_arithmetic", "description": "x", "eval.run": "tiny"}
 GROUPS = {"source": "dataset", "algorithm": "sft"}  # base.yaml's options
@@ -52,6 +53,13 @@ def _leaves(section: str, samples: str = "null"):
     return out
 
 
+def _short(command: str, override: str) -> str:
+    """``override`` with the command's short keys spelled out (``run=x`` -> ``eval.run=x``)."""
+    if command.startswith("grpo eval"):
+        return _shorthand(override)
+    return _shorthand(override, "export") if command == "grpo export" else override
+
+
 def _run(capsys, argv):
     """(exit code, stderr) of the command line ``argv``."""
     capsys.readouterr()
@@ -71,7 +79,7 @@ def test_every_section_of_the_schema_is_read_or_refused_by_each_command(command,
     used = []
     for field in dataclasses.fields(S.RunConfig):
         leaves = _leaves(field.name, "s.jsonl" if "samples" in command else "null")
-        key_of = {k: override_key(_shorthand(o)) if command.startswith("grpo eval") else k for k, o in leaves}
+        key_of = {k: override_key(_short(command, o)) for k, o in leaves}
         used += [o for k, o in leaves if is_used(command, key_of[k])][:1]
         unused = next(((k, o) for k, o in leaves if not is_used(command, key_of[k])), None)
         assert used or unused, field.name
@@ -143,6 +151,17 @@ CASES = {  # command -> (its arguments, overrides of keys it reads, overrides of
         ["output=o.html", "smoothing=0.9", "report.smoothing=0"],
         ["trainer.lr=1e-3", "eval.n=2", "output_dir=o"],
     ),
+    "grpo export": (
+        ["export", "run=r"],
+        [
+            "output_dir=o",
+            "export.dtype=fp32",
+            "export.adapter_only=true",
+            "export.push_to_hub=a/b",
+            "model.trust_remote_code=true",
+        ],
+        ["trainer.lr=1e-3", "lora.r=4", "eval.n=2", "data=gsm8k", "model.dtype=bfloat16", "rollout.temperature=0.5"],
+    ),
 }
 
 
@@ -154,7 +173,7 @@ def test_keys_each_command_reads_are_accepted_the_others_are_one_line_errors(com
     code, err = _run(capsys, [*argv, *reads, option])
     assert code == 0, err
     for override in ignores:
-        key = override_key(_shorthand(override) if argv[0] == "eval" else override)
+        key = override_key(_short(f"grpo {argv[0]}", override))
         code, err = _run(capsys, [*argv, *reads, override, option])
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert err.startswith(f"error: config key '{key}' is not used by '{command}' (it uses: "), err

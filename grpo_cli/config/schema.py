@@ -599,6 +599,31 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``grpo export``: a run's policy as a standard Hugging Face model directory (or its LoRA adapter)."""
+
+    run: Optional[str] = None
+    """The run directory (its final, else newest checkpoint), a checkpoint directory
+    (``<run>/checkpoints/step_000010``) or a ``latest`` link to export (``grpo export run=D`` sets it)."""
+    output_dir: Optional[str] = None
+    """Where the model directory is written (``grpo export output_dir=D`` sets it); required. An existing
+    non-empty directory is refused unless it is an earlier export (it holds ``export.json``), which is
+    replaced whole once the new one is complete."""
+    dtype: str = choice("bf16", among=("bf16", "fp16", "fp32"))
+    """Dtype of the written weights: ``bf16`` (default: what LLMs are published and served in, vLLM
+    included, at half the size of fp32 and without fp16's overflow), ``fp16`` (GPUs without bf16) or
+    ``fp32`` (exactly the trained weights). LoRA is merged in fp32 first, then cast."""
+    adapter_only: bool = False
+    """Write the LoRA adapter alone (``adapter_config.json`` naming its base model, the adapter weights,
+    the tokenizer), for ``PeftModel.from_pretrained(base, dir)``; a full fine-tune has none (an error)."""
+    push_to_hub: Optional[str] = None
+    """A hub repository (``user/name``) to upload the written directory to (created if missing); the
+    local export is complete before the upload starts and stays if it fails."""
+    private: bool = False
+    """With ``push_to_hub``: create the repository private (an existing one keeps its visibility)."""
+
+
+@dataclass
 class SweepConfig:
     """``grpo sweep``: how the grid of runs is run and summarised (these keys are not swept)."""
 
@@ -685,6 +710,7 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     iterative: IterativeConfig = field(default_factory=IterativeConfig)
     report: ReportConfig = field(default_factory=ReportConfig)

@@ -11,6 +11,7 @@ command, the keys it reads (a section, or single fields of a section), found by 
   except ``name_or_path``: the model is ``run=``) and runs (``trainer.precision/threads/device``).
 * ``grpo eval samples=...``: the file and its fields, and the answer rule: ``data.answer_checker``, which
   follows ``data.name`` (``data=math`` scores ``\\boxed{}`` answers with math-verify).
+* ``grpo export``: ``export.*`` and ``model.trust_remote_code`` (the model is ``run=``).
 * ``grpo sweep``: what ``grpo train`` reads (each run is one), ``sweep.*`` and the ``eval.*`` it hands
   to each run's evaluation (``SWEEP_EVAL_KEYS``).
 * ``grpo report``: ``report.*`` only (it reads a finished run's files, not its settings).
@@ -71,6 +72,8 @@ EVAL_SAMPLES = (
     "data.name",
     "data.answer_checker",
 )
+EXPORT = ("export", "model.trust_remote_code")
+"""``grpo export``: ``export.*`` (``run=``, ``output_dir=``) and whether the model may run its own code."""
 SWEEP = tuple(k for k in TRAIN if k != "output_dir") + ("sweep",) + tuple(f"eval.{k}" for k in SWEEP_EVAL_KEYS)
 
 USES: Dict[str, Tuple[str, ...]] = {
@@ -79,6 +82,7 @@ USES: Dict[str, Tuple[str, ...]] = {
     "grpo eval samples=...": EVAL_SAMPLES,
     "grpo sweep": SWEEP,
     "grpo report": ("report",),
+    "grpo export": EXPORT,
 }
 """Command -> the config keys it reads: a key, and every key below it, is used."""
 
@@ -86,11 +90,14 @@ HINTS: Dict[Tuple[str, str], str] = {
     ("grpo eval", "model.name_or_path"): "the model evaluated is run=PATH",
     ("grpo eval samples=...", "eval.run"): "pass either run= (a model to evaluate) or samples= (a file to score)",
     ("grpo eval samples=...", "eval.n"): "a samples file is scored as it is; eval.n samples a model (run=...)",
+    ("grpo export", "model.name_or_path"): "the model exported is run=PATH",
 }
 """What to do instead, for an unused key that a user may well try."""
 
 SHORTHANDS = ("run", "samples", "split", "limit", "output_dir")
 """``grpo eval``'s short keys: ``run=X`` is ``eval.run=X``, ``output_dir=D`` is ``eval.output_dir=D``."""
+EXPORT_SHORTHANDS = ("run", "output_dir")
+"""``grpo export``'s short keys: ``run=X`` is ``export.run=X``, ``output_dir=D`` is ``export.output_dir=D``."""
 
 
 REPORT_SHORTHANDS = ("run", "sweep", "output", "smoothing")
@@ -211,6 +218,7 @@ def _option_hint(command: str, arg: str, rest: Sequence[str]) -> str:
         or name in (f.name for f in dataclasses.fields(S.RunConfig))
         or (command == "grpo eval" and name in SHORTHANDS)
         or (command == "grpo report" and name in REPORT_SHORTHANDS)
+        or (command == "grpo export" and name in EXPORT_SHORTHANDS)
     ):
         return f"settings are overrides without dashes: did you mean {name}={value}?"
     return full_key_hint(name, value) or "settings are overrides key=value without dashes (see --help)"
@@ -218,6 +226,8 @@ def _option_hint(command: str, arg: str, rest: Sequence[str]) -> str:
 
 def _word_hint(command: str, word: str) -> str:
     """``did you mean run=PATH?`` for ``grpo eval``, ``did you mean recipe=NAME?`` otherwise."""
+    if command == "grpo export":
+        return f"did you mean run={word}?"
     if command == "grpo eval":
         return f"did you mean {'samples' if word.endswith('.jsonl') else 'run'}={word}?"
     if command == "grpo report":
