@@ -240,7 +240,7 @@ def test_overlong_reward_wraps_any_reward_and_records_the_penalty():
     assert reward(batch).tolist() == [1.0, 1.0]  # no L_max (stored samples): as it is
     batch.totals["max_tokens"] = 3.0
     assert reward(batch).tolist() == [1.0, 0.5]
-    assert batch.tensors["reward/overlong"].tolist() == [0.0, -0.5]
+    assert batch.tensors["reward/overlong"].tolist() == [0.0, -0.5] and batch.stats["overlong_penalty"] == -0.25
 
 
 def test_build_reward_applies_the_overlong_buffer_to_outcome_rewards_only():
@@ -251,3 +251,65 @@ def test_build_reward_applies_the_overlong_buffer_to_outcome_rewards_only():
     assert not isinstance(build_reward(RewardConfig(name="outcome")), OverlongReward)
     with pytest.raises(UserError, match="reward.overlong_buffer"):
         build_reward(RewardConfig(name="steps", overlong_buffer=4))
+
+
+# ------------------------------------------------------------------------------------ training runs
+
+
+def add_engine_logprobs(monkeypatch):
+    """Stand in for an engine that returns its log-probs: the policy's own, shifted by 0.05 on odd tokens."""
+    prepare = GRPO.prepare
+
+    def with_rollout_logp(self, batch, policy):
+        batch = prepare(self, batch, policy)
+        with torch.no_grad():
+            logp = policy.logprobs(batch, temperature=batch.totals.get("temperature", 1.0))[0]
+        shift = 0.05 * (torch.arange(logp.shape[1], device=logp.device) % 2)
+        batch.tensors["rollout_logp"] = (logp + shift) * batch.target_mask
+        return batch
+
+    monkeypatch.setattr(GRPO, "prepare", with_rollout_logp)
+
+
+SWITCHES = {
+    "rloo": (["algorithm.advantage=rloo"], None),
+    "reinforce_pp": (["algorithm.advantage=reinforce_pp", "algorithm.reinforce_baseline=group"], None),
+    "gspo": (
+        ["algorithm.ratio_level=sequence", "algorithm.eps=3e-4", "algorithm.eps_high=4e-4", "algorithm.mu=2"],
+        None,
+    ),
+    "cispo": (["algorithm.policy_loss=cispo", "algorithm.eps=1.0", "algorithm.eps_high=0.28"], None),
+    "dual_clip": (["algorithm.dual_clip=3.0", "algorithm.mu=2"], "dual_clip_fraction"),
+    "mask_truncated": (["algorithm.mask_truncated=true"], None),
+    "overlong": (["reward.overlong_buffer=8", "reward.overlong_penalty=0.5"], "overlong_penalty"),
+    "tis": (["algorithm.tis_cap=2.0"], "engine_kl"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_each_switch_trains_two_steps(switch, sft_run, tmp_path, monkeypatch, length_rewards):
+    from conftest import compose, metrics
+
+    from grpo_cli.trainer.loop import train
+
+    overrides, metric = SWITCHES[switch]
+    if switch == "tis":
+        add_engine_logprobs(monkeypatch)
+    cfg = compose(
+        "grpo_arithmetic",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / switch}",
+        "reward.name=length_mod_3",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.lr=1e-3",
+        *overrides,
+    )
+    rows = metrics(train(cfg))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    if metric:
+        assert all(math.isfinite(r[metric]) for r in rows)
+    if switch == "tis":
+        assert rows[0]["engine_ratio_max"] == pytest.approx(1.0, abs=1e-4)  # pi_old / pi_rollout <= e^0 = 1

@@ -25,8 +25,9 @@ def overlong_penalty(lengths: torch.Tensor, *, max_tokens: float, buffer: float,
 
 class OverlongReward(Reward):
     """The wrapped reward plus :func:`overlong_penalty` of each completion, recorded per row as
-    ``batch.tensors["reward/overlong"]`` [B]. L_max is ``batch.totals["max_tokens"]``, which online
-    sources set; a batch without it (stored samples) is scored as the wrapped reward alone."""
+    ``batch.tensors["reward/overlong"]`` [B] (its batch mean: the ``overlong_penalty`` metric). L_max is
+    ``batch.totals["max_tokens"]``, which online sources set; a batch without it (stored samples) is
+    scored as the wrapped reward alone."""
 
     def __init__(self, inner: Reward, *, buffer: int, penalty: float):
         self.inner, self.buffer, self.penalty = inner, buffer, penalty
@@ -44,4 +45,5 @@ class OverlongReward(Reward):
             lengths, max_tokens=batch.totals["max_tokens"], buffer=self.buffer, penalty=self.penalty
         )
         batch.tensors["reward/overlong"] = shaped.to(batch.completion_mask.device)
+        batch.stats["overlong_penalty"] = float(shaped.mean())
         return rewards + shaped
