@@ -28,18 +28,36 @@ def test_rloo_leave_one_out_hand_values():
 
 
 def test_reinforce_pp_whitens_over_the_batch_tokens():
+    # beta = 0: the outcome at each row's last token; rows left-padded (row 1 has one token)
     rewards, group = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0, 0, 1])
-    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # 5 tokens
-    # no baseline: token values [1, 1, 0, 3, 3]: mean 1.6, var (2*0.36 + 2.56 + 2*1.96)/5 = 1.44, std 1.2
+    mask = torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 1.0]])  # 5 tokens
+    token_rewards = F.kl_shaped_rewards(rewards, torch.zeros(3, 2), torch.zeros(3, 2), mask, beta=0.0)
+    # no baseline: returns [1, 1 | 0 | 3, 3]: mean 1.6, var (2*0.36 + 2.56 + 2*1.96)/5 = 1.44, std 1.2
     # -> 1: -0.6/1.2 = -0.5;  0: -1.6/1.2 = -1.3333;  3: 1.4/1.2 = 1.1667; 0 off the mask
-    adv = F.reinforce_pp_advantages(rewards, group, mask, group_baseline=False)
-    assert torch.allclose(adv, torch.tensor([[-0.5, -0.5], [-4 / 3, 0.0], [7 / 6, 7 / 6]]), atol=1e-5)
+    adv = F.reinforce_pp_advantages(token_rewards, group, mask, group_baseline=False)
+    assert torch.allclose(adv, torch.tensor([[-0.5, -0.5], [0.0, -4 / 3], [7 / 6, 7 / 6]]), atol=1e-5)
     # group baseline: group 0 mean 0.5 -> 0.5, -0.5; group 1 alone -> 0. Tokens [0.5, 0.5, -0.5, 0, 0]:
     # mean 0.1, var (0.16 + 0.16 + 0.36 + 0.01 + 0.01)/5 = 0.14, std 0.374166
     # -> 0.4/0.374166 = 1.069045;  -0.6/0.374166 = -1.603567;  -0.1/0.374166 = -0.267261
-    adv = F.reinforce_pp_advantages(rewards, group, mask, group_baseline=True)
-    expected = torch.tensor([[1.069045, 1.069045], [-1.603567, 0.0], [-0.267261, -0.267261]])
+    adv = F.reinforce_pp_advantages(token_rewards, group, mask, group_baseline=True)
+    expected = torch.tensor([[1.069045, 1.069045], [0.0, -1.603567], [-0.267261, -0.267261]])
     assert torch.allclose(adv, expected, atol=1e-5)
+
+
+def test_reinforce_pp_puts_the_kl_in_the_reward():
+    # beta 0.5, log(pi_old / pi_ref) = [[0.2, 0.4], [0, -0.2]], outcomes [1, 0] at the last token:
+    # token rewards [[-0.1, -0.2 + 1 = 0.8], [0, 0.1]]; returns [[0.7, 0.8], [0.1, 0.1]]
+    # mean 0.425, var (0.275^2 + 0.375^2 + 2 * 0.325^2)/4 = 0.106875, std 0.326917
+    # -> [[0.841192, 1.147080], [-0.994137, -0.994137]]
+    mask, group = torch.ones(2, 2), torch.tensor([0, 0])
+    old, ref = torch.tensor([[0.2, 0.4], [0.0, -0.2]]), torch.zeros(2, 2)
+    token_rewards = F.kl_shaped_rewards(torch.tensor([1.0, 0.0]), old, ref, mask, beta=0.5)
+    assert torch.allclose(token_rewards, torch.tensor([[-0.1, 0.8], [0.0, 0.1]]), atol=1e-6)
+    adv = F.reinforce_pp_advantages(token_rewards, group, mask, group_baseline=False)
+    assert torch.allclose(adv, torch.tensor([[0.841192, 1.147080], [-0.994137, -0.994137]]), atol=1e-5)
+    # baseline: totals 0.7, 0.1 -> centred +-0.3 on every token: whitened +-1
+    adv = F.reinforce_pp_advantages(token_rewards, group, mask, group_baseline=True)
+    assert torch.allclose(adv, torch.tensor([[1.0, 1.0], [-1.0, -1.0]]), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- ratios and objectives
@@ -206,10 +224,12 @@ def test_advantage_switch_picks_the_estimator():
     batch.rewards, batch.group = torch.tensor([1.0, 0.0, 2.0, 4.0]), torch.tensor([0, 0, 1, 1])
     rloo = grpo(advantage="rloo").advantages(batch)
     assert torch.allclose(rloo[:, 0], torch.tensor([1.0, -1.0, -2.0, 2.0]))  # r_i - r_j in groups of 2
+    mask = batch.target_mask
+    batch.tensors["token_rewards"] = F.kl_shaped_rewards(batch.rewards, mask * 0, mask * 0, mask, beta=0.0)
     pp = grpo(advantage="reinforce_pp", reinforce_baseline="group").advantages(batch)
-    assert torch.allclose(
-        pp, F.reinforce_pp_advantages(batch.rewards, batch.group, batch.target_mask, group_baseline=True)
-    )
+    expected = F.reinforce_pp_advantages(batch.tensors["token_rewards"], batch.group, mask, group_baseline=True)
+    assert torch.equal(pp, expected)
+    assert grpo(advantage="reinforce_pp").loss_beta == 0.0 and grpo().loss_beta == 0.04  # KL in the reward
 
 
 @pytest.mark.parametrize(
@@ -273,7 +293,7 @@ def add_engine_logprobs(monkeypatch):
 
 SWITCHES = {
     "rloo": (["algorithm.advantage=rloo"], None),
-    "reinforce_pp": (["algorithm.advantage=reinforce_pp", "algorithm.reinforce_baseline=group"], None),
+    "reinforce_pp": (["algorithm.advantage=reinforce_pp", "algorithm.reinforce_baseline=group"], "reward_kl"),
     "gspo": (
         ["algorithm.ratio_level=sequence", "algorithm.eps=3e-4", "algorithm.eps_high=4e-4", "algorithm.mu=2"],
         None,

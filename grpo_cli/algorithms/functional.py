@@ -309,20 +309,27 @@ def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
 
 
 def reinforce_pp_advantages(
-    rewards: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, *, group_baseline: bool
+    token_rewards: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, *, group_baseline: bool
 ) -> torch.Tensor:
-    """REINFORCE++ (Hu, 2025, arXiv:2501.03262): each output's reward on its tokens, whitened over
-    every masked token of the batch; ``group_baseline`` first subtracts the group's mean reward
-    (verl's ``reinforce_plus_plus_baseline``; without it verl's ``reinforce_plus_plus`` with gamma = 1
-    on an outcome reward). rewards [B], group [B], mask [B, T] -> [B, T], 0 off the mask.
+    """REINFORCE++ (Hu, 2025, arXiv:2501.03262) from per-token rewards [B, T] (:func:`kl_shaped_rewards`:
+    the outcome reward at the last token minus beta * log(pi_old / pi_ref) on every token):
+
+    without baseline, the undiscounted reverse sums (the returns) whitened over every masked token of
+    the batch (verl's ``reinforce_plus_plus``, gamma = 1); with ``group_baseline``, each output's total
+    reward minus its group's mean, on every token, then whitened (verl's
+    ``reinforce_plus_plus_baseline``). group [B], mask [B, T] -> [B, T], 0 off the mask.
 
     The statistics are token-weighted (a long output counts once per token), as verl's
     ``masked_whiten``; the variance is the population one (verl: sample; the two differ by a factor
     n / (n - 1) over n tokens). Under data parallelism the batch is a rank's slice: each rank
     whitens with its own statistics.
     """
-    centred = group_advantages(rewards, group, scale=False) if group_baseline else rewards
-    return whiten(centred[:, None] * mask, mask)
+    if group_baseline:
+        centred = group_advantages(token_rewards.sum(-1), group, scale=False)  # [B]
+        values = centred[:, None] * mask
+    else:
+        values = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask  # [B, T] returns
+    return whiten(values, mask)
 
 
 def gspo_log_ratio(

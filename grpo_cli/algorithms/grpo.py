@@ -25,8 +25,8 @@ AGGREGATIONS = ("sequence", "token", "constant")
 SUPERVISIONS = ("outcome", "process")
 REINFORCE_BASELINES = ("none", "group")
 
-# Advantage estimators (algorithm.advantage) of outcome rewards:
-# (rewards [B], group [B], mask [B, T], scale, group_baseline) -> advantages [B, T].
+# Advantage estimators (algorithm.advantage) of outcome rewards: (rewards [B], or per-token rewards
+# [B, T] for those in KL_IN_REWARD; group [B], mask [B, T], scale, group_baseline) -> advantages [B, T].
 ADVANTAGES: Dict[str, Callable[..., torch.Tensor]] = {
     "grpo": lambda r, g, mask, scale, baseline: (
         F.group_advantages(r, g, scale=scale)[:, None].expand_as(mask).contiguous()
@@ -34,6 +34,8 @@ ADVANTAGES: Dict[str, Callable[..., torch.Tensor]] = {
     "rloo": lambda r, g, mask, scale, baseline: F.rloo_advantages(r, g)[:, None].expand_as(mask).contiguous(),
     "reinforce_pp": lambda r, g, mask, scale, baseline: F.reinforce_pp_advantages(r, g, mask, group_baseline=baseline),
 }
+KL_IN_REWARD = ("reinforce_pp",)
+"""Estimators whose KL to pi_ref is in the reward (k1 per token, as PPO's eq. 2), not in the loss."""
 # Ratio levels (algorithm.ratio_level): (logp, old_logp, mask) [B, T] -> log(pi_theta / pi_old) [B, T].
 RATIO_LEVELS: Dict[str, Callable[..., torch.Tensor]] = {
     "token": lambda logp, old, mask: logp - old,
@@ -96,6 +98,8 @@ class GRPO(Algorithm):
         self.advantage, self.group_baseline = advantage, reinforce_baseline == "group"
         self.ratio_level, self.policy_loss, self.dual_clip = ratio_level, policy_loss, dual_clip
         self.mask_truncated, self.tis_cap = mask_truncated, tis_cap
+        self.kl_in_reward = advantage in KL_IN_REWARD
+        self.loss_beta = 0.0 if self.kl_in_reward else beta
         self.updates_per_batch = mu
         self.needs_reference = beta > 0
 
@@ -103,13 +107,15 @@ class GRPO(Algorithm):
         """Group-normalised advantages, and (no grad) pi_old and pi_ref log-probs when needed."""
         if bool((torch.unique(batch.group, return_counts=True)[1] < 2).any()):
             raise UserError("source.group_size: GRPO compares the outputs of a group; it needs at least 2")
-        batch.tensors["advantages"] = self.advantages(batch)
         temperature = batch.totals.get("temperature", 1.0)
         with torch.no_grad():
             if self.updates_per_batch > 1:
                 batch.tensors["old_logp"] = policy.logprobs(batch, temperature=temperature)[0]
             if self.beta:
                 batch.tensors["ref_logp"] = policy.reference_logprobs(batch, temperature=temperature)
+            if self.kl_in_reward:
+                batch.tensors["token_rewards"] = self.token_rewards(batch, policy, temperature)
+        batch.tensors["advantages"] = self.advantages(batch)
         batch.stats.update(F.reward_stats(batch.rewards, batch.group))
         return batch
 
@@ -117,14 +123,29 @@ class GRPO(Algorithm):
         """Ahat [B, T-1]: outcome, the output's normalised reward on every token (4.1.2); process, the
         sum of the normalised rewards of the steps ending at or after the token (4.1.3)."""
         if self.supervision == "outcome":
+            rewards = batch.tensors["token_rewards"] if self.kl_in_reward else batch.rewards
             estimator = ADVANTAGES[self.advantage]
-            return estimator(batch.rewards, batch.group, batch.target_mask, self.scale_rewards, self.group_baseline)
+            return estimator(rewards, batch.group, batch.target_mask, self.scale_rewards, self.group_baseline)
         if "step_rewards" not in batch.tensors:
             raise UserError("algorithm.supervision=process needs a process reward (reward=steps or reward=process_rm)")
         adv = F.process_advantages(
             batch.tensors["step_rewards"], batch.tensors["step_mask"], batch.group, scale=self.scale_rewards
         )
         return adv * batch.target_mask  # the reverse sum reaches prompt positions too: not trained
+
+    def token_rewards(self, batch: Batch, policy: Policy, temperature: float) -> torch.Tensor:
+        """REINFORCE++'s per-token rewards [B, T] (its eq. 1): the outcome reward at the last token minus
+        beta * log(pi_old / pi_ref) on every token, pi_old's log-probs recomputed when mu = 1. Their
+        per-token KL is logged as ``reward_kl``; the loss then has no KL term."""
+        mask = batch.target_mask
+        if not self.beta:
+            zeros = torch.zeros_like(mask)
+            return F.kl_shaped_rewards(batch.rewards, zeros, zeros, mask, beta=0.0)
+        old = batch.tensors.get("old_logp")
+        old = policy.logprobs(batch, temperature=temperature)[0] if old is None else old
+        ref = batch.tensors["ref_logp"]
+        batch.stats["reward_kl"] = float(((old - ref) * mask).sum() / mask.sum().clamp(min=1))
+        return F.kl_shaped_rewards(batch.rewards.to(old.dtype), old, ref, mask, beta=self.beta)
 
     def loss(self, batch: Batch, policy: Policy) -> Tuple[torch.Tensor, Dict[str, float]]:
         logp, entropy = policy.logprobs(batch, temperature=batch.totals.get("temperature", 1.0), with_entropy=True)
@@ -137,7 +158,7 @@ class GRPO(Algorithm):
             old,
             ref,
             adv,
-            beta=self.beta,
+            beta=self.loss_beta,
             eps_low=self.eps_low,
             eps_high=self.eps_high,
             surrogate=(objective, clipped),

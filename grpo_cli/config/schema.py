@@ -416,12 +416,13 @@ class GRPOConfig(AlgorithmConfig):
     steps ending at or after it (4.1.3). ``process`` needs a process reward (``reward=steps``)."""
     advantage: str = choice("grpo", among=("grpo", "rloo", "reinforce_pp"))
     """Advantage estimator: ``grpo`` (the group's normalised reward, ``scale_rewards``), ``rloo``
-    (r_i minus the mean of the group's other rewards), ``reinforce_pp`` (REINFORCE++: the reward
+    (r_i minus the mean of the group's other rewards), ``reinforce_pp`` (REINFORCE++: the KL to pi_ref
+    moves from the loss into the reward, beta * log(pi_old / pi_ref) per token, and the returns are
     whitened over every completion token of the batch, of a rank's slice under data parallelism; see
     ``reinforce_baseline``). ``rloo`` and ``reinforce_pp`` take outcome supervision only."""
     reinforce_baseline: str = choice("none", among=("none", "group"))
-    """``advantage=reinforce_pp``: ``group`` subtracts the group's mean reward before whitening
-    (verl's reinforce_plus_plus_baseline), ``none`` whitens the raw rewards."""
+    """``advantage=reinforce_pp``: ``group`` subtracts the group's mean total reward before whitening
+    (verl's reinforce_plus_plus_baseline), ``none`` whitens the returns as they are."""
     ratio_level: str = choice("token", among=("token", "sequence"))
     """``token``: the ratio pi_theta / pi_old of each token (eq. 3); ``sequence``: GSPO's
     exp(mean_t log ratio) of the whole completion, clipped at [1 - eps, 1 + eps_high] (GSPO uses
