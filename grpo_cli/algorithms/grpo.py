@@ -7,6 +7,13 @@
 No value model: the baseline is the group's mean reward. The KL to pi_ref is in the loss (k3
 estimator), not in the reward. With mu = 1 the ratio to pi_old is exactly 1 and its gradient is the
 policy gradient, so pi_old's log-probs need no extra forward pass.
+
+Later work's variants are switches of this one algorithm (docs: method.md, "the GRPO family"), each a
+table of pure functions in functional.py: the advantage estimator (``ADVANTAGES``: grpo, RLOO,
+REINFORCE++), the ratio's level (``RATIO_LEVELS``: token, GSPO's sequence), the policy objective
+(``POLICY_LOSSES``: PPO's clip, CISPO), then dual-clip, DAPO's overlong filtering (``mask_truncated``)
+and truncated importance sampling against the rollout engine's drift (``tis_cap``). The defaults are
+the paper's GRPO, op for op.
 """
 
 from __future__ import annotations
@@ -120,8 +127,9 @@ class GRPO(Algorithm):
         return batch
 
     def advantages(self, batch: Batch) -> torch.Tensor:
-        """Ahat [B, T-1]: outcome, the output's normalised reward on every token (4.1.2); process, the
-        sum of the normalised rewards of the steps ending at or after the token (4.1.3)."""
+        """Ahat [B, T-1]: outcome, ``algorithm.advantage``'s estimator (grpo: the output's normalised
+        reward on every token, 4.1.2); process, the sum of the normalised rewards of the steps ending at
+        or after the token (4.1.3)."""
         if self.supervision == "outcome":
             rewards = batch.tensors["token_rewards"] if self.kl_in_reward else batch.rewards
             estimator = ADVANTAGES[self.advantage]

@@ -442,7 +442,7 @@ class GRPOConfig(AlgorithmConfig):
     """Truncated importance sampling against the rollout engine's drift: with the engine's log-probs
     in the batch, each token's policy-gradient term is weighed by min(pi_old / pi_rollout, tis_cap)
     (verl's tis_imp_ratio_cap, e.g. 2.0); None is off. ``engine_kl`` / ``engine_ratio_max`` are logged
-    whenever the engine's log-probs are there."""
+    whenever the engine's log-probs are there (like every loss metric, averaged over micro-batches)."""
 
 
 @dataclass
