@@ -9,16 +9,22 @@ from conftest import TINY
 from grpo_cli.cli import main
 
 METHODS = ["start", "sft", "rft", "online_rft", "dpo", "ppo", "grpo", "grpo_process", "iterative_grpo"]
+GRPO_FAMILY = ["dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]
+"""The GRPO family: algorithm=grpo with switches (recipes/method/<name>.yaml)."""
 
 
 def test_every_method_option_composes_with_its_own_triple():
     from conftest import compose
 
-    triples = {m: compose("paradigm_arithmetic", f"method={m}") for m in METHODS}
+    triples = {m: compose("paradigm_arithmetic", f"method={m}") for m in METHODS + GRPO_FAMILY}
     assert triples["rft"].source.name == "rft" and triples["dpo"].algorithm.name == "dpo"
     assert triples["ppo"].algorithm.name == "ppo" and triples["grpo_process"].algorithm.supervision == "process"
     assert triples["iterative_grpo"].iterative.iterations == 3 and triples["grpo"].iterative.iterations == 0
     assert triples["start"].trainer.steps == 0
+    assert all(triples[m].algorithm.name == "grpo" for m in GRPO_FAMILY)
+    assert triples["gspo"].algorithm.ratio_level == "sequence" and triples["dapo"].reward.overlong_buffer > 0
+    budget = lambda c: (c.source.prompts_per_step, c.source.group_size, c.trainer.steps, c.rollout.max_new_tokens)  # noqa: E731
+    assert all(budget(triples[m]) == budget(triples["grpo"]) for m in GRPO_FAMILY)
     # a method option and its own recipe are one and the same config
     own = compose("dpo_arithmetic")
     assert triples["dpo"].algorithm == own.algorithm and triples["dpo"].source == own.source
@@ -52,7 +58,7 @@ def test_paradigm_sweep_smoke_runs_every_method_and_summarises(sft_run, tiny_rew
     args = [
         "sweep",
         "recipe=paradigm_arithmetic",
-        f"method={','.join(METHODS)}",
+        f"method={','.join(METHODS + GRPO_FAMILY)}",
         "trainer.seed=0",
         *[t for t in TINY if not t.startswith("logging.progress")],
         f"model.name_or_path={sft_run}",
@@ -75,5 +81,5 @@ def test_paradigm_sweep_smoke_runs_every_method_and_summarises(sft_run, tiny_rew
     except SystemExit as exit_:  # a failed run makes the sweep exit 1
         assert exit_.code in (0, None), capsys.readouterr().out[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "sweep" / "summary.csv")))
-    assert [r["method"] for r in rows] == METHODS and all(r["status"] == "ok" for r in rows)
+    assert [r["method"] for r in rows] == METHODS + GRPO_FAMILY and all(r["status"] == "ok" for r in rows)
     assert all(r["eval.maj@2"] != "" and r["eval.pass@2"] != "" for r in rows)

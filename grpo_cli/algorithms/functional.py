@@ -8,7 +8,7 @@ to the methods.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -61,7 +61,14 @@ def clipped_surrogate(
     logp, old_logp, advantages: [B, T]. Returns (objective [B, T], clipped [B, T] bool: the
     clipped branch is the smaller one, so the token passes no gradient).
     """
-    ratio = torch.exp(logp - old_logp)
+    return clip_objective(logp - old_logp, advantages, eps_low=eps_low, eps_high=eps_high)
+
+
+def clip_objective(
+    log_ratio: torch.Tensor, advantages: torch.Tensor, *, eps_low: float, eps_high: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`clipped_surrogate` from the log-ratio log(pi_theta / pi_old) [B, T] (token or GSPO's)."""
+    ratio = torch.exp(log_ratio)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     return torch.minimum(unclipped, clipped), clipped < unclipped
@@ -101,13 +108,18 @@ def grpo_token_loss(
     beta: float,
     eps_low: float,
     eps_high: float,
+    surrogate: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-token GRPO loss [B, T]: -(min(ratio*A, clip(ratio)*A) - beta * KL_k3) (eq. 3).
 
-    Also returns per-token ``kl``, ``clipped`` and the unified paradigm's gradient coefficient
-    GC = A + beta * (pi_ref / pi_theta - 1) (section 5.2.1), all detached.
+    ``surrogate``: a variant's (policy objective [B, T], clipped [B, T] bool) in place of eq. 3's
+    clipped surrogate (GSPO, CISPO, dual-clip, TIS: see grpo.py). Also returns per-token ``kl``,
+    ``clipped`` and the unified paradigm's gradient coefficient GC = A + beta * (pi_ref / pi_theta - 1)
+    (section 5.2.1), all detached.
     """
-    surrogate, clipped = clipped_surrogate(logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high)
+    if surrogate is None:
+        surrogate = clipped_surrogate(logp, old_logp, advantages, eps_low=eps_low, eps_high=eps_high)
+    surrogate, clipped = surrogate
     kl = k3_kl(logp, ref_logp) if beta else torch.zeros_like(logp)
     loss = -(surrogate - beta * kl)
     gc = advantages + beta * (torch.exp(ref_logp - logp) - 1.0) if beta else advantages
@@ -276,4 +288,107 @@ def reward_stats(rewards: torch.Tensor, group: torch.Tensor) -> Dict[str, float]
         "reward_mean": float(rewards.mean()),
         "reward_std": float(rewards.std(unbiased=False)),
         "zero_std_groups": flat / len(groups),
+    }
+
+
+# ------------------------------------------------- the GRPO family (algorithm=grpo's switches, grpo.py)
+
+
+def rloo_advantages(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """RLOO (Ahmadian et al., 2024, arXiv:2402.14740): A_i = r_i - mean_{j != i} r_j within each group.
+
+    rewards [B], group [B] ids -> [B]. Equal to G/(G-1) * (r_i - mean(r)), as verl's
+    ``compute_rloo_outcome_advantage``; no std division. A group of one has no baseline: 0.
+    """
+    _, inverse = torch.unique(group, return_inverse=True)
+    n = torch.zeros(int(inverse.max()) + 1, dtype=rewards.dtype, device=rewards.device)
+    n.index_add_(0, inverse, torch.ones_like(rewards))  # [groups] members
+    sums = torch.zeros_like(n).index_add_(0, inverse, rewards)
+    others = (sums[inverse] - rewards) / (n[inverse] - 1).clamp(min=1)  # [B] mean of the other members
+    return torch.where(n[inverse] > 1, rewards - others, torch.zeros_like(rewards))
+
+
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, group: torch.Tensor, mask: torch.Tensor, *, group_baseline: bool
+) -> torch.Tensor:
+    """REINFORCE++ (Hu, 2025, arXiv:2501.03262) from per-token rewards [B, T] (:func:`kl_shaped_rewards`:
+    the outcome reward at the last token minus beta * log(pi_old / pi_ref) on every token):
+
+    without baseline, the undiscounted reverse sums (the returns) whitened over every masked token of
+    the batch (verl's ``reinforce_plus_plus``, gamma = 1); with ``group_baseline``, each output's total
+    reward minus its group's mean, on every token, then whitened (verl's
+    ``reinforce_plus_plus_baseline``). group [B], mask [B, T] -> [B, T], 0 off the mask.
+
+    The statistics are token-weighted (a long output counts once per token), as verl's
+    ``masked_whiten``; the variance is the population one (verl: sample; the two differ by a factor
+    n / (n - 1) over n tokens). Under data parallelism the batch is a rank's slice: each rank
+    whitens with its own statistics.
+    """
+    if group_baseline:
+        centred = group_advantages(token_rewards.sum(-1), group, scale=False)  # [B]
+        values = centred[:, None] * mask
+    else:
+        values = token_rewards.flip(-1).cumsum(-1).flip(-1) * mask  # [B, T] returns
+    return whiten(values, mask)
+
+
+def gspo_log_ratio(
+    logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, *, max_log: float = 10.0
+) -> torch.Tensor:
+    """GSPO-token's log-ratio [B, T] (Zheng et al., 2025, arXiv:2507.18071, eq. 13-14):
+
+        log s_{i,t} = sg(log s_i) + log pi_t - sg(log pi_t),  log s_i = mean_t log(pi_t / pi_old_t)
+
+    Its value is the sequence ratio s_i on every token; its gradient is s_i * grad log pi_t, so a
+    per-token advantage still applies (with equal advantages it is GSPO itself). log s_i is capped
+    at ``max_log`` against overflow, as verl's ``compute_policy_loss_gspo``. logp, old_logp, mask [B, T].
+    """
+    seq = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [B] log s_i
+    return logp - logp.detach() + seq.clamp(max=max_log).detach()[:, None]
+
+
+def cispo_objective(
+    logp: torch.Tensor, log_ratio: torch.Tensor, advantages: torch.Tensor, *, eps_low: float, eps_high: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv:2506.13585, eq. 4-5): sg(clip(ratio, 1 - eps_low, 1 + eps_high)) * A * log pi.
+
+    The importance weight is clipped and detached, so every token keeps its gradient
+    clip(ratio) * A * grad log pi (PPO's clip drops it). The paper bounds only the top (eps_low
+    "set to a large value"): eps_low = 1 is that (the ratio is never below 0). [B, T] each; returns
+    (objective to maximise, clipped [B, T] bool: the weight was capped).
+    """
+    ratio = torch.exp(log_ratio.detach())
+    weight = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    return weight * advantages * logp, weight != ratio
+
+
+def dual_clip(objective: torch.Tensor, advantages: torch.Tensor, *, c: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dual-clip PPO (Ye et al., 2020, arXiv:1912.09729): for A < 0 the objective is bounded below by
+    c * A (c > 1), so a huge ratio on a bad token cannot blow the loss up; verl's ``clip_ratio_c``.
+    objective, advantages [B, T] -> (objective, floored [B, T] bool: the bound was hit, no gradient)."""
+    floor = c * advantages
+    floored = (advantages < 0) & (objective < floor)
+    return torch.where(floored, floor, objective), floored
+
+
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, *, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al., 2025, "Your efficient RL framework secretly brings
+    you off-policy RL training"; verl's ``tis_imp_ratio_cap``): min(pi_old / pi_rollout, cap) [B, T],
+    detached, from the trainer's and the sampling engine's log-probs of the sampled tokens."""
+    return torch.exp(old_logp - rollout_logp).clamp(max=cap).detach()
+
+
+def engine_drift(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor) -> Dict[str, float]:
+    """How far the sampling engine's log-probs are from the trainer's pi_old on the masked tokens:
+
+    ``engine_kl``: masked mean of k3 = KL[pi_rollout || pi_old]'s estimator on tokens sampled from
+    pi_rollout (r - log r - 1, r = pi_old / pi_rollout); ``engine_ratio_max``: max of pi_old / pi_rollout.
+    """
+    m = mask.bool()
+    if not m.any():
+        return {"engine_kl": 0.0, "engine_ratio_max": 0.0}
+    kl = k3_kl(rollout_logp, old_logp)
+    return {
+        "engine_kl": float((kl * mask).sum() / mask.sum()),
+        "engine_ratio_max": float(torch.exp(old_logp - rollout_logp)[m].max()),
     }

@@ -218,6 +218,13 @@ class RewardConfig:
     """``steps`` and ``process_rm``: the last step is judged by the outcome rule (the final answer is
     right: 1, else 0) instead of the checker or the model, so an output that stops early or ends on a
     wrong answer is charged at its end. False with ``process_rm`` is the paper's pure learned PRM."""
+    overlong_buffer: int = num(0, ge=0)
+    """DAPO's soft overlong punishment (rewards/overlong.py): the last ``overlong_buffer`` tokens before
+    ``rollout.max_new_tokens`` (L_max) cost a linearly growing penalty, from 0 at L_max - buffer to
+    ``overlong_penalty`` at L_max, added to the reward (logged per row as ``reward/overlong``); 0 is
+    off. Online batches only (stored samples carry no L_max); outcome rewards only."""
+    overlong_penalty: float = num(1.0, ge=0)
+    """The overlong punishment at L_max and beyond (DAPO: 1.0)."""
 
 
 @dataclass
@@ -413,6 +420,35 @@ class GRPOConfig(AlgorithmConfig):
     """``outcome``: every token of an output gets its normalised reward (4.1.2); ``process``: each
     step's reward is normalised over all step rewards of the group and a token gets the sum over the
     steps ending at or after it (4.1.3). ``process`` needs a process reward (``reward=steps``)."""
+    advantage: str = choice("grpo", among=("grpo", "rloo", "reinforce_pp"))
+    """Advantage estimator: ``grpo`` (the group's normalised reward, ``scale_rewards``), ``rloo``
+    (r_i minus the mean of the group's other rewards), ``reinforce_pp`` (REINFORCE++: the KL to pi_ref
+    moves from the loss into the reward, beta * log(pi_old / pi_ref) per token, and the returns are
+    whitened over every completion token of the batch, of a rank's slice under data parallelism; see
+    ``reinforce_baseline``). ``rloo`` and ``reinforce_pp`` take outcome supervision only."""
+    reinforce_baseline: str = choice("none", among=("none", "group"))
+    """``advantage=reinforce_pp``: ``group`` subtracts the group's mean total reward before whitening
+    (verl's reinforce_plus_plus_baseline), ``none`` whitens the returns as they are."""
+    ratio_level: str = choice("token", among=("token", "sequence"))
+    """``token``: the ratio pi_theta / pi_old of each token (eq. 3); ``sequence``: GSPO's
+    exp(mean_t log ratio) of the whole completion, clipped at [1 - eps, 1 + eps_high] (GSPO uses
+    eps 3e-4, eps_high 4e-4), in its GSPO-token form so per-token advantages still apply."""
+    policy_loss: str = choice("clip", among=("clip", "cispo"))
+    """``clip``: PPO's clipped surrogate (eq. 3); ``cispo`` (MiniMax-M1): -sg(clip(ratio, 1 - eps,
+    1 + eps_high)) * A * log pi, a clipped, detached importance weight (every token keeps a gradient);
+    the paper bounds only the top: eps=1."""
+    dual_clip: Optional[float] = num(None, gt=1)
+    """Dual-clip (verl's clip_ratio_c, e.g. 3.0): for A < 0 the objective is bounded below by
+    dual_clip * A; None is off."""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: completions cut at ``rollout.max_new_tokens`` pass no gradient. They
+    still count in the normalising totals and in their group's baseline (a batch's step size does not
+    depend on how many were cut; DAPO drops only their loss)."""
+    tis_cap: Optional[float] = num(None, gt=0)
+    """Truncated importance sampling against the rollout engine's drift: with the engine's log-probs
+    in the batch, each token's policy-gradient term is weighed by min(pi_old / pi_rollout, tis_cap)
+    (verl's tis_imp_ratio_cap, e.g. 2.0); None is off. ``engine_kl`` / ``engine_ratio_max`` are logged
+    whenever the engine's log-probs are there (like every loss metric, averaged over micro-batches)."""
 
 
 @dataclass

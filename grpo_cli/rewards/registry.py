@@ -22,6 +22,7 @@ from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.rewards.classifier import ClassifierReward, is_classifier, load_classifier
 from grpo_cli.rewards.functions import build_functions
 from grpo_cli.rewards.guard import GuardedReward, import_function
+from grpo_cli.rewards.overlong import OverlongReward
 from grpo_cli.rewards.process import CHECKERS, char_ends, learned_process_rewards, rule_process_rewards
 
 REWARDS: Dict[str, Callable[..., Optional[Reward]]] = {}
@@ -116,9 +117,13 @@ def build_reward(cfg, device: Optional[torch.device] = None, *, checker: AnswerC
         reward = FunctionReward(reward, name=cfg.name)
     for module in reward.modules if device is not None else ():
         module.to(device)
-    if not getattr(factory, "guard", True):
+    if getattr(factory, "guard", True):
+        reward = GuardedReward(reward, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect)
+    if not cfg.overlong_buffer:
         return reward
-    return GuardedReward(reward, timeout_s=cfg.timeout_s, incorrect=cfg.incorrect)
+    if reward.per_step:
+        raise UserError(f"reward.overlong_buffer: shapes outcome rewards; reward={cfg.name} gives step rewards")
+    return OverlongReward(reward, buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
 
 
 def score_batch(reward: Reward, batch: Batch, tokenizer) -> torch.Tensor:
