@@ -333,3 +333,34 @@ def test_each_switch_trains_two_steps(switch, sft_run, tmp_path, monkeypatch, le
         assert all(math.isfinite(r[metric]) for r in rows)
     if switch == "tis":
         assert rows[0]["engine_ratio_max"] == pytest.approx(1.0, abs=1e-4)  # pi_old / pi_rollout <= e^0 = 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_tis_with_the_engines_own_logprobs_and_mu_1_is_the_identity(engine, sft_run, tmp_path, length_rewards):
+    """The engines' rollout_logp (not a stand-in): in fp32 they are the trainer's log-probs up to
+    summation order, so with mu = 1 the capped weight is 1 and a tis_cap run trains as the plain one."""
+    from conftest import compose, metrics
+
+    from grpo_cli.trainer.loop import train
+
+    def run(name, *extra):
+        cfg = compose(
+            "grpo_arithmetic",
+            f"model.name_or_path={sft_run}",
+            f"output_dir={tmp_path / name}",
+            "reward.name=length_mod_3",
+            "trainer.steps=2",
+            "source.prompts_per_step=2",
+            "source.group_size=4",
+            "trainer.lr=1e-3",
+            f"rollout.engine={engine}",
+            *extra,
+        )
+        return metrics(train(cfg))
+
+    plain, corrected = run("plain"), run("tis", "algorithm.tis_cap=2.0")
+    for a, b in zip(plain, corrected):
+        assert b["engine_kl"] < 1e-8 and b["engine_ratio_max"] == pytest.approx(1.0, abs=1e-4)
+        for key in ("loss", "grad_norm", "reward_mean", "kl", "entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
