@@ -268,3 +268,38 @@ def test_a_process_reward_filters_on_its_summary_and_the_trainer_labels_the_kept
     )
     for row in rows(loop.train(cfg)):
         assert row["sample_rounds"] >= 1 and row["loss"] == row["loss"]  # trained, not NaN
+
+
+def test_reward_round_stats_average_values_and_sum_counts():
+    from grpo_cli.trainer.dynamic import reward_round_stats
+
+    rounds = [
+        {"accuracy": 0.5, "reward_format": 1.0, "overlong_penalty": -0.2, "reward_errors": 1},
+        {"accuracy": 0.0, "reward_format": 0.5, "overlong_penalty": 0.0, "reward_errors": 2},
+    ]
+    # format (1.0 + 0.5) / 2 = 0.75; overlong (-0.2 + 0) / 2 = -0.1; errors 1 + 2 = 3; accuracy left out
+    expected = {"overlong_penalty": -0.1, "reward_errors": 3.0, "reward_format": 0.75}
+    assert reward_round_stats(rounds) == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_keeps_the_engine_logprobs_and_the_reward_stats(sft_run, tmp_path):
+    """The kept batch still carries rollout_logp (drift metrics, tis_cap) and the reward's own stats."""
+    from conftest import compose, metrics
+
+    from grpo_cli.trainer.loop import train
+
+    cfg = compose(
+        "paradigm_arithmetic",
+        "method=dapo",
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'run'}",
+        "trainer.steps=2",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "algorithm.tis_cap=2.0",
+    )
+    rows = metrics(train(cfg))
+    for row in rows:
+        assert row["engine_kl"] < 1e-6 and row["engine_ratio_max"] == pytest.approx(1.0, abs=1e-3)
+        assert "overlong_penalty" in row and row["sample_rounds"] >= 1

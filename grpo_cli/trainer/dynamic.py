@@ -62,6 +62,26 @@ def sample_stats(batch: Batch, checker: AnswerChecker) -> Dict[str, float]:
     }
 
 
+ROUND_TENSORS = ("rollout_logp",)
+"""Token-aligned tensors of a sampled round that the kept batch keeps (left-padded by ``concat_batches``):
+the engine's log-probs, for the trainer's drift metrics and ``algorithm.tis_cap``."""
+
+COUNTS = ("reward_errors", "reward_timeouts")
+
+
+def reward_round_stats(stats: Sequence[Dict[str, float]]) -> Dict[str, float]:
+    """What the reward wrote into each round's ``stats`` (``reward_<name>``, ``overlong_penalty``,
+    error counts), over the step's rounds: counts summed, the other values averaged (each round has
+    the same number of rows). The sampler's own stats are left out: :func:`sample_stats` recomputes
+    them over the kept rows."""
+    keys = {k for s in stats for k in s} - {"accuracy", "completion_length", "truncated"}
+    out = {}
+    for k in sorted(keys):
+        values = [s[k] for s in stats if k in s]
+        out[k] = float(sum(values)) if k in COUNTS else sum(values) / len(values)
+    return out
+
+
 def round_stats(flat: Sequence[torch.Tensor], samples: int, target: int) -> Dict[str, float]:
     """The step's dynamic-sampling metrics: ``zero_std_groups`` over every group sampled (before the
     filter), ``sample_rounds``, ``samples_per_kept_group`` (outputs drawn per group with signal

@@ -24,7 +24,15 @@ from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
-from grpo_cli.trainer.dynamic import choose_groups, flat_groups, round_stats, rows_of_groups, sample_stats
+from grpo_cli.trainer.dynamic import (
+    ROUND_TENSORS,
+    choose_groups,
+    flat_groups,
+    reward_round_stats,
+    round_stats,
+    rows_of_groups,
+    sample_stats,
+)
 
 
 class Source:
@@ -246,7 +254,7 @@ class OnlineSource(Source):
             if batch is not None:
                 batch.rewards = self.score(batch)
                 # per-position tensors a per-step reward left: the trainer re-scores the kept batch
-                batch.tensors = {k: v for k, v in batch.tensors.items() if v.dim() == 1}
+                batch.tensors = {k: v for k, v in batch.tensors.items() if v.dim() == 1 or k in ROUND_TENSORS}
                 rounds.append(batch)
                 flat.append(flat_groups(batch.rewards, batch.group))
             else:
@@ -259,7 +267,11 @@ class OnlineSource(Source):
         chosen = choose_groups([f for f in flat if len(f)], target)
         parts = [b.select(rows_of_groups(b.group, c)) for b, c in zip(rounds, chosen) if c]
         kept = drop_pad_columns(concat_batches(parts, policy.tokenizer.pad_token_id))  # a dropped long row's width
-        kept.stats = {**sample_stats(kept, self.checker), **round_stats(flat, sum(map(len, rounds)), target)}
+        kept.stats = {
+            **reward_round_stats([b.stats for b in rounds]),
+            **sample_stats(kept, self.checker),
+            **round_stats(flat, sum(map(len, rounds)), target),
+        }
         return kept
 
     def state_dict(self) -> Dict[str, Any]:
