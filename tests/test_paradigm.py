@@ -9,7 +9,7 @@ from conftest import TINY
 from grpo_cli.cli import main
 
 METHODS = ["start", "sft", "rft", "online_rft", "dpo", "ppo", "grpo", "grpo_process", "iterative_grpo"]
-GRPO_FAMILY = ["dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"]
+GRPO_FAMILY = ["dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "dapo_budget"]
 """The GRPO family: algorithm=grpo with switches (recipes/method/<name>.yaml)."""
 
 
@@ -24,7 +24,11 @@ def test_every_method_option_composes_with_its_own_triple():
     assert all(triples[m].algorithm.name == "grpo" for m in GRPO_FAMILY)
     assert triples["gspo"].algorithm.ratio_level == "sequence" and triples["dapo"].reward.overlong_buffer > 0
     budget = lambda c: (c.source.prompts_per_step, c.source.group_size, c.trainer.steps, c.rollout.max_new_tokens)  # noqa: E731
-    assert all(budget(triples[m]) == budget(triples["grpo"]) for m in GRPO_FAMILY)
+    assert all(budget(triples[m]) == budget(triples["grpo"]) for m in GRPO_FAMILY if m != "dapo_budget")
+    # dynamic sampling drew 2 rounds a step from the SFT checkpoint: half the steps for grpo's samples
+    dapo, half = triples["dapo"], triples["dapo_budget"]
+    assert dapo.source.dynamic_sampling and half.source.dynamic_sampling
+    assert half.trainer.steps * 2 == dapo.trainer.steps and half.algorithm == dapo.algorithm
     # a method option and its own recipe are one and the same config
     own = compose("dpo_arithmetic")
     assert triples["dpo"].algorithm == own.algorithm and triples["dpo"].source == own.source
