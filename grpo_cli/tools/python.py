@@ -56,6 +56,20 @@ def run_python(
     SIGSEGV``, ...) or None. ``timeout_s`` bounds the wall time and, rounded up, the CPU time."""
     if timeout_s <= 0 or memory_mb <= 0 or max_output_chars <= 0 or max_processes <= 0 or max_file_mb <= 0:
         raise UserError("run_python: timeout_s, memory_mb, max_output_chars, max_processes and max_file_mb must be > 0")
+    text, error, _ = _run(code, timeout_s, memory_mb, max_output_chars, max_processes, max_file_mb)
+    return text, error
+
+
+def confinement() -> dict:
+    """What this machine enforces, from one trivial call: ``namespaces`` ("user,net,pid", "user,net"
+    or "none"), ``landlock`` (the ABI, 0: none) and ``uid`` (set when root ran the code as nobody).
+    Log it once; docs/reliability.md says what each missing piece leaves open."""
+    _, _, report = _run("pass", 5.0, MEMORY_MB, MAX_OUTPUT_CHARS, MAX_PROCESSES, MAX_FILE_MB)
+    landlock = int(report.get("landlock", 0))
+    return {"namespaces": report.get("ns", "none"), "landlock": landlock, "uid": report.get("uid")}
+
+
+def _run(code, timeout_s, memory_mb, max_output_chars, max_processes, max_file_mb):
     workdir = tempfile.mkdtemp(prefix="grpo_sandbox_")
     try:
         return _run_in(workdir, code, timeout_s, memory_mb, max_output_chars, max_processes, max_file_mb)
@@ -83,7 +97,7 @@ def _run_in(workdir, code, timeout_s, memory_mb, max_output_chars, max_processes
     finally:
         os.close(report_r)
     text = output.decode("utf-8", errors="replace")[:max_output_chars]
-    return text, _error(proc.returncode, report, over, timeout_s, memory_mb, max_output_chars)
+    return text, _error(proc.returncode, report, over, timeout_s, memory_mb, max_output_chars), report
 
 
 def _spawn(workdir: str, config: dict, report_w: int) -> subprocess.Popen:
