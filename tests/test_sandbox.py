@@ -193,3 +193,10 @@ def test_no_network():
         assert error is not None and "in" not in output.splitlines()
         with pytest.raises(socket.timeout):
             server.accept()  # nobody came
+
+
+def test_the_cpu_limit_signal_is_reported():
+    # the code lowers its own CPU limit below the wall time: the kernel's SIGXCPU reads as such
+    code = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass"
+    _, error, took = _timed(code, timeout_s=8.0)  # 1 s of CPU: generous wall time on a busy machine
+    assert error == "killed: CPU time limit (SIGXCPU)" and took < 8.0

@@ -45,6 +45,8 @@ def write_file(path, text):
 def unshare():
     """New user + network (+ pid) namespaces: no network but a down loopback, and a process count of
     its own (RLIMIT_NPROC counts per user namespace since Linux 5.14). Returns what was unshared."""
+    if not hasattr(LIBC, "unshare"):  # not Linux
+        return ""
     uid, gid = os.getuid(), os.getgid()
     tries = ((CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID, "user,net,pid"), (CLONE_NEWUSER | CLONE_NEWNET, "user,net"))
     for flags, name in tries:
@@ -65,6 +67,8 @@ def landlock(read_paths, write_paths, device_files):
     """Landlock: read and execute only beneath ``read_paths``, write only beneath ``write_paths``; with
     ABI 4+ no TCP bind/connect, with ABI 6+ no signal to a process outside the sandbox. Returns the ABI
     (0: not available)."""
+    if not sys.platform.startswith("linux"):
+        return 0
     abi = LIBC.syscall(SYS_CREATE_RULESET, None, 0, 1)
     if abi <= 0:
         return 0
@@ -114,6 +118,9 @@ def limit(config):
         (resource.RLIMIT_CPU, cpu),
     ):
         hard = value + 1 if name == resource.RLIMIT_CPU else value  # SIGXCPU at the soft, SIGKILL at the hard
+        current = resource.getrlimit(name)[1]
+        if current != resource.RLIM_INFINITY:  # never above a hard limit set from outside
+            value, hard = min(value, current), min(hard, current)
         resource.setrlimit(name, (value, hard))
 
 
@@ -147,7 +154,8 @@ def init(code_path):
     """The sandbox's pid 1 (with a pid namespace): when it exits, the kernel kills every process left
     in the namespace, so nothing the code started outlives the call."""
     launcher = os.getppid()
-    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher killed: so is the sandbox
+    if hasattr(LIBC, "prctl"):
+        LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the launcher killed: so is the sandbox
     if os.getppid() != launcher:
         os._exit(1)
     worker = os.fork()
@@ -180,7 +188,8 @@ def drop_root(uid):
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
-    LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # changing uid made /proc/self root's: the id maps need it
+    if hasattr(LIBC, "prctl"):
+        LIBC.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)  # changing uid made /proc/self root's: the id maps need it
     report(f"uid {uid}")
 
 

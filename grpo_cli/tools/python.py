@@ -39,6 +39,7 @@ NOBODY = 65534
 """The uid and gid the code runs as when the caller is root (root ignores RLIMIT_NPROC)."""
 
 _LAUNCHER = Path(__file__).with_name("_sandbox_child.py")
+_NO_CWD = ("-P",) if sys.version_info >= (3, 11) else ()  # 3.10 puts the code's own directory on sys.path
 _SIGNALS = {signal.SIGXCPU: "killed: CPU time limit (SIGXCPU)", signal.SIGXFSZ: "killed: file size limit (SIGXFSZ)"}
 
 
@@ -54,6 +55,8 @@ def run_python(
     """Run ``code`` in a sandbox: its stdout+stderr (at most ``max_output_chars``) and a one-line error
     (``ZeroDivisionError: division by zero``, ``TimeoutError: ran past 2.0 s``, ``killed by signal
     SIGSEGV``, ...) or None. ``timeout_s`` bounds the wall time and, rounded up, the CPU time."""
+    if os.name != "posix":
+        raise UserError("run_python: the sandbox needs Linux (or, with fewer guarantees, macOS)")
     if timeout_s <= 0 or memory_mb <= 0 or max_output_chars <= 0 or max_processes <= 0 or max_file_mb <= 0:
         raise UserError("run_python: timeout_s, memory_mb, max_output_chars, max_processes and max_file_mb must be > 0")
     text, error, _ = _run(code, timeout_s, memory_mb, max_output_chars, max_processes, max_file_mb)
@@ -116,7 +119,7 @@ def _spawn(workdir: str, config: dict, report_w: int) -> subprocess.Popen:
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
     env.update(PYTHONUTF8="1", PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [_python(), "-s", "-P", "-S", "-c", _LAUNCHER.read_text(), json.dumps(config)],
+        [_python(), "-s", *_NO_CWD, "-S", "-c", _LAUNCHER.read_text(), json.dumps(config)],
         cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, pass_fds=(report_w,),
     )  # fmt: skip
@@ -158,6 +161,8 @@ def _read_output(proc: subprocess.Popen, timeout_s: float, max_bytes: int) -> Tu
 def _exited(proc: subprocess.Popen) -> bool:
     """Whether the launcher has exited, without reaping it: its pid, hence its process group id, stays
     ours until :func:`_kill` has killed the group."""
+    if not hasattr(os, "waitid"):  # macOS: reaping is the only way to ask
+        return proc.poll() is not None
     return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
@@ -201,8 +206,6 @@ def _error(returncode, report, over, timeout_s, memory_mb, max_chars) -> Optiona
         number = int(report["signal"])
         if number in _SIGNALS:
             return _SIGNALS[number]
-        if number == signal.SIGKILL:
-            return f"TimeoutError: ran past {timeout_s} s of CPU time (SIGKILL)"
         return f"killed by signal {signal.Signals(number).name}"
     if "error" in report:
         line = report["error"]
