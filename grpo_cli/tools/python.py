@@ -143,12 +143,14 @@ def _read_output(proc: subprocess.Popen, timeout_s: float, max_bytes: int) -> Tu
     stopped early ("timeout", "output") or ""."""
     deadline = time.monotonic() + timeout_s
     fd = proc.stdout.fileno()
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     chunks, size = [], 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return b"".join(chunks), "timeout"
-        ready, _, _ = select.select([fd], [], [], min(left, 0.05))
+        ready = poller.poll(min(left, 0.05) * 1000)  # poll, not select: a trainer's fds may be past 1024
         data = os.read(fd, 65536) if ready else b""
         chunks.append(data)
         size += len(data)
