@@ -200,3 +200,21 @@ def test_the_cpu_limit_signal_is_reported():
     code = "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass"
     _, error, took = _timed(code, timeout_s=8.0)  # 1 s of CPU: generous wall time on a busy machine
     assert error == "killed: CPU time limit (SIGXCPU)" and took < 8.0
+
+
+@pytest.mark.skipif(CONFINED["namespaces"] == "none", reason="RLIMIT_NPROC counts all the user's processes")
+def test_max_processes_counts_the_code_itself():
+    code = (
+        "import os, time\nn = 1\ntry:\n    while True:\n        if os.fork() == 0:\n"
+        "            time.sleep(5)\n            os._exit(0)\n        n += 1\nexcept OSError:\n    print(n)"
+    )
+    assert run_python(code, 3.0, max_processes=3) == ("3\n", None)
+    assert run_python(code, 3.0, max_processes=1) == ("1\n", None)
+
+
+def test_calls_in_threads_do_not_mix():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: run_python(f"print({i} * 2)", 5.0), range(12)))
+    assert results == [(f"{i * 2}\n", None) for i in range(12)]
