@@ -218,3 +218,15 @@ def test_calls_in_threads_do_not_mix():
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: run_python(f"print({i} * 2)", 5.0), range(12)))
     assert results == [(f"{i * 2}\n", None) for i in range(12)]
+
+
+def test_an_interrupted_call_leaves_nothing(monkeypatch):
+    def interrupted(proc, timeout_s, max_bytes):
+        time.sleep(0.5)  # the code has started its sleep by now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox, "_read_output", interrupted)
+    code = f"import subprocess\nsubprocess.Popen(['sleep', '{MARKER}'], start_new_session=True).wait()"
+    with pytest.raises(KeyboardInterrupt):
+        run_python(code, 5.0)
+    # the fixture checks that neither the sandbox nor its sleep is left

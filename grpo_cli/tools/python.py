@@ -12,6 +12,7 @@ best effort.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import select
@@ -90,12 +91,14 @@ def _run_in(workdir, code, timeout_s, memory_mb, max_output_chars, max_processes
     report_r, report_w = os.pipe()
     os.set_blocking(report_r, False)
     try:
-        proc = _spawn(workdir, config, report_w)
-    finally:
-        os.close(report_w)
-    try:
-        output, over = _read_output(proc, timeout_s, max_output_chars)
-        _kill(proc)
+        try:
+            proc = _spawn(workdir, config, report_w)
+        finally:
+            os.close(report_w)
+        try:
+            output, over = _read_output(proc, timeout_s, max_output_chars)
+        finally:
+            _kill(proc)  # also when interrupted (KeyboardInterrupt): nothing outlives the call
         report = _read_report(report_r)
     finally:
         os.close(report_r)
@@ -119,10 +122,15 @@ def _spawn(workdir: str, config: dict, report_w: int) -> subprocess.Popen:
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
     env.update(PYTHONUTF8="1", PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [_python(), "-s", *_NO_CWD, "-S", "-c", _LAUNCHER.read_text(), json.dumps(config)],
+        [_python(), "-s", *_NO_CWD, "-S", "-c", _launcher(), json.dumps(config)],
         cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True, pass_fds=(report_w,),
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def _launcher() -> str:
+    return _LAUNCHER.read_text()
 
 
 def _python() -> str:
@@ -133,7 +141,7 @@ def _python() -> str:
 def _readable_paths() -> list:
     """What the code may read and execute: the standard library, the interpreter, system binaries and
     libraries. Not /etc, /home, /root, /proc or the project."""
-    paths = {sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"], sys.base_prefix}
+    paths = {sysconfig.get_paths()["stdlib"], sys.base_prefix}  # not platstdlib: in a venv, the venv
     paths |= {"/usr", "/bin", "/lib", "/lib64"}
     return sorted(os.path.realpath(p) for p in paths if os.path.exists(p))
 
