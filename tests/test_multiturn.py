@@ -1,10 +1,12 @@
 """Multi-turn rollouts (issue 33): environments, the engines' turn loop against a slow oracle that
 recomputes the whole prefix, the masks that keep observations out of training, training and eval."""
 
+import json
 from typing import Optional
 
 import pytest
 import torch
+from conftest import compose, metrics, rows
 
 from grpo_cli.config.schema import TinyModelConfig
 from grpo_cli.errors import UserError
@@ -203,3 +205,134 @@ def test_without_pauses_the_turn_loop_samples_as_the_plain_engine(chaotic, engin
     for b, row in enumerate(got.tokens):
         assert row == plain[b][: len(row)] and all(t == tok.pad_token_id for t in plain[b][len(row) :])
         torch.testing.assert_close(torch.tensor(got.logprobs[b]), torch.tensor(plain_logp[b][: len(row)]))
+
+
+# --- masks: a trained token is exactly one the model wrote ---
+
+
+@torch.no_grad()
+def _sampled(chaotic, engine="auto"):
+    from grpo_cli.data.types import Example
+    from grpo_cli.generation import sample_batch
+
+    model, tok = chaotic
+    examples = [Example(question=p, prompt=p, solution="", answer="0") for p in PROMPTS]
+    options = dict(max_new_tokens=40, temperature=1.0, engine=engine, environment=SevenEnvironment(), max_turns=3)
+    return sample_batch(
+        model, tok, examples, group=torch.arange(len(PROMPTS)), generator=_gen(), **options, compile_decode_step=False
+    )
+
+
+def test_a_trained_token_is_exactly_one_the_model_wrote(chaotic):
+    from grpo_cli.models.policy import token_logprobs
+    from grpo_cli.tracking import completion_rows
+
+    batch, gens = _sampled(chaotic)
+    T = batch.input_ids.shape[1]
+    for b, g in enumerate(gens):
+        start = T - len(g.completion_ids)
+        assert batch.input_ids[b, start:].tolist() == g.completion_ids
+        written = [start + k for k, w in enumerate(g.model_written) if w]
+        assert batch.completion_mask[b].nonzero().flatten().tolist() == written  # trained: model-written only
+        assert batch.attention_mask[b, start:].all()  # observations are attended to
+        assert batch.completion_span[b].nonzero().flatten().tolist() == list(range(start, T))
+        assert batch.completion_token_ids()[b] == g.completion_ids
+        assert g.text == chaotic[1].decode(g.completion_ids, skip_special_tokens=True)
+    assert any(g.turns > 1 for g in gens) and any(not all(g.model_written) for g in gens)
+    # rollout_logp: the engine's log-prob on model tokens, 0 on the holes
+    holes = (batch.completion_span[:, 1:] & ~batch.completion_mask[:, 1:].bool()).float()
+    assert float((batch.tensors["rollout_logp"] * holes).abs().sum()) == 0
+    # observation targets get no gradient through the loss
+    model = chaotic[0]
+    with torch.enable_grad():
+        logp, _ = token_logprobs(model, batch, backend="naive")
+        logp.retain_grad()
+        (-(logp * batch.target_mask).sum()).backward()
+    assert float((logp.grad * holes).abs().sum()) == 0 and float(logp.grad.abs().sum()) > 0
+    torch.testing.assert_close((logp.detach() * batch.target_mask), batch.tensors["rollout_logp"], atol=1e-4, rtol=0)
+    model.zero_grad(set_to_none=True)
+    rows = completion_rows(batch, step=0, max_rows=64)
+    assert [r["turns"] for r in rows] == [g.turns for g in gens]
+    assert [r["length"] for r in rows] == [len(g.completion_ids) for g in gens]
+
+
+def test_kl_shaped_rewards_put_the_outcome_at_the_last_model_token():
+    import grpo_cli.algorithms.functional as F
+
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])  # row 0 cut inside an observation
+    r = F.kl_shaped_rewards(torch.tensor([2.0, 3.0]), torch.zeros(2, 4), torch.zeros(2, 4), mask, beta=0.0)
+    assert r.tolist() == [[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]
+
+
+# --- training and evaluation with a fake tool ---
+
+
+class EqualsEnvironment(Environment):
+    """For the SFT'd tiny model: a turn ends at each '=' it writes; the 'tool' answers 42."""
+
+    trigger_chars = "="
+
+    def __init__(self, timeout_s: float = 1.0):
+        pass
+
+    def turn_ended(self, text: str) -> bool:
+        return text.endswith("=")
+
+    def respond(self, text: str) -> Optional[str]:
+        return "\n```output\n42\n```\n"
+
+
+TOOL = ["rollout.environment=test_multiturn:EqualsEnvironment", "rollout.max_turns=2", "rollout.max_new_tokens=40"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe,extra",
+    [
+        ("grpo_arithmetic", ["source.group_size=4"]),
+        ("ppo_arithmetic", []),
+        ("online_rft_arithmetic", ["source.group_size=4"]),
+    ],
+)
+def test_a_training_step_with_a_tool_environment(sft_run, tmp_path, length_rewards, monkeypatch, recipe, extra):
+    import grpo_cli.trainer.loop as loop
+
+    seen = []
+    original = loop.build_policy
+    monkeypatch.setattr(loop, "build_policy", lambda *a: seen.append(original(*a)) or seen[-1])
+    cfg = compose(
+        recipe,
+        f"model.name_or_path={sft_run}",
+        f"output_dir={tmp_path / 'r'}",
+        "reward.name=length_mod_3",
+        "trainer.steps=2",
+        "source.prompts_per_step=4",
+        "logging.completions_every=1",
+        *TOOL,
+        *extra,
+    )
+    run = loop.train(cfg)
+    out = metrics(run)
+    assert len([r for r in out if "loss" in r]) == 2 and all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in out if "loss" in r
+    )
+    table = [json.loads(line) for line in next((run / "completions").glob("step_*1.jsonl")).read_text().splitlines()]
+    assert any(r["turns"] > 1 and "```output\n42\n```" in r["completion"] for r in table)
+
+
+@pytest.mark.slow
+def test_a_tool_run_resumes_exactly(sft_run, tmp_path, length_rewards):
+    from grpo_cli.trainer.loop import train
+
+    common = [
+        f"model.name_or_path={sft_run}",
+        "reward.name=length_mod_3",
+        "trainer.lr=1e-3",
+        "trainer.schedule=constant",
+    ]
+    common += ["source.prompts_per_step=4", "source.group_size=2", *TOOL]
+    whole = rows(train(compose("grpo_arithmetic", *common, "trainer.steps=4", f"output_dir={tmp_path / 'a'}")))
+    part = tmp_path / "b"
+    train(compose("grpo_arithmetic", *common, "trainer.steps=2", "trainer.save_every=2", f"output_dir={part}"))
+    resumed = rows(train(compose("grpo_arithmetic", *common, "trainer.steps=4", "resume=true", f"output_dir={part}")))
+    assert resumed == whole

@@ -43,7 +43,8 @@ def char_ends(
 ) -> torch.Tensor:
     """[B, T] long: characters of ``texts[b]`` decoded through each completion token (0 elsewhere).
 
-    ``completion_mask`` [B, T] marks each row's completion tokens, in order (as ``pack`` lays them out).
+    ``completion_mask`` [B, T] marks each row's completion tokens, in order (as ``pack`` lays them out;
+    ``Batch.completion_span``: a multi-turn completion's observations included).
     """
     out = torch.zeros_like(completion_mask, dtype=torch.long)
     for b, (ids, text) in enumerate(zip(completion_ids, texts)):
@@ -57,7 +58,7 @@ def completion_offsets(batch: Batch, b: int) -> Tuple[List[int], List[Span]]:
     """Row ``b``'s completion token positions in ``input_ids`` and their character spans."""
     if "char_ends" not in batch.tensors:
         raise UserError("a process reward needs the token offsets of sampled completions: use source=online")
-    positions = batch.completion_mask[b].nonzero().flatten().tolist()
+    positions = batch.completion_span[b].nonzero().flatten().tolist()  # observations included: texts hold them
     ends = batch.tensors["char_ends"][b, positions].tolist()
     return positions, list(zip([0] + ends[:-1], ends))
 
