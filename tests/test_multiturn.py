@@ -282,6 +282,15 @@ class EqualsEnvironment(Environment):
         return "\n```output\n42\n```\n"
 
 
+class HashEnvironment(EqualsEnvironment):
+    """A turn ends at each '#' (what the barely trained model writes greedily)."""
+
+    trigger_chars = "#"
+
+    def turn_ended(self, text: str) -> bool:
+        return text.endswith("#")
+
+
 TOOL = ["rollout.environment=test_multiturn:EqualsEnvironment", "rollout.max_turns=2", "rollout.max_new_tokens=40"]
 
 
@@ -336,3 +345,22 @@ def test_a_tool_run_resumes_exactly(sft_run, tmp_path, length_rewards):
     train(compose("grpo_arithmetic", *common, "trainer.steps=2", "trainer.save_every=2", f"output_dir={part}"))
     resumed = rows(train(compose("grpo_arithmetic", *common, "trainer.steps=4", "resume=true", f"output_dir={part}")))
     assert resumed == whole
+
+
+def test_eval_of_a_tool_run_uses_its_tools_and_says_so(sft_run, tmp_path, capsys):
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from grpo_cli.cli import main
+
+    run = shutil.copytree(sft_run, tmp_path / "sft", symlinks=True)
+    saved = OmegaConf.load(run / "config.yaml")
+    saved.rollout.environment, saved.rollout.max_turns = "test_multiturn:HashEnvironment", 2
+    OmegaConf.save(saved, run / "config.yaml")
+    main(["eval", f"run={run}", "eval.limit=8", "trainer.threads=1", "rollout.max_new_tokens=40"])
+    printed = " ".join(capsys.readouterr().err.split())  # a notice: on stderr
+    assert "eval: multi-turn rollouts as the run was trained (environment=test_multiturn:HashEnvironment" in printed
+    samples = [json.loads(x) for x in (run / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all("turns" in r for r in samples)
+    assert any(r["turns"] > 1 and "```output\n42\n```" in r["completion"] for r in samples)
