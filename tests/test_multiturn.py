@@ -7,6 +7,7 @@ from typing import Optional
 import pytest
 import torch
 from conftest import compose, metrics, rows
+from test_vllm_rollout import fake_vllm, vllm_rows  # noqa: F401 (a fixture)
 
 from grpo_cli.config.schema import TinyModelConfig
 from grpo_cli.errors import UserError
@@ -364,3 +365,53 @@ def test_eval_of_a_tool_run_uses_its_tools_and_says_so(sft_run, tmp_path, capsys
     samples = [json.loads(x) for x in (run / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and all("turns" in r for r in samples)
     assert any(r["turns"] > 1 and "```output\n42\n```" in r["completion"] for r in samples)
+
+
+# --- vLLM: a new request per turn (the stand-in vllm module of tests/test_vllm_rollout.py) ---
+
+
+class EveryFifth:
+    """Token-level Turns: a turn ends at a token divisible by 5, answered by that token + 10; two
+    observations per row, then done."""
+
+    def __init__(self):
+        self.used = {}
+
+    def pauses(self, row, ids):
+        return ids[-1] % 5 == 0
+
+    def observe(self, row, ids):
+        self.used[row] = self.used.get(row, 0) + 1
+        return None if self.used[row] > 2 else [ids[-1] + 10]
+
+
+def test_vllm_takes_a_new_request_per_turn(fake_vllm):
+    model, tok = chaotic_tiny_model()
+    n = 12
+    got = vllm_rows(model, tok, eos=False, n=n, turns=EveryFifth())
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+    for b, p in enumerate(ids):  # the stand-in writes last + 1, last + 2, ...: by hand
+        row, written, used, last = [], [], 0, p[-1]
+        while len(row) < n:
+            last += 1
+            row.append(last)
+            written.append(True)
+            if last % 5 == 0:
+                used += 1
+                if used > 2:
+                    break
+                last += 10
+                row.append(last)
+                written.append(False)
+        assert got.tokens[b] == row[:n] and got.model_written[b] == written[:n]
+        assert got.stopped[b] == (used > 2)
+    calls = fake_vllm.built[-1].calls
+    assert len(calls) == 3  # two observations: three rounds of requests
+    for prompts, _ in calls[1:]:  # later turns: prompt + completion so far (its observation last), as ids
+        for p in prompts:
+            p = p["prompt_token_ids"]
+            b = next(
+                b for b, q in enumerate(ids) if p[: len(q)] == q and p[len(q) :] == got.tokens[b][: len(p) - len(q)]
+            )
+            assert not got.model_written[b][len(p) - len(ids[b]) - 1]  # it ends with the observation
+    assert all(lp == 0.0 for lps, ws in zip(got.logprobs, got.model_written) for lp, w in zip(lps, ws) if not w)
