@@ -385,7 +385,7 @@ class EveryFifth:
         return None if self.used[row] > 2 else [ids[-1] + 10]
 
 
-def test_vllm_takes_a_new_request_per_turn(fake_vllm):
+def test_vllm_takes_a_new_request_per_turn(fake_vllm):  # noqa: F811 (the fixture imported above)
     model, tok = chaotic_tiny_model()
     n = 12
     got = vllm_rows(model, tok, eos=False, n=n, turns=EveryFifth())

@@ -479,7 +479,9 @@ class RolloutConfig:
     ``+rollout.vllm_kwargs.attention_backend=TRITON_ATTN +rollout.vllm_kwargs.enforce_eager=true``."""
     cuda_graphs: bool = True
     """On a GPU, replay each decode step of the rollout engine as one CUDA graph (same tokens, far
-    fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""
+    fewer kernel launches from Python); false runs the steps eagerly and drops finished rows.
+    Multi-turn rollouts (``tools``, ``environment``) always decode eagerly: an observation's prefill
+    has its own shape at every turn."""
     packed_weights: bool = True
     """On a CPU, run the rollout engine's projections as fused q|k|v and gate|up GEMMs on weights
     cast and packed for oneDNN once per batch (LoRA adapters merged in): faster decode steps, since
