@@ -13,6 +13,12 @@ Finished sequences (EOS seen) produce pad tokens; the fast engine also drops the
 
 A third, optional engine samples the same distribution with other draws: ``vllm``
 (:mod:`grpo_cli.models.vllm_rollout`, on a CUDA GPU with the ``vllm`` package installed).
+
+Multi-turn rollouts (``rollout.tools`` / ``rollout.environment``, :mod:`grpo_cli.tools`) go through
+:func:`_turn_loop`, which both of our engines share: a row whose turn ended gets the environment's
+observation appended and prefilled into the engine's cache in the call that feeds its sampled token
+(ragged rows right-aligned, holes masked), so no prefix is ever recomputed; the tokens equal those of
+an oracle that recomputes every prefix (tests/test_multiturn.py). The plain path is untouched.
 """
 
 from __future__ import annotations
