@@ -415,3 +415,14 @@ def test_vllm_takes_a_new_request_per_turn(fake_vllm):  # noqa: F811 (the fixtur
             )
             assert not got.model_written[b][len(p) - len(ids[b]) - 1]  # it ends with the observation
     assert all(lp == 0.0 for lps, ws in zip(got.logprobs, got.model_written) for lp, w in zip(lps, ws) if not w)
+
+
+def test_a_step_that_ends_in_an_observation_is_charged_at_the_model_token_before_it():
+    from grpo_cli.batch import Batch
+    from grpo_cli.rewards.process import place_steps
+
+    comp = torch.tensor([[0, 1, 1, 0, 0, 1]])  # tokens 3-4: an observation
+    batch = Batch(torch.zeros(1, 6, dtype=torch.long), torch.ones(1, 6), comp, ["p"], ["c"], ["a"], torch.tensor([0]))
+    place_steps(batch, [[(4, 1.0), (5, -1.0)]])
+    assert batch.tensors["step_rewards"].tolist() == [[0.0, 1.0, 0.0, 0.0, -1.0]]  # target t scores token t + 1
+    assert (batch.tensors["step_mask"] <= batch.target_mask).all()
