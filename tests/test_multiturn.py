@@ -121,11 +121,11 @@ def test_adapter_pauses_at_a_turn_end_and_tokenises_the_observation():
 def oracle(model, tok, prompt_ids, env, max_turns, *, n, temperature, generator):
     """Slow and obvious: every step recomputes each live row's whole sequence (prompt, completion,
     observations) with a plain forward, samples with the same draws, and asks the environment
-    directly. Returns (tokens, log-probs, written) per row."""
+    directly. Returns (tokens, log-probs, written, stopped) per row."""
     stops = (tok.eos_token_id,)
     B = len(prompt_ids)
     comp, logp, written = [[] for _ in range(B)], [[] for _ in range(B)], [[] for _ in range(B)]
-    turns_used, done = [0] * B, [False] * B
+    turns_used, done, stopped = [0] * B, [False] * B, [False] * B
     for _ in range(n):
         u = uniforms(B, temperature, generator, "cpu")
         live = [b for b in range(B) if not done[b]]
@@ -137,11 +137,13 @@ def oracle(model, tok, prompt_ids, env, max_turns, *, n, temperature, generator)
             logp[b].append(float(sampled_logprob(logits, tokn, temperature)))
             written[b].append(True)
             text = tok.decode(comp[b], skip_special_tokens=True)
-            if int(tokn) in stops or len(comp[b]) >= n:
+            if int(tokn) in stops:
+                done[b] = stopped[b] = True
+            elif len(comp[b]) >= n:
                 done[b] = True
             elif env.turn_ended(text):
                 if turns_used[b] >= max_turns:
-                    done[b] = True
+                    done[b] = stopped[b] = True
                     continue
                 turns_used[b] += 1
                 obs = tok(env.respond(text), add_special_tokens=False)["input_ids"][: n - len(comp[b])]
@@ -151,7 +153,7 @@ def oracle(model, tok, prompt_ids, env, max_turns, *, n, temperature, generator)
                 done[b] = len(comp[b]) >= n
         if all(done):
             break
-    return comp, logp, written
+    return comp, logp, written, stopped
 
 
 ENGINES = [
@@ -184,6 +186,7 @@ def test_engines_match_the_oracle_that_recomputes_the_prefix(chaotic, engine, op
     )
     assert got.tokens == expected[0]
     assert got.model_written == expected[2]
+    assert got.stopped == expected[3]
     assert sum(not w for row in got.model_written for w in row) > 10  # observations were appended
     for a, b in zip(got.logprobs, expected[1]):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=0)
