@@ -51,9 +51,17 @@ class Batch:
         """[B, T-1] mask of the targets of next-token log-probs (position t predicts token t+1)."""
         return self.completion_mask[:, 1:].to(torch.float32)
 
+    @property
+    def completion_span(self) -> torch.Tensor:
+        """[B, T] bool: each row's whole completion, from its first trained token to the row's end,
+        the observations of a multi-turn rollout included (0 in ``completion_mask``: holes); equal
+        to ``completion_mask`` where a completion is one run of trained tokens."""
+        return self.completion_mask.bool().cummax(dim=1).values
+
     def completion_token_ids(self) -> List[List[int]]:
-        """Each row's completion tokens, in order (the sampled ids, EOS included where drawn)."""
-        return [row[mask].tolist() for row, mask in zip(self.input_ids, self.completion_mask.bool())]
+        """Each row's completion tokens, in order (the sampled ids, EOS included where drawn; the
+        observations of a multi-turn rollout too: the ids whose decoding is ``completions``)."""
+        return [row[mask].tolist() for row, mask in zip(self.input_ids, self.completion_span)]
 
     def select(self, idx: Sequence[int]) -> Batch:
         index = torch.as_tensor(list(idx), dtype=torch.long)

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.table import Table
 
+from grpo_cli.console import console
 from grpo_cli.data import load_examples
 from grpo_cli.data.loaders import read_jsonl
 from grpo_cli.errors import UserError
@@ -45,11 +46,37 @@ def inherit_run_config(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     if saved is None or not saved.is_file():
         return cfg
     prior = OmegaConf.load(saved)
-    touched = {o.split("=", 1)[0].lstrip("+~").split(".")[0] for o in overrides}
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    touched = {k.split(".")[0] for k in keys}
     for section in INHERITED:
         if section not in touched and section in prior:
             cfg[section] = OmegaConf.merge(cfg[section], prior[section])
+    inherit_tools(cfg, prior, keys, run)
     return cfg
+
+
+TOOL_KEYS = ("tools", "environment", "max_turns", "tool_timeout_s")
+"""The ``rollout`` fields of a multi-turn run that ``grpo eval`` keeps even where ``rollout.*`` is overridden."""
+
+
+def inherit_tools(cfg: DictConfig, prior: DictConfig, keys: set, run: Path) -> None:
+    """A run trained with tools is evaluated with them: where the command sets neither
+    ``rollout.tools`` nor ``rollout.environment``, take the run's tool settings (the rest of
+    ``rollout`` may be overridden), and say so in one line."""
+    saved = prior.get("rollout") or {}
+    if not (saved.get("tools") or saved.get("environment")):
+        return
+    if {"rollout.tools", "rollout.environment"} & keys:
+        return
+    for key in TOOL_KEYS:
+        if key in saved and f"rollout.{key}" not in keys:
+            cfg.rollout[key] = saved[key]
+    what = f"tools={list(cfg.rollout.tools)}" if cfg.rollout.tools else f"environment={cfg.rollout.environment}"
+    console.print(
+        f"eval: multi-turn rollouts as the run was trained ({what}, from {run / 'config.yaml'})",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
@@ -84,6 +111,8 @@ def evaluate_model(cfg: DictConfig) -> Dict[str, object]:
         rows = [score_row(e.prompt, text, e.answer, checker) for e, text in zip(examples, greedy.completions)]
         for row, g in zip(rows, gens):  # the token it stopped at (EOS, a chat model's end of turn), or None
             row["stopped_at"] = tok.convert_ids_to_tokens(g.completion_ids[-1]) if g.finished else None
+            if g.model_written is not None:  # a multi-turn rollout: the model's turns (observations + 1)
+                row["turns"] = g.turns
         sampled = sample_answers(model, tok, examples, rows, cfg, checker) if cfg.eval.n > 0 else {}
     out_dir = eval_output_dir(cfg)
     result = accuracy_summary(

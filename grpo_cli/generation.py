@@ -13,6 +13,12 @@ Finished sequences (EOS seen) produce pad tokens; the fast engine also drops the
 
 A third, optional engine samples the same distribution with other draws: ``vllm``
 (:mod:`grpo_cli.models.vllm_rollout`, on a CUDA GPU with the ``vllm`` package installed).
+
+Multi-turn rollouts (``rollout.tools`` / ``rollout.environment``, :mod:`grpo_cli.tools`) go through
+:func:`_turn_loop`, which both of our engines share: a row whose turn ended gets the environment's
+observation appended and prefilled into the engine's cache in the call that feeds its sampled token
+(ragged rows right-aligned, holes masked), so no prefix is ever recomputed; the tokens equal those of
+an oracle that recomputes every prefix (tests/test_multiturn.py). The plain path is untouched.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from grpo_cli.data.chat import stop_tokens
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask, unsupported_reason
-from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, check_vllm, generate_vllm
+from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, check_vllm, generate_vllm, generate_vllm_turns
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
+from grpo_cli.tools.base import Environment, Turns
+from grpo_cli.tools.environments import EnvironmentTurns, build_environment
 
 ENGINES = ("auto", "fast", "reference", "vllm")
 COMPACT_FRACTION = 0.25
@@ -48,7 +56,13 @@ class Generation:
     finished: bool  # EOS was produced before max_new_tokens
     logprobs: Optional[List[float]] = None
     """The log-prob of each completion token as the engine sampled it (:func:`sampled_logprob`),
-    aligned with ``completion_ids``; None where the engine could not give it (some vLLM settings)."""
+    aligned with ``completion_ids``; None where the engine could not give it (some vLLM settings).
+    0.0 on observation tokens (multi-turn rollouts: no model sampled them)."""
+    model_written: Optional[List[bool]] = None
+    """Multi-turn rollouts: per completion token, whether the model wrote it (False on the
+    environment's observations, which are never trained); None: every token is the model's."""
+    turns: int = 1
+    """The model's turns: observations appended + 1."""
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, uniform: Optional[torch.Tensor]):
@@ -139,6 +153,157 @@ def _no_tokens(B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(B, 0, dtype=torch.long, device=device), torch.zeros(B, 0, device=device)
 
 
+@dataclass
+class TurnRollout:
+    """What an engine returns for a multi-turn batch (:class:`~grpo_cli.tools.base.Turns`), per row:
+    its completion ids (model and observation tokens, no padding), their log-probs (0.0 on
+    observations), which tokens the model wrote, and whether the row stopped by itself (a stop token,
+    or the environment said done) rather than at ``max_new_tokens``."""
+
+    tokens: List[List[int]]
+    logprobs: Optional[List[List[float]]]  # None where the engine could not give them (vLLM)
+    model_written: List[List[bool]]
+    stopped: List[bool]
+
+
+def ragged_chunk(chunks: List[List[int]], next_pos: List[int], pad_id: int, device):
+    """ids [B, S], real [B, S] bool, positions [B, S] of one call feeding each row its own tokens
+    (the sampled token, then any observation), right-aligned so that column S - 1 is each fed row's
+    last token (whose logits sample next); the holes in front are masked out as keys and never read
+    as queries. A row fed nothing (it ended, not yet dropped) is all holes. ``next_pos``: each row's
+    next position, advanced here by its real tokens."""
+    B, S = len(chunks), max(1, max(len(c) for c in chunks))
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    real = torch.zeros(B, S, dtype=torch.bool)
+    pos = torch.zeros(B, S, dtype=torch.long)
+    for b, c in enumerate(chunks):
+        if c:
+            ids[b, S - len(c) :] = torch.tensor(c, dtype=torch.long)
+            real[b, S - len(c) :] = True
+            pos[b, S - len(c) :] = torch.arange(next_pos[b], next_pos[b] + len(c))
+        pos[b, : S - len(c)] = next_pos[b]  # holes: any position (masked), one in range
+        next_pos[b] += len(c)
+    return ids.to(device), real.to(device), pos.to(device)
+
+
+class _RowState:
+    """Host-side state of one row of a multi-turn rollout."""
+
+    def __init__(self):
+        self.tokens: List[int] = []
+        self.logp: List[float] = []
+        self.model: List[bool] = []
+        self.stopped = False
+
+    def add(self, tokens: List[int], logp: List[float], model: bool) -> None:
+        self.tokens += tokens
+        self.logp += logp
+        self.model += [model] * len(tokens)
+
+
+def _turn_step(turns, row: int, state: _RowState, token: int, logp: float, stops, max_new_tokens: int):
+    """Record a sampled token of ``row``; the tokens to feed next (the token, then the observation
+    of a turn that ended), or None: the row is done (a stop token, the environment says done, or the
+    budget is spent: ``max_new_tokens`` bounds model and observation tokens together, so an
+    observation that does not fit is cut and ends the row)."""
+    state.add([token], [logp], True)
+    if token in stops:
+        state.stopped = True
+        return None
+    if len(state.tokens) >= max_new_tokens:
+        return None
+    if not turns.pauses(row, state.tokens):
+        return [token]
+    obs = turns.observe(row, state.tokens)
+    if obs is None:
+        state.stopped = True
+        return None
+    obs = obs[: max_new_tokens - len(state.tokens)]
+    state.add(obs, [0.0] * len(obs), False)
+    return None if len(state.tokens) >= max_new_tokens else [token] + obs
+
+
+def _turn_loop(feed, keep, logits, next_pos, turns, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
+    """The multi-turn decode loop every engine shares (host side): sample a token for each row still
+    going, let the environment answer the rows whose turn ended, and feed each row its token and
+    observation in one ragged call (:func:`ragged_chunk`), so a continued turn prefills only the
+    appended tokens, never the prefix. ``feed(ids, real, positions)`` -> logits [B', V] of the rows
+    still in the batch; ``keep(rows)`` (or None: rows never leave) drops ended rows from the engine.
+    The draws are one [B] per step, as the single-turn engines'. Returns a :class:`TurnRollout`."""
+    B, device = len(logits), logits.device
+    states = [_RowState() for _ in range(B)]
+    rows = list(range(B))  # the original row of each batch row
+    ended = [False] * B  # per batch row
+    for _ in range(max_new_tokens):
+        u = uniforms(B, temperature, generator, device)
+        index = torch.tensor(rows, device=device)
+        nxt = sample_next(logits, temperature, top_p, None if u is None else u[index])
+        logp = sampled_logprob(logits, nxt, temperature).tolist()
+        chunks: List[List[int]] = []
+        for j, (r, token) in enumerate(zip(rows, nxt.tolist())):
+            chunk = None if ended[j] else _turn_step(turns, r, states[r], token, logp[j], eos_id, max_new_tokens)
+            ended[j] = chunk is None
+            chunks.append(chunk or [])
+        if all(ended):
+            break
+        if keep is not None and sum(ended) >= COMPACT_FRACTION * len(rows):  # drop ended rows
+            live = [j for j, e in enumerate(ended) if not e]
+            keep(torch.tensor(live, device=device))
+            rows, chunks, next_pos = [rows[j] for j in live], [chunks[j] for j in live], [next_pos[j] for j in live]
+            ended = [False] * len(rows)
+        logits = feed(*ragged_chunk(chunks, next_pos, pad_id, device))
+    return TurnRollout(
+        [s.tokens for s in states], [s.logp for s in states], [s.model for s in states], [s.stopped for s in states]
+    )
+
+
+@torch.no_grad()
+def _generate_reference_turns(
+    model, prompt_ids, turns, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator
+):
+    """The reference loop with turns: ``model(...)`` on the HF cache, each call feeding the rows'
+    ragged chunks (:func:`ragged_chunk`) with their holes as 0 in the attention mask."""
+    ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=True)
+    cache_arg = _cache_kwarg(model)
+    state = {"past": out[cache_arg], "attn": attn}
+
+    def feed(chunk, real, pos):
+        state["attn"] = torch.cat([state["attn"], real.long()], dim=1)
+        kwargs = {cache_arg: state["past"]}
+        out = model(input_ids=chunk, attention_mask=state["attn"], position_ids=pos, use_cache=True, **kwargs)
+        state["past"] = out[cache_arg]
+        return out.logits[:, -1]
+
+    next_pos = attn.sum(-1).tolist()
+    options = dict(pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens, temperature=temperature)
+    return _turn_loop(feed, None, out.logits[:, -1], next_pos, turns, top_p=top_p, generator=generator, **options)
+
+
+class _FastFeed:
+    """The fast engine's side of :func:`_turn_loop`: each call writes its S columns of every row at
+    the same cache columns (holes masked out of ``keys``), growing the cache when holes fill it."""
+
+    def __init__(self, decoder: KVDecoder, keys: torch.Tensor, filled: int):
+        self.decoder, self.keys, self.filled = decoder, keys, filled
+
+    def __call__(self, ids: torch.Tensor, real: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        S, start = ids.shape[1], self.filled
+        if start + S > self.keys.shape[1]:
+            size = max(start + S, self.keys.shape[1] * 3 // 2)
+            self.decoder.grow(size, start)
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(len(self.keys), size - self.keys.shape[1])], 1)
+        self.keys[:, start : start + S] = real
+        columns = torch.arange(start + S, device=ids.device)
+        causal = columns[None, :] <= start + torch.arange(S, device=ids.device)[:, None]  # [S, start + S]
+        self.filled += S
+        return self.decoder(ids, pos, start, self.keys[:, None, None, : start + S] & causal)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.decoder.keep_rows(rows, self.filled)
+        self.keys = self.keys[rows]
+
+
 FAST_OPTIONS = ("cuda_graphs", "packed_weights", "compile_decode_step", "compile_decode_min_mib")
 """The fast engine's switches: :func:`_generate_fast`'s keyword arguments named as the rollout config's fields."""
 FAST_BENCH_OPTIONS = ("whole_step",)
@@ -161,13 +326,16 @@ def _generate_fast(
     compile_decode_step=True,
     compile_decode_min_mib=RolloutConfig.compile_decode_min_mib,
     whole_step=True,
+    turns=None,
 ):
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_decode_step`` each
     step compiled, whole or its attention alone, where the batch's cache reaches
     ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
-    (:class:`~grpo_cli.models.kv_decoder.KVDecoder`). Returns (tokens, log-probs) as :func:`_generate_reference`."""
+    (:class:`~grpo_cli.models.kv_decoder.KVDecoder`). Returns (tokens, log-probs) as :func:`_generate_reference`.
+    With ``turns`` (multi-turn rollouts) a :class:`TurnRollout` from :func:`_turn_loop`, decoded eagerly
+    (CUDA graphs need every step's shapes fixed; an observation's prefill is not)."""
     ids, attn = _left_pad(prompt_ids, pad_id, next(model.parameters()).device)
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
@@ -186,6 +354,11 @@ def _generate_fast(
         decoder.copy_rows(copies, T0)
     else:
         logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
+    if turns is not None:
+        fed = _FastFeed(decoder, keys, T0)
+        options = dict(pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens, temperature=temperature)
+        next_pos = (pos[:, -1] + 1).tolist()
+        return _turn_loop(fed, fed.keep, logits, next_pos, turns, top_p=top_p, generator=generator, **options)
     decode = _decode_graphed if cuda_graphs and device.type == "cuda" else _decode_eager
     return decode(
         decoder,
@@ -337,8 +510,9 @@ def generate_ids(
     generator: Optional[torch.Generator] = None,
     engine: str = "auto",
     with_logprobs: bool = False,
+    turns: Optional[Turns] = None,
     **engine_options,
-) -> Union[List[List[int]], Tuple[List[List[int]], Optional[List[List[float]]]]]:
+) -> Union[List[List[int]], Tuple[List[List[int]], Optional[List[List[float]]]], TurnRollout]:
     """New token ids of one batch of prompts, [B] rows of up to max_new_tokens (pad after the stop).
     ``with_logprobs``: (those rows, each token's :func:`sampled_logprob` in rows of the same
     length, 0.0 on padding), the log-probs None where the engine cannot give them (vLLM:
@@ -352,6 +526,11 @@ def generate_ids(
     (``VLLM_OPTIONS``), each documented as the ``rollout.`` field of the same name, and the fast
     engine's benchmark variants (:data:`FAST_BENCH_OPTIONS`); an engine ignores the others'
     switches, and the reference loop has none.
+
+    ``turns`` (multi-turn rollouts, :class:`~grpo_cli.tools.base.Turns`): rows pause where a model
+    turn ends and continue after the environment's observation, prefilled into the engine's cache
+    (the prefix is never recomputed); returns a :class:`TurnRollout` instead. The fast engine then
+    decodes eagerly (no CUDA graphs); vLLM takes a new request per turn.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine: expected one of {ENGINES}, got {engine!r}")
@@ -368,13 +547,23 @@ def generate_ids(
         generator=generator,
     )
     if engine == "vllm":
-        rows, logp = generate_vllm(
-            model, prompt_ids, **{k: v for k, v in engine_options.items() if k in VLLM_OPTIONS}, **kwargs
-        )
+        vllm = {k: v for k, v in engine_options.items() if k in VLLM_OPTIONS}
+        if turns is not None:
+            return TurnRollout(*generate_vllm_turns(model, prompt_ids, turns, **vllm, **kwargs))
+        rows, logp = generate_vllm(model, prompt_ids, **vllm, **kwargs)
         return (rows, logp) if with_logprobs else rows
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
+    if turns is not None and max_new_tokens <= 0:
+        return TurnRollout(
+            [[] for _ in prompt_ids], [[] for _ in prompt_ids], [[] for _ in prompt_ids], [False] * len(prompt_ids)
+        )
+    if turns is not None and reason:
+        return _generate_reference_turns(model, prompt_ids, turns, **kwargs)
+    if turns is not None:
+        options = {k: v for k, v in engine_options.items() if k in fast_options}
+        return _generate_fast(model, prompt_ids, **options, **kwargs, turns=turns)
     if reason:
         tokens, logp = _generate_reference(model, prompt_ids, **kwargs)
     else:
@@ -400,6 +589,7 @@ def check_rollout(rollout, device: torch.device) -> None:
         raise UserError(f"rollout.engine: expected one of {ENGINES}, got '{rollout.engine}'")
     if rollout.engine == "vllm":
         check_vllm(device)
+    rollout_environment(rollout)  # a one-line error now for an environment that does not import
 
 
 def rollout_options(rollout, **overrides) -> dict:
@@ -416,7 +606,15 @@ def rollout_options(rollout, **overrides) -> dict:
         vllm_kwargs=OmegaConf.to_container(kwargs) if isinstance(kwargs, DictConfig) else dict(kwargs),
         **{name: getattr(rollout, name) for name in FAST_OPTIONS},
     )
+    environment = rollout_environment(rollout)
+    if environment is not None:  # multi-turn rollouts; the plain path's options stay as they were
+        options.update(environment=environment, max_turns=rollout.max_turns)
     return {**options, **overrides}
+
+
+def rollout_environment(rollout) -> Optional[Environment]:
+    """The environment of ``rollout.tools`` / ``rollout.environment``, or None (single-turn)."""
+    return build_environment(rollout.tools, rollout.environment, rollout.tool_timeout_s)
 
 
 def generate(
@@ -453,12 +651,19 @@ def generate(
         model.train(was_training)
 
 
-def _generate_batches(model, tokenizer, prompts: List[str], batch_size: int, **options) -> List[Generation]:
+def _generate_batches(
+    model, tokenizer, prompts: List[str], batch_size: int, environment=None, max_turns: int = 1, **options
+) -> List[Generation]:
     pad_id, eos_id = tokenizer.pad_token_id, stop_tokens(tokenizer)  # EOS, and a chat model's end of turn
     encoded = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
     results: List[Generation] = []
     for i in range(0, len(prompts), batch_size):
         chunk = encoded[i : i + batch_size]
+        if environment is not None:
+            turns = EnvironmentTurns(environment, tokenizer, max_turns)
+            rollout = generate_ids(model, chunk, pad_id=pad_id, eos_id=eos_id, turns=turns, **options)
+            results += [_finish_turns(tokenizer, p_ids, rollout, b, eos_id) for b, p_ids in enumerate(chunk)]
+            continue
         rows, logp = generate_ids(model, chunk, pad_id=pad_id, eos_id=eos_id, with_logprobs=True, **options)
         for b, (p_ids, row) in enumerate(zip(chunk, rows)):
             results.append(_finish(tokenizer, p_ids, row, eos_id, None if logp is None else logp[b]))
@@ -487,13 +692,17 @@ def sample_batch(
     engine could not give them all (some vLLM settings: :func:`~grpo_cli.models.vllm_rollout.generate_vllm`).
     Returns (batch [B rows], the generations in the same order).
     """
-    gens = generate(model, tokenizer, [e.prompt for e in examples], generator=generator, **options)
+    environment = options.get("environment")
+    prompts = [e.prompt if environment is None else environment.prompt(e.prompt, e) for e in examples]
+    gens = generate(model, tokenizer, prompts, generator=generator, **options)
     ids, attn, comp = pack([g.prompt_ids for g in gens], [g.completion_ids for g in gens], tokenizer.pad_token_id)
+    if environment is not None:
+        comp = mask_observations(comp, gens)
     batch = Batch(
         input_ids=ids,
         attention_mask=attn,
         completion_mask=comp,
-        prompts=[e.prompt for e in examples],
+        prompts=prompts,
         completions=[g.text for g in gens],
         answers=[e.answer for e in examples],
         group=group,
@@ -512,6 +721,18 @@ def sample_batch(
     return batch, gens
 
 
+def mask_observations(completion_mask: torch.Tensor, gens: Sequence[Generation]) -> torch.Tensor:
+    """[B, T] ``completion_mask`` of a batch packed by :func:`~grpo_cli.batch.pack` with 0 on the
+    observation tokens (holes: attended to, never trained), so the loss, KL, advantages' spread and
+    entropy, which all read ``batch.target_mask``, see the model's own tokens only."""
+    out = completion_mask.clone()
+    T = out.shape[1]
+    for b, g in enumerate(gens):
+        if g.model_written is not None and g.completion_ids:
+            out[b, T - len(g.completion_ids) :] = torch.tensor(g.model_written, dtype=out.dtype)
+    return out
+
+
 def _finish(
     tokenizer, prompt_ids: List[int], row: List[int], stops: Sequence[int], logp: Optional[List[float]] = None
 ) -> Generation:
@@ -521,6 +742,15 @@ def _finish(
     ids = row[: end + 1] if end is not None else row
     text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
     return Generation(prompt_ids, ids, text, end is not None, None if logp is None else logp[: len(ids)])
+
+
+def _finish_turns(tokenizer, prompt_ids: List[int], rollout: TurnRollout, b: int, stops: Sequence[int]) -> Generation:
+    """Row ``b`` of a multi-turn rollout as a :class:`Generation` (its text holds the observations)."""
+    ids, written = rollout.tokens[b], rollout.model_written[b]
+    text = tokenizer.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+    observations = sum(1 for k, w in enumerate(written) if not w and (k == 0 or written[k - 1]))
+    logp = None if rollout.logprobs is None else rollout.logprobs[b]
+    return Generation(prompt_ids, ids, text, rollout.stopped[b], logp, written, observations + 1)
 
 
 def rollout_logp(gens: Sequence[Generation], width: int) -> torch.Tensor:

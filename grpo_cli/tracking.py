@@ -314,14 +314,24 @@ def _value(x: torch.Tensor) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
+def observation_runs(holes: torch.Tensor) -> torch.Tensor:
+    """[B] long: the runs of True in each row of ``holes`` [B, T] (a completion's observations)."""
+    starts = holes.clone()
+    starts[:, 1:] &= ~holes[:, :-1]
+    return starts.sum(-1)
+
+
 def completion_rows(batch: Batch, step: int, max_rows: int) -> List[Row]:
     """The batch's first rows (:func:`capped_rows`) as completion-table rows: prompt, completion,
     answer, total and per-function rewards, the mean advantage over the row's completion tokens
-    (``advantages`` [B, T-1] from ``prepare``; null when absent), length in tokens, truncation."""
+    (``advantages`` [B, T-1] from ``prepare``; null when absent), length in tokens (observations of a
+    multi-turn rollout included), truncation, and the model's turns (observations + 1)."""
     group = batch.group.tolist()
     n = capped_rows(group, max_rows)
     mask = batch.target_mask[:n].cpu()
-    lengths = batch.completion_mask[:n].sum(-1).tolist()
+    span = batch.completion_span[:n].cpu()
+    lengths = span.sum(-1).tolist()
+    turns = (1 + observation_runs(span & ~batch.completion_mask[:n].cpu().bool())).tolist()
     adv = batch.tensors.get("advantages")
     if adv is not None:
         adv = adv[:n].detach().float().cpu()
@@ -343,6 +353,7 @@ def completion_rows(batch: Batch, step: int, max_rows: int) -> List[Row]:
             "advantage": None if adv is None else _value(adv[i]),
             "length": int(lengths[i]),
             "truncated": bool(truncated[i]) if truncated is not None else False,
+            "turns": int(turns[i]),
         }
         for i in range(n)
     ]

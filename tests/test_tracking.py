@@ -24,7 +24,7 @@ from grpo_cli.tracking import (
 )
 
 ROW_KEYS = {"step", "index", "group", "prompt", "completion", "answer", "reward", "rewards", "advantage", "length"}
-ROW_KEYS |= {"truncated"}
+ROW_KEYS |= {"truncated", "turns"}
 
 
 def hand_batch() -> Batch:
@@ -56,6 +56,7 @@ def test_completion_rows_of_a_hand_made_batch():
     assert [r["reward"] for r in rows] == [1.0, None, 0.0]  # NaN -> null
     assert [r["rewards"] for r in rows] == [{"format": 1.0}, {"format": 0.0}, {"format": None}]
     assert [r["truncated"] for r in rows] == [False, True, False]
+    assert [r["turns"] for r in rows] == [1, 1, 1]
     assert [(r["step"], r["index"], r["group"], r["prompt"], r["answer"]) for r in rows] == [
         (7, 0, 0, "p0", "a"),
         (7, 1, 0, "p0", "a"),

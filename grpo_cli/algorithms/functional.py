@@ -175,10 +175,14 @@ def kl_shaped_rewards(
 
     outcome [B] is the outcome reward, given at each output's last token; logp, ref_logp: the sampling
     policy's and the reference's log-probs [B, T]; mask [B, T] 1 on output tokens. Rows are
-    left-padded, so every output's last token is at T - 1.
+    left-padded, so an output's last token is at T - 1, or before it where a multi-turn row was cut
+    inside an observation (unmasked tokens at the end): the outcome goes to each row's last masked-in
+    token, where GAE (which skips holes) reads it.
     """
     rewards = -beta * (logp - ref_logp) * mask
-    rewards[:, -1] += outcome
+    T = mask.shape[1]
+    last = (T - 1) - (mask.flip(1) != 0).to(torch.uint8).argmax(1)  # [B]; T - 1 on a row of no tokens
+    rewards[torch.arange(len(rewards), device=rewards.device), last] += outcome
     return rewards
 
 

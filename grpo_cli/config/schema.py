@@ -479,7 +479,9 @@ class RolloutConfig:
     ``+rollout.vllm_kwargs.attention_backend=TRITON_ATTN +rollout.vllm_kwargs.enforce_eager=true``."""
     cuda_graphs: bool = True
     """On a GPU, replay each decode step of the rollout engine as one CUDA graph (same tokens, far
-    fewer kernel launches from Python); false runs the steps eagerly and drops finished rows."""
+    fewer kernel launches from Python); false runs the steps eagerly and drops finished rows.
+    Multi-turn rollouts (``tools``, ``environment``) always decode eagerly: an observation's prefill
+    has its own shape at every turn."""
     packed_weights: bool = True
     """On a CPU, run the rollout engine's projections as fused q|k|v and gate|up GEMMs on weights
     cast and packed for oneDNN once per batch (LoRA adapters merged in): faster decode steps, since
@@ -501,6 +503,19 @@ class RolloutConfig:
     least this many MiB: what a compiled step saves grows with the cache it reads, and on a small one
     (the tiny default model's is about 10 MiB) it does not repay the compile in a quickstart-sized run
     (docs/performance.md, "Rollout engine"). 0 compiles for every batch."""
+    tools: List[str] = field(default_factory=list)
+    """Multi-turn rollouts with built-in tools: ``[python]`` runs each python block the model closes
+    (grpo_cli/tools/base.py: a turn ends at the block's closing fence) in a sandbox and appends its
+    output; the model then goes on. Observation tokens are attended to but never trained (0 in
+    ``completion_mask``). Empty: plain single-turn rollouts. Exclusive with ``environment``."""
+    environment: str = ""
+    """Multi-turn rollouts with your own environment: ``pkg.module:Class``, a subclass of
+    ``grpo_cli.tools.base.Environment`` (built with ``timeout_s=tool_timeout_s``). Empty: none."""
+    max_turns: int = num(4, ge=1)
+    """With tools or an environment: the most observations per completion; at the turn end after the
+    last one the row is done (it stops there, not truncated)."""
+    tool_timeout_s: float = num(5.0, gt=0)
+    """With tools: the longest a tool call may run, in seconds (the sandbox's limit)."""
 
 
 @dataclass

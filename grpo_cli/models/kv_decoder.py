@@ -460,6 +460,17 @@ class KVDecoder:
                 full[i, : len(source), :, :filled] = layer[:, :, :filled].index_select(0, source)
             setattr(self, name, full[:, : len(source)])
 
+    def grow(self, max_len: int, filled: int) -> None:
+        """Make the cache ``max_len`` columns long, keeping the rows' first ``filled`` columns: a
+        multi-turn batch's holes (generation.ragged_chunk) can take more columns than prompt + new
+        tokens. Positions never pass prompt + new tokens, so the rotary tables stay as they are."""
+        for name in ("k", "v"):
+            cache = getattr(self, name)  # [L, B', Hkv, T, D]
+            full = cache_buffer((*cache.shape[:3], max_len, cache.shape[4]), cache.dtype, cache.device)
+            full[:, :, :, :filled] = cache[:, :, :, :filled]
+            self.full[name] = full
+            setattr(self, name, full)
+
     def zero_after(self, filled: int) -> None:
         """Zero every column from ``filled`` on: a fixed-shape step attends over all of them (masked),
         and a masked column must hold numbers, not garbage (0 x NaN is NaN)."""

@@ -231,3 +231,89 @@ def generate_vllm(
     width = max((len(r) for r in rows), default=0)
     padded = [r + [pad_id] * (width - len(r)) for r in rows]
     return padded, None if logps is None else [lp + [0.0] * (width - len(lp)) for lp in logps]
+
+
+def generate_vllm_turns(
+    model,
+    prompt_ids: List[List[int]],
+    turns,
+    *,
+    pad_id: int,
+    eos_id: Tuple[int, ...],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generator: Optional[torch.Generator],
+    vllm_memory: float = 0.3,
+    vllm_kwargs: Optional[Dict[str, Any]] = None,
+):
+    """Multi-turn :func:`generate_vllm`: one request per row and turn (prompt + completion so far, as
+    token ids; vLLM's prefix cache spares recomputing it). vLLM cannot pause a row mid-request, so
+    each row's output is scanned with ``turns.pauses`` and cut after the first turn end (the tokens
+    after it are dropped), then the observation is appended and the row goes on in the next round.
+    Returns (tokens, log-probs or None, model_written, stopped) per row, as ``generation.TurnRollout``."""
+    param = next(model.parameters())
+    check_vllm(param.device)
+    dtype = rollout_dtype(model)
+    B = len(prompt_ids)
+    tokens: List[List[int]] = [[] for _ in range(B)]
+    logps: List[Optional[List[float]]] = [[] for _ in range(B)]
+    written: List[List[bool]] = [[] for _ in range(B)]
+    stopped = [False] * B
+    with torch.autocast(param.device.type, enabled=False):
+        engines = _ENGINES.setdefault(model, {})
+        if dtype not in engines:
+            engines[dtype] = VLLMEngine(model, dtype, vllm_memory, dict(vllm_kwargs or {}))
+        engines[dtype].load(model)
+        live = list(range(B)) if max_new_tokens > 0 else []
+        while live:
+            seeds = None
+            if generator is not None:
+                seeds = torch.randint(0, 2**31 - 1, (len(live),), generator=generator, device=generator.device).tolist()
+            budget = max(max_new_tokens - len(tokens[r]) for r in live)
+            rows, lps = engines[dtype].generate(
+                [prompt_ids[r] + tokens[r] for r in live],
+                eos_id=eos_id,
+                max_new_tokens=budget,
+                temperature=temperature,
+                top_p=top_p,
+                seeds=seeds,
+            )
+            state = (tokens, logps, written, stopped)
+            live = [
+                r
+                for i, r in enumerate(live)
+                if _vllm_turn(turns, r, rows[i], None if lps is None else lps[i], state, eos_id, max_new_tokens)
+            ]
+    exact = all(lp is not None for lp in logps)
+    return tokens, logps if exact else None, written, stopped
+
+
+def _vllm_turn(turns, r: int, row: List[int], lp, state, eos_id, max_new_tokens: int) -> bool:
+    """Add one request's output to row ``r`` of ``state`` (tokens, log-probs, written, stopped), cut
+    after its first turn end; True when the row goes on after an observation."""
+    tokens, logps, written, stopped = state
+    row = row[: max_new_tokens - len(tokens[r])]
+    seq, paused = list(tokens[r]), False
+    for tok in row:
+        seq.append(tok)
+        if tok in eos_id:
+            stopped[r] = True
+            break
+        if turns.pauses(r, seq):
+            paused = True
+            break
+    n = len(seq) - len(tokens[r])
+    tokens[r], written[r] = seq, written[r] + [True] * n
+    logps[r] = None if lp is None or logps[r] is None else logps[r] + list(lp[:n])
+    if not paused or len(tokens[r]) >= max_new_tokens:
+        return False
+    obs = turns.observe(r, tokens[r])
+    if obs is None:
+        stopped[r] = True
+        return False
+    obs = obs[: max_new_tokens - len(tokens[r])]
+    tokens[r] = tokens[r] + obs
+    written[r] = written[r] + [False] * len(obs)
+    logps[r] = None if logps[r] is None else logps[r] + [0.0] * len(obs)
+    return len(tokens[r]) < max_new_tokens

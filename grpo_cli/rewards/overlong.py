@@ -40,7 +40,7 @@ class OverlongReward(Reward):
         rewards = torch.as_tensor(self.inner(batch), dtype=torch.float32)
         if "max_tokens" not in batch.totals:
             return rewards
-        lengths = batch.completion_mask.sum(-1).to(device=rewards.device, dtype=torch.float32)  # [B] |o|
+        lengths = batch.completion_span.sum(-1).to(device=rewards.device, dtype=torch.float32)  # [B] |o|
         shaped = overlong_penalty(
             lengths, max_tokens=batch.totals["max_tokens"], buffer=self.buffer, penalty=self.penalty
         )

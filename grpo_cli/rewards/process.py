@@ -43,7 +43,8 @@ def char_ends(
 ) -> torch.Tensor:
     """[B, T] long: characters of ``texts[b]`` decoded through each completion token (0 elsewhere).
 
-    ``completion_mask`` [B, T] marks each row's completion tokens, in order (as ``pack`` lays them out).
+    ``completion_mask`` [B, T] marks each row's completion tokens, in order (as ``pack`` lays them out;
+    ``Batch.completion_span``: a multi-turn completion's observations included).
     """
     out = torch.zeros_like(completion_mask, dtype=torch.long)
     for b, (ids, text) in enumerate(zip(completion_ids, texts)):
@@ -57,7 +58,7 @@ def completion_offsets(batch: Batch, b: int) -> Tuple[List[int], List[Span]]:
     """Row ``b``'s completion token positions in ``input_ids`` and their character spans."""
     if "char_ends" not in batch.tensors:
         raise UserError("a process reward needs the token offsets of sampled completions: use source=online")
-    positions = batch.completion_mask[b].nonzero().flatten().tolist()
+    positions = batch.completion_span[b].nonzero().flatten().tolist()  # observations included: texts hold them
     ends = batch.tensors["char_ends"][b, positions].tolist()
     return positions, list(zip([0] + ends[:-1], ends))
 
@@ -114,12 +115,21 @@ def step_ends(
     return [(p, all(v for _, v in same)) for p, same in groupby(zip(ends, verdicts), key=lambda x: x[0])]
 
 
+def _model_position(completion_mask: torch.Tensor, p: int) -> int:
+    """``p``, or the last position before it that the model wrote where ``p`` is an observation's."""
+    while p > 0 and not completion_mask[p]:
+        p -= 1
+    return p
+
+
 def place_steps(batch: Batch, steps: Sequence[Sequence[Tuple[int, float]]]) -> torch.Tensor:
     """Write ``step_rewards`` and ``step_mask`` [B, T-1] from each row's ``(input position, reward)``
-    steps; return each row's mean step reward [B] (0 for a row without steps)."""
+    steps; return each row's mean step reward [B] (0 for a row without steps). A step that ends in a
+    multi-turn completion's observation (never trained) is charged at the model's last token before it."""
     B, T = batch.input_ids.shape
     rewards, mask, summary = torch.zeros(B, T - 1), torch.zeros(B, T - 1), torch.zeros(B)
     for b, row in enumerate(steps):
+        row = [(_model_position(batch.completion_mask[b], p), r) for p, r in row]
         row = [(p, r) for p, r in row if p >= 1]  # position 0 is no target (an empty prompt)
         for p, r in row:
             rewards[b, p - 1], mask[b, p - 1] = r, 1.0

@@ -131,7 +131,7 @@ def score_batch(reward: Reward, batch: Batch, tokenizer) -> torch.Tensor:
     reward.bind(tokenizer)
     if reward.per_step and "char_ends" not in batch.tensors:
         batch.tensors["char_ends"] = char_ends(
-            tokenizer, batch.completion_token_ids(), batch.completions, batch.completion_mask
+            tokenizer, batch.completion_token_ids(), batch.completions, batch.completion_span
         )
     return reward(batch)
 

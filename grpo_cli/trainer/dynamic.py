@@ -57,7 +57,7 @@ def sample_stats(batch: Batch, checker: AnswerChecker) -> Dict[str, float]:
     n = max(1, len(batch))
     return {
         "accuracy": sum(checker.correct(c, a) for c, a in zip(batch.completions, batch.answers)) / n,
-        "completion_length": float(batch.completion_mask.sum()) / n,
+        "completion_length": float(batch.completion_span.sum()) / n,
         "truncated": float(batch.tensors["truncated"].float().sum()) / n,
     }
 

@@ -60,14 +60,15 @@ def sample_questions(
             out += [
                 {
                     "question": q,
-                    "prompt": examples[q].prompt,
+                    "prompt": prompt,
                     "answer": examples[q].answer,
                     "completion": g.text,
                     "prompt_ids": g.prompt_ids,
                     "completion_ids": g.completion_ids,
                     "reward": float(r),
+                    **({} if g.model_written is None else {"model_written": g.model_written}),
                 }
-                for q, g, r in zip(idx, gens, rewards)
+                for q, prompt, g, r in zip(idx, batch.prompts, gens, rewards)
             ]
     return out
 
@@ -176,8 +177,13 @@ def make_pairs(samples: List[Sample], threshold: float, per_question: int) -> Li
 
 def samples_batch(rows: List[Sample], group: torch.Tensor, pad_id: int, examples: Sequence[Example] = ()) -> Batch:
     """Stored samples as a batch; each row's dataset columns come from ``examples`` (by the stored
-    question index), so samples.jsonl need not store them and older files work as they are."""
+    question index), so samples.jsonl need not store them and older files work as they are. A
+    multi-turn sample's ``model_written`` (stored with tools) keeps its observations out of training."""
     ids, attn, comp = pack([r["prompt_ids"] for r in rows], [r["completion_ids"] for r in rows], pad_id)
+    T = comp.shape[1]
+    for b, r in enumerate(rows):
+        if r.get("model_written") and r["completion_ids"]:
+            comp[b, T - len(r["completion_ids"]) :] = torch.tensor(r["model_written"], dtype=comp.dtype)
     return Batch(
         input_ids=ids,
         attention_mask=attn,
