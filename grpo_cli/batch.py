@@ -52,7 +52,8 @@ class Batch:
         return self.completion_mask[:, 1:].to(torch.float32)
 
     def completion_token_ids(self) -> List[List[int]]:
-        """Each row's completion tokens, in order (the sampled ids, EOS included where drawn)."""
+        """Each row's completion tokens, in order (the sampled ids, EOS included where drawn). Tokens
+        with completion_mask 0 inside a completion (a tool observation in an SFT solution) are left out."""
         return [row[mask].tolist() for row, mask in zip(self.input_ids, self.completion_mask.bool())]
 
     def select(self, idx: Sequence[int]) -> Batch:
