@@ -24,10 +24,10 @@ block is the environment's, grpo_cli/tools/base.py)::
     ```
     #### 1156
 
-which pays off once ``mul_digits`` makes the products too large for a tiny model's head. Problems are a pure function of
-the config: ``random.Random`` seeded from ``seed`` and the split, never the global RNG. Train and
-test are disjoint for every seed: a stable hash of the question string decides which split a
-question may belong to.
+which pays off once ``mul_digits`` makes the products too large for a tiny model's head. Problems
+are a pure function of the config: ``random.Random`` seeded from ``seed`` and the split, never the
+global RNG. Train and test are disjoint for every seed: a stable hash of the question string
+decides which split a question may belong to.
 """
 
 from __future__ import annotations
