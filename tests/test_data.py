@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -13,9 +14,10 @@ from omegaconf import OmegaConf
 
 from grpo_cli.config.schema import ArithmeticConfig, DataConfig
 from grpo_cli.data import load_examples
-from grpo_cli.data.arithmetic import generate, split_of
+from grpo_cli.data.arithmetic import generate, python_expression, split_of, tool_solution
 from grpo_cli.errors import UserError
 from grpo_cli.rewards import check_arithmetic_steps
+from grpo_cli.tools.base import output_spans
 
 STEP = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)")
 
@@ -105,6 +107,71 @@ def test_direct_fraction_makes_terse_training_solutions_only():
     assert all("\n" in e.solution for e in test)
 
 
+def test_default_problems_are_unchanged():
+    # The first 20 default problems of each split, hashed with the code before tool_fraction and
+    # mul_digits existed (commit 9c32e52): the default task must stay bit-identical.
+    digest = hashlib.sha256()
+    for split in ("train", "test"):
+        for e in generate(ArithmeticConfig(), split, limit=20):
+            row = [e.question, e.prompt, e.solution, e.answer, e.columns]
+            digest.update(json.dumps(row, sort_keys=True).encode())
+    assert digest.hexdigest() == "f05d16072a125e1712690237f681703adfa886815a1fb3d0a4eb02113b12703a"
+
+
+@pytest.mark.parametrize(
+    "question, expression",
+    [
+        ("123*456*78", "123*456*78"),
+        ("23+45*17", "(23+45)*17"),  # (23+45)*17 = 1156, not 23+765
+        ("2*3+4-5", "2*3+4-5"),
+        ("9-4*2*3+1*5", "((9-4)*2*3+1)*5"),
+        ("7", "7"),
+    ],
+)
+def test_python_expression_keeps_left_to_right_order(question, expression):
+    assert python_expression(question) == expression
+    assert eval(expression) == left_to_right(question)
+
+
+def test_tool_solution_is_what_a_rollout_writes():
+    assert tool_solution("123*456*78", 4363344) == (
+        "```python\nprint(123*456*78)\n```\n```output\n4363344\n```\n#### 4363344"
+    )
+    solution = tool_solution("23+45*17", 1156)
+    ((start, end),) = output_spans(solution)
+    assert solution[start:end] == "\n```output\n1156\n```\n"  # the environment's part, not trained
+
+
+TOOL_TASK = dict(digits=3, mul_digits=2, ops="+*", min_ops=2, max_ops=3, num_train=2000, num_test=200)
+
+
+def test_mul_digits_gives_multi_digit_multipliers_and_right_answers():
+    cfg = ArithmeticConfig(direct_fraction=0.0, **TOOL_TASK)
+    examples = generate(cfg, "train")
+    assert generate(cfg, "train") == examples  # deterministic
+    multipliers = [int(m) for e in examples for m in re.findall(r"\*(\d+)", e.question)]
+    assert max(multipliers) == 99 and min(multipliers) >= 1 and sum(m >= 10 for m in multipliers) > len(multipliers) / 2
+    for e in examples:
+        assert e.answer == str(left_to_right(e.question)) == str(eval(python_expression(e.question)))
+        assert all(check_arithmetic_steps(e.question, e.solution))
+    test = {e.question for e in generate(cfg, "test")}
+    assert len(test) == 200 and not test & {e.question for e in examples}
+
+
+def test_tool_fraction_rewrites_training_solutions_only():
+    worked = generate(ArithmeticConfig(direct_fraction=0.5, **TOOL_TASK), "train")
+    mixed = generate(ArithmeticConfig(direct_fraction=0.5, tool_fraction=0.8, **TOOL_TASK), "train")
+    assert [e.question for e in mixed] == [e.question for e in worked]
+    assert [e.answer for e in mixed] == [e.answer for e in worked]
+    tool = [m.solution == tool_solution(m.question, int(m.answer)) for m in mixed]
+    assert 0.75 < sum(tool) / len(tool) < 0.85
+    # The other solutions are the ones without the tool: the worked/direct choice is not re-drawn.
+    assert all(m.solution == w.solution for m, w, t in zip(mixed, worked, tool) if not t)
+    assert any("\n" not in m.solution for m in mixed)  # direct_fraction still applies to the rest
+    test = generate(ArithmeticConfig(tool_fraction=1.0, **TOOL_TASK), "test")
+    assert test == generate(ArithmeticConfig(**TOOL_TASK), "test")  # the reference stays worked
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [
@@ -116,6 +183,8 @@ def test_direct_fraction_makes_terse_training_solutions_only():
         # 100 questions exist in all: 500 distinct ones cannot be drawn.
         ({"digits": 1, "ops": "+", "min_ops": 1, "max_ops": 1, "num_train": 500}, "data.arithmetic: only"),
         ({"direct_fraction": 1.5}, "data.arithmetic.direct_fraction"),
+        ({"tool_fraction": -0.1}, "data.arithmetic.tool_fraction"),
+        ({"mul_digits": 0}, "data.arithmetic.mul_digits"),
     ],
 )
 def test_arithmetic_bad_settings(overrides, key):

@@ -108,9 +108,19 @@ class ArithmeticConfig:
     """Operands have up to this many digits (intermediate results grow past it: 7*8=56, 56*9=504)."""
     ops: str = "+-*"
     """Operators drawn from: any of ``+-*``."""
+    mul_digits: int = num(1, ge=1, le=ARITHMETIC_MAX_DIGITS)
+    """Right operands of ``*`` have up to this many digits: 1 keeps products small enough to work out
+    step by step; 2-3 (``123*45*67``) give numbers a tiny model cannot compute in its head, the task
+    where a python tool matters (``tool_fraction``)."""
     direct_fraction: float = num(0.5, ge=0, le=1)
     """Fraction of training solutions written as the final line alone (``#### 42``), like terse
     human answers; the test split's solutions are always worked step by step."""
+    tool_fraction: float = num(0.0, ge=0, le=1)
+    """Fraction of training solutions that call the python tool instead of working the steps: a
+    ```python block printing the chain (parenthesised so Python evaluates it left to right), its
+    ```output block and the answer line, as a multi-turn rollout with ``rollout.tools=[python]`` writes
+    them (SFT takes no loss on the output block). ``direct_fraction`` applies to the other solutions;
+    test solutions are always worked step by step."""
 
 
 @dataclass

@@ -13,7 +13,7 @@ rank draws the same global batch from the same seeded sampler and keeps its slic
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -23,6 +23,7 @@ from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
 from grpo_cli.generation import check_rollout, rollout_options, sample_batch
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
+from grpo_cli.tools.base import output_spans
 from grpo_cli.trainer.distributed import check_divisible, rank_seed, shard
 from grpo_cli.trainer.dynamic import (
     ROUND_TENSORS,
@@ -119,8 +120,41 @@ def prompts_that_fit(examples: List[Example], policy, max_new_tokens: int) -> Li
     return fits
 
 
+def written_mask(offsets: Sequence[Tuple[int, int]], spans: Sequence[Tuple[int, int]]) -> List[int]:
+    """Per token (its character ``offsets`` [start, end) in the text): 1 where the model wrote it, 0
+    where any of its characters lies in one of ``spans`` (observations: a token straddling the
+    boundary is a hole too, so the model is never trained to write an observation's text)."""
+    return [int(not any(max(a, s) < min(b, e) for s, e in spans)) for a, b in offsets]
+
+
+def solution_ids(tok, solution: str) -> Tuple[List[int], Optional[List[int]]]:
+    """The token ids of an SFT solution and, when it holds tool observations (``output_spans``), which
+    of them the model wrote (:func:`written_mask`); None when it wrote them all."""
+    spans = output_spans(solution)
+    if not spans:
+        return tok(solution, add_special_tokens=False)["input_ids"], None
+    if not getattr(tok, "is_fast", False):
+        raise UserError("data: SFT on tool solutions (```output blocks) needs a fast tokenizer (character offsets)")
+    enc = tok(solution, add_special_tokens=False, return_offsets_mapping=True)
+    return enc["input_ids"], written_mask(enc["offset_mapping"], spans)
+
+
+def mask_holes(completion_mask: torch.Tensor, written: Sequence[Optional[List[int]]]) -> torch.Tensor:
+    """``completion_mask`` [B, T] (as ``pack`` lays it out: completions right-aligned) with 0 on the
+    completion tokens a row's ``written`` mask marks 0; rows with None keep every token."""
+    out = completion_mask.clone()
+    for b, mask in enumerate(written):
+        if mask is not None:
+            out[b, out.shape[1] - len(mask) :] *= torch.tensor(mask, dtype=out.dtype)
+    return out
+
+
 class DatasetSource(Source):
-    """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step."""
+    """Reference (q, o) pairs, reshuffled every epoch; one batch of ``batch_size`` pairs per step.
+
+    Tool observations in a solution (grpo_cli/tools/base.py's ``output`` blocks) were not written by
+    the model: their tokens stay in the sequence (attended to) but get completion_mask 0, so no loss
+    is taken on them. Every other solution gives today's batches, bit for bit."""
 
     def __init__(
         self,
@@ -145,9 +179,10 @@ class DatasetSource(Source):
             if ex.solution is None:
                 continue
             p = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-            c = tok(ex.solution, add_special_tokens=False)["input_ids"] + [end]
+            c, written = solution_ids(tok, ex.solution)
+            c = c + [end]
             if len(p) + len(c) <= limit:
-                self.rows.append((ex, p, c))
+                self.rows.append((ex, p, c, None if written is None else written + [1]))
         if not self.rows:
             raise UserError(f"data: no training example has a solution that fits the model's context of {limit} tokens")
         self.skipped = len(examples) - len(self.rows)
@@ -159,6 +194,8 @@ class DatasetSource(Source):
     def next_batch(self, policy) -> Batch:
         rows = shard([self.rows[i] for i in self.sampler.take(self.batch_size)], self.rank, self.world_size)
         ids, attn, comp = pack([r[1] for r in rows], [r[2] for r in rows], self.pad_id)
+        if any(r[3] is not None for r in rows):
+            comp = mask_holes(comp, [r[3] for r in rows])
         return Batch(
             input_ids=ids,
             attention_mask=attn,
