@@ -202,25 +202,36 @@ class _RowState:
 
 
 def _turn_step(turns, row: int, state: _RowState, token: int, logp: float, stops, max_new_tokens: int):
-    """Record a sampled token of ``row``; the tokens to feed next (the token, then the observation
-    of a turn that ended), or None: the row is done (a stop token, the environment says done, or the
-    budget is spent: ``max_new_tokens`` bounds model and observation tokens together, so an
-    observation that does not fit is cut and ends the row)."""
+    """Record a sampled token of ``row``: ``[token]`` to feed next, ``PAUSED`` (its turn ended: the
+    environment answers it, :func:`_answer`), or None: the row is done (a stop token, or the budget
+    is spent: ``max_new_tokens`` bounds model and observation tokens together)."""
     state.add([token], [logp], True)
     if token in stops:
         state.stopped = True
         return None
     if len(state.tokens) >= max_new_tokens:
         return None
-    if not turns.pauses(row, state.tokens):
-        return [token]
-    obs = turns.observe(row, state.tokens)
-    if obs is None:
-        state.stopped = True
-        return None
-    obs = obs[: max_new_tokens - len(state.tokens)]
-    state.add(obs, [0.0] * len(obs), False)
-    return None if len(state.tokens) >= max_new_tokens else [token] + obs
+    return PAUSED if turns.pauses(row, state.tokens) else [token]
+
+
+PAUSED: List[int] = []
+""":func:`_turn_step`'s mark of a row whose turn ended (compared by identity)."""
+
+
+def _answer(turns, paused: List[int], rows: List[int], states: List[_RowState], chunks, max_new_tokens: int) -> None:
+    """The observations of the batch rows ``paused`` at this step, asked together
+    (``Turns.observe_many``): each row's chunk becomes its token and observation, or None (the
+    environment says done, or the budget is spent: an observation that does not fit is cut)."""
+    answers = turns.observe_many([rows[j] for j in paused], [states[rows[j]].tokens for j in paused])
+    for j, obs in zip(paused, answers):
+        state = states[rows[j]]
+        if obs is None:
+            state.stopped = True
+            chunks[j] = None
+            continue
+        obs = obs[: max_new_tokens - len(state.tokens)]
+        state.add(obs, [0.0] * len(obs), False)
+        chunks[j] = None if len(state.tokens) >= max_new_tokens else [state.tokens[-len(obs) - 1]] + obs
 
 
 def _turn_loop(feed, keep, logits, next_pos, turns, *, pad_id, eos_id, max_new_tokens, temperature, top_p, generator):
@@ -239,11 +250,13 @@ def _turn_loop(feed, keep, logits, next_pos, turns, *, pad_id, eos_id, max_new_t
         index = torch.tensor(rows, device=device)
         nxt = sample_next(logits, temperature, top_p, None if u is None else u[index])
         logp = sampled_logprob(logits, nxt, temperature).tolist()
-        chunks: List[List[int]] = []
-        for j, (r, token) in enumerate(zip(rows, nxt.tolist())):
-            chunk = None if ended[j] else _turn_step(turns, r, states[r], token, logp[j], eos_id, max_new_tokens)
-            ended[j] = chunk is None
-            chunks.append(chunk or [])
+        chunks = [
+            None if ended[j] else _turn_step(turns, r, states[r], token, logp[j], eos_id, max_new_tokens)
+            for j, (r, token) in enumerate(zip(rows, nxt.tolist()))
+        ]
+        _answer(turns, [j for j, c in enumerate(chunks) if c is PAUSED], rows, states, chunks, max_new_tokens)
+        ended = [c is None for c in chunks]
+        chunks = [c or [] for c in chunks]
         if all(ended):
             break
         if keep is not None and sum(ended) >= COMPACT_FRACTION * len(rows):  # drop ended rows

@@ -2,6 +2,8 @@
 recomputes the whole prefix, the masks that keep observations out of training, training and eval."""
 
 import json
+import threading
+import time
 from typing import Optional
 
 import pytest
@@ -429,3 +431,40 @@ def test_a_step_that_ends_in_an_observation_is_charged_at_the_model_token_before
     place_steps(batch, [[(4, 1.0), (5, -1.0)]])
     assert batch.tensors["step_rewards"].tolist() == [[0.0, 1.0, 0.0, 0.0, -1.0]]  # target t scores token t + 1
     assert (batch.tensors["step_mask"] <= batch.target_mask).all()
+
+
+class SlowSevenEnvironment(SevenEnvironment):
+    """SevenEnvironment whose answers take a while and may run together: records the most in flight."""
+
+    concurrent = True
+
+    def __init__(self, timeout_s: float = 1.0):
+        super().__init__(timeout_s)
+        self.lock, self.running, self.most = threading.Lock(), 0, 0
+
+    def respond(self, text: str) -> Optional[str]:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.02)
+        with self.lock:
+            self.running -= 1
+        return super().respond(text)
+
+
+@torch.no_grad()
+def test_a_concurrent_environment_answers_the_rows_of_a_step_together_with_the_same_result(chaotic):
+    """Rows whose turns end at the same decode step are answered in threads (a sandbox call is mostly a
+    process start): the rollout is the sequential one, token for token."""
+    model, tok = chaotic
+    ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
+
+    def run(env):
+        turns = EnvironmentTurns(env, tok, max_turns=3)
+        options = dict(pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=40, temperature=1.0)
+        return generate_ids(model, ids, generator=_gen(), engine="reference", turns=turns, **options)
+
+    slow = SlowSevenEnvironment()
+    together, alone = run(slow), run(SevenEnvironment())
+    assert slow.most > 1
+    assert together.tokens == alone.tokens and together.model_written == alone.model_written

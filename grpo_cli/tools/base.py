@@ -72,6 +72,10 @@ class Environment:
     plugs one in (constructed with keyword arguments ``timeout_s``)."""
 
     name: str = ""
+    concurrent: bool = False
+    """Whether :meth:`respond` may run for several rows at once, in threads (an environment whose
+    calls wait on subprocesses, like the Python sandbox): the rows whose turns end at the same decode
+    step are then answered together."""
 
     def prompt(self, prompt: str, example) -> str:
         """The prompt the model sees for ``example`` (the rendered ``prompt`` by default)."""
@@ -99,3 +103,8 @@ class Turns:
         """Token ids to append to a paused row (the engine prefills them, then samples on), or None:
         the row is done."""
         raise NotImplementedError
+
+    def observe_many(self, rows: Sequence[int], completions: Sequence[Sequence[int]]) -> List[Optional[List[int]]]:
+        """:meth:`observe` for every row paused at the same decode step (what engines call); one after
+        the other unless a subclass answers them together."""
+        return [self.observe(row, ids) for row, ids in zip(rows, completions)]

@@ -9,6 +9,7 @@ text: :class:`EnvironmentTurns` turns an environment and a tokenizer into the to
 from __future__ import annotations
 
 import importlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 from grpo_cli.errors import UserError
@@ -17,10 +18,15 @@ from grpo_cli.tools.base import Environment, Turns, output_block, pending_code
 TOOLS = ("python",)
 
 
+MAX_CONCURRENT = 8
+"""Most environment calls in flight at once (threads), for ``concurrent`` environments."""
+
+
 class PythonEnvironment(Environment):
     """Runs each python block the model closes in the sandbox and appends its output."""
 
     name = "python"
+    concurrent = True  # each call waits on its own sandbox process
 
     def __init__(self, timeout_s: float = 5.0):
         self.timeout_s = timeout_s
@@ -95,10 +101,21 @@ class EnvironmentTurns(Turns):
         return self.env.turn_ended(self._decode(completion_ids))
 
     def observe(self, row: int, completion_ids: Sequence[int]) -> Optional[List[int]]:
-        if self.turns.get(row, 0) >= self.max_turns:
-            return None
-        text = self.env.respond(self._decode(completion_ids))
-        if text is None:
-            return None
-        self.turns[row] = self.turns.get(row, 0) + 1
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self.observe_many([row], [completion_ids])[0]
+
+    def observe_many(self, rows: Sequence[int], completions: Sequence[Sequence[int]]) -> List[Optional[List[int]]]:
+        """The rows paused at one decode step, answered together in threads when the environment is
+        ``concurrent`` (a sandbox call is mostly a subprocess's start-up: dozens of rows a step)."""
+        asked = [i for i, row in enumerate(rows) if self.turns.get(row, 0) < self.max_turns]
+        texts = [self._decode(completions[i]) for i in asked]
+        if self.env.concurrent and len(texts) > 1:
+            with ThreadPoolExecutor(max_workers=min(len(texts), MAX_CONCURRENT)) as pool:
+                answers = list(pool.map(self.env.respond, texts))
+        else:
+            answers = [self.env.respond(t) for t in texts]
+        out: List[Optional[List[int]]] = [None] * len(rows)
+        for i, text in zip(asked, answers):
+            if text is not None:
+                self.turns[rows[i]] = self.turns.get(rows[i], 0) + 1
+                out[i] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return out
