@@ -78,7 +78,9 @@ def table(by_method: Dict[str, List[dict]], metrics: List[str] = METRICS, sweep:
     return "\n".join(lines)
 
 
-def plot(by_method: Dict[str, List[dict]], out: Path, metrics: List[str] = METRICS, title: str = "paradigm") -> None:
+def plot(
+    by_method: Dict[str, List[dict]], out: Path, metrics: List[str] = METRICS, title: str = "paradigm sweep"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +95,7 @@ def plot(by_method: Dict[str, List[dict]], out: Path, metrics: List[str] = METRI
         ax.bar([i + j * width for i in range(len(methods))], means, width, yerr=sds, label=metric, capsize=2)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=20)
     ax.set_ylabel("held-out (500 questions)")
-    ax.set_title(f"{title} sweep: mean and std over seeds")
+    ax.set_title(f"{title}: mean and std over seeds")
     ax.legend(ncol=len(metrics), fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--png", type=Path, help="write the bar plot here")
     ap.add_argument("--metrics", default=",".join(METRICS), help="eval.json keys to show, comma-separated")
     ap.add_argument("--samples", action="store_true", help="add the outputs each online run sampled")
+    ap.add_argument("--title", help="the plot's title (default: the sweep directory's recipe)")
     args = ap.parse_args()
     metrics = args.metrics.split(",")
     by_method = collect(args.sweep)
@@ -112,7 +115,8 @@ def main() -> None:
         raise SystemExit(f"error: no finished, evaluated run under {args.sweep}")
     print(table(by_method, metrics, args.sweep if args.samples else None))
     if args.png:
-        plot(by_method, args.png, metrics, args.sweep.name.split("-")[0].replace("_arithmetic", ""))
+        title = args.title or args.sweep.name.split("-")[0].replace("_arithmetic", "") + " sweep"
+        plot(by_method, args.png, metrics, title)
         print(f"wrote {args.png}")
 
 
