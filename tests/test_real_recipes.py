@@ -121,3 +121,26 @@ def test_grpo_on_math_with_math_verify(real_model, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "grpo" / "eval" / "latest" / "samples.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in rows] == ["\\frac{3}{4}", "2\\sqrt{3}", "2", "9"]  # the references' boxes
     assert "within \\boxed{}" in rows[0]["prompt"] and rows[0]["prompt"].startswith("<|im_start|>")
+
+
+@pytest.mark.slow
+def test_grpo_gsm8k_tool_runs_a_step_with_the_python_tool(real_model, tmp_path):
+    """recipe=grpo_gsm8k_tool as it is (LoRA, bf16, the chat template, the python tool), for a step."""
+    data = tmp_path / "gsm8k.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in ROWS))
+    main(
+        [
+            "train",
+            "recipe=grpo_gsm8k_tool",
+            f"model.name_or_path={real_model}",
+            "trainer.steps=1",
+            "source.prompts_per_step=2",
+            "source.group_size=2",
+            f"output_dir={tmp_path / 'grpo'}",
+            f"data.path={data}",
+            *SMALL,
+        ]
+    )
+    config = (tmp_path / "grpo" / "config.yaml").read_text()
+    assert "- python" in config and "max_turns: 4" in config
+    assert (tmp_path / "grpo" / "completions" / "step_000001.jsonl").exists()

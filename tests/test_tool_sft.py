@@ -1,6 +1,8 @@
 """SFT on tool solutions: the arithmetic task's tool variant, its observation tokens masked (holes in
 completion_mask, attended to but never trained on), and the tool recipes."""
 
+import json
+
 import pytest
 import torch
 from conftest import compose, metrics
@@ -131,3 +133,37 @@ def test_tool_grpo_recipes_compose_with_the_tools_on():
     assert list(arith.rollout.tools) == ["python"] and arith.data.arithmetic.tool_fraction == 0.8
     gsm8k = compose("grpo_gsm8k_tool")
     assert list(gsm8k.rollout.tools) == ["python"] and "```python" in gsm8k.data.system_prompt
+
+
+def test_the_python_environment_answers_with_the_real_sandbox():
+    from grpo_cli.tools.environments import PythonEnvironment
+
+    env = PythonEnvironment(timeout_s=5.0)
+    text = "```python\nprint((714+984)*87)\n```"
+    assert env.turn_ended(text) and env.respond(text) == "\n```output\n147726\n```\n"
+    failing = text.replace("print((714+984)*87)", "1/0")
+    assert env.respond(failing).endswith("ZeroDivisionError: division by zero\n```\n")
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_with_the_python_tool_runs_as_the_recipes_say(tmp_path):
+    """recipe=sft_tool_arithmetic then recipe=grpo_tool_arithmetic (the real sandbox in the rollouts),
+    shortened; the completion tables count the turns."""
+    from grpo_cli.trainer.loop import train
+
+    short = ("trainer.steps=2", "trainer.batch_size=8")
+    sft = train(compose("sft_tool_arithmetic", *short, f"output_dir={tmp_path / 's'}"))
+    grpo = train(
+        compose(
+            "grpo_tool_arithmetic",
+            f"model.name_or_path={sft}",
+            "trainer.steps=2",
+            "source.prompts_per_step=2",
+            "source.group_size=4",
+            f"output_dir={tmp_path / 'g'}",
+        )
+    )
+    rows = metrics(grpo)
+    assert [r["step"] for r in rows] == [1, 2]
+    table = [json.loads(x) for x in (grpo / "completions" / "step_000002.jsonl").read_text().splitlines()]
+    assert len(table) == 8 and all(r["turns"] >= 1 for r in table)
