@@ -248,19 +248,6 @@ def step_files(run: Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
-def read_completions(path: Path) -> List[Dict[str, object]]:
-    """The rows of one completions file; a line cut short (a run killed while writing) is skipped."""
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def reward_colour(reward: object, low: float, high: float) -> str:
     """Background from red (``low``) through yellow to green (``high``); grey for a missing reward."""
     if not isinstance(reward, (int, float)) or isinstance(reward, bool) or not math.isfinite(reward):
@@ -312,7 +299,7 @@ def completions_section(run: Path) -> str:
     picked = list(dict.fromkeys([files[0], files[len(files) // 2], files[-1]]))
     parts = [title, '<p class="note">Rows coloured from red (the step\'s lowest reward) to green (its highest).</p>']
     for step, path in picked:
-        rows = read_completions(path)
+        rows = read_metrics(path)  # the same JSON-lines reading
         parts.append(f"<h3>Step {step}</h3>")
         parts.append(completions_table(rows) if rows else '<p class="note">No readable rows.</p>')
     return "".join(parts)

@@ -110,9 +110,9 @@ class JsonlTracker(Tracker):
 
 
 def read_metrics(path: Path) -> List[Dict[str, float]]:
-    """The rows of a metrics.jsonl; a line cut short by a kill is skipped."""
+    """The rows of a metrics.jsonl (or a completions file); a line cut short by a kill is skipped."""
     rows = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
