@@ -358,15 +358,7 @@ def _generate_fast(
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()
     pos = position_ids(attn)  # [B, T0]
-    # A group's G copies of a prompt: prefill each distinct prompt once, then copy its cache rows.
-    first, copies = distinct_rows(prompt_ids)
-    if len(first) < B:
-        first, copies = torch.tensor(first, device=device), torch.tensor(copies, device=device)
-        decoder.keep_rows(first, 0)
-        logits = decoder(ids[first], pos[first], 0, causal_mask(attn[first].bool()))[copies]
-        decoder.copy_rows(copies, T0)
-    else:
-        logits = decoder(ids, pos, 0, causal_mask(attn.bool()))
+    logits = _prefill(decoder, ids, attn, pos, prompt_ids)
     if turns is not None:
         fed = _FastFeed(decoder, keys, T0)
         options = dict(pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens, temperature=temperature)
@@ -386,6 +378,20 @@ def _generate_fast(
         top_p=top_p,
         generator=generator,
     )
+
+
+def _prefill(decoder: KVDecoder, ids, attn, pos, prompt_ids: List[List[int]]) -> torch.Tensor:
+    """The prompts into the decoder's cache; the logits [B, V] of each row's last prompt token. A
+    group's G copies of a prompt: each distinct prompt is prefilled once, then its cache rows copied."""
+    B, T0 = ids.shape
+    first, copies = distinct_rows(prompt_ids)
+    if len(first) == B:
+        return decoder(ids, pos, 0, causal_mask(attn.bool()))
+    first, copies = torch.tensor(first, device=ids.device), torch.tensor(copies, device=ids.device)
+    decoder.keep_rows(first, 0)
+    logits = decoder(ids[first], pos[first], 0, causal_mask(attn[first].bool()))[copies]
+    decoder.copy_rows(copies, T0)
+    return logits
 
 
 def distinct_rows(prompt_ids: List[List[int]]) -> tuple[List[int], List[int]]:
@@ -568,21 +574,25 @@ def generate_ids(
     reason = unsupported_reason(model) if engine != "reference" else "reference requested"
     if engine == "fast" and reason:
         raise ValueError(f"the fast rollout engine cannot run this model: {reason}")
-    if turns is not None and max_new_tokens <= 0:
-        return TurnRollout(
-            [[] for _ in prompt_ids], [[] for _ in prompt_ids], [[] for _ in prompt_ids], [False] * len(prompt_ids)
-        )
-    if turns is not None and reason:
-        return _generate_reference_turns(model, prompt_ids, turns, **kwargs)
+    options = {k: v for k, v in engine_options.items() if k in fast_options}
     if turns is not None:
-        options = {k: v for k, v in engine_options.items() if k in fast_options}
-        return _generate_fast(model, prompt_ids, **options, **kwargs, turns=turns)
+        return _generate_turns(model, prompt_ids, turns, reason, options, kwargs)
     if reason:
         tokens, logp = _generate_reference(model, prompt_ids, **kwargs)
     else:
-        options = {k: v for k, v in engine_options.items() if k in fast_options}
         tokens, logp = _generate_fast(model, prompt_ids, **options, **kwargs)
     return (tokens.tolist(), logp.tolist()) if with_logprobs else tokens.tolist()
+
+
+def _generate_turns(model, prompt_ids, turns: Turns, reason: Optional[str], options: dict, kwargs: dict) -> TurnRollout:
+    """:func:`generate_ids` with ``turns`` on our engines: the reference loop where the fast engine
+    cannot run the model (``reason``), else the fast engine, both continuing after observations."""
+    if kwargs["max_new_tokens"] <= 0:
+        empty = [[] for _ in prompt_ids]
+        return TurnRollout(empty, [[] for _ in prompt_ids], [[] for _ in prompt_ids], [False] * len(prompt_ids))
+    if reason:
+        return _generate_reference_turns(model, prompt_ids, turns, **kwargs)
+    return _generate_fast(model, prompt_ids, **options, **kwargs, turns=turns)
 
 
 def stop_ids(eos_id: Union[None, int, Sequence[int]]) -> Tuple[int, ...]:
