@@ -22,7 +22,9 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
   above; phases are the trainer's own timers (``time_generate``, ``time_reward``, ``time_logprob``:
   reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
   the step time is the growth of its ``seconds`` column. ``ours@4``: with ``trainer.grad_accum=4``
-  (the same update from 4 micro-batches of 8 sequences: a quarter of the activations).
+  (the same update from 4 micro-batches of 8 sequences: a quarter of the activations). ``ours:2048``:
+  with ``trainer.max_tokens_per_microbatch=2048`` (micro-batches of at most 2,048 tokens; ``:0`` off);
+  without ``:``, the config's default.
 * ``ours-ckpt``: ``ours`` with ``trainer.activation_checkpointing=true`` (each block recomputed in
   backward, as TRL's default gradient checkpointing does).
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
@@ -58,6 +60,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -77,7 +80,15 @@ MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
 
 
 def run_ours(
-    steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool, share: bool = True
+    steps: int,
+    quick: bool,
+    engine: str,
+    threads: int,
+    grad_accum: int,
+    bf16: bool,
+    ckpt: bool,
+    share: bool = True,
+    max_tokens: int | None = None,
 ) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
@@ -113,6 +124,7 @@ def run_ours(
                 "trainer.max_grad_norm=1.0",
                 f"trainer.seed={s['seed']}",
                 f"trainer.grad_accum={grad_accum}",
+                *([f"trainer.max_tokens_per_microbatch={max_tokens}"] if max_tokens is not None else []),
                 f"trainer.steps={steps}",
                 f"trainer.threads={threads}",
                 f"trainer.precision={'bf16' if bf16 else 'fp32'}",
@@ -264,16 +276,22 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
     return {"steps": timings, "trl": __import__("trl").__version__}
 
 
+SIDE = re.compile(r"^(?P<name>[a-z-]+)(@(?P<accum>\d+))?(:(?P<tokens>\d+))?(\+(?P<precision>bf16))?$")
+"""``--sides`` syntax: ours[-ckpt|-refloop|-noshare|-vllm][@ACCUM][:TOKENS][+bf16], trl[-nockpt][+bf16]."""
+
+
 def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int = 0) -> dict:
-    """One side (``--sides`` syntax: ours[-ckpt|-refloop|-noshare|-vllm][@ACCUM][+bf16], trl[-nockpt][+bf16]) here."""
-    side, _, precision = side.partition("+")
-    name, _, accum = side.partition("@")
-    bf16 = precision == "bf16"
+    """One side (:data:`SIDE`) here."""
+    m = SIDE.match(side)
+    if m is None:
+        raise ValueError(f"side {side!r}: expected {SIDE.pattern}")
+    name, bf16 = m["name"], m["precision"] == "bf16"
     if name.startswith("trl"):
         return run_trl(steps, quick, threads, checkpointing=name != "trl-nockpt", bf16=bf16)
     engine = {"ours-refloop": "reference", "ours-vllm": "vllm"}.get(name, "auto")
+    tokens = None if m["tokens"] is None else int(m["tokens"])  # None: the config's default
     return run_ours(
-        steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt", share=name != "ours-noshare"
+        steps, quick, engine, threads, int(m["accum"] or 1), bf16, name == "ours-ckpt", name != "ours-noshare", tokens
     )
 
 
@@ -345,8 +363,8 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--sides",
         default="ours,ours@4,ours-refloop,trl",
-        help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
-        "ours-noshare[@GRAD_ACCUM], ours-vllm[@GRAD_ACCUM] (GPU), trl, "
+        help="comma list of ours, ours-ckpt, ours-refloop, ours-noshare, ours-vllm (GPU), each with an optional "
+        "@GRAD_ACCUM and :TOKENS (trainer.max_tokens_per_microbatch; 0 off), trl, "
         "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16",
     )
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
