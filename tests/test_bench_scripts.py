@@ -84,3 +84,24 @@ def test_bench_rollout_at_a_real_shape_with_one_layer(capsys):
     out = capsys.readouterr().out
     assert "model: qwen2.5-0.5b" in out and "vocabulary 151936" in out
     assert "| greedy | 2x3 | fast |" in out and out.count("| yes |") == 2  # same tokens as HF's generate
+
+
+@pytest.mark.slow
+def test_bench_grpo_step_at_a_real_shape_with_lora_and_a_token_budget(capsys):
+    import bench_grpo_step
+
+    args = ["--shape", "qwen2.5-0.5b", "--layers", "1", "--prompts", "1", "--group", "2", "--new-tokens", "2"]
+    assert bench_grpo_step.main([*args, "--steps", "1", "--lora", "--fixed-length", "--sides", "ours:8"]) == 0
+    out = capsys.readouterr().out
+    assert "random qwen2.5-0.5b, 1 layers, LoRA r=16" in out
+    row = next(line for line in out.splitlines() if line.startswith("| ours:8 |"))
+    assert "n/a" not in row
+
+
+def test_bench_grpo_step_sides_parse():
+    import bench_grpo_step
+
+    m = bench_grpo_step.SIDE.match("ours-ckpt@4:2048+bf16")
+    assert (m["name"], m["accum"], m["tokens"], m["precision"]) == ("ours-ckpt", "4", "2048", "bf16")
+    assert bench_grpo_step.SIDE.match("trl+bf16")["name"] == "trl" and bench_grpo_step.SIDE.match("ours:0")
+    assert bench_grpo_step.SIDE.match("ours:x") is None
