@@ -120,3 +120,32 @@ def test_a_pair_loss_never_sees_a_split_pair():
     assert [len(p) for p in parts] == [2, 2, 2]
     for p in parts:
         check_pairs(p)
+
+
+@pytest.mark.slow
+def test_a_run_with_a_token_budget_packs_every_update(tmp_path, monkeypatch, length_rewards):
+    from grpo_cli.batch import Batch
+
+    seen = []
+    real = Batch.token_micro_batches
+
+    def spy(self, max_tokens, unit=1):
+        parts = real(self, max_tokens, unit)
+        seen.append((max_tokens, [int(p.attention_mask.sum()) for p in parts]))
+        return parts
+
+    monkeypatch.setattr(Batch, "token_micro_batches", spy)
+    cfg = compose(
+        "grpo_arithmetic",
+        "model.name_or_path=tiny",
+        "reward.name=length_mod_3",
+        "source.prompts_per_step=2",
+        "source.group_size=4",
+        "trainer.steps=2",
+        "trainer.max_tokens_per_microbatch=64",
+        f"output_dir={tmp_path}",
+    )
+    run = loop.train(cfg)
+    assert [budget for budget, _ in seen] == [64, 64]  # one packing per update, the configured budget
+    assert all(len(sizes) > 1 and all(s <= 64 for s in sizes) for _, sizes in seen)
+    assert (run / "metrics.jsonl").read_text().count("\n") == 2
