@@ -489,14 +489,22 @@ def main(argv=None) -> int:
         f"load average before: {os.getloadavg()[0]:.2f}\n"
     )
     sides = args.sides.split(",")
-    results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
     print(
         "| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
         f"generate tokens/s | step tokens/s | {MEMORY_NAME} MB | {MEMORY_NAME.split()[1]} vs TRL | notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for side, r in results.items():  # each side against TRL at the same precision
-        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl"), args.warmup), flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    results = {}
+    for side in sides:  # each row as soon as its side ends (list TRL first to get its ratios in every row)
+        results[side] = run_side(side, args.steps, args.quick, args.threads)
+        ref = results.get("trl+bf16" if side.endswith("+bf16") else "trl")  # TRL at the same precision
+        print(summarise(side, results[side], ref, args.warmup), flush=True)
+    for side, r in results.items():  # the rows that ran before their TRL side, now with its ratios
+        ref = results.get("trl+bf16" if side.endswith("+bf16") else "trl")
+        if ref is not None and list(results).index(side) < list(results).index(
+            "trl+bf16" if side.endswith("+bf16") else "trl"
+        ):
+            print(summarise(side, r, ref, args.warmup), flush=True)
     versions = {r["trl"] for r in results.values() if "trl" in r}
     if versions:
         print(f"\ntrl {versions.pop()}")
