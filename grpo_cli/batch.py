@@ -7,7 +7,7 @@ come from the attention mask, so left padding never shifts a position.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -88,6 +88,13 @@ class Batch:
         size = -(-len(self) // n)
         return [self.select(range(i, min(i + size, len(self)))) for i in range(0, len(self), size)]
 
+    def token_micro_batches(self, max_tokens: int, unit: int = 1) -> List[Batch]:
+        """Split into contiguous micro-batches of at most ``max_tokens`` real tokens (attention mask
+        1) each, by :func:`token_budget_splits` over the rows' lengths; ``unit`` adjacent rows stay
+        together (DPO's (o+, o-) pairs: 2)."""
+        lengths = self.attention_mask.sum(1).tolist()
+        return [self.select(range(a, b)) for a, b in token_budget_splits(lengths, max_tokens, unit)]
+
     def with_totals(self) -> Batch:
         self.totals.update(sequences=float(len(self)), tokens=float(self.target_mask.sum().clamp(min=1)))
         return self
@@ -102,6 +109,29 @@ class Batch:
             rewards=None if self.rewards is None else self.rewards.to(device),
             tensors={k: v.to(device) for k, v in self.tensors.items()},
         )
+
+
+def token_budget_splits(lengths: Sequence[int], max_tokens: int, unit: int = 1) -> List[Tuple[int, int]]:
+    """``[start, end)`` row ranges that cover ``lengths`` in order, each summing to at most ``max_tokens``
+    (verl's dynamic batch size, contiguous): greedy, a range closes when the next ``unit`` rows would
+    overflow it. A unit longer than the budget alone is a range of its own, over it. In order rather
+    than sorted: a group's rows stay adjacent, so a micro-batch still runs their common prompt once
+    (``model.share_prefixes``), and the result depends on the lengths alone.
+
+    lengths [3, 4, 2, 9, 1], max_tokens 6: [(0, 1), (1, 3), (3, 4), (4, 5)] (3 | 4+2 | 9 | 1)."""
+    if max_tokens < 1 or unit < 1:
+        raise ValueError(f"max_tokens and unit must be >= 1, got {max_tokens} and {unit}")
+    splits: List[Tuple[int, int]] = []
+    start, used = 0, 0
+    for i in range(0, len(lengths), unit):
+        size = sum(lengths[i : i + unit])
+        if i > start and used + size > max_tokens:
+            splits.append((start, i))
+            start, used = i, 0
+        used += size
+    if start < len(lengths):
+        splits.append((start, len(lengths)))
+    return splits
 
 
 def pack(

@@ -118,6 +118,41 @@ def random_qwen2(vocab: int, hidden: int, layers: int, tokens: int):
     return Qwen2ForCausalLM(cfg)
 
 
+QWEN25 = {
+    "qwen2.5-0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, intermediate_size=4864),
+    "qwen2.5-1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, intermediate_size=8960),
+}
+"""The real Qwen2.5 configs (``config.json`` on the hub) less what they share: 2 KV heads, tied
+embeddings, a 151,936-row vocabulary (:data:`QWEN25_COMMON`)."""
+QWEN25_COMMON = dict(
+    vocab_size=151936,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+)
+
+
+def qwen25_model(name: str, layers: int | None = None, seed: int = 0):
+    """(model in eval mode, tokenizer): a randomly initialised Qwen2.5 of the real shape ``name``
+    (``QWEN25``; ``layers`` fewer layers, for smoke tests), with the real-shaped byte-level BPE
+    tokenizer of tests/real_model.py (Qwen's special tokens and ChatML; its first few thousand ids
+    used, as Qwen pads its embedding past its tokenizer). fp32 weights, as the trainer keeps them."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tests.real_model import train_tokenizer
+
+    tok = train_tokenizer()
+    shape = dict(QWEN25[name], **({"num_hidden_layers": layers} if layers else {}))
+    cfg = Qwen2Config(**QWEN25_COMMON, **shape, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(cfg)
+    return model.eval(), tok
+
+
 def random_batch(vocab: int, batch: int, tokens: int, group: int = 8):
     """Random token rows, the first quarter prompt, groups of ``group``, random rewards, totals set."""
     import torch

@@ -6,6 +6,14 @@
     python scripts/bench_grpo_step.py --sides ours,trl --steps 5 --threads 1
     python scripts/bench_grpo_step.py --quick              # a 1M-parameter model (hidden 128, 4 layers)
     python scripts/bench_grpo_step.py --fixed-length       # every completion exactly 128 tokens (EOS never drawn)
+    python scripts/bench_grpo_step.py --shape qwen2.5-0.5b --lora --sides ours+bf16,trl+bf16 --fixed-length
+
+``--shape qwen2.5-0.5b|qwen2.5-1.5b``: a randomly initialised Qwen2.5 of the real shape (``_bench.QWEN25``)
+with the real-shaped BPE tokenizer of tests/real_model.py (prompts as plain text on both sides,
+``data.chat_template=false``), 8 prompts x G=8 x 256 new tokens unless ``--prompts``, ``--group``,
+``--new-tokens`` say otherwise; ``--lora``: LoRA r=16, alpha 32 on every linear layer of the blocks
+(ours ``lora.enabled=true``, TRL a peft ``LoraConfig``), else full fine-tuning. ``--layers`` cuts the
+layers (smoke tests).
 
 Model and settings, the same on every side: the 23.6M-parameter Qwen2 of bench_rollout.py (hidden
 512, 8 layers, character vocabulary, seed 0, fp32, full fine-tuning), the arithmetic task, 4 prompts
@@ -22,7 +30,9 @@ child's ``torch.cuda.max_memory_allocated``, and every side runs there):
   above; phases are the trainer's own timers (``time_generate``, ``time_reward``, ``time_logprob``:
   reference log-probs and advantages, ``time_train``: loss, backward, optimiser) from metrics.jsonl,
   the step time is the growth of its ``seconds`` column. ``ours@4``: with ``trainer.grad_accum=4``
-  (the same update from 4 micro-batches of 8 sequences: a quarter of the activations).
+  (the same update from 4 micro-batches of 8 sequences: a quarter of the activations). ``ours:2048``:
+  with ``trainer.max_tokens_per_microbatch=2048`` (micro-batches of at most 2,048 tokens; ``:0`` off);
+  without ``:``, the config's default.
 * ``ours-ckpt``: ``ours`` with ``trainer.activation_checkpointing=true`` (each block recomputed in
   backward, as TRL's default gradient checkpointing does).
 * ``ours-refloop``: ``ours`` with the rollout engine replaced by the reference loop (HF forward and
@@ -58,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -66,18 +77,31 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import OthersCPU, machine_line  # noqa: E402
+from _bench import QWEN25, OthersCPU, machine_line, qwen25_model  # noqa: E402
 from bench_rollout import BENCH_MODEL, QUICK_MODEL, VLLM, build_bench_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = dict(prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False)
+SETTINGS = dict(
+    prompts=4, group=8, new_tokens=128, beta=0.04, eps=0.2, lr=5e-5, seed=0, fixed_length=False, shape=None, lora=False
+)
+SHAPE_WORK = dict(prompts=8, group=8, new_tokens=256)
+"""The issue's work at a real shape: 8 prompts x G=8, 256-token completions."""
+LORA_R = 16
 PHASES = ("generate", "reward", "logprob", "train")
 MEMORY, MEMORY_NAME = "peak_rss_mb", "peak RSS"
 """The memory compared: the process's peak RSS on CPU; on a GPU, torch's peak allocated device memory."""
 
 
 def run_ours(
-    steps: int, quick: bool, engine: str, threads: int, grad_accum: int, bf16: bool, ckpt: bool, share: bool = True
+    steps: int,
+    quick: bool,
+    engine: str,
+    threads: int,
+    grad_accum: int,
+    bf16: bool,
+    ckpt: bool,
+    share: bool = True,
+    max_tokens: int | None = None,
 ) -> dict:
     """``train(cfg)`` for ``steps`` steps; per-step phase times from its metrics.jsonl."""
     from grpo_cli.config.compose import compose_run
@@ -91,13 +115,12 @@ def run_ours(
             f"rollout.vllm_memory={VLLM['memory']}",
             *[f"+rollout.vllm_kwargs.{k}={json.dumps(v)}" for k, v in VLLM["kwargs"].items()],
         ]
-    s, model = SETTINGS, QUICK_MODEL if quick else BENCH_MODEL
+    s = SETTINGS
     with tempfile.TemporaryDirectory() as out:
         cfg = compose_run(
             "grpo_arithmetic",
             [
-                "model.name_or_path=tiny",
-                *[f"model.tiny.{k}={v}" for k, v in model.items()],
+                *model_overrides(quick, out),
                 f"source.prompts_per_step={s['prompts']}",
                 f"source.group_size={s['group']}",
                 f"rollout.max_new_tokens={s['new_tokens']}",
@@ -113,6 +136,7 @@ def run_ours(
                 "trainer.max_grad_norm=1.0",
                 f"trainer.seed={s['seed']}",
                 f"trainer.grad_accum={grad_accum}",
+                *([f"trainer.max_tokens_per_microbatch={max_tokens}"] if max_tokens is not None else []),
                 f"trainer.steps={steps}",
                 f"trainer.threads={threads}",
                 f"trainer.precision={'bf16' if bf16 else 'fp32'}",
@@ -137,6 +161,28 @@ def run_ours(
     return {"steps": out}
 
 
+def model_overrides(quick: bool, out: str) -> list[str]:
+    """Ours: the tiny bench model's settings, or (``--shape``) the real-shaped model saved under ``out``."""
+    if not SETTINGS["shape"]:
+        return [
+            "model.name_or_path=tiny",
+            *[f"model.tiny.{k}={v}" for k, v in (QUICK_MODEL if quick else BENCH_MODEL).items()],
+        ]
+    model, tok = bench_model(quick)
+    model.save_pretrained(f"{out}/model")
+    tok.save_pretrained(f"{out}/model")
+    del model
+    lora = [f"lora.enabled={SETTINGS['lora']}", f"lora.r={LORA_R}", f"lora.alpha={2 * LORA_R}"]
+    return [f"model.name_or_path={out}/model", "data.chat_template=false", *lora]
+
+
+def bench_model(quick: bool):
+    """(model, tokenizer) of every side: the real shape under ``--shape``, else the 23.6M bench model."""
+    if SETTINGS["shape"]:
+        return qwen25_model(SETTINGS["shape"], SETTINGS.get("layers"))
+    return build_bench_model(quick)
+
+
 def never_eos() -> None:
     """``--fixed-length`` for ours: EOS's logit set to -inf before every draw of either engine (what
     HF's ``min_new_tokens`` does), so every completion runs to ``new_tokens``."""
@@ -145,12 +191,20 @@ def never_eos() -> None:
     import grpo_cli.generation as generation
     from grpo_cli.models.tiny import build_tokenizer
 
-    eos, draw = torch.tensor([build_tokenizer().eos_token_id]), generation.sample_next
+    eos_id = bench_model_eos() if SETTINGS["shape"] else build_tokenizer().eos_token_id
+    eos, draw = torch.tensor([eos_id]), generation.sample_next
 
     def sample_next(logits, *args):
         return draw(logits.index_fill(-1, eos.to(logits.device), float("-inf")), *args)
 
     generation.sample_next = sample_next
+
+
+def bench_model_eos() -> int:
+    """EOS of the real-shaped tokenizer (``<|im_end|>``, as Qwen2.5-Instruct's)."""
+    from tests.real_model import train_tokenizer
+
+    return train_tokenizer().eos_token_id
 
 
 def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bool) -> dict:
@@ -169,7 +223,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(s["seed"])
-    model, tok = build_bench_model(quick)
+    model, tok = bench_model(quick)
     examples = load_examples(DataConfig(), "train")
     data = Dataset.from_list([{"prompt": e.prompt, "answer": e.answer} for e in examples])
 
@@ -254,6 +308,7 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
             train_dataset=data,
             processing_class=tok,
             callbacks=[StepTimer()],
+            peft_config=trl_lora() if s["lora"] else None,
         )
         trainer._generate = timed("generate", trainer._generate)
         trainer._calculate_rewards = timed("reward", trainer._calculate_rewards)
@@ -264,17 +319,46 @@ def run_trl(steps: int, quick: bool, threads: int, checkpointing: bool, bf16: bo
     return {"steps": timings, "trl": __import__("trl").__version__}
 
 
+SIDE = re.compile(r"^(?P<name>[a-z-]+)(@(?P<accum>\d+))?(:(?P<tokens>\d+))?(\+(?P<precision>bf16))?$")
+"""``--sides`` syntax: ours[-ckpt|-refloop|-noshare|-vllm][@ACCUM][:TOKENS][+bf16], trl[-nockpt][+bf16]."""
+
+
+def trl_lora():
+    """peft's LoraConfig of ours: r=16, alpha 32, no dropout, every linear layer of the blocks."""
+    from peft import LoraConfig
+
+    from grpo_cli.config.schema import LoraConfig as Ours
+
+    return LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, lora_dropout=0.0, target_modules=list(Ours().target_modules))
+
+
 def run_in_this_process(side: str, steps: int, quick: bool = False, threads: int = 0) -> dict:
-    """One side (``--sides`` syntax: ours[-ckpt|-refloop|-noshare|-vllm][@ACCUM][+bf16], trl[-nockpt][+bf16]) here."""
-    side, _, precision = side.partition("+")
-    name, _, accum = side.partition("@")
-    bf16 = precision == "bf16"
+    """One side (:data:`SIDE`) here."""
+    m = SIDE.match(side)
+    if m is None:
+        raise ValueError(f"side {side!r}: expected {SIDE.pattern}")
+    name, bf16 = m["name"], m["precision"] == "bf16"
     if name.startswith("trl"):
         return run_trl(steps, quick, threads, checkpointing=name != "trl-nockpt", bf16=bf16)
     engine = {"ours-refloop": "reference", "ours-vllm": "vllm"}.get(name, "auto")
+    tokens = None if m["tokens"] is None else int(m["tokens"])  # None: the config's default
     return run_ours(
-        steps, quick, engine, threads, int(accum or 1), bf16, name == "ours-ckpt", share=name != "ours-noshare"
+        steps, quick, engine, threads, int(m["accum"] or 1), bf16, name == "ours-ckpt", name != "ours-noshare", tokens
     )
+
+
+def setting_flags() -> list[str]:
+    """The command-line flags that give a child this run's model and work."""
+    flags = [
+        f"--prompts={SETTINGS['prompts']}",
+        f"--group={SETTINGS['group']}",
+        f"--new-tokens={SETTINGS['new_tokens']}",
+    ]
+    if SETTINGS["shape"]:
+        flags.append(f"--shape={SETTINGS['shape']}")
+    if SETTINGS.get("layers"):
+        flags.append(f"--layers={SETTINGS['layers']}")
+    return flags + (["--lora"] if SETTINGS["lora"] else [])
 
 
 def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
@@ -296,6 +380,7 @@ def run_side(side: str, steps: int, quick: bool, threads: int) -> dict:
         ]
         + (["--quick"] if quick else [])
         + (["--fixed-length"] if SETTINGS["fixed_length"] else [])
+        + setting_flags()
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
     with OthersCPU(children=True) as probe:  # the child's CPU is the side's, not others'
@@ -340,13 +425,20 @@ def _phase_peaks(steps: list) -> str:
     return ", GPU peak by phase " + " / ".join(f"{p} {mb:.0f}" for p, mb in peaks.items()) + " MB"
 
 
+def model_line(quick: bool) -> str:
+    if SETTINGS["shape"]:
+        layers = f", {SETTINGS['layers']} layers" if SETTINGS.get("layers") else ""
+        return f"random {SETTINGS['shape']}{layers}, {'LoRA r=16' if SETTINGS['lora'] else 'full fine-tuning'}"
+    return f"{'quick' if quick else 'bench'} Qwen2 {QUICK_MODEL if quick else BENCH_MODEL}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
         "--sides",
         default="ours,ours@4,ours-refloop,trl",
-        help="comma list of ours[@GRAD_ACCUM], ours-ckpt[@GRAD_ACCUM], ours-refloop[@GRAD_ACCUM], "
-        "ours-noshare[@GRAD_ACCUM], ours-vllm[@GRAD_ACCUM] (GPU), trl, "
+        help="comma list of ours, ours-ckpt, ours-refloop, ours-noshare, ours-vllm (GPU), each with an optional "
+        "@GRAD_ACCUM and :TOKENS (trainer.max_tokens_per_microbatch; 0 off), trl, "
         "trl-nockpt; a +bf16 suffix runs a side in bf16 autocast (fp32 weights), compared with trl+bf16",
     )
     ap.add_argument("--warmup", type=int, default=1, help="first steps of each side left out of the medians")
@@ -358,13 +450,23 @@ def main(argv=None) -> int:
         help="EOS never drawn on any side: every completion has exactly the new-token budget",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch threads of every side; 0 keeps torch's default")
+    ap.add_argument("--shape", choices=sorted(QWEN25), help="a random Qwen2.5 of this real shape instead")
+    ap.add_argument("--layers", type=int, help="with --shape: this many layers (smoke tests)")
+    ap.add_argument("--lora", action="store_true", help="LoRA r=16 on every linear layer instead of full fine-tuning")
+    ap.add_argument("--prompts", type=int, help="prompts per step (default 4; 8 with --shape)")
+    ap.add_argument("--group", type=int, help="completions per prompt, G (default 8)")
+    ap.add_argument("--new-tokens", type=int, help="new tokens per completion at most (default 128; 256 with --shape)")
     ap.add_argument("--vllm-memory", type=float, default=VLLM["memory"], help="rollout.vllm_memory of ours-vllm")
     ap.add_argument(
         "--vllm-kwargs", type=json.loads, default={}, help="JSON keyword arguments of vllm.LLM for ours-vllm"
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    SETTINGS["fixed_length"] = args.fixed_length
+    SETTINGS.update(fixed_length=args.fixed_length, shape=args.shape, layers=args.layers, lora=args.lora)
+    if args.shape:
+        SETTINGS.update(SHAPE_WORK)
+    given = dict(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens)
+    SETTINGS.update({k: v for k, v in given.items() if v is not None})
     VLLM.update(memory=args.vllm_memory, kwargs=args.vllm_kwargs)
     if args.child:
         res = run_in_this_process(args.child, args.steps, args.quick, args.threads)
@@ -382,19 +484,27 @@ def main(argv=None) -> int:
         MEMORY, MEMORY_NAME = "peak_gpu_mb", "peak GPU"
     print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
     print(
-        f"model: {'quick' if args.quick else 'bench'} Qwen2 {QUICK_MODEL if args.quick else BENCH_MODEL}; "
+        f"model: {model_line(args.quick)}; "
         f"{SETTINGS}; {args.steps} steps per side (first {args.warmup} warm-up); threads {args.threads or 'default'}; "
         f"load average before: {os.getloadavg()[0]:.2f}\n"
     )
     sides = args.sides.split(",")
-    results = {side: run_side(side, args.steps, args.quick, args.threads) for side in sides}
     print(
         "| side | step s | step vs TRL | generate s | reward s | log-probs s | train s | "
         f"generate tokens/s | step tokens/s | {MEMORY_NAME} MB | {MEMORY_NAME.split()[1]} vs TRL | notes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for side, r in results.items():  # each side against TRL at the same precision
-        print(summarise(side, r, results.get("trl+bf16" if side.endswith("+bf16") else "trl"), args.warmup), flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    results = {}
+    for side in sides:  # each row as soon as its side ends (list TRL first to get its ratios in every row)
+        results[side] = run_side(side, args.steps, args.quick, args.threads)
+        ref = results.get("trl+bf16" if side.endswith("+bf16") else "trl")  # TRL at the same precision
+        print(summarise(side, results[side], ref, args.warmup), flush=True)
+    for side, r in results.items():  # the rows that ran before their TRL side, now with its ratios
+        ref = results.get("trl+bf16" if side.endswith("+bf16") else "trl")
+        if ref is not None and list(results).index(side) < list(results).index(
+            "trl+bf16" if side.endswith("+bf16") else "trl"
+        ):
+            print(summarise(side, r, ref, args.warmup), flush=True)
     versions = {r["trl"] for r in results.values() if "trl" in r}
     if versions:
         print(f"\ntrl {versions.pop()}")

@@ -4,6 +4,11 @@
     python scripts/bench_rollout.py                          # B=32 x 128 new tokens, greedy + sampled
     python scripts/bench_rollout.py --quick                  # a 1M-parameter model (hidden 128, 4 layers)
     python scripts/bench_rollout.py --engines hf,fast,reference --repeats 5 --modes greedy
+    python scripts/bench_rollout.py --shape qwen2.5-0.5b --batch 8 --new-tokens 64 --precision bf16
+
+``--shape qwen2.5-0.5b|qwen2.5-1.5b``: instead, a randomly initialised Qwen2.5 of the real shape (hidden,
+layers, heads, 2 KV heads, MLP, tied embeddings, 151,936-row vocabulary; ``_bench.QWEN25``) with the
+real-shaped byte-level BPE tokenizer of tests/real_model.py; ``--layers`` cuts the layers (smoke tests).
 
 The model: a randomly initialised Qwen2 (hidden 512, 8 layers, 8 heads, MLP 1232: 23.6M parameters)
 with the tiny model's character tokenizer, built by ``grpo_cli.models.tiny``; prompts are the first B
@@ -40,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench import OthersCPU, machine_line  # noqa: E402
+from _bench import QWEN25, OthersCPU, machine_line, qwen25_model  # noqa: E402
 
 BENCH_MODEL = dict(
     hidden_size=512, num_layers=8, num_heads=8, intermediate_size=1232, max_position_embeddings=512, seed=0
@@ -196,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default="greedy,sample", help="comma list of greedy, sample (temperature 1)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     ap.add_argument("--quick", action="store_true", help="a 1M-parameter model (hidden 128, 4 layers)")
+    ap.add_argument("--shape", choices=sorted(QWEN25), help="a random Qwen2.5 of this real shape instead")
+    ap.add_argument("--layers", type=int, help="with --shape: this many layers (smoke tests)")
     ap.add_argument(
         "--precision",
         default="fp32",
@@ -215,13 +222,14 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = build_bench_model(args.quick)
+    model, tok = qwen25_model(args.shape, args.layers) if args.shape else build_bench_model(args.quick)
     if torch.cuda.is_available():
         model = model.to("cuda")  # fp32 weights, as the trainer keeps them; --precision bf16 autocasts
     prompt_ids = tok(bench_prompts(args.batch), add_special_tokens=False)["input_ids"]
     print(machine_line("cuda" if torch.cuda.is_available() else "cpu"))
     print(
-        f"model: Qwen2 {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"model: {args.shape or 'Qwen2'} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{model.config.num_hidden_layers} layers, vocabulary {model.config.vocab_size}, "
         f"{next(model.parameters()).dtype}; batch {args.batch}, {args.new_tokens} new tokens (EOS off), "
         f"prompts {min(map(len, prompt_ids))}-{max(map(len, prompt_ids))} tokens; precision {args.precision}; "
         f"repeats {args.repeats}; "

@@ -43,6 +43,9 @@ class Algorithm:
     """Optimiser steps on each batch (GRPO's mu)."""
     main_metric: str = "loss"
     """Metric drawn beside the loss in curves.png."""
+    rows_together: int = 1
+    """Adjacent rows a token-budget micro-batch never splits (``trainer.max_tokens_per_microbatch``):
+    2 where a loss reads (o+, o-) pairs."""
 
     def setup(self, policy: Policy) -> Policy:
         """Called once, after the data source is built and before the optimiser: an algorithm may

@@ -28,6 +28,7 @@ class DPO(Algorithm):
     needs_rewards = True
     needs_reference = True
     main_metric = "dpo_reward_acc"
+    rows_together = 2  # (o+, o-) pairs
 
     def __init__(self, *, beta: float, length_normalise: bool, sft_weight: float):
         if beta <= 0:

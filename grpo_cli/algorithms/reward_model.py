@@ -44,6 +44,7 @@ class RewardModelTraining(Algorithm):
             raise UserError(f"algorithm.objective: expected 'pairwise' or 'pointwise', got '{objective}'")
         self.objective, self.threshold = objective, threshold
         self.main_metric = "pair_acc" if objective == "pairwise" else "accuracy"
+        self.rows_together = 2 if objective == "pairwise" else 1  # (o+, o-) pairs
 
     def setup(self, policy: Policy) -> Policy:
         policy.model = scorer_for(policy.model, "outcome", self.head_from)

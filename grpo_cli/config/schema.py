@@ -539,6 +539,13 @@ class TrainerConfig:
     """Sequences per step for offline sources; online sources set P * G themselves."""
     grad_accum: int = num(1, ge=1)
     """Micro-batches per optimiser step; each holds batch / grad_accum sequences."""
+    max_tokens_per_microbatch: int = num(0, ge=0)
+    """Pack each of the ``grad_accum`` micro-batches further into micro-batches of at most this many
+    tokens (prompt and completion, padding not counted), in row order (verl's dynamic batch size): a
+    step's peak activation memory then follows a token budget, not the longest rows a step happens to
+    draw. Every micro-batch thus holds at most batch / grad_accum sequences and at most this many
+    tokens; a row (a DPO pair) longer than the budget is a micro-batch alone. The loss is normalised
+    by the whole batch's totals, so the update is the same up to float summation order. 0: off."""
     optimizer: str = choice("adamw", among=("adamw", "sgd"))
     """``adamw`` or ``sgd``."""
     lr: float = num(1e-3, gt=0)

@@ -27,7 +27,7 @@ import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -149,11 +149,30 @@ def record_start(cfg: DictConfig, resume_from: Optional[Path]) -> None:
         cfg.model.resolved_path = start
 
 
+def micro_batches(batch: Batch, grad_accum: int, max_tokens: int = 0, unit: int = 1) -> List[Batch]:
+    """The micro-batches of one update: ``grad_accum`` contiguous splits by rows, each packed again
+    by ``max_tokens`` real tokens when that is set (``trainer.max_tokens_per_microbatch``; ``unit``:
+    the algorithm's ``rows_together``). Both bound a micro-batch: rows by the first, tokens by the second."""
+    parts = batch.micro_batches(grad_accum)
+    if not max_tokens:
+        return parts
+    return [mb for part in parts for mb in part.token_micro_batches(max_tokens, unit)]
+
+
 def optimise(
-    batch: Batch, algorithm: Algorithm, policy: Policy, opt, sched, micro: int, max_norm: float, dist: Dist = LOCAL
+    batch: Batch,
+    algorithm: Algorithm,
+    policy: Policy,
+    opt,
+    sched,
+    micro: int,
+    max_norm: float,
+    dist: Dist = LOCAL,
+    max_tokens: int = 0,
 ) -> Dict[str, float]:
     """``updates_per_batch`` optimiser steps on ``batch``, each summing the micro-batch losses (and,
-    data parallel, the ranks' losses and gradients: the global batch's).
+    data parallel, the ranks' losses and gradients: the global batch's). Micro-batches: ``micro``
+    (``trainer.grad_accum``) and ``max_tokens`` (``trainer.max_tokens_per_microbatch``), :func:`micro_batches`.
 
     An update whose loss or gradient norm is not finite is skipped: its gradients are dropped, the
     weights and optimiser state stay as they were, the schedule still advances; ``skipped`` counts them.
@@ -161,10 +180,11 @@ def optimise(
     sums: Dict[str, float] = defaultdict(float)
     params = [p for p in policy.trainable().parameters() if p.requires_grad]
     n, norms, skipped = 0, [], 0
+    parts = micro_batches(batch, micro, max_tokens, algorithm.rows_together)
     for _ in range(algorithm.updates_per_batch):
         opt.zero_grad(set_to_none=True)
         update_loss = 0.0
-        for mb in batch.micro_batches(micro):
+        for mb in parts:
             with policy.autocast():  # the forward only: backward follows the forward's dtypes
                 loss, metrics = algorithm.loss(mb, policy)
             loss.backward()
@@ -255,8 +275,9 @@ def train_step(
     if trimmer:
         trimmer.before_update()
     with timers("train"):
+        tr = cfg.trainer
         metrics = optimise(
-            batch, algorithm, policy, opt, sched, cfg.trainer.grad_accum, cfg.trainer.max_grad_norm, dist
+            batch, algorithm, policy, opt, sched, tr.grad_accum, tr.max_grad_norm, dist, tr.max_tokens_per_microbatch
         )
     if trimmer:
         trimmer.after_update()
