@@ -149,3 +149,11 @@ def test_a_run_with_a_token_budget_packs_every_update(tmp_path, monkeypatch, len
     assert [budget for budget, _ in seen] == [64, 64]  # one packing per update, the configured budget
     assert all(len(sizes) > 1 and all(s <= 64 for s in sizes) for _, sizes in seen)
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_the_default_budget_is_1024_tokens_on_a_cpu_and_off_elsewhere():
+    assert loop.token_budget(None, torch.device("cpu")) == 1024
+    assert loop.token_budget(None, torch.device("cuda")) == 0  # a GPU's memory was already below TRL's
+    assert loop.token_budget(0, torch.device("cpu")) == 0  # an explicit setting always wins
+    assert loop.token_budget(4096, torch.device("cuda")) == 4096
+    assert compose("grpo_arithmetic").trainer.max_tokens_per_microbatch is None

@@ -539,13 +539,16 @@ class TrainerConfig:
     """Sequences per step for offline sources; online sources set P * G themselves."""
     grad_accum: int = num(1, ge=1)
     """Micro-batches per optimiser step; each holds batch / grad_accum sequences."""
-    max_tokens_per_microbatch: int = num(0, ge=0)
+    max_tokens_per_microbatch: Optional[int] = num(None, ge=0)
     """Pack each of the ``grad_accum`` micro-batches further into micro-batches of at most this many
     tokens (prompt and completion, padding not counted), in row order (verl's dynamic batch size): a
     step's peak activation memory then follows a token budget, not the longest rows a step happens to
     draw. Every micro-batch thus holds at most batch / grad_accum sequences and at most this many
     tokens; a row (a DPO pair) longer than the budget is a micro-batch alone. The loss is normalised
-    by the whole batch's totals, so the update is the same up to float summation order. 0: off."""
+    by the whole batch's totals, so the update is the same up to float summation order. 0: off.
+    None: 1,024 tokens on a CPU, where that cut the benchmark step's peak memory below TRL's at no
+    cost in time, and off on a GPU, whose memory was already below TRL's and whose kernels want
+    large batches (docs/performance.md, "Token-budget micro-batches")."""
     optimizer: str = choice("adamw", among=("adamw", "sgd"))
     """``adamw`` or ``sgd``."""
     lr: float = num(1e-3, gt=0)
@@ -569,7 +572,9 @@ class TrainerConfig:
     precision: str = choice("fp32", among=("fp32", "bf16"))
     """``fp32``, or ``bf16``: the forward passes (rollouts, log-probs, losses; not the backward) run under
     ``torch.autocast`` in bfloat16, so matmuls and attention run in bf16 while weights, gradients and
-    optimiser state stay in ``model.dtype``. The log-prob head and sampling logits stay in fp32."""
+    optimiser state stay in ``model.dtype``. The trainer's log-prob head stays in fp32; on a CPU the fast
+    rollout engine's head runs in bf16 like its blocks (fp32 logits out), as HF ``generate`` and vLLM
+    sample: ``engine_kl`` measures what that moves, ``algorithm.tis_cap`` corrects it."""
     activation_checkpointing: bool = False
     """Keep only each decoder block's input for backward and recompute the block there (HF's
     ``gradient_checkpointing_enable``, non-reentrant): activation memory of one block instead of all,

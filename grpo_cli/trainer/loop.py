@@ -149,6 +149,18 @@ def record_start(cfg: DictConfig, resume_from: Optional[Path]) -> None:
         cfg.model.resolved_path = start
 
 
+CPU_TOKEN_BUDGET = 1024
+"""``trainer.max_tokens_per_microbatch`` when it is None and the model is on a CPU."""
+
+
+def token_budget(setting: Optional[int], device: torch.device) -> int:
+    """The micro-batch token budget in force: ``setting`` when given (0: off), else
+    :data:`CPU_TOKEN_BUDGET` on a CPU and off on any other device."""
+    if setting is not None:
+        return setting
+    return CPU_TOKEN_BUDGET if device.type == "cpu" else 0
+
+
 def micro_batches(batch: Batch, grad_accum: int, max_tokens: int = 0, unit: int = 1) -> List[Batch]:
     """The micro-batches of one update: ``grad_accum`` contiguous splits by rows, each packed again
     by ``max_tokens`` real tokens when that is set (``trainer.max_tokens_per_microbatch``; ``unit``:
@@ -276,9 +288,8 @@ def train_step(
         trimmer.before_update()
     with timers("train"):
         tr = cfg.trainer
-        metrics = optimise(
-            batch, algorithm, policy, opt, sched, tr.grad_accum, tr.max_grad_norm, dist, tr.max_tokens_per_microbatch
-        )
+        budget = token_budget(tr.max_tokens_per_microbatch, device)
+        metrics = optimise(batch, algorithm, policy, opt, sched, tr.grad_accum, tr.max_grad_norm, dist, budget)
     if trimmer:
         trimmer.after_update()
     return batch, metrics, timers
