@@ -312,8 +312,9 @@ def test_packed_weights_under_bf16_autocast_are_bf16_and_follow_the_modules():
         packed, modules = decoder_logits(model, tok, True), decoder_logits(model, tok, False)
         decoder = KVDecoder(model, 2, 8, packed=True)
     assert all(w.dtype == torch.bfloat16 for w, _ in (decoder.packed[0].qkv, decoder.packed[0].down))
-    assert packed.dtype == modules.dtype == torch.float32  # the head stays fp32
-    # both bf16 GEMMs on fp32 residuals: apart only by bf16 rounding (~0.4% per product)
+    assert decoder.packed_head[0].dtype == torch.bfloat16  # the head too, as HF generate under autocast
+    assert packed.dtype == modules.dtype == torch.float32  # fp32 logits either way
+    # bf16 GEMMs on fp32 residuals (unpacked: the head in fp32): apart only by bf16 rounding (~0.4% per product)
     scale = modules.abs().max()
     assert (packed - modules).abs().max() <= 0.03 * scale
     assert (packed.argmax(-1) == modules.argmax(-1)).float().mean() >= 0.9
@@ -575,7 +576,7 @@ def test_unsupported_models_fall_back_to_the_reference_loop():
 
 @pytest.mark.parametrize("compiled", [pytest.param(True, marks=pytest.mark.slow), False])  # True: torch.compile
 def test_fast_engine_under_bf16_autocast_follows_hf(monkeypatch, compiled):
-    # trainer.precision=bf16: projections and MLP in bf16, the head in fp32; on CPU attention computes
+    # trainer.precision=bf16: projections, MLP and head in bf16 (fp32 logits); on CPU attention computes
     # in fp32, over a bf16 cache when compiled (half the bytes a step reads), else over an fp32 one.
     # Tokens may differ from HF's all-bf16 arithmetic only where two logits are within bf16 rounding.
     from grpo_cli.models.kv_decoder import PROCESS_COMPILE_FAILURES, KVDecoder

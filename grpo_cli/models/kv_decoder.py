@@ -267,6 +267,19 @@ def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def pack_linears(pairs, dtype: torch.dtype, batch_size: int):
+    """[(weight [N_i, K], bias [N_i] or None)] -> (one packed weight [sum N_i, K] in ``dtype``, the
+    fused bias or None): several projections of the same input as one GEMM."""
+    weight = torch.cat([w.detach() for w, _ in pairs]).to(dtype).contiguous()
+    biases = [b for _, b in pairs if b is not None]
+    bias = (
+        None
+        if not biases
+        else torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
+    )
+    return packed_linear(weight, batch_size), bias
+
+
 class PackedLayer:
     """One decoder layer's projections as three GEMMs, q|k|v and gate|up fused, cast once to the
     compute dtype and packed for oneDNN: the CPU decode step's GEMMs at M = B rows are not re-blocked
@@ -279,15 +292,8 @@ class PackedLayer:
         gate, up, down = (linear_weights(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down"))
         self.sizes = [q[0].shape[0], k[0].shape[0], v[0].shape[0]]
 
-        def pack(*pairs):  # [(weight, bias)] -> (packed fused weight, fused bias or None)
-            weight = torch.cat([w.detach() for w, _ in pairs]).to(dtype).contiguous()
-            biases = [b for _, b in pairs if b is not None]
-            bias = (
-                None
-                if not biases
-                else torch.cat([b.detach() if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs]).to(dtype)
-            )
-            return packed_linear(weight, batch_size), bias
+        def pack(*pairs):
+            return pack_linears(pairs, dtype, batch_size)
 
         self.qkv, self.o, self.gate_up, self.down = pack(q, k, v), pack(o), pack(gate, up), pack(down)
         self.act = mlp.act_fn
@@ -405,6 +411,9 @@ class KVDecoder:
         if packed and packing_unsupported(model) is None:
             dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else weight.dtype
             self.packed = [PackedLayer(layer, dtype, batch_size) for layer in self.decoder.layers]
+        self.packed_head = None  # the head's GEMM is the step's largest at a real vocabulary (V x H)
+        if self.packed and is_affine(self.head):
+            self.packed_head = pack_linears([linear_weights(self.head)], dtype, batch_size)
         # compile the whole step (decode_layers) where every GEMM is oneDNN's on a packed weight
         self.whole_step = (
             self.compiled and whole_step and bool(self.packed) and self.packed[0].qkv[0].layout == torch._mkldnn
@@ -436,9 +445,14 @@ class KVDecoder:
         return self._head(x)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, V] logits of the last token of x [B, S, H], the last layer's output."""
-        with torch.autocast(x.device.type, enabled=False):  # sampling logits in the head's dtype, as the trainer's
-            return self.head(norm(self.decoder.norm, x[:, -1]))
+        """[B, V] fp32 logits of the last token of x [B, S, H], the last layer's output. Packed, the head
+        runs in the compute dtype as the blocks do (bf16 under autocast, as HF ``generate`` and vLLM
+        sample), with fp32 logits out; otherwise in its own dtype, as the trainer's log-prob head."""
+        with torch.autocast(x.device.type, enabled=False):
+            h = norm(self.decoder.norm, x[:, -1])
+            if self.packed_head is not None:
+                return apply_linear(h, *self.packed_head).float()
+            return self.head(h)
 
     def keep_rows(self, rows: torch.Tensor, filled: int) -> None:
         """Keep only ``rows`` [B'] (increasing) of the batch: their first ``filled`` columns move to the
