@@ -151,9 +151,25 @@ def test_a_run_with_a_token_budget_packs_every_update(tmp_path, monkeypatch, len
     assert (run / "metrics.jsonl").read_text().count("\n") == 2
 
 
-def test_the_default_budget_is_1024_tokens_on_a_cpu_and_off_elsewhere():
-    assert loop.token_budget(None, torch.device("cpu")) == 1024
-    assert loop.token_budget(None, torch.device("cuda")) == 0  # a GPU's memory was already below TRL's
-    assert loop.token_budget(0, torch.device("cpu")) == 0  # an explicit setting always wins
-    assert loop.token_budget(4096, torch.device("cuda")) == 4096
+def test_the_default_budget_follows_the_model_on_a_cpu_and_is_off_elsewhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loop.token_budget(None, cpu, 512 * 8) == 1024  # 2**22 / 4096: the step benchmark's model
+    assert loop.token_budget(None, cpu, 128 * 4) == 8192  # the tiny default model: its batches stay whole
+    assert loop.token_budget(None, cpu, 896 * 24) == 1024  # Qwen2.5-0.5B: 195 by the rule, held at the floor
+    assert loop.token_budget(None, cpu, 0) == 1024  # a config without hidden_size / num_hidden_layers
+    assert loop.token_budget(None, cuda, 512 * 8) == 0  # a GPU's memory was already below TRL's
+    assert loop.token_budget(0, cpu, 512 * 8) == 0  # an explicit setting always wins
+    assert loop.token_budget(4096, cuda, 512 * 8) == 4096
     assert compose("grpo_arithmetic").trainer.max_tokens_per_microbatch is None
+
+
+def test_width_x_depth_reads_the_models_config_through_a_lora_wrapper():
+    from grpo_cli.config.schema import LoraConfig, TinyModelConfig
+    from grpo_cli.models.load import apply_lora
+    from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(TinyModelConfig(), len(tok), tok.pad_token_id, tok.eos_token_id)
+    assert loop.width_x_depth(model) == 128 * 4
+    assert loop.width_x_depth(apply_lora(model, LoraConfig(enabled=True, r=4))) == 128 * 4
+    assert loop.width_x_depth(torch.nn.Linear(2, 2)) == 0  # no config: the CPU floor applies

@@ -546,9 +546,10 @@ class TrainerConfig:
     draw. Every micro-batch thus holds at most batch / grad_accum sequences and at most this many
     tokens; a row (a DPO pair) longer than the budget is a micro-batch alone. The loss is normalised
     by the whole batch's totals, so the update is the same up to float summation order. 0: off.
-    None: 1,024 tokens on a CPU, where that cut the benchmark step's peak memory below TRL's at no
-    cost in time, and off on a GPU, whose memory was already below TRL's and whose kernels want
-    large batches (docs/performance.md, "Token-budget micro-batches")."""
+    None: off on a GPU, whose memory was already below TRL's and whose kernels want large batches;
+    on a CPU 2**22 / (hidden size x layers) tokens, at least 1,024: 1,024 on the step benchmark's
+    model, where it cut the peak below TRL's at no cost in time, 8,192 on the tiny default model
+    (trainer/loop.py ``token_budget``; docs/performance.md, "Token-budget micro-batches")."""
     optimizer: str = choice("adamw", among=("adamw", "sgd"))
     """``adamw`` or ``sgd``."""
     lr: float = num(1e-3, gt=0)

@@ -150,15 +150,31 @@ def record_start(cfg: DictConfig, resume_from: Optional[Path]) -> None:
 
 
 CPU_TOKEN_BUDGET = 1024
-"""``trainer.max_tokens_per_microbatch`` when it is None and the model is on a CPU."""
+CPU_BUDGET_ACTIVATIONS = 2**22
+"""``trainer.max_tokens_per_microbatch`` when it is None and the model is on a CPU: about
+CPU_BUDGET_ACTIVATIONS / (hidden size x layers) tokens, never fewer than CPU_TOKEN_BUDGET. That is
+1,024 tokens on the step benchmark's model (hidden 512 x 8 layers), where it put the peak under TRL's
+at no cost in time, and more on narrower, shallower models, whose activations are small and whose
+micro-batches' fixed costs weigh more (the tiny default model: 8,192, so the quickstart's batches
+stay whole; docs/performance.md, "Token-budget micro-batches")."""
 
 
-def token_budget(setting: Optional[int], device: torch.device) -> int:
-    """The micro-batch token budget in force: ``setting`` when given (0: off), else
-    :data:`CPU_TOKEN_BUDGET` on a CPU and off on any other device."""
+def token_budget(setting: Optional[int], device: torch.device, width_x_depth: int) -> int:
+    """The micro-batch token budget in force: ``setting`` when given (0: off); else off on a GPU and,
+    on a CPU, the default above for a model of ``width_x_depth`` = hidden size x layers (0: unknown)."""
     if setting is not None:
         return setting
-    return CPU_TOKEN_BUDGET if device.type == "cpu" else 0
+    if device.type != "cpu":
+        return 0
+    if width_x_depth <= 0:
+        return CPU_TOKEN_BUDGET
+    return max(CPU_TOKEN_BUDGET, CPU_BUDGET_ACTIVATIONS // width_x_depth)
+
+
+def width_x_depth(model: torch.nn.Module) -> int:
+    """A transformers model's hidden size x layers, 0 where its config does not say."""
+    cfg = getattr(model, "config", None)
+    return int(getattr(cfg, "hidden_size", 0) or 0) * int(getattr(cfg, "num_hidden_layers", 0) or 0)
 
 
 def micro_batches(batch: Batch, grad_accum: int, max_tokens: int = 0, unit: int = 1) -> List[Batch]:
@@ -288,7 +304,7 @@ def train_step(
         trimmer.before_update()
     with timers("train"):
         tr = cfg.trainer
-        budget = token_budget(tr.max_tokens_per_microbatch, device)
+        budget = token_budget(tr.max_tokens_per_microbatch, device, width_x_depth(policy.model))
         metrics = optimise(batch, algorithm, policy, opt, sched, tr.grad_accum, tr.max_grad_norm, dist, budget)
     if trimmer:
         trimmer.after_update()
