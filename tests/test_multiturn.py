@@ -9,12 +9,12 @@ from typing import Optional
 import pytest
 import torch
 from conftest import compose, metrics, rows
+from test_generation import chaotic_tiny_model
 from test_vllm_rollout import fake_vllm, vllm_rows  # noqa: F401 (a fixture)
 
-from grpo_cli.config.schema import TinyModelConfig
 from grpo_cli.errors import UserError
 from grpo_cli.generation import generate_ids, sample_next, sampled_logprob, uniforms
-from grpo_cli.models.tiny import build_tiny_model, build_tokenizer
+from grpo_cli.models.tiny import build_tokenizer
 from grpo_cli.tools.base import Environment
 from grpo_cli.tools.environments import EnvironmentTurns, PythonEnvironment, build_environment
 
@@ -49,19 +49,6 @@ class FenceEnvironment(Environment):
 
     def respond(self, text: str) -> Optional[str]:
         return "\n```output\n42\n```\n"
-
-
-def chaotic_tiny_model():
-    """A tiny Qwen2 whose rows differ and stop at different steps (weights of std 1/sqrt(fan_in))."""
-    tok = build_tokenizer()
-    cfg = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-    model = build_tiny_model(cfg, len(tok), tok.pad_token_id, tok.eos_token_id)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[1] ** -0.5)
-    return model.eval(), tok
 
 
 @pytest.fixture(scope="module")
