@@ -158,6 +158,30 @@ def test_torch_entropy_gradient_alone(small_tiles):
     torch.testing.assert_close(h.grad.double(), expected[2]["hidden"], atol=ATOL, rtol=RTOL)
 
 
+def test_torch_frozen_head_backward_twice_through_a_retained_graph(small_tiles, monkeypatch):
+    """The frozen-head backward scales the stored d logp / d hidden in place into the gradient; a
+    second backward (retain_graph) must find it used up and recompute, giving the same gradient."""
+    recomputed = []
+    sweep = fused.tiled_backward
+    monkeypatch.setattr(fused, "tiled_backward", lambda *a: (recomputed.append(1), sweep(*a))[1])
+    inp = make_inputs()
+    h = inp["hidden"].clone().requires_grad_()
+    logp = selected_logprobs(
+        h, inp["weight"], inp["ids"], bias=inp["bias"], temperature=0.7, backend="torch", chunk_size=8, **small_tiles
+    )
+    loss = (logp * inp["g_lp"]).sum()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    assert not recomputed  # the forward's d logp / d hidden served
+    h.grad = None
+    loss.backward()
+    assert recomputed
+    torch.testing.assert_close(h.grad, first, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        first.double(), oracle(inp, train_w=False, use_ent_grad=False)[2]["hidden"], atol=ATOL, rtol=RTOL
+    )
+
+
 def test_ignore_index_rows_are_zero_and_get_no_gradient():
     inp = make_inputs(masked=(0, 5, 36))
     logp, ent, grads = run(selected_logprobs, inp, backend="torch", chunk_size=8)

@@ -29,9 +29,11 @@ Design (time and peak memory against the naive path: docs/performance.md, "Fused
   max ``m``, later ones by the running logsumexp ``m + d``; a row whose tile overflows ``exp``
   (a logit ~88 above everything before it) is redone exactly. Keeping ``m`` (a logit value) and
   ``d`` (small) apart makes ``z - m`` cancel exactly, as accurate as naive ``z - max - log sum``.
-* Tiles: vocabulary outer, rows inner, up to 16M fp32 elements (all rows x ~1-4k columns) and at
-  most 1/32 of [N, V]. Tile widths from 512 to 4096 took the same time within noise
-  (docs/performance.md, "Fused log-probs"); large tiles keep the op count low.
+* Tiles of 1M fp32 elements (up to 1,024 rows x ~1k columns). The forward runs rows outer: one
+  block's operands and running state at a time, the weight tiles copied once per block (a few
+  per cent of a GEMM's traffic). The trainable head's backward runs vocabulary outer, each dW
+  tile finished before the next: the [V, H] dW dominates its memory anyway. Tile sizes from 1M
+  to 16M elements took the same time at the 0.5B shape (docs/performance.md, "Fused log-probs").
 * All maths is fp32 whatever the input dtype; grads are cast back at the end. The dW accumulator
   is fp32 [V, H]: for a bf16 head that is twice the gradient's own size.
 
@@ -46,14 +48,13 @@ from typing import Iterator, NamedTuple
 
 import torch
 
-# Tile budget in fp32 elements: at most TILE_ELEMENTS (64 MiB), at least MIN_TILE_ELEMENTS, and
-# at most 1/TILE_FRACTION of the full [N, V] logits, so that even with the entropy gradient's
-# second tile buffer the peak stays far below the naive one. Large tiles keep the GEMMs
-# efficient and the number of ops (OpenMP regions) per sweep small.
-TILE_ELEMENTS = 16 * 1024 * 1024
-MIN_TILE_ELEMENTS = 1024 * 1024
-TILE_FRACTION = 32
-MAX_ROWS = 8192
+# Tile budget: TILE_ELEMENTS fp32 elements (4 MiB), at most MAX_ROWS tokens by COL_MULTIPLE-aligned
+# vocabulary columns. Small tiles cost no time against 16M-element ones at real shapes (the tile
+# sweep in docs/performance.md, "Fused log-probs") and keep the pass's own memory to a few tiles
+# plus one block's [MAX_ROWS, H] operands: with a frozen head, less than the d logp / d hidden
+# output itself.
+TILE_ELEMENTS = 1024 * 1024
+MAX_ROWS = 1024
 COL_MULTIPLE = 64  # vocabulary tile widths are multiples of this (aligned GEMM panels)
 
 
@@ -71,8 +72,7 @@ def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None, vocab_tile
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
-    budget = max(MIN_TILE_ELEMENTS, min(TILE_ELEMENTS, n_rows * vocab // TILE_FRACTION))
-    cols = vocab_tile or max(COL_MULTIPLE, budget // rows // COL_MULTIPLE * COL_MULTIPLE)
+    cols = vocab_tile or max(COL_MULTIPLE, TILE_ELEMENTS // rows // COL_MULTIPLE * COL_MULTIPLE)
     return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
@@ -84,25 +84,32 @@ def _spans(total: int, step: int) -> Iterator[tuple[int, int]]:
 class _Operands:
     """fp32 GEMM operands with the bias and the per-row shift riding as trailing columns.
 
-    ``hs_aug = [hidden / T, 1 (if bias), -m, -d]`` [N, H+k] and, per vocabulary tile,
-    ``w_aug = [W, bias / T (if bias), 1, 1]`` [cols, H+k], so ``hs_aug @ w_aug.T = z - m - d``.
-    The shift is kept in two parts, ``m`` (a max, a logit value itself) and ``d`` (small), so
-    ``z - m`` cancels exactly and ``- d`` is added at small scale: as accurate as naive
-    ``z - max - log(sum)``. The columns trail because the GEMM sums along H first.
+    ``hs_aug = [hidden / T, 1 (if bias), -m, -d]`` [rows, H+k] for the rows :meth:`load` put there
+    and, per vocabulary tile, ``w_aug = [W, bias / T (if bias), 1, 1]`` [cols, H+k], so
+    ``hs_aug @ w_aug.T = z - m - d``. The shift is kept in two parts, ``m`` (a max, a logit value
+    itself) and ``d`` (small), so ``z - m`` cancels exactly and ``- d`` is added at small scale: as
+    accurate as naive ``z - max - log(sum)``. The columns trail because the GEMM sums along H first.
+    ``rows``: the most rows loaded at once (default: all of ``hidden``, which are then loaded).
     """
 
-    def __init__(self, hidden, weight, bias, inv_temp: float, cols: int):
+    def __init__(self, hidden, weight, bias, inv_temp: float, cols: int, rows: int | None = None):
         n, h = hidden.shape
         k = 2 + (bias is not None)
-        self.hs_aug = hidden.new_empty((n, h + k), dtype=torch.float32)
-        # Widen first, then scale: a bf16/fp16 product would be rounded before it reaches fp32.
-        self.hs_aug[:, :h].copy_(hidden).mul_(inv_temp)  # temperature folded in for free
-        if bias is not None:
-            self.hs_aug[:, h] = 1.0
-        self.hs = self.hs_aug[:, :h]
-        self.neg_m, self.neg_d = self.hs_aug[:, -2], self.hs_aug[:, -1]
+        self._hs_buf = hidden.new_empty((n if rows is None else rows, h + k), dtype=torch.float32)
         self.weight, self.bias, self.inv_temp, self.h = weight, bias, inv_temp, h
         self._w_buf = hidden.new_empty((min(cols, weight.shape[0]), h + k), dtype=torch.float32)
+        if rows is None:
+            self.load(hidden)
+
+    def load(self, hidden: torch.Tensor) -> None:
+        """Make ``hidden`` [rows, H] the rows of ``hs_aug`` (and of its views ``hs``, ``neg_m``, ``neg_d``)."""
+        self.hs_aug = self._hs_buf[: hidden.shape[0]]
+        # Widen first, then scale: a bf16/fp16 product would be rounded before it reaches fp32.
+        self.hs_aug[:, : self.h].copy_(hidden).mul_(self.inv_temp)  # temperature folded in for free
+        if self.bias is not None:
+            self.hs_aug[:, self.h] = 1.0
+        self.hs = self.hs_aug[:, : self.h]
+        self.neg_m, self.neg_d = self.hs_aug[:, -2], self.hs_aug[:, -1]
 
     def weight_tile(self, c0: int, c1: int):
         """(w_aug [cols, H+k], w [cols, H] view) for vocabulary entries [c0, c1)."""
@@ -130,7 +137,8 @@ class _Sweep:
     acc: torch.Tensor | None  # sum exp(z - m - d) * W_j [N, H], for d logp / d hidden
 
     @classmethod
-    def empty(cls, n: int, h: int, like: torch.Tensor, with_entropy: bool, grad_unit: bool):
+    def empty(cls, n: int, like: torch.Tensor, with_entropy: bool, acc: torch.Tensor | None):
+        """Fresh state for n rows; ``acc`` (zeroed by this) is where E_p[W] accumulates, or None."""
         new = lambda *shape: like.new_zeros(shape, dtype=torch.float32)  # noqa: E731
         return cls(
             m=new(n),
@@ -138,7 +146,7 @@ class _Sweep:
             s=new(n),
             z_target=new(n),
             s2=new(n) if with_entropy else None,
-            acc=new(n, h) if grad_unit else None,
+            acc=None if acc is None else acc.zero_(),
         )
 
     def rebase(self, rows, new_d: torch.Tensor, raise_m: torch.Tensor | None = None) -> None:
@@ -158,7 +166,7 @@ class _Sweep:
 
 
 def _exp_tile(t: torch.Tensor, tmp: torch.Tensor | None) -> torch.Tensor:
-    """exp(t): into ``tmp`` when t must survive (entropy, E_p[W]), else in place."""
+    """exp(t): into ``tmp`` when t must survive (the entropy sum reads it), else in place."""
     return t.exp_() if tmp is None else torch.exp(t, out=tmp)
 
 
@@ -207,26 +215,41 @@ class ForwardResult(NamedTuple):
 
 
 def tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, grad_unit=False):
-    """One sweep over the vocabulary; no autograd. ``grad_unit`` also returns d logp / d hidden."""
+    """No autograd: one sweep over the vocabulary per block of ``plan.rows`` tokens, rows outer, so
+    only one block's operands and running state exist at a time (the weight tiles are copied once
+    per block instead). ``grad_unit`` also returns d logp / d hidden, accumulated in place in its
+    [N, H] output: with a frozen head that output is the pass's only memory beyond the tiles."""
     (n, h), vocab = hidden.shape, weight.shape[0]
-    ops = _Operands(hidden, weight, bias, inv_temp, plan.cols)
-    st = _Sweep.empty(n, h, ops.hs_aug, with_entropy, grad_unit)
+    new = lambda *shape: hidden.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    res = ForwardResult(new(n), (new(n), new(n)), new(n) if with_entropy else None, new(n, h) if grad_unit else None)
+    ops = _Operands(hidden, weight, bias, inv_temp, plan.cols, rows=min(plan.rows, n))
     size = min(plan.rows, n) * min(plan.cols, vocab)
-    buf = ops.hs_aug.new_empty(size)
-    tmp = ops.hs_aug.new_empty(size) if (with_entropy or grad_unit) else None
-    for c0, c1 in _spans(vocab, plan.cols):
-        w_aug, w = ops.weight_tile(c0, c1)
-        for r0, r1 in _spans(n, plan.rows):
-            e_buf = None if tmp is None else _tile_view(tmp, r0, r1, c0, c1)
-            _fold_tile(st, ops, w_aug, w, token_ids, _tile_view(buf, r0, r1, c0, c1), e_buf, r0, r1, c0, c1)
+    buf = hidden.new_empty(size, dtype=torch.float32)
+    tmp = hidden.new_empty(size, dtype=torch.float32) if with_entropy else None  # t outlives exp for s2
+    for r0, r1 in _spans(n, plan.rows):
+        ops.load(hidden[r0:r1])
+        acc = None if res.dlogp_dhidden is None else res.dlogp_dhidden[r0:r1]
+        st = _Sweep.empty(r1 - r0, buf, with_entropy, acc)
+        ids = token_ids[r0:r1]
+        for c0, c1 in _spans(vocab, plan.cols):
+            w_aug, w = ops.weight_tile(c0, c1)
+            e_buf = None if tmp is None else _tile_view(tmp, 0, r1 - r0, c0, c1)
+            _fold_tile(st, ops, w_aug, w, ids, _tile_view(buf, 0, r1 - r0, c0, c1), e_buf, 0, r1 - r0, c0, c1)
+        _finish_block(st, res, slice(r0, r1), weight, ids, inv_temp)
+    return res
+
+
+def _finish_block(st: _Sweep, res: ForwardResult, rows: slice, weight, token_ids, inv_temp: float) -> None:
+    """Write one block's log-probs, shift, entropy and (frozen head) d logp / d hidden into ``res``."""
     log_s = st.s.log()
     r = st.d + log_s
-    entropy = None if st.s2 is None else log_s - st.s2 / st.s
-    dlogp = None
-    if grad_unit:
+    torch.sub(st.z_target, r, out=res.logp[rows])
+    res.shift[0][rows], res.shift[1][rows] = st.m, r
+    if res.entropy is not None:
+        torch.sub(log_s, st.s2 / st.s, out=res.entropy[rows])
+    if st.acc is not None:
         # d logp_i / d hs_i = W[y_i] - E_p[W]; the chain rule through hs = hidden / T adds 1 / T.
-        dlogp = (weight[token_ids].float() - st.acc / st.s[:, None]) * inv_temp
-    return ForwardResult(st.z_target - r, (st.m, r), entropy, dlogp)
+        st.acc.div_(st.s[:, None]).neg_().add_(weight[token_ids]).mul_(inv_temp)
 
 
 def _entropy_grad_logits(t, tmp, entropy, g_lp, g_ent):
@@ -315,8 +338,11 @@ class SelectedLogprobsFn(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, store_grad_h):
         res = tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, grad_unit=store_grad_h)
         ctx.set_materialize_grads(False)  # unused outputs (e.g. a metric-only entropy) give None
-        ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy, res.dlogp_dhidden)
+        ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy)
         ctx.inv_temp, ctx.plan, ctx.with_entropy = inv_temp, plan, with_entropy
+        # Held outside save_for_backward: the backward scales it in place into d hidden, so the
+        # frozen-head pass never holds two [N, H] fp32 tensors at once.
+        ctx.dlogp_dh = res.dlogp_dhidden
         entropy = res.entropy if with_entropy else res.logp.new_empty(0)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -324,14 +350,16 @@ class SelectedLogprobsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, bias, token_ids, m, r, entropy, dlogp_dh = ctx.saved_tensors
+        hidden, weight, bias, token_ids, m, r, entropy = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         # Upstream grads may be expanded views (e.g. from .sum()): make them plain fp32 vectors.
         g_lp = None if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (ctx.with_entropy and g_ent is not None) else None
         grad_h = None
+        # Used up here: a second backward through a retained graph finds None and recomputes.
+        dlogp_dh, ctx.dlogp_dh = ctx.dlogp_dh, None
         if dlogp_dh is not None and g_lp is not None:
-            grad_h = g_lp[:, None] * dlogp_dh  # frozen head: the forward did the work
+            grad_h = dlogp_dh.mul_(g_lp[:, None])  # frozen head: the forward did the work
             g_lp = None
         if g_lp is not None or g_ent is not None:
             gr = tiled_backward(
