@@ -88,7 +88,7 @@ def selected_logprobs(
 
     hidden [N, H] (any float dtype; extra leading dims are flattened and restored), weight [V, H]
     (the LM head, may or may not require grad), token_ids [N] long, bias [V] or None.
-    ``chunk_size``: tokens per tile (default: up to 1,024, in tiles of 4 MiB fp32). ``vocab_tile``: the
+    ``chunk_size``: tokens per tile (default: sized for ~16 MiB fp32 tiles). ``vocab_tile``: the
     torch backend's vocabulary entries per tile (default: sized with the rows; tests fix it to
     exercise ragged tiles); the other backends ignore it.
     Returns logprobs [N] float32, or (logprobs [N], entropy [N]) when ``with_entropy``; entropy

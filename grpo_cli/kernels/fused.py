@@ -31,10 +31,9 @@ Design (time and peak memory against the naive path: docs/performance.md, "Fused
   ``d`` (small) apart makes ``z - m`` cancel exactly, as accurate as naive ``z - max - log sum``.
 * Tiles of 1M fp32 elements (up to 1,024 rows x ~1k columns). The forward runs rows outer: one
   block's operands and running state at a time, the weight tiles copied once per block (a few
-  per cent of a GEMM's traffic). Tile sizes from 1M to 16M elements took the same time at the
-  0.5B shape (docs/performance.md, "Fused log-probs"). The trainable head's backward runs
-  vocabulary outer, each dW tile finished before the next, in tiles of up to 16M elements: the
-  [V, H] dW dominates its memory anyway, and there the larger tiles were faster.
+  per cent of a GEMM's traffic). The trainable head's backward runs vocabulary outer, each dW
+  tile finished before the next: the [V, H] dW dominates its memory anyway. Tile sizes from 1M
+  to 16M elements took the same time at the 0.5B shape (docs/performance.md, "Fused log-probs").
 * All maths is fp32 whatever the input dtype; grads are cast back at the end. The dW accumulator
   is fp32 [V, H]: for a bf16 head that is twice the gradient's own size.
 
@@ -57,12 +56,6 @@ import torch
 TILE_ELEMENTS = 1024 * 1024
 MAX_ROWS = 1024
 COL_MULTIPLE = 64  # vocabulary tile widths are multiples of this (aligned GEMM panels)
-# The trainable head's backward sweep, whose memory the fp32 [V, H] dW dominates anyway, takes tiles
-# of up to 16M elements (all rows up to 8,192 by ~2k columns) and at most 1/32 of [N, V]: a tile's
-# dW block is then accumulated once rather than once per 1,024 rows (6% faster at 8192 x 512 x 32000).
-DW_TILE_ELEMENTS = 16 * 1024 * 1024
-DW_MAX_ROWS = 8192
-DW_TILE_FRACTION = 32
 
 
 class Plan(NamedTuple):
@@ -72,20 +65,14 @@ class Plan(NamedTuple):
     cols: int
 
 
-def make_plan(
-    n_rows: int, vocab: int, chunk_size: int | None = None, vocab_tile: int | None = None, dw: bool = False
-) -> Plan:
-    """Tile shape for N=n_rows, V=vocab (``dw``: for the trainable head's backward sweep);
-    ``chunk_size`` (if given) fixes the rows per tile and ``vocab_tile`` (if given) the vocabulary
-    entries per tile, overriding the budget (tests use it to make the last tile ragged)."""
+def make_plan(n_rows: int, vocab: int, chunk_size: int | None = None, vocab_tile: int | None = None) -> Plan:
+    """Tile shape for N=n_rows, V=vocab; ``chunk_size`` (if given) fixes the rows per tile and
+    ``vocab_tile`` (if given) the vocabulary entries per tile, overriding the budget (tests use it
+    to make the last tile ragged)."""
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    elements, max_rows = TILE_ELEMENTS, MAX_ROWS
-    if dw:
-        elements = max(TILE_ELEMENTS, min(DW_TILE_ELEMENTS, n_rows * vocab // DW_TILE_FRACTION))
-        max_rows = DW_MAX_ROWS
-    rows = max(1, min(n_rows, chunk_size or max_rows))
-    cols = vocab_tile or max(COL_MULTIPLE, elements // rows // COL_MULTIPLE * COL_MULTIPLE)
+    rows = max(1, min(n_rows, chunk_size or MAX_ROWS))
+    cols = vocab_tile or max(COL_MULTIPLE, TILE_ELEMENTS // rows // COL_MULTIPLE * COL_MULTIPLE)
     return Plan(rows=rows, cols=max(1, min(vocab, cols)))
 
 
@@ -348,12 +335,11 @@ class SelectedLogprobsFn(torch.autograd.Function):
     """Autograd wrapper: forward sweep, backward by recompute (or by a stored d logp / d hidden)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, dw_plan, store_grad_h):
+    def forward(ctx, hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, store_grad_h):
         res = tiled_forward(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, grad_unit=store_grad_h)
         ctx.set_materialize_grads(False)  # unused outputs (e.g. a metric-only entropy) give None
         ctx.save_for_backward(hidden, weight, bias, token_ids, *res.shift, res.entropy)
-        ctx.inv_temp, ctx.with_entropy = inv_temp, with_entropy
-        ctx.plan, ctx.dw_plan = plan, dw_plan
+        ctx.inv_temp, ctx.plan, ctx.with_entropy = inv_temp, plan, with_entropy
         # Held outside save_for_backward: the backward scales it in place into d hidden, so the
         # frozen-head pass never holds two [N, H] fp32 tensors at once.
         ctx.dlogp_dh = res.dlogp_dhidden
@@ -376,9 +362,8 @@ class SelectedLogprobsFn(torch.autograd.Function):
             grad_h = dlogp_dh.mul_(g_lp[:, None])  # frozen head: the forward did the work
             g_lp = None
         if g_lp is not None or g_ent is not None:
-            plan = ctx.dw_plan if (needs[1] or needs[2]) else ctx.plan
             gr = tiled_backward(
-                hidden, weight, bias, token_ids, (m, r, entropy), g_lp, g_ent, ctx.inv_temp, plan, needs
+                hidden, weight, bias, token_ids, (m, r, entropy), g_lp, g_ent, ctx.inv_temp, ctx.plan, needs
             )
             if gr.hs is not None:
                 extra = gr.hs * ctx.inv_temp
@@ -391,7 +376,7 @@ class SelectedLogprobsFn(torch.autograd.Function):
             grad_h = grad_h.to(hidden.dtype)
         else:
             grad_h = None
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_entropy, chunk_size, vocab_tile=None):
@@ -404,7 +389,5 @@ def torch_selected_logprobs(hidden, weight, token_ids, bias, temperature, with_e
         return res.logp, res.entropy
     head_frozen = not weight.requires_grad and not (bias is not None and bias.requires_grad)
     store = hidden.requires_grad and head_frozen
-    dw_plan = make_plan(hidden.shape[0], weight.shape[0], chunk_size, vocab_tile, dw=True)
-    args = (hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, dw_plan, store)
-    logp, entropy = SelectedLogprobsFn.apply(*args)
+    logp, entropy = SelectedLogprobsFn.apply(hidden, weight, bias, token_ids, inv_temp, with_entropy, plan, store)
     return logp, (entropy if with_entropy else None)
