@@ -108,6 +108,17 @@ def test_torch_matches_oracle(small_tiles, train_w, bias, chunk_size):
 
 
 @pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])
+def test_torch_default_plan_scaled_down(monkeypatch, train_w):
+    """The default plan, scaled down: blocks of 8 rows (5, the last ragged) by 64 columns (2 vocabulary
+    tiles, the last ragged), the forward rows outer, the backward vocabulary outer."""
+    monkeypatch.setattr(fused, "MAX_ROWS", 8)
+    monkeypatch.setattr(fused, "TILE_ELEMENTS", 8 * 64)
+    assert fused.make_plan(37, 101) == fused.Plan(rows=8, cols=64)
+    inp = make_inputs()
+    assert_matches(run(selected_logprobs, inp, train_w=train_w, backend="torch"), oracle(inp, train_w=train_w))
+
+
+@pytest.mark.parametrize("train_w", [True, False], ids=["head-trainable", "head-frozen"])
 def test_torch_logits_far_above_first_tile(small_tiles, monkeypatch, train_w):
     """Logits ~140 above everything in the first tile overflow exp at the running shift; those
     rows must be redone exactly (the path is counted so the test cannot pass without it)."""
