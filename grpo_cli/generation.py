@@ -36,7 +36,7 @@ from grpo_cli.config.schema import RolloutConfig
 from grpo_cli.data.chat import stop_tokens
 from grpo_cli.data.types import Example
 from grpo_cli.errors import UserError
-from grpo_cli.models.kv_decoder import KVDecoder, cache_mib, causal_mask, unsupported_reason
+from grpo_cli.models.kv_decoder import KVDecoder, causal_mask, step_read_mib, unsupported_reason
 from grpo_cli.models.vllm_rollout import VLLM_OPTIONS, check_vllm, generate_vllm, generate_vllm_turns
 from grpo_cli.rewards.checkers import NUMERIC, AnswerChecker
 from grpo_cli.tools.base import Environment, Turns
@@ -344,8 +344,8 @@ def _generate_fast(
     """The rollout engine: prefill and then one KVDecoder call per token over a preallocated cache
     (on a GPU, with ``cuda_graphs``, one CUDA graph replay per token; on a CPU, with
     ``packed_weights``, from fused oneDNN-packed projections, and with ``compile_decode_step`` each
-    step compiled, whole or its attention alone, where the batch's cache reaches
-    ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
+    step compiled, whole or its attention alone, where what a step reads, the batch's cache and the
+    weights, reaches ``compile_decode_min_mib``). ``whole_step=False``: attention alone even with packed weights
     (:class:`~grpo_cli.models.kv_decoder.KVDecoder`). Returns (tokens, log-probs) as :func:`_generate_reference`.
     With ``turns`` (multi-turn rollouts) a :class:`TurnRollout` from :func:`_turn_loop`, decoded eagerly
     (CUDA graphs need every step's shapes fixed; an observation's prefill is not)."""
@@ -353,7 +353,7 @@ def _generate_fast(
     (B, T0), device = ids.shape, ids.device
     if max_new_tokens <= 0:
         return _no_tokens(B, device)
-    compiled = compile_decode_step and cache_mib(model, B, T0 + max_new_tokens) >= compile_decode_min_mib
+    compiled = compile_decode_step and step_read_mib(model, B, T0 + max_new_tokens) >= compile_decode_min_mib
     decoder = KVDecoder(model, B, T0 + max_new_tokens, packed=packed_weights, compiled=compiled, whole_step=whole_step)
     keys = torch.ones(B, T0 + max_new_tokens, dtype=torch.bool, device=device)  # real keys; new ones all are
     keys[:, :T0] = attn.bool()

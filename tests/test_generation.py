@@ -485,18 +485,20 @@ def test_compiled_attention_compiles_once_for_every_batch_shape():
 
 
 @pytest.mark.slow
-def test_attention_compiles_only_for_caches_of_at_least_the_threshold(monkeypatch):
-    from grpo_cli.models.kv_decoder import cache_mib
+def test_step_compiles_only_where_it_reads_at_least_the_threshold(monkeypatch):
+    from grpo_cli.models.kv_decoder import cache_mib, step_read_mib
 
     model, tok = chaotic_tiny_model()  # 2 layers, 4 key/value heads of 16
     # k and v x 2 layers x 6 rows x 4 heads x (12 prompt + 24 new) columns x 16 x 4 bytes = 221184 B
     assert cache_mib(model, 6, 36) == 221184 / 2**20
+    # plus 88,960 parameters x 4 bytes = 355840 B: 577024 B = 0.5503 MiB
+    assert step_read_mib(model, 6, 36) == (221184 + 355840) / 2**20
     compiled = []
     init = KVDecoder.__init__
     monkeypatch.setattr(
         KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or compiled.append(self.compiled)
     )
-    for threshold in (0.22, 0.21):  # MiB: just above and below the batch's 0.2109
+    for threshold in (0.56, 0.55):  # MiB: just above and below the batch's 0.5503
         rows_of(model, tok, "fast", compile_decode_min_mib=threshold)
     rows_of(model, tok, "fast")  # the default, 32 MiB
     assert compiled == [False, True, False]

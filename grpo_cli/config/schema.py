@@ -509,10 +509,12 @@ class RolloutConfig:
     uncompiled ones by summation order only. Where compiling fails it warns once and uses SDPA; false
     always does."""
     compile_decode_min_mib: float = num(32.0, ge=0)
-    """Compile only for batches whose KV cache (fp32 size, every layer, prompt + new tokens) is at
-    least this many MiB: what a compiled step saves grows with the cache it reads, and on a small one
-    (the tiny default model's is about 10 MiB) it does not repay the compile in a quickstart-sized run
-    (docs/performance.md, "Rollout engine"). 0 compiles for every batch."""
+    """Compile only where a decode step reads at least this many MiB at fp32 sizes: the batch's KV
+    cache (every layer, prompt + new tokens) plus the model's weights. What a compiled step saves
+    grows with both (the fused attention with the cache, the small operator calls around the GEMMs
+    with the model's size): the tiny default model's GRPO step reads about 14 MiB and a compiled one
+    does not repay the compile in a quickstart-sized run, a 0.5B model's reads 2 GiB and saves 15%
+    of every step (docs/performance.md, "Rollout engine"). 0 compiles for every batch."""
     tools: List[str] = field(default_factory=list)
     """Multi-turn rollouts with built-in tools: ``[python]`` runs each python block the model closes
     (grpo_cli/tools/base.py: a turn ends at the block's closing fence) in a sandbox and appends its
