@@ -512,10 +512,9 @@ class RolloutConfig:
     """Compile only where a decode step reads at least this many MiB at fp32 sizes: the batch's KV
     cache (every layer, prompt + new tokens) plus the model's weights. What a compiled step saves
     grows with both (the fused attention with the cache, the small operator calls around the GEMMs
-    with the model's size): on the tiny default model, whose steps read 8-62 MiB (16-256 rows), a
-    compiled step does not repay the compile in a quickstart-sized run; a 0.5B model's reads 2 GiB and
-    a compiled step saves about 15% of it (docs/performance.md, "Rollout engine"). 0 compiles for
-    every batch."""
+    with the model's size); the default sits above every batch of the tiny default model, where a
+    compile does not repay itself in a quickstart-sized run, and far below a real model's step
+    (docs/performance.md, "Rollout engine" and "Real model shapes"). 0 compiles for every batch."""
     tools: List[str] = field(default_factory=list)
     """Multi-turn rollouts with built-in tools: ``[python]`` runs each python block the model closes
     (grpo_cli/tools/base.py: a turn ends at the block's closing fence) in a sandbox and appends its

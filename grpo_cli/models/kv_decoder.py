@@ -138,7 +138,7 @@ def cache_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
 def step_read_mib(model: torch.nn.Module, batch_size: int, max_len: int) -> float:
     """MiB a decode step reads, at fp32 sizes: the :func:`cache_mib` cache and every weight (LoRA
     adapters included). What compiling the step saves grows with both: the fused attention with the
-    cache, the ~10 small operator calls a layer it removes with the model's depth and width."""
+    cache, the small operator calls around the GEMMs it removes with the model's depth and width."""
     return cache_mib(model, batch_size, max_len) + 4 * sum(p.numel() for p in model.parameters()) / 2**20
 
 
